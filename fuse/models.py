@@ -1,0 +1,156 @@
+"""Model and tokenizer loading, in one place.
+
+Safetensors only unless the recipe allows pickles for that model, `trust_remote_code` only when the recipe says
+so for that model, offline mode honoured, and vocabulary-size mismatches detected and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fuse.recipe import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def resolve_model_dir(spec: ModelSpec) -> Path:
+    """The local folder holding `spec`'s files: the path itself, or the hub snapshot (downloaded unless offline)."""
+    local = Path(spec.path)
+    if local.is_dir():
+        return local
+    if local.is_absolute() or spec.path.startswith("."):
+        raise ModelLoadError(f"model {spec.name or spec.path!r}: folder {spec.path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    if spec.allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(
+            snapshot_download(
+                spec.path, revision=spec.revision, allow_patterns=patterns, local_files_only=offline()
+            )
+        )
+    except Exception as error:  # the hub client raises many types; one message for the user
+        mode = "offline (HF_HUB_OFFLINE=1), not in the local cache" if offline() else str(error)
+        raise ModelLoadError(f"model {spec.name or spec.path!r}: cannot resolve hub id {spec.path!r}: {mode}") from None
+
+
+def chat_template_text(spec: ModelSpec) -> str | None:
+    """The recipe's chat template override: inline Jinja, or the contents of a template file."""
+    if spec.chat_template is None:
+        return None
+    if "{" in spec.chat_template:
+        return spec.chat_template
+    path = Path(spec.chat_template)
+    if not path.is_file():
+        raise ModelLoadError(f"model {spec.name!r}: chat_template file {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_dir(spec)
+    tokenizer = AutoTokenizer.from_pretrained(
+        directory, revision=None, trust_remote_code=spec.trust_remote_code, use_fast=True
+    )
+    override = chat_template_text(spec)
+    if override is not None:
+        tokenizer.chat_template = override
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"model {spec.name!r} ({spec.path}): the tokenizer has no chat template and the recipe gives none "
+            f"(set chat_template: for this model)"
+        )
+    return tokenizer
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve_model_dir(spec)
+    has_safetensors = any(directory.glob("*.safetensors"))
+    if not has_safetensors and not spec.allow_pickle:
+        raise ModelLoadError(
+            f"model {spec.name!r} ({directory}): no .safetensors weights; pickle weights are refused unless the "
+            f"recipe sets allow_pickle: true for this model"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype=_torch_dtype(dtype or spec.dtype),
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True if not spec.allow_pickle else None,
+    )
+    return model.to(device)
+
+
+@dataclass(frozen=True)
+class VocabReport:
+    config_vocab: int
+    tokenizer_vocab: int
+    embedding_rows: int | None
+
+    @property
+    def padded(self) -> bool:
+        return self.config_vocab > self.tokenizer_vocab
+
+    def describe(self) -> str:
+        rows = f", embedding rows {self.embedding_rows}" if self.embedding_rows is not None else ""
+        return f"config vocab {self.config_vocab}, tokenizer {self.tokenizer_vocab}{rows}"
+
+
+def check_vocab(spec: ModelSpec, config: Any, tokenizer: Any, model: Any = None) -> VocabReport:
+    """Padded embeddings (config 152064 vs tokenizer 151665) are fine and logged; a tokenizer with ids beyond the
+    embedding is an error, since every such id would index out of range."""
+    rows = None
+    if model is not None:
+        rows = int(model.get_input_embeddings().weight.shape[0])
+    report = VocabReport(int(config.vocab_size), len(tokenizer), rows)
+    limit = rows if rows is not None else report.config_vocab
+    if report.tokenizer_vocab > limit:
+        raise ModelLoadError(
+            f"model {spec.name!r}: tokenizer has {report.tokenizer_vocab} tokens but the model has {limit} "
+            f"embedding rows ({report.describe()})"
+        )
+    if report.padded:
+        log.info("model %s: padded vocabulary (%s)", spec.name, report.describe())
+    return report
+
+
+def identity(spec: ModelSpec) -> dict[str, Any]:
+    """What names a model's weights for fingerprints: file digests for local folders, the revision for hub ids."""
+    from fuse.fingerprint import files_digest
+
+    local = Path(spec.path)
+    if local.is_dir():
+        files = sorted(
+            p
+            for p in local.iterdir()
+            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt"))
+        )
+        return {"path": str(local), "files": files_digest(files)}
+    return {"hub_id": spec.path, "revision": spec.revision or "main"}

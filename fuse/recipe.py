@@ -1,0 +1,351 @@
+"""The recipe: one YAML file, validated by pydantic before any work starts.
+
+Every stage's settings are a frozen model here, so a stage instance's fingerprint is computed from the settings
+object itself and a bad key is reported with its YAML path before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, with the YAML key it concerns."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------- models & data
+
+
+class ModelSpec(Frozen):
+    name: str = ""
+    path: str = Field(description="Local directory or hub id.")
+    revision: str | None = None
+    chat_template: str | None = Field(None, description="Inline Jinja template, or a path to a .jinja file.")
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Allow .bin (pickle) weights; safetensors only by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if value and not NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be letters, digits, '_' or '-' (it names stage instances)")
+        return value
+
+
+class DatasetSpec(Frozen):
+    path: str = Field(description="Local .jsonl/.json/.parquet file or directory, or a hub dataset id.")
+    split: str = "train"
+    name: str | None = Field(None, description="Hub dataset config name.")
+    revision: str | None = None
+    format: Literal["messages", "sharegpt", "prompt_response", "preference"] = "messages"
+    columns: dict[str, str] = Field(default_factory=dict, description="Our field name -> the file's column.")
+    max_rows: int | None = Field(None, ge=1)
+
+
+class DataSpec(Frozen):
+    sft: DatasetSpec
+    preference: DatasetSpec | None = None
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- stage settings
+
+
+class StageSettings(Frozen):
+    enabled: bool = True
+
+
+class PrepareSettings(StageSettings):
+    min_response_chars: int = 1
+
+
+class ExtractSettings(StageSettings):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    top_k: int = Field(10, ge=1, le=256)
+    max_length: int = Field(2048, ge=8)
+    overlength: Literal["truncate", "skip"] = "truncate"
+    template: Literal["own", "pivot"] = Field("own", description="'pivot': every model uses the pivot's template.")
+    batch_tokens: int = Field(16384, ge=64, description="Token budget per forward batch (transformers backend).")
+    num_shards: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class ScoreSettings(StageSettings):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_length: int = Field(2048, ge=8)
+    batch_tokens: int = Field(16384, ge=64)
+    num_shards: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class AlignSettings(StageSettings):
+    method: Literal["offsets", "dtw"] = "offsets"
+    vocab_map: Literal["exact+stats+mined", "exact+mined", "exact"] = "exact+stats+mined"
+    min_stat_count: int = Field(1, ge=1, description="Fewest 1:1 co-occurrences for a statistics-based mapping.")
+
+
+class DeepSpeedSettings(Frozen):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class TrainSettings(StageSettings):
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: run `epochs`.")
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=8)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1, description="Processes per node (accelerate launch).")
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+
+
+class DistillSettings(TrainSettings):
+    lambda_: float = Field(0.9, alias="lambda", ge=0, le=1, description="Weight of CE(gold).")
+    temperature: float = Field(1.0, gt=0)
+    fusion: str = "min_ce"
+    divergence: Literal["ce", "kl"] = "ce"
+    sft_baseline: bool = Field(False, description="Also train the pivot with lambda=1 (the SFT-only baseline).")
+
+
+class FpoSettings(TrainSettings):
+    placement: Literal["per_target", "after_merge"] = "per_target"
+    fusion: Literal["max_margin", "mean", "none"] = "max_margin"
+    normalization: Literal["tokens", "bytes", "none"] = "tokens"
+    beta: float | None = Field(None, gt=0, description="Default: 2.5 with length normalization, 0.1 without.")
+    clip: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
+    include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
+
+
+class MergeSettings(StageSettings):
+    method: str = "sce"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    max_shard_size: str = "2GB"
+    seed: int = 0
+
+
+class EvaluateSettings(StageSettings):
+    items: str | None = Field(None, description="JSONL of {skill, prompt, answer}; default: the zoo's held-out items.")
+    heldout_text: str | None = Field(None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT.")
+    max_new_tokens: int = Field(32, ge=1)
+    max_items_per_skill: int | None = Field(None, ge=1)
+    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
+        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
+    )
+
+
+class PublishSettings(StageSettings):
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    revision: str | None = None
+    max_shard_size: str = "2GB"
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self) -> PublishSettings:
+        if self.push and not self.repo_id:
+            raise ValueError("push: true needs repo_id")
+        return self
+
+
+class Stages(Frozen):
+    prepare: PrepareSettings = PrepareSettings()
+    extract: ExtractSettings = ExtractSettings()
+    score: ScoreSettings = ScoreSettings()
+    align: AlignSettings = AlignSettings()
+    distill: DistillSettings = DistillSettings()
+    fpo: FpoSettings = FpoSettings()
+    merge: MergeSettings = MergeSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    publish: PublishSettings = PublishSettings()
+
+
+# --------------------------------------------------------------------------------------------- executor
+
+
+class Resources(Frozen):
+    nodes: int = Field(1, ge=1)
+    tasks_per_node: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra: list[str] = Field(default_factory=list, description="Extra '#SBATCH' lines, e.g. '--exclusive'.")
+
+
+class SlurmSettings(Frozen):
+    site_config: str | None = Field(None, description="YAML with defaults for resources and env_setup.")
+    env_setup: list[str] = Field(default_factory=list, description="Shell lines run before each job.")
+    signal_grace_seconds: int = Field(120, ge=0)
+    python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
+
+
+class ExecutorSpec(Frozen):
+    kind: Literal["local", "slurm"] = "local"
+    resources: dict[str, Resources] = Field(
+        default_factory=dict, description="Keyed by stage (e.g. 'distill') or instance (e.g. 'distill.llama')."
+    )
+    slurm: SlurmSettings = SlurmSettings()
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Frozen):
+    name: str
+    workdir: str
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec
+    stages: Stages = Stages()
+    executor: ExecutorSpec = ExecutorSpec()
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be letters, digits, '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if not name:
+                raise ValueError(f"sources[{i}].name is required")
+            if name in ("pivot", "merged", "sft_baseline") or name.startswith("target-"):
+                raise ValueError(f"sources[{i}].name {name!r} is reserved")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate source names: {', '.join(dups)}")
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def model(self, name: str) -> ModelSpec:
+        if name == "pivot":
+            return self.pivot.model_copy(update={"name": "pivot"})
+        for spec in self.sources:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no model named {name!r} in the recipe")
+
+    def resolve_path(self, value: str) -> str:
+        """Paths in a recipe are relative to the recipe file's folder (recorded in `base_dir`)."""
+        return value
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: the recipe is not valid:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif item["type"].startswith("value_error"):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"  - {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; relative paths are made absolute against `base_dir`."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_format_error(error, source)) from None
+    return _absolutize(recipe, base_dir or Path.cwd())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    return parse_recipe(data, str(path), path.resolve().parent)
+
+
+def _local(value: str, base: Path) -> str:
+    """Make `value` absolute if it names something local (relative paths are relative to the recipe)."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    joined = base / candidate
+    if joined.exists() or value.startswith((".", "~")) or value.endswith((".jsonl", ".json", ".parquet", ".yaml", ".jinja")):
+        return str(joined.resolve())
+    return value  # a hub id such as "org/name"
+
+
+def _absolutize(recipe: Recipe, base: Path) -> Recipe:
+    def model(spec: ModelSpec) -> ModelSpec:
+        template = spec.chat_template
+        if template and "{" not in template:
+            template = _local(template, base)
+        return spec.model_copy(update={"path": _local(spec.path, base), "chat_template": template})
+
+    data = recipe.data.model_copy(
+        update={
+            "sft": recipe.data.sft.model_copy(update={"path": _local(recipe.data.sft.path, base)}),
+            "preference": recipe.data.preference
+            and recipe.data.preference.model_copy(update={"path": _local(recipe.data.preference.path, base)}),
+        }
+    )
+    evaluate = recipe.stages.evaluate
+    evaluate = evaluate.model_copy(
+        update={
+            "items": evaluate.items and _local(evaluate.items, base),
+            "heldout_text": evaluate.heldout_text and _local(evaluate.heldout_text, base),
+        }
+    )
+    return recipe.model_copy(
+        update={
+            "workdir": str((base / Path(recipe.workdir).expanduser()).resolve()),
+            "pivot": model(recipe.pivot.model_copy(update={"name": "pivot"})),
+            "sources": [model(s) for s in recipe.sources],
+            "data": data,
+            "stages": recipe.stages.model_copy(update={"evaluate": evaluate}),
+        }
+    )
