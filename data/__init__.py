@@ -1,1 +1,1 @@
-"""fuse"""
+"""fuse.data: datasets, chat formatting, and the teacher log-prob store."""

@@ -1,1 +1,1 @@
-"""fuse"""
+"""fuse.stages: one module per stage, each with `run(ctx)`."""

@@ -1,0 +1,3 @@
+from fuse.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The `fuse` command line: validate, plan, run, run-stage, logs — and the subcommands other modules add."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fuse.recipe import RecipeError, load_recipe
+
+# Subcommands that live in other modules: each module has add_parser(subparsers), adding its commands with a
+# `handler` default. A module is imported only when one of its commands is used (or for --help), so that
+# `fuse plan` never pays for torch.
+PLUGINS = {
+    "submit": "fuse.slurm",
+    "status": "fuse.slurm",
+    "cancel": "fuse.slurm",
+    "merge": "fuse.merging.cli",
+    "zoo": "fuse.zoo",
+}
+
+
+def _recipe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="the recipe YAML file")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fuse.dag import build_dag
+    from fuse.validate import validate
+
+    recipe = load_recipe(args.recipe)
+    validate(recipe, load=not args.no_load)
+    dag = build_dag(recipe)
+    print(f"{args.recipe}: valid — {len(recipe.sources)} sources, {len(dag)} stage instances")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fuse.dag import build_dag
+    from fuse.plan import make_plan
+    from fuse.store import RunStore
+
+    recipe = load_recipe(args.recipe)
+    dag = build_dag(recipe)
+    steps = make_plan(recipe, dag, RunStore(recipe.workdir), args.from_stage, args.only, args.force)
+    width = max(len(s.instance.name) for s in steps)
+    print(f"run {recipe.name} in {recipe.workdir}")
+    for step in steps:
+        parents = ", ".join(step.instance.parents) or "-"
+        shards = f" [{step.instance.num_shards} shards]" if step.instance.num_shards > 1 else ""
+        print(f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}")
+    todo = sum(s.action == "run" for s in steps)
+    print(f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"
+          + (f", {sum(s.action == 'blocked' for s in steps)} blocked" if any(s.action == "blocked" for s in steps) else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fuse.executor import run
+    from fuse.validate import check_files
+
+    recipe = load_recipe(args.recipe)
+    problems = check_files(recipe)
+    if problems:
+        raise RecipeError("the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems))
+    started = time.monotonic()
+    run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
+    print(f"finished in {time.monotonic() - started:.1f} s — run store: {recipe.workdir}")
+    return 0
+
+
+def cmd_run_stage(args: argparse.Namespace) -> int:
+    from fuse.executor import run_stage
+
+    recipe = load_recipe(args.recipe)
+    run_stage(recipe, args.instance, shard=args.shard, force=args.force)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from fuse.store import RunStore
+
+    recipe = load_recipe(args.recipe)
+    logs = sorted(RunStore(recipe.workdir).logs(args.instance).glob("*"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        print(f"no logs for {args.instance} under {recipe.workdir}", file=sys.stderr)
+        return 1
+    for path in logs if args.all else logs[-1:]:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        print(f"==> {path} <==")
+        print("\n".join(lines[-args.lines :]))
+    return 0
+
+
+def _plugins_for(argv: list[str]) -> list[str]:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in PLUGINS:
+        return [PLUGINS[command]]
+    if command is None or command == "help":
+        return list(dict.fromkeys(PLUGINS.values()))
+    return []
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuse", description="Fuse LLMs of different architectures and vocabularies.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a recipe (schema, files, models) before any work")
+    _recipe_arg(p)
+    p.add_argument("--no-load", "--offline-ok", dest="no_load", action="store_true",
+                   help="do not resolve or load models (validate a real-scale recipe without its weights)")
+    p.set_defaults(handler=cmd_validate)
+
+    for name, handler, help_text in (("plan", cmd_plan, "print the DAG, each instance's state and what a run would do"),
+                                      ("run", cmd_run, "run the DAG locally (resumes; skips what is done)")):
+        p = sub.add_parser(name, help=help_text)
+        _recipe_arg(p)
+        p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream")
+        p.add_argument("--only", nargs="+", metavar="INSTANCE", help="run only these instances (parents must be done)")
+        p.add_argument("--force", action="store_true", help="rerun selected instances even if done")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("run-stage", help="run exactly one stage instance (or one shard): what SLURM jobs call")
+    _recipe_arg(p)
+    p.add_argument("instance")
+    p.add_argument("--shard", type=int, default=None)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(handler=cmd_run_stage)
+
+    p = sub.add_parser("logs", help="print the tail of an instance's log")
+    _recipe_arg(p)
+    p.add_argument("instance")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    p.add_argument("--all", action="store_true", help="every log file of the instance, not just the newest")
+    p.set_defaults(handler=cmd_logs)
+
+    for module_name in _plugins_for(sys.argv[1:] if argv is None else argv):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and module_name.startswith(error.name):
+                continue  # that part of fuse is not there
+            raise
+        add: Callable | None = getattr(module, "add_parser", None)
+        if add is not None:
+            add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        from fuse.executor import StageFailed
+        from fuse.plan import PlanError
+
+        if isinstance(error, StageFailed | PlanError | KeyError):
+            print(f"error: {error}", file=sys.stderr)
+            if isinstance(error, StageFailed):
+                print(f"log: {Path(load_recipe(args.recipe).workdir) / error.instance / 'logs' / 'stage.log'}",
+                      file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

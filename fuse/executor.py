@@ -1,0 +1,238 @@
+"""The local executor: runs stage instances in this process, in topological order, with resume.
+
+`run_instance` is also what `fuse run-stage` calls inside SLURM jobs, so both executors share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+import yaml
+
+from fuse.context import StageContext
+from fuse.dag import Dag, build_dag
+from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
+from fuse.recipe import Recipe
+from fuse.store import RunStore
+
+log = logging.getLogger("fuse")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, instance: str, message: str):
+        super().__init__(f"stage {instance} failed: {message}")
+        self.instance = instance
+
+
+class Progress:
+    """One status line per instance: which instance, which shard/step, elapsed. Plain lines when not a TTY."""
+
+    def __init__(self, stream=None, interval: float = 5.0):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval
+        self._last = 0.0
+        self.prefix = ""
+        self.started = time.monotonic()
+
+    def start(self, prefix: str) -> None:
+        self.prefix, self.started, self._last = prefix, time.monotonic(), 0.0
+        self._emit(f"{prefix} started", force=True)
+
+    def update(self, done: int, total: int | None, unit: str) -> None:
+        counted = f"{done}/{total}" if total else str(done)
+        self._emit(f"{self.prefix} {unit} {counted}")
+
+    def end(self, message: str) -> None:
+        self._emit(f"{self.prefix} {message}", force=True, final=True)
+
+    def _emit(self, text: str, force: bool = False, final: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < (0.2 if self.tty else self.interval):
+            return
+        self._last = now
+        line = f"{text}  [{_clock(now - self.started)}]"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
+
+
+@contextlib.contextmanager
+def instance_log(store: RunStore, name: str) -> Iterator[logging.Logger]:
+    """Send everything logged while the instance runs (ours and the libraries') to its logs/stage.log."""
+    path = store.logs(name) / "stage.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(previous_level or logging.INFO, logging.INFO))
+    try:
+        yield logging.getLogger(f"fuse.stage.{name}")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+def write_resolved_recipe(store: RunStore, recipe: Recipe) -> None:
+    text = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    store.write_resolved_recipe(text)
+
+
+def run_instance(
+    recipe: Recipe,
+    dag: Dag,
+    step: Step,
+    store: RunStore,
+    shard: int | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> bool:
+    """Run one instance (all its missing shards, or just `shard`). Returns True when the instance is done."""
+    instance = step.instance
+    name = instance.name
+    module = stage_module(instance.stage)
+    if force or _fingerprint_changed(store, name, step.fingerprint):
+        store.reset(name)  # stale or forced: start clean; same fingerprint: keep finished shards and checkpoints
+    store.begin(name, instance.stage, step.fingerprint, step.parts, instance.num_shards)
+    started = time.monotonic()
+    progress = progress or Progress()
+    with instance_log(store, name) as logger:
+        ctx = StageContext(
+            recipe=recipe,
+            instance=instance,
+            dir=store.dir(name),
+            inputs={p: store.out(p) for p in instance.parents},
+            log=logger,
+            on_progress=progress.update,
+        )
+        try:
+            shards = range(instance.num_shards) if shard is None else [shard]
+            for index in shards:
+                if store.shard_marker(name, index).exists():
+                    continue
+                progress.start(f"{name}" + (f" shard {index + 1}/{instance.num_shards}" if instance.num_shards > 1 else ""))
+                ctx.shard = index if instance.num_shards > 1 else None
+                module.run(ctx)
+                store.mark_shard(name, index)
+            if len(store.shards_done(name, instance.num_shards)) < instance.num_shards:
+                progress.end(f"shard {shard} done; others pending")
+                return False
+            with _finalize_lock(store, name) as first:
+                if not first:
+                    return False
+                ctx.shard = None
+                if hasattr(module, "finalize"):
+                    module.finalize(ctx)
+                store.finish(name, time.monotonic() - started)
+        except BaseException as error:
+            message = f"{type(error).__name__}: {error}"
+            logger.error("stage %s failed:\n%s", name, traceback.format_exc())
+            store.fail(name, message)
+            progress.end(f"FAILED: {message}")
+            if isinstance(error, KeyboardInterrupt | SystemExit):
+                raise
+            raise StageFailed(name, message) from error
+    progress.end("done")
+    return True
+
+
+def _fingerprint_changed(store: RunStore, name: str, fingerprint: str) -> bool:
+    manifest = store.manifest(name) or {}
+    return manifest.get("fingerprint") != fingerprint
+
+
+@contextlib.contextmanager
+def _finalize_lock(store: RunStore, name: str) -> Iterator[bool]:
+    """Only one of several array tasks that finish together finalizes the instance."""
+    if (store.manifest(name) or {}).get("status") == "done":
+        yield False
+        return
+    lock = store.dir(name) / "finalize.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        yield False
+        return
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def run(
+    recipe: Recipe,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[Step]:
+    """Run the DAG; raise StageFailed naming the first instance that fails."""
+    dag = build_dag(recipe)
+    store = RunStore(recipe.workdir)
+    steps = make_plan(recipe, dag, store, from_stage, only, force)
+    blocked = [s for s in steps if s.action == "blocked"]
+    if blocked:
+        raise PlanError("; ".join(f"{s.instance.name}: {s.why}" for s in blocked))
+    todo = [s for s in steps if s.action == "run"]
+    store.root.mkdir(parents=True, exist_ok=True)
+    write_resolved_recipe(store, recipe)
+    if not todo:
+        echo(f"nothing to do: all {len(steps)} stage instances are done ({store.root})")
+        return steps
+    echo(f"{len(todo)} of {len(steps)} stage instances to run in {store.root}")
+    progress = progress or Progress()
+    for number, step in enumerate(todo, 1):
+        forced = step.why == "forced" or (from_stage is not None and step.instance.stage == from_stage)
+        run_instance(recipe, dag, step, store, progress=_Prefixed(progress, number, len(todo)), force=forced)
+    return steps
+
+
+class _Prefixed(Progress):
+    """A Progress whose lines start with the instance's rank in this run: "[3/9] distill.llama step 40/100"."""
+
+    def __init__(self, inner: Progress, number: int, total: int):
+        super().__init__(inner.stream, inner.interval)
+        self.tag = f"[{number}/{total}]"
+
+    def start(self, prefix: str) -> None:
+        super().start(f"{self.tag} {prefix}")
+
+
+def run_stage(recipe: Recipe, name: str, shard: int | None = None, force: bool = False) -> bool:
+    """Run exactly one instance (or one shard of it): what SLURM jobs call. Parents must be done."""
+    dag = build_dag(recipe)
+    store = RunStore(recipe.workdir)
+    instance = dag[name]
+    if shard is not None and not 0 <= shard < instance.num_shards:
+        raise PlanError(f"{name} has {instance.num_shards} shard(s); --shard {shard} is out of range")
+    prints = fingerprints(recipe, dag)
+    not_done = [
+        p for p in instance.parents if store.state(p, *prints[p], dag[p].num_shards).kind != "done"
+    ]
+    if not_done:
+        raise PlanError(f"{name}: its inputs {', '.join(not_done)} are not done")
+    fp, parts = prints[name]
+    state = store.state(name, fp, parts, instance.num_shards)
+    step = Step(instance, fp, parts, state, "run", str(state))
+    if state.kind == "done" and not force:
+        print(f"{name} is already done (fingerprint {fp})")
+        return True
+    return run_instance(recipe, dag, step, store, shard=shard, force=force)

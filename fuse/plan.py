@@ -1,0 +1,159 @@
+"""Fingerprints of every stage instance and the plan of a run: what is done, what is stale and why, what would run.
+
+Fingerprints are derived from the recipe alone (settings, model identities, data digests, parents'
+fingerprints, stage code version), so the whole plan is known before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+from fuse.dag import Dag, Instance
+from fuse.fingerprint import fingerprint, path_digest
+from fuse.models import identity
+from fuse.recipe import DatasetSpec, Recipe
+from fuse.store import RunStore, State
+
+
+class StageNotImplemented(RuntimeError):
+    pass
+
+
+def _overrides() -> dict[str, str]:
+    """FUSE_STAGE_MODULES="extract=my.pkg.extract,merge=my.pkg:merge": swap in another implementation of a stage
+    (an object with run(ctx) and VERSION). Used by the tests' toy stages; open to users with custom stages."""
+    pairs = [p for p in os.environ.get("FUSE_STAGE_MODULES", "").split(",") if p.strip()]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+@cache
+def stage_module(stage: str) -> ModuleType:
+    override = _overrides().get(stage)
+    if override:
+        module_name, _, attr = override.partition(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, attr) if attr else module
+    try:
+        return importlib.import_module(f"fuse.stages.{stage}")
+    except ModuleNotFoundError as error:
+        if error.name == f"fuse.stages.{stage}":
+            raise StageNotImplemented(f"stage {stage!r} has no module fuse.stages.{stage}") from None
+        raise
+
+
+def stage_version(stage: str) -> str:
+    try:
+        return str(getattr(stage_module(stage), "VERSION", 0))
+    except StageNotImplemented:
+        return "missing"
+
+
+def _dataset_part(spec: DatasetSpec | None) -> Any:
+    if spec is None:
+        return None
+    part: dict[str, Any] = spec.model_dump(mode="json")
+    try:
+        part["digest"] = path_digest(spec.path)
+    except FileNotFoundError:
+        part["digest"] = None  # a hub dataset: its id and revision name it
+    return part
+
+
+def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
+    if instance.stage == "prepare":
+        return {"data": {"sft": _dataset_part(recipe.data.sft), "preference": _dataset_part(recipe.data.preference),
+                         "heldout_fraction": recipe.data.heldout_fraction, "seed": recipe.data.seed}}
+    if instance.stage == "evaluate":
+        settings = recipe.stages.evaluate
+        files = {k: path_digest(v) for k, v in (("items", settings.items), ("heldout_text", settings.heldout_text)) if v}
+        return {"files": files}
+    return {}
+
+
+def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
+    settings = getattr(recipe.stages, instance.stage)
+    return {
+        "instance": instance.name,
+        "code": stage_version(instance.stage),
+        "settings": settings.model_dump(mode="json", exclude={"enabled"}),
+        "options": {k: v for k, v in instance.options},
+        "models": {m: {"spec": recipe.model(m).model_dump(mode="json", exclude={"name"}),
+                       "identity": identity(recipe.model(m))} for m in instance.models},
+        "parents": {p: parent_fps[p] for p in instance.parents},
+        "seed": recipe.seed,
+        **_extra_parts(recipe, instance),
+    }
+
+
+def fingerprints(recipe: Recipe, dag: Dag) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (fingerprint, the parts it was computed from)."""
+    result: dict[str, tuple[str, dict[str, Any]]] = {}
+    for instance in dag.order():
+        parts = instance_parts(recipe, instance, {p: result[p][0] for p in instance.parents})
+        result[instance.name] = (fingerprint(parts), parts)
+    return result
+
+
+@dataclass(frozen=True)
+class Step:
+    instance: Instance
+    fingerprint: str
+    parts: dict[str, Any]
+    state: State
+    action: str  # run | skip | blocked (an ancestor fails to be done and is not in this run)
+    why: str = ""
+
+
+class PlanError(RuntimeError):
+    pass
+
+
+def make_plan(
+    recipe: Recipe,
+    dag: Dag,
+    store: RunStore,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+) -> list[Step]:
+    """Decide for every instance whether this run does it, and why."""
+    prints = fingerprints(recipe, dag)
+    if from_stage is not None and not dag.of_stage(from_stage):
+        stages = sorted({i.stage for i in dag})
+        raise PlanError(f"--from {from_stage}: no such stage in this DAG (stages: {', '.join(stages)})")
+    for name in only or []:
+        dag[name]  # raises a clear KeyError
+    selected = set(only) if only else set(dag.instances)
+    forced: set[str] = set()
+    if from_stage is not None:
+        forced = dag.descendants(i.name for i in dag.of_stage(from_stage)) & selected
+    if force:
+        forced |= selected
+
+    steps: list[Step] = []
+    will_be_done: set[str] = set()
+    for instance in dag.order():
+        fp, parts = prints[instance.name]
+        state = store.state(instance.name, fp, parts, instance.num_shards)
+        if instance.name not in selected:
+            action, why = "skip", "not selected"
+            if state.kind == "done":
+                will_be_done.add(instance.name)
+        elif state.kind == "done" and instance.name not in forced:
+            action, why = "skip", "done"
+            will_be_done.add(instance.name)
+        else:
+            waiting = [p for p in instance.parents if p not in will_be_done]
+            if waiting:
+                action, why = "blocked", f"needs {', '.join(waiting)} (not done, not in this run)"
+            else:
+                action = "run"
+                why = "forced" if instance.name in forced and state.kind == "done" else str(state)
+                will_be_done.add(instance.name)
+        steps.append(Step(instance, fp, parts, state, action, why))
+    return steps
