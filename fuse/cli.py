@@ -33,7 +33,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from fuse.validate import validate
 
     recipe = load_recipe(args.recipe)
-    validate(recipe, load=not args.no_load)
+    validate(recipe, files=not args.no_load, load=not args.no_load)
     dag = build_dag(recipe)
     print(f"{args.recipe}: valid — {len(recipe.sources)} sources, {len(dag)} stage instances")
     return 0

@@ -148,6 +148,9 @@ class FpoSettings(TrainSettings):
 class MergeSettings(StageSettings):
     method: str = "sce"
     parameters: dict[str, Any] = Field(default_factory=dict)
+    model_parameters: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per-target parameters keyed by source name, e.g. {llama: {weight: 0.5}}."
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     max_shard_size: str = "2GB"
     seed: int = 0
@@ -266,10 +269,6 @@ class Recipe(Frozen):
                 return spec
         raise KeyError(f"no model named {name!r} in the recipe")
 
-    def resolve_path(self, value: str) -> str:
-        """Paths in a recipe are relative to the recipe file's folder (recorded in `base_dir`)."""
-        return value
-
 
 def _format_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: the recipe is not valid:"]
@@ -340,8 +339,12 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
             "heldout_text": evaluate.heldout_text and _local(evaluate.heldout_text, base),
         }
     )
+    slurm = recipe.executor.slurm
+    if slurm.site_config:
+        slurm = slurm.model_copy(update={"site_config": _local(slurm.site_config, base)})
     return recipe.model_copy(
         update={
+            "executor": recipe.executor.model_copy(update={"slurm": slurm}),
             "workdir": str((base / Path(recipe.workdir).expanduser()).resolve()),
             "pivot": model(recipe.pivot.model_copy(update={"name": "pivot"})),
             "sources": [model(s) for s in recipe.sources],

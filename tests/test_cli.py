@@ -27,6 +27,11 @@ def test_validate_plan_run_noop(tmp_path):
     path = str(write_recipe(tmp_path, recipe))
     result = fuse("validate", path, "--no-load")
     assert result.returncode == 0, result.stderr
+    broken = toy_recipe(tmp_path / "broken")
+    broken["sources"][0]["path"] = str(tmp_path / "gone")
+    refused = fuse("run", str(write_recipe(tmp_path, broken, "broken.yaml")))
+    assert refused.returncode == 2 and "sources[0].path" in refused.stderr  # checked before any work
+    assert not (tmp_path / "broken" / "run").exists()
     assert "valid" in result.stdout and "2 sources" in result.stdout
 
     plan = fuse("plan", path)

@@ -15,7 +15,7 @@ def _error(tmp_path, mutate) -> str:
     recipe = toy_recipe(tmp_path)
     mutate(recipe)
     with pytest.raises(RecipeError) as info:
-        validate(load_recipe(write_recipe(tmp_path, recipe)), load=False)
+        validate(load_recipe(write_recipe(tmp_path, recipe)), files=True, load=False)
     return str(info.value)
 
 

@@ -1,0 +1,170 @@
+"""publish: a ready-to-upload Hugging Face folder of the fused model — weights, tokenizer, chat template, a model
+card with lineage and the evaluation table — validated by reloading and generating before it is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fuse.context import StageContext
+from fuse.io import atomic_dir, write_json_atomic
+from fuse.recipe import Recipe
+
+VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def final_model_parent(ctx: StageContext) -> str:
+    """The parent that made the fused model (merge, or fpo.merged when fpo runs after the merge)."""
+    makers = [p for p in ctx.instance.parents if p != "evaluate"]
+    if len(makers) != 1:
+        raise RuntimeError(f"publish expects one model-making parent, got {makers}")
+    return makers[0]
+
+
+def lineage(recipe: Recipe) -> list[dict[str, str]]:
+    """Every stage instance of the run with its fingerprint, parents first."""
+    from fuse.dag import build_dag
+    from fuse.plan import fingerprints
+
+    dag = build_dag(recipe)
+    prints = fingerprints(recipe, dag)
+    return [{"instance": i.name, "fingerprint": prints[i.name][0], "parents": list(i.parents)} for i in dag.order()]
+
+
+def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, Any]:
+    datasets = [d.path for d in (recipe.data.sft, recipe.data.preference) if d is not None]
+    return {
+        "base_model": recipe.pivot.path,
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["fuse", "model-fusion", "knowledge-fusion", f"merge-{merge_settings['method']}"],
+        "datasets": [Path(d).name if os.path.isabs(d) else d for d in datasets],
+        "fuse": {
+            "sources": [{"name": s.name, "model": s.path, "revision": s.revision} for s in recipe.sources],
+            "merge": merge_settings,
+        },
+    }
+
+
+def model_card(recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str) -> str:
+    merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
+    metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
+    sources = "\n".join(f"| {s.name} | `{s.path}` | {s.revision or 'main'} |" for s in recipe.sources)
+    steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    rows = "\n".join(f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
+                     for r in lineage_rows)
+    return f"""---
+{metadata}
+---
+
+# {recipe.name}
+
+A fused model made by [fuse](https://github.com/) {version}: knowledge of {len(recipe.sources)} source models of
+different architectures and vocabularies fused into the pivot `{recipe.pivot.path}`
+({' → '.join(steps)}).
+
+## Sources
+
+| name | model | revision |
+|---|---|---|
+{sources}
+
+## Merge
+
+Method `{merge['method']}` with parameters `{json.dumps(merge['parameters'], sort_keys=True)}`.
+
+## Evaluation
+
+{metrics_md.strip() if metrics_md else "No evaluation was run."}
+
+## Lineage
+
+Every stage instance of the run that made this model, with its fingerprint (a hash of its settings, inputs,
+model identities and code version).
+
+| instance | fingerprint | parents |
+|---|---|---|
+{rows}
+
+## Recipe
+
+```yaml
+{recipe_yaml.strip()}
+```
+"""
+
+
+def copy_model(source: Path, target: Path, max_shard_size: str) -> None:
+    """Re-save through transformers: sharded safetensors with an index, config, generation config, tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    model.save_pretrained(target, max_shard_size=max_shard_size, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+
+
+def check_reload_and_generate(folder: Path) -> str:
+    """The folder must load with the Auto classes and generate with its chat template; returns the sample."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"{folder}: the tokenizer has no chat template")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                           tokenize=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        output = model.generate(**ids, max_new_tokens=8, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def push(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
+    """Upload with huggingface_hub; the token comes from the environment (HF_TOKEN) and is never logged."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                               commit_message="Upload fused model (fuse)")
+    return str(getattr(commit, "commit_url", commit))
+
+
+def run(ctx: StageContext) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    settings = ctx.settings
+    source = ctx.input(final_model_parent(ctx)) / "model"
+    metrics_md = None
+    if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
+        metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
+    try:
+        fuse_version = version("fuse-llm")
+    except PackageNotFoundError:
+        fuse_version = "unknown"
+    rows = lineage(ctx.recipe)
+    target = ctx.out / "model"
+    with atomic_dir(target) as tmp:
+        copy_model(source, tmp, settings.max_shard_size)
+        (tmp / "README.md").write_text(model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8")
+        write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
+        sample = check_reload_and_generate(tmp)
+        ctx.log.info("publish: the folder reloads and generates (%r)", sample)
+    report: dict[str, Any] = {"folder": str(target), "sample": sample, "pushed": False}
+    if settings.push:
+        report["commit"] = push(target, settings.repo_id, settings.private, settings.revision)
+        report["pushed"] = True
+        ctx.log.info("publish: pushed to %s", settings.repo_id)
+    write_json_atomic(ctx.out / "publish.json", report)
