@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint format bench clean-demo
+.PHONY: install demo test test-fast lint format
 
 install: $(STAMP)
 
@@ -29,7 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'pip replaced the CPU torch build: ' + v)"
 	touch $@
 
+# The demo recipe reads the zoo from .zoo/ (built once, then reused).
 demo: install
+	$(BIN)/python -m fuse.zoo build .zoo
 	$(BIN)/fuse run examples/tiny-demo.yaml
 
 test: install
