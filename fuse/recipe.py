@@ -97,7 +97,17 @@ class ScoreSettings(StageSettings):
 class AlignSettings(StageSettings):
     method: Literal["offsets", "dtw"] = "offsets"
     vocab_map: Literal["exact+stats+mined", "exact+mined", "exact"] = "exact+stats+mined"
-    min_stat_count: int = Field(1, ge=1, description="Fewest 1:1 co-occurrences for a statistics-based mapping.")
+    min_stat_count: int = Field(1, ge=1, description="Fewest aligned co-occurrences for a statistics-based mapping.")
+    stats_pairs: Literal["same_start", "one_to_one"] = Field(
+        "same_start",
+        description="Pairs counted for the statistics-based map: tokens starting at the same byte (1:1 and many:1), "
+        "or 1:1 only (byte-exact 1:1 pairs always spell the same bytes, so they rarely add to the exact map).",
+    )
+    project: Literal["same_start", "one_to_one"] = Field(
+        "same_start",
+        description="Pivot positions projected from the source: where a source step predicts text from the same "
+        "byte (1:1 and many:1), or only where both next tokens cover the same text (1:1); others get the gold one-hot.",
+    )
 
 
 class DeepSpeedSettings(Frozen):
@@ -214,6 +224,9 @@ class SlurmSettings(Frozen):
     env_setup: list[str] = Field(default_factory=list, description="Shell lines run before each job.")
     signal_grace_seconds: int = Field(120, ge=0)
     python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
+    template: str | None = Field(
+        None, description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own."
+    )
 
 
 class ExecutorSpec(Frozen):

@@ -1,0 +1,149 @@
+"""Content-span restriction: each model renders a conversation with its own chat template, so only the text of
+message contents is aligned (message by message, positions relative to the content); template tokens never are.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from fuse.alignment.pieces import VocabPieces, gather_bytes
+from fuse.alignment.sequence import (
+    ALIGNERS,
+    TEMPLATE,
+    UNALIGNED,
+    SequenceAlignment,
+    char_to_byte,
+    region_spans,
+    spans_from_offsets,
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One conversation as one model tokenized it: token ids plus where each message's content lies, either as
+    character spans in `text` (with per-token character `offsets`) or as token ranges `content_tokens`."""
+
+    ids: np.ndarray
+    content_spans: np.ndarray | None = None  # (m, 2) character [start, end) in `text`
+    text: str | None = None
+    offsets: np.ndarray | None = None  # (n, 2) character offsets of every token in `text`
+    content_tokens: np.ndarray | None = None  # (m, 2) token [start, end) of each content
+
+
+@dataclass(frozen=True)
+class Region:
+    """The tokens [start, stop) of one message content and their byte spans relative to that content."""
+
+    start: int
+    stop: int
+    spans: tuple[np.ndarray, np.ndarray] | None
+    phantom: bool = False  # first token carries a space that is not content text
+    how: str = "bytes"
+
+
+@dataclass
+class ContentAlignment:
+    alignment: SequenceAlignment  # over every pivot token; template tokens have kind TEMPLATE
+    regions: Counter = field(default_factory=Counter)  # how each message region was positioned/aligned
+
+
+def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
+    starts, ends = spans_from_offsets(rendered.offsets, rendered.text)
+    to_byte, raw = char_to_byte(rendered.text), rendered.text.encode("utf-8")
+    textual = ~vocab.special[np.asarray(rendered.ids, np.int64)]
+    regions = []
+    for a, b in np.asarray(rendered.content_spans, np.int64).reshape(-1, 2):
+        lo, hi = int(to_byte[a]), int(to_byte[b])
+        inside = np.flatnonzero((starts >= lo) & (ends <= hi) & textual)
+        if inside.size == 0:
+            regions.append(Region(0, 0, (np.zeros(0, np.int64), np.zeros(0, np.int64))))
+            continue
+        t0, t1 = int(inside[0]), int(inside[-1]) + 1
+        exact = region_spans(rendered.ids[t0:t1], vocab, raw[lo:hi], int(starts[t0]) - lo)
+        if exact is not None:
+            regions.append(Region(t0, t1, exact[:2], exact[2], "bytes"))
+        else:  # the tokens do not spell the text (a normalizer rewrote it): trust the tokenizer's offsets
+            regions.append(Region(t0, t1, (starts[t0:t1] - lo, ends[t0:t1] - lo), False, "offsets"))
+    return regions
+
+
+def _token_regions(
+    pivot: Rendered, source: Rendered, p_vocab: VocabPieces, s_vocab: VocabPieces
+) -> list[tuple[Region, Region]]:
+    """Without text: both sides' content tokens must spell the same bytes, up to one invented leading space."""
+    pairs = []
+    for (p0, p1), (s0, s1) in zip(pivot.content_tokens, source.content_tokens, strict=True):
+        p_ids, s_ids = pivot.ids[p0:p1], source.ids[s0:s1]
+        pb, sb = gather_bytes(p_ids, p_vocab).tobytes(), gather_bytes(s_ids, s_vocab).tobytes()
+        content = sb if pb[:1] == b" " and pb[1:] == sb else pb
+        p_exact, s_exact = region_spans(p_ids, p_vocab, content), region_spans(s_ids, s_vocab, content)
+        p_spans = None if p_exact is None or s_exact is None else p_exact[:2]
+        s_spans = None if p_spans is None else s_exact[:2]
+        pairs.append(
+            (
+                Region(
+                    int(p0), int(p1), p_spans, bool(p_exact and p_exact[2]), "bytes" if p_spans else "dtw"
+                ),
+                Region(
+                    int(s0), int(s1), s_spans, bool(s_exact and s_exact[2]), "bytes" if s_spans else "dtw"
+                ),
+            )
+        )
+    return pairs
+
+
+def region_pairs(
+    pivot: Rendered, source: Rendered, p_vocab: VocabPieces, s_vocab: VocabPieces
+) -> list[tuple[Region, Region]]:
+    """Matching content regions of both renderings (same message count required)."""
+    if all(r.text is not None and r.offsets is not None for r in (pivot, source)):
+        p_regions, s_regions = _offset_regions(pivot, p_vocab), _offset_regions(source, s_vocab)
+        # truncation may cut one side's conversation earlier: its missing contents align with nothing
+        empty = Region(0, 0, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        s_regions = (s_regions + [empty] * len(p_regions))[: len(p_regions)]
+        return list(zip(p_regions, s_regions, strict=True))
+    if pivot.content_tokens is None or source.content_tokens is None:
+        raise ValueError("each rendering needs text + offsets + content_spans, or content_tokens")
+    return _token_regions(pivot, source, p_vocab, s_vocab)
+
+
+def _shift(index: np.ndarray, offset: int) -> np.ndarray:
+    """Region-local source indices to sample indices (-1 stays -1)."""
+    return np.where(index >= 0, index + offset, -1)
+
+
+def align_content(
+    pivot: Rendered, source: Rendered, p_vocab: VocabPieces, s_vocab: VocabPieces, method: str = "offsets"
+) -> ContentAlignment:
+    """Align message contents only; every pivot token outside them is TEMPLATE (projection falls back to gold)."""
+    aligner = ALIGNERS[method]
+    n = len(pivot.ids)
+    out = SequenceAlignment.empty(n, TEMPLATE)
+    result = ContentAlignment(out)
+    for p, s in region_pairs(pivot, source, p_vocab, s_vocab):
+        if p.stop == p.start:
+            continue
+        part = aligner(
+            pivot.ids[p.start : p.stop],
+            source.ids[s.start : s.stop],
+            p_vocab,
+            s_vocab,
+            pivot_spans=p.spans,
+            source_spans=s.spans,
+        )
+        index, kind = _shift(part.source_index, s.start), part.kind.copy()
+        if p.phantom:
+            kind[0] = UNALIGNED
+        if s.phantom:  # the source's first step predicted text with an invented space: unsound
+            kind[index == s.start] = UNALIGNED
+        index[kind == UNALIGNED] = -1
+        out.source_index[p.start : p.stop], out.kind[p.start : p.stop] = index, kind
+        out.cover_first[p.start : p.stop], out.cover_last[p.start : p.stop] = (
+            _shift(part.cover_first, s.start),
+            _shift(part.cover_last, s.start),
+        )
+        exact = method != "dtw" and p.spans is not None and s.spans is not None
+        result.regions[("bytes" if p.how == s.how == "bytes" else "offsets") if exact else "dtw"] += 1
+    return result

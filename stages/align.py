@@ -1,0 +1,249 @@
+"""align.<source>: project the source's teacher top-K onto the pivot's tokens and vocabulary.
+
+Reads the log-prob stores of extract.<source> and extract.pivot; writes, under out/, the projected store (same
+format, pivot vocab, one shard per pivot shard + index.json), vocab_map.npz and report.json / report.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fuse.context import StageContext
+
+if TYPE_CHECKING:
+    from fuse.alignment.pieces import VocabPieces
+    from fuse.alignment.project import Projection
+    from fuse.alignment.vocab import VocabMap
+    from fuse.data.logprobs import SampleLogprobs
+
+VERSION = 1
+
+
+def sized(pieces: VocabPieces, size: int) -> VocabPieces:
+    """Pieces padded (empty, unmappable) to a store's vocab size: models pad their embeddings past the tokenizer."""
+    from fuse.alignment.pieces import VocabPieces
+
+    if size <= len(pieces):
+        return pieces
+    extra = size - len(pieces)
+    return VocabPieces.from_pieces(
+        list(pieces.pieces) + [b""] * extra,
+        np.r_[pieces.special, np.ones(extra, bool)],
+        np.r_[pieces.byte_fallback, np.zeros(extra, bool)],
+    )
+
+
+def rendered(sample: SampleLogprobs) -> Any:
+    from fuse.alignment.content import Rendered
+
+    spans = np.array([[s.start, s.end] for s in sample.spans], np.int64).reshape(-1, 2)
+    return Rendered(sample.input_ids, spans, sample.text, sample.offsets)
+
+
+def align_sample(pivot: SampleLogprobs, source: SampleLogprobs | None, vocabs: tuple, method: str) -> Any:
+    """The content alignment of one sample (all TEMPLATE when the source lacks it)."""
+    from fuse.alignment.content import ContentAlignment, align_content
+    from fuse.alignment.sequence import SequenceAlignment
+
+    if source is None:
+        return ContentAlignment(SequenceAlignment.empty(pivot.num_tokens))
+    return align_content(rendered(pivot), rendered(source), vocabs[0], vocabs[1], method)
+
+
+def count_pairs(
+    ctx: StageContext, pivot_store: Any, source_store: Any, vocabs: tuple
+) -> tuple[Any, np.ndarray]:
+    """Pass 1: aligned (source id, pivot id) pairs for the statistics-based map, and the source ids in top-K."""
+    from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE
+    from fuse.alignment.vocab import pair_counts
+
+    settings = ctx.settings
+    kinds = (ONE_TO_ONE,) if settings.stats_pairs == "one_to_one" else (ONE_TO_ONE, MANY_TO_ONE)
+    src_pairs, piv_pairs, needed = [], [], []
+    for pivot in pivot_store:
+        source = source_store.get(pivot.id) if pivot.id in source_store else None
+        if source is None:
+            continue
+        alignment = align_sample(pivot, source, vocabs, settings.method).alignment
+        chosen = np.flatnonzero(np.isin(alignment.kind, kinds))
+        src_pairs.append(source.input_ids[alignment.source_index[chosen]])
+        piv_pairs.append(pivot.input_ids[chosen])
+        needed.append(np.unique(source.topk_ids))
+    counts = pair_counts(
+        np.concatenate(src_pairs or [np.zeros(0)]),
+        np.concatenate(piv_pairs or [np.zeros(0)]),
+        len(vocabs[1]),
+        len(vocabs[0]),
+    )
+    return counts, np.unique(np.concatenate(needed or [np.zeros(0, np.int64)]))
+
+
+def project_sample(
+    pivot: SampleLogprobs,
+    source: SampleLogprobs | None,
+    alignment: Any,
+    vocab_map: VocabMap,
+    n_pivot: int,
+    top_k: int,
+    allow: tuple[int, ...],
+) -> Projection:
+    """Row j of the projection predicts pivot token j; store row t predicts token t+1, hence the one-row shifts."""
+    from fuse.alignment.project import project
+
+    if source is None:
+        ids, lps = np.full((1, top_k), -1, np.int64), np.full((1, top_k), -np.inf)
+    else:
+        ids = np.vstack([np.full((1, top_k), -1, np.int64), source.topk_ids[:, :top_k]])
+        lps = np.vstack([np.full((1, top_k), -np.inf), source.topk_logprobs[:, :top_k]])
+    return project(alignment, pivot.input_ids, ids, lps, vocab_map.target, n_pivot, allow)
+
+
+def projected_sample(pivot: SampleLogprobs, projection: Projection) -> SampleLogprobs:
+    from fuse.data.logprobs import SampleLogprobs
+
+    ids, lps = projection.ids[1:], projection.logprobs[1:]
+    return SampleLogprobs(
+        id=pivot.id,
+        text=pivot.text,
+        spans=pivot.spans,
+        input_ids=pivot.input_ids,
+        offsets=pivot.offsets,
+        mask=pivot.mask,
+        topk_ids=np.where(ids >= 0, ids, 0),
+        topk_logprobs=np.where(ids >= 0, lps, -np.inf),
+        target_logprobs=projection.realized[1:],
+        extra=dict(pivot.extra),
+    )
+
+
+class Tally:
+    """Everything report.json counts, accumulated over samples."""
+
+    def __init__(self) -> None:
+        self.cases: Counter = Counter()
+        self.regions: Counter = Counter()
+        self.response_cases: Counter = Counter()
+        self.kept: list[float] = []
+        self.samples = self.missing = 0
+
+    def add(
+        self, pivot: SampleLogprobs, source_missing: bool, projection: Projection, regions: Counter
+    ) -> None:
+        from fuse.alignment.project import CASE_NAMES
+
+        self.samples += 1
+        self.missing += int(source_missing)
+        self.cases.update(projection.counts())
+        self.regions.update(regions)
+        # rows that train (mask of the predicted token), the share that matters to distill
+        case = projection.case[1:][pivot.mask[1:]]
+        self.response_cases.update(
+            {CASE_NAMES[c]: int(n) for c, n in zip(*np.unique(case, return_counts=True), strict=True)}
+        )
+        kept = projection.kept_mass[1:]
+        self.kept.append(kept[np.isfinite(kept)])
+
+    def report(self, vocab_map: VocabMap, needed: np.ndarray) -> dict[str, Any]:
+        kept = np.concatenate(self.kept) if self.kept else np.zeros(0)
+
+        def shares(counter: Counter) -> dict[str, float]:
+            total = sum(counter.values())
+            return {name: n / total for name, n in sorted(counter.items())} if total else {}
+
+        projected = sum(n for name, n in self.cases.items() if name.startswith("projected"))
+        content = projected + self.cases["fallback_unaligned"] + self.cases["fallback_unmapped"]
+        return {
+            "samples": self.samples,
+            "samples_missing_in_source": self.missing,
+            "positions": dict(self.cases),
+            "position_shares": shares(self.cases),
+            "response_position_shares": shares(self.response_cases),
+            "content_positions": content,
+            "content_shares": {
+                "1:1": self.cases["projected_1:1"] / max(content, 1),
+                "many:1": self.cases["projected_many:1"] / max(content, 1),
+                "fallback": (content - projected) / max(content, 1),
+            },
+            "topk_mass_kept": {
+                "mean": float(kept.mean()) if kept.size else None,
+                "p10": float(np.quantile(kept, 0.1)) if kept.size else None,
+            },
+            "regions_by_method": dict(self.regions),
+            "vocab_map_coverage": vocab_map.coverage(),
+            "vocab_map_coverage_topk_ids": vocab_map.coverage(needed) if needed.size else {},
+        }
+
+
+def report_markdown(report: dict[str, Any], name: str) -> str:
+    lines = [f"# Alignment report: {name}", "", "| content positions | share |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report["content_shares"].items()]
+    lines += [
+        "",
+        f"Top-K mass kept after mapping: mean {report['topk_mass_kept']['mean']}",
+        "",
+        "| vocab map method | share of source vocab | share of top-K ids |",
+        "|---|---|---|",
+    ]
+    topk = report["vocab_map_coverage_topk_ids"]
+    lines += [f"| {k} | {v:.3f} | {topk.get(k, 0.0):.3f} |" for k, v in report["vocab_map_coverage"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: StageContext) -> None:
+    from fuse.alignment.pieces import vocab_pieces
+    from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE
+    from fuse.alignment.vocab import build_vocab_map
+    from fuse.data.logprobs import LogprobReader, LogprobWriter, write_index
+
+    from fuse.io import atomic_write, write_json_atomic, write_text_atomic
+    from fuse.models import load_tokenizer
+
+    settings, source_name = ctx.settings, ctx.instance.key
+    source_store = LogprobReader(ctx.input(f"extract.{source_name}"))
+    pivot_store = LogprobReader(ctx.input("extract.pivot"))
+    p_vocab = sized(vocab_pieces(load_tokenizer(ctx.model_spec("pivot"))), pivot_store.vocab_size)
+    s_vocab = sized(vocab_pieces(load_tokenizer(ctx.model_spec(source_name))), source_store.vocab_size)
+    vocabs = (p_vocab, s_vocab)
+    counts, needed = count_pairs(ctx, pivot_store, source_store, vocabs)
+    methods = tuple(settings.vocab_map.split("+"))
+    vocab_map = build_vocab_map(s_vocab, p_vocab, counts, needed, methods, settings.min_stat_count)
+    with atomic_write(ctx.out / "vocab_map.npz") as handle:
+        np.savez(handle, target=vocab_map.target, method=vocab_map.method)
+    allow = (ONE_TO_ONE,) if settings.project == "one_to_one" else (ONE_TO_ONE, MANY_TO_ONE)
+    tally, done = Tally(), 0
+    for shard in pivot_store.shards():
+        with LogprobWriter(
+            ctx.out / shard.path.name,
+            source_store.top_k,
+            pivot_store.vocab_size,
+            model=pivot_store.model,
+            meta={"aligned_from": source_store.model},
+        ) as writer:
+            for pivot in shard:
+                source = source_store.get(pivot.id) if pivot.id in source_store else None
+                content = align_sample(pivot, source, vocabs, settings.method)
+                projection = project_sample(
+                    pivot,
+                    source,
+                    content.alignment,
+                    vocab_map,
+                    pivot_store.vocab_size,
+                    source_store.top_k,
+                    allow,
+                )
+                writer.add(projected_sample(pivot, projection))
+                tally.add(pivot, source is None, projection, content.regions)
+                done += 1
+                ctx.progress(done, len(pivot_store), "sample")
+    write_index(ctx.out)
+    report = tally.report(vocab_map, needed)
+    write_json_atomic(ctx.out / "report.json", report)
+    write_text_atomic(ctx.out / "report.md", report_markdown(report, ctx.instance.name))
+    ctx.log.info(
+        "%s: content 1:1 %.3f many:1 %.3f fallback %.3f",
+        ctx.instance.name,
+        *report["content_shares"].values(),
+    )

@@ -1,0 +1,136 @@
+"""stages/align.py end to end on two locally trained tokenizers and hand-made extract stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fuse.context import StageContext
+from fuse.dag import build_dag
+
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": f"What is {i} plus {i + 2}? Answer in words, café."},
+        {"role": "assistant", "content": f"The answer is {2 * i + 2}, naïvely computed. 😀"},
+    ]
+    for i in range(6)
+]
+
+
+def model_folder(root, name, tokenizer):
+    folder = root / name
+    tokenizer.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer)}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    return folder
+
+
+def extract_store(path, tokenizer, k, rng, shards=2):
+    from fuse.data.chat import render_chat
+    from fuse.data.logprobs import SampleLogprobs, write_index, write_shard
+
+    samples = []
+    for i, messages in enumerate(CONVERSATIONS):
+        chat = render_chat(tokenizer, messages)
+        rows = chat.num_tokens - 1
+        ids = np.array([rng.choice(len(tokenizer), k, replace=False) for _ in range(rows)])
+        ids[:, 0] = chat.input_ids[1:]  # the realized token leads, as a trained teacher's would
+        lps = np.log(np.sort(rng.dirichlet(np.ones(k), rows), axis=1)[:, ::-1])
+        samples.append(
+            SampleLogprobs(
+                f"s{i}",
+                chat.text,
+                chat.spans,
+                chat.input_ids,
+                chat.offsets,
+                chat.mask,
+                ids,
+                lps.astype(np.float32),
+                lps[:, 0].astype(np.float32),
+            )
+        )
+    for shard in range(shards):
+        write_shard(path / f"shard-{shard:05d}", samples[shard::shards], k, len(tokenizer))
+    write_index(path)
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    from fuse.stages import align as stage
+
+    from fuse.recipe import parse_recipe
+    from fuse.zoo.vocab import CHATML, LLAMA_INST, VocabSpec, train_tokenizer
+
+    texts = [m["content"] for c in CONVERSATIONS for m in c] * 20
+    pivot_tok = train_tokenizer(
+        texts,
+        VocabSpec(
+            "bytelevel_bpe",
+            330,
+            ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+            {"eos": "<|endoftext|>"},
+            CHATML,
+        ),
+    )
+    source_tok = train_tokenizer(
+        texts,
+        VocabSpec(
+            "metaspace_bpe",
+            340,
+            ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+            {"unk": "<unk>", "bos": "<s>", "eos": "</s>"},
+            LLAMA_INST,
+        ),
+    )
+    root = tmp_path_factory.mktemp("align")
+    (root / "sft.jsonl").write_text("{}\n")
+    recipe = parse_recipe(
+        {
+            "name": "a",
+            "workdir": str(root / "run"),
+            "pivot": {"path": str(model_folder(root, "pivot", pivot_tok))},
+            "sources": [{"name": "src", "path": str(model_folder(root, "src", source_tok))}],
+            "data": {"sft": {"path": str(root / "sft.jsonl")}},
+            "stages": {"fpo": {"enabled": False}},
+        }
+    )
+    rng = np.random.default_rng(0)
+    inputs = {"extract.pivot": root / "pivot_store", "extract.src": root / "src_store"}
+    extract_store(inputs["extract.pivot"], pivot_tok, 4, rng)
+    extract_store(inputs["extract.src"], source_tok, 5, rng, shards=1)
+    ctx = StageContext(recipe, build_dag(recipe)["align.src"], root / "run" / "align.src", inputs)
+    ctx.out.mkdir(parents=True)
+    stage.run(ctx)
+    return ctx, inputs
+
+
+def test_projected_store_is_in_the_pivot_vocab_and_format(aligned):
+    from fuse.data.logprobs import LogprobReader
+
+    ctx, inputs = aligned
+    out, pivot = LogprobReader(ctx.out), LogprobReader(inputs["extract.pivot"])
+    assert out.ids == pivot.ids and out.vocab_size == pivot.vocab_size and out.top_k == 5
+    assert [p.name for p in out.shard_paths] == ["shard-00000", "shard-00001"]
+    for sample in out:
+        original = pivot.get(sample.id)
+        assert (sample.input_ids == original.input_ids).all() and (sample.mask == original.mask).all()
+        probs = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
+        assert probs == pytest.approx(np.ones_like(probs), abs=0.05)  # codec error <= 0.01 per entry
+        one_hot = sample.topk_logprobs[:, 1] == -np.inf
+        # one-hot rows sit on the NEXT token (row t predicts token t+1)
+        assert (sample.topk_ids[one_hot, 0] == sample.input_ids[1:][one_hot]).all()
+
+
+def test_report_counts_cases_and_vocab_map(aligned):
+    ctx, _ = aligned
+    report = json.loads((ctx.out / "report.json").read_text())
+    assert report["samples"] == len(CONVERSATIONS) and report["samples_missing_in_source"] == 0
+    shares = report["content_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["1:1"] > 0.3
+    assert report["positions"]["fallback_template"] > 0
+    assert report["vocab_map_coverage"]["exact"] > 0.5 and 0 < report["topk_mass_kept"]["mean"] <= 1
+    vocab_map = np.load(ctx.out / "vocab_map.npz")
+    assert vocab_map["target"].shape == vocab_map["method"].shape
+    assert (ctx.out / "report.md").read_text().startswith("# Alignment report: align.src")
