@@ -268,6 +268,15 @@ class Recipe(Frozen):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate source names: {', '.join(dups)}")
+        fpo = self.stages.fpo
+        unknown = sorted(set(fpo.weights) - set(names) - ({"pivot"} if fpo.include_pivot else set()))
+        if fpo.enabled and unknown:
+            raise ValueError(f"stages.fpo.weights names unknown sources: {', '.join(unknown)}")
+        if fpo.enabled and self.stages.score.max_length < fpo.max_length:
+            raise ValueError(
+                f"stages.score.max_length ({self.stages.score.max_length}) must be at least stages.fpo.max_length "
+                f"({fpo.max_length}): the reference must score every token the policy sees"
+            )
         return self
 
     @property

@@ -97,3 +97,9 @@ def test_invalid_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_fpo_cross_checks(tmp_path):
+    assert "unknown sources: zed" in _error(tmp_path, lambda r: r["stages"].update(fpo={"weights": {"zed": 1.0}}))
+    message = _error(tmp_path, lambda r: r["stages"].update(fpo={"max_length": 512}, score={"max_length": 256}))
+    assert "stages.score.max_length (256) must be at least stages.fpo.max_length (512)" in message

@@ -1,0 +1,300 @@
+"""InfiFPO's preference math: length-normalized sequence log-probs, probability clipping, the fusion of the sources'
+scores into one reference, the DPO-style loss and its statistics; plus the reader that joins score tables on pair ids.
+
+Notation (Gu et al. 2025, InfiFPO, arXiv:2505.13878): for a pair (x, y_w, y_l) and a model m, l_m(y) is the summed
+log-prob of response y under m in m's own tokenizer and chat template, n_m(y) its token count, b(y) its byte count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NORMALIZATIONS = ("tokens", "bytes", "none")
+SCORE_COLUMNS = (
+    "chosen_logp",
+    "chosen_tokens",
+    "chosen_bytes",
+    "rejected_logp",
+    "rejected_tokens",
+    "rejected_bytes",
+)
+
+
+class ScoreError(ValueError):
+    """Score tables that cannot serve as a reference: missing rows, missing columns, non-finite values."""
+
+
+# --------------------------------------------------------------------------------------------- normalization
+
+
+def default_beta(normalization: str) -> float:
+    """The paper's scripts: beta 2.5 on length-normalized log-probs, 0.1 on summed ones."""
+    return 0.1 if normalization == "none" else 2.5
+
+
+def normalizer(tokens: np.ndarray, num_bytes: np.ndarray, normalization: str) -> np.ndarray:
+    """What a summed log-prob is divided by: n_m(y) (tokens), b(y) (bytes) or 1 (none)."""
+    if normalization == "tokens":
+        return np.asarray(tokens, dtype=np.float64)
+    if normalization == "bytes":
+        return np.asarray(num_bytes, dtype=np.float64)
+    if normalization == "none":
+        return np.ones(len(tokens), dtype=np.float64)
+    raise ValueError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """One model's normalized log-probs of the chosen and rejected responses of N pairs, [N] each."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self.chosen - self.rejected
+
+
+def normalized_scores(table: Mapping[str, np.ndarray], normalization: str) -> PairScores:
+    """l_m(y) / n_m(y) (or / b(y), or as is) for both responses, from a table with SCORE_COLUMNS."""
+    chosen = np.asarray(table["chosen_logp"], np.float64)
+    rejected = np.asarray(table["rejected_logp"], np.float64)
+    chosen = chosen / normalizer(table["chosen_tokens"], table["chosen_bytes"], normalization)
+    rejected = rejected / normalizer(table["rejected_tokens"], table["rejected_bytes"], normalization)
+    return PairScores(chosen, rejected)
+
+
+# --------------------------------------------------------------------------------------------- clipping
+
+
+@dataclass(frozen=True)
+class Clipped:
+    scores: PairScores
+    chosen_clipped: np.ndarray  # [N] bool: the source scored y_w below p and was raised to p
+    rejected_clipped: np.ndarray  # [N] bool: the source scored y_l above p and was lowered to p
+
+
+def clip_to_pivot(source: PairScores, pivot: PairScores) -> Clipped:
+    """InfiFPO's probability clipping: a source may only pull toward y_w and away from y_l, never the reverse:
+    l~_k(y_w) = max(l_k(y_w), l_p(y_w)), l~_k(y_l) = min(l_k(y_l), l_p(y_l)) (all normalized)."""
+    chosen_clipped = source.chosen < pivot.chosen
+    rejected_clipped = source.rejected > pivot.rejected
+    scores = PairScores(np.maximum(source.chosen, pivot.chosen), np.minimum(source.rejected, pivot.rejected))
+    return Clipped(scores, chosen_clipped, rejected_clipped)
+
+
+# --------------------------------------------------------------------------------------------- fusion registry
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The fused reference l_fu for N pairs, and which source each pair's reference came from (-1: several/none)."""
+
+    reference: PairScores
+    picked: np.ndarray  # [N] int
+
+
+FusionFn = Callable[[np.ndarray, np.ndarray, PairScores, np.ndarray], Fused]
+
+
+@dataclass(frozen=True)
+class PairFusion:
+    name: str
+    fn: FusionFn
+    reference: str
+    uses_sources: bool
+
+
+PAIR_FUSIONS: dict[str, PairFusion] = {}
+
+
+def pair_fusion(name: str, reference: str, uses_sources: bool = True) -> Callable[[FusionFn], FusionFn]:
+    """Register `fn(chosen [K, N], rejected [K, N], pivot, weights [K]) -> Fused` (sources already clipped)."""
+
+    def register(fn: FusionFn) -> FusionFn:
+        if name in PAIR_FUSIONS:
+            raise ValueError(f"pair fusion {name!r} is registered twice")
+        PAIR_FUSIONS[name] = PairFusion(name, fn, reference, uses_sources)
+        return fn
+
+    return register
+
+
+def get_pair_fusion(name: str) -> PairFusion:
+    if name not in PAIR_FUSIONS:
+        raise ValueError(f"unknown fpo fusion {name!r}; known: {', '.join(sorted(PAIR_FUSIONS))}")
+    return PAIR_FUSIONS[name]
+
+
+@pair_fusion("max_margin", "InfiFPO, Gu et al. 2025 (arXiv:2505.13878), max-margin fusion")
+def max_margin(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
+    """Per pair, the one source with the largest margin l~_k(y_w) - l~_k(y_l); ties go to the first source."""
+    picked = np.argmax(chosen - rejected, axis=0)
+    columns = np.arange(chosen.shape[1])
+    return Fused(PairScores(chosen[picked, columns], rejected[picked, columns]), picked.astype(np.int64))
+
+
+@pair_fusion("mean", "InfiFPO, Gu et al. 2025 (arXiv:2505.13878), average fusion (weighted)")
+def weighted_mean(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
+    """The weighted mean of the clipped normalized log-probs, weights normalized to sum to one."""
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    picked = np.full(chosen.shape[1], -1, dtype=np.int64)
+    return Fused(PairScores(w @ chosen, w @ rejected), picked)
+
+
+@pair_fusion("none", "DPO, Rafailov et al. 2023 (arXiv:2305.18290), reference = the initial policy", False)
+def pivot_only(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
+    """Plain (length-normalized) DPO: l_fu = l_p, the policy at its initial weights."""
+    return Fused(
+        PairScores(pivot.chosen.copy(), pivot.rejected.copy()), np.full(len(pivot.chosen), -1, np.int64)
+    )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The fused reference of N pairs with what the step statistics need."""
+
+    scores: PairScores
+    picked: np.ndarray  # [N] index into `sources` (max_margin), else -1
+    clipped_terms: np.ndarray  # [N] how many of the 2K source terms clipping changed
+    sources: tuple[str, ...]
+
+    @property
+    def terms_per_pair(self) -> int:
+        return 2 * len(self.sources)
+
+
+def fused_reference(
+    pivot: PairScores,
+    sources: Mapping[str, PairScores],
+    fusion: str,
+    clip: bool = True,
+    weights: Mapping[str, float] | None = None,
+) -> Reference:
+    """l_fu for every pair: clip each source against p (when `clip`), then fuse with the registered `fusion`."""
+    spec = get_pair_fusion(fusion)
+    names = tuple(sources) if spec.uses_sources else ()
+    if spec.uses_sources and not names:
+        raise ValueError(f"fpo fusion {fusion!r} needs at least one source's scores")
+    n = len(pivot.chosen)
+    clipped_terms = np.zeros(n, dtype=np.int64)
+    chosen, rejected = np.empty((len(names), n)), np.empty((len(names), n))
+    for k, name in enumerate(names):
+        scores = sources[name]
+        if clip:
+            result = clip_to_pivot(scores, pivot)
+            scores = result.scores
+            clipped_terms += result.chosen_clipped.astype(np.int64) + result.rejected_clipped.astype(np.int64)
+        chosen[k], rejected[k] = scores.chosen, scores.rejected
+    w = np.array([(weights or {}).get(name, 1.0) for name in names], dtype=np.float64)
+    fused = spec.fn(chosen, rejected, pivot, w)
+    return Reference(fused.reference, fused.picked, clipped_terms, names)
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def implicit_rewards(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta * (l_theta(y) - l_fu(y)) for y_w and y_l, all normalized the same way."""
+    return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def infifpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair loss -log sigmoid(beta * [(l_theta(y_w) - l_fu(y_w)) - (l_theta(y_l) - l_fu(y_l))]) and the margin
+    inside it. With label smoothing eps (conservative DPO, Mitchell 2023): (1 - eps) * that + eps * the flipped one."""
+    chosen_reward, rejected_reward = implicit_rewards(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
+    margin = chosen_reward - rejected_reward
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, margin
+
+
+def reward_accuracy(margins: np.ndarray | torch.Tensor) -> float:
+    """The share of pairs whose implicit reward margin beta*[(l_theta(y_w) - l_fu(y_w)) - (l_theta(y_l) - l_fu(y_l))]
+    is strictly positive; a tie (e.g. the policy equal to its reference) counts as not preferring y_w."""
+    values = np.asarray(margins.detach().cpu() if isinstance(margins, torch.Tensor) else margins, np.float64)
+    return float(np.mean(values > 0)) if values.size else float("nan")
+
+
+def picked_histogram(picked: np.ndarray, sources: Sequence[str]) -> dict[str, int]:
+    """How many pairs took their reference from each source (max_margin)."""
+    counts = (
+        np.bincount(picked[picked >= 0], minlength=len(sources)) if len(sources) else np.zeros(0, np.int64)
+    )
+    return {name: int(counts[k]) for k, name in enumerate(sources)}
+
+
+# --------------------------------------------------------------------------------------------- score tables
+
+
+def read_scores(score_out: str | Path, model: str) -> dict[str, np.ndarray]:
+    """A score stage's out/ folder as arrays {id, chosen_logp, ...}: the files its report.json lists (written once
+    every shard is done), else every parquet file under it."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(score_out)
+    report = root / "report.json"
+    if report.is_file():
+        files = [root / name for name in json.loads(report.read_text(encoding="utf-8"))["files"]]
+    else:
+        files = sorted(root.rglob("*.parquet"))
+    if not files:
+        raise ScoreError(f"score.{model}: no parquet files under {score_out}")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    missing = [c for c in ("id", *SCORE_COLUMNS) if c not in table.column_names]
+    if missing:
+        raise ScoreError(f"score.{model}: {files[0]} has no column(s) {', '.join(missing)}")
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", *SCORE_COLUMNS)}
+
+
+def join_scores(
+    table: Mapping[str, np.ndarray], ids: Sequence[str], model: str, split: str = "train"
+) -> dict:
+    """The rows of `table` for `ids`, in that order; one error naming the model and how many rows lack scores."""
+    position = {str(i): k for k, i in enumerate(table["id"])}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise ScoreError(
+            f"score.{model}: {len(missing)} of {len(ids)} {split} preference pairs have no scores "
+            f"(e.g. id {missing[0]}); rerun the score stage for {model}"
+        )
+    rows = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
+    joined = {c: np.asarray(table[c])[rows] for c in SCORE_COLUMNS}
+    check_scores(joined, [str(i) for i in ids], model)
+    return joined
+
+
+def check_scores(joined: Mapping[str, np.ndarray], ids: Sequence[str], model: str) -> None:
+    """Scores a reference can use: finite log-probs <= 0 and at least one token and byte per response."""
+    for side in ("chosen", "rejected"):
+        logp, tokens, nbytes = joined[f"{side}_logp"], joined[f"{side}_tokens"], joined[f"{side}_bytes"]
+        bad = ~np.isfinite(logp) | (logp > 1e-4) | (tokens < 1) | (nbytes < 1)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ScoreError(
+                f"score.{model}: {int(bad.sum())} pairs have unusable {side} scores (e.g. id {ids[k]}: "
+                f"logp={logp[k]}, tokens={tokens[k]}, bytes={nbytes[k]})"
+            )

@@ -1,0 +1,390 @@
+"""fpo: InfiFPO preference optimization of one policy (a distilled target T_i, or the merged model) against a
+reference fused from the sources' sequence-level scores, on TRL's DPO trainer; held-out reward accuracy before/after.
+
+Inputs: prepare (preference pairs), the stage that made the policy (distill.<s> or merge: its out/model), score.<p> of
+the policy at its initial weights (score.target-<s> or score.merged), and score.<k> for every fused source k.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fuse.context import StageContext
+from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
+from fuse.recipe import FpoSettings, ModelSpec
+
+VERSION = 1
+POLICY_STAGES = ("distill", "merge")
+INIT_CHECK_ROWS = 16
+# Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
+# more than this means the two renderings differ (template, special tokens, mask) and the reference is skewed.
+INIT_TOLERANCE = 1e-3
+
+
+class FpoInputError(ValueError):
+    """Inputs the fpo stage cannot train on: no policy parent, no usable pairs."""
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def policy_parent(ctx: StageContext) -> str:
+    """The parent whose out/model is the policy's starting point (distill.<s> or merge)."""
+    found = [name for name in ctx.inputs if name.split(".")[0] in POLICY_STAGES]
+    if len(found) != 1:
+        raise FpoInputError(
+            f"{ctx.instance.name}: expected one distill.* or merge parent, got {sorted(ctx.inputs)}"
+        )
+    return found[0]
+
+
+def score_parents(ctx: StageContext) -> tuple[str, list[str]]:
+    """(p, sources): the model names behind the score.* parents; p is the target-<s> or merged one."""
+    scored = [name.removeprefix("score.") for name in ctx.inputs if name.startswith("score.")]
+    pivot = [m for m in scored if m.startswith("target-") or m == "merged"]
+    if len(pivot) != 1:
+        raise FpoInputError(
+            f"{ctx.instance.name}: expected one score.target-* or score.merged parent, got {scored}"
+        )
+    return pivot[0], [m for m in scored if m != pivot[0]]
+
+
+def policy_spec(ctx: StageContext, parent: str) -> ModelSpec:
+    """The policy's folder with the pivot's loading options (chat template override, remote code), exactly as the
+    score stage builds score.target-<s> / score.merged, so both render the pairs the same way."""
+    update = {
+        "name": ctx.instance.key or "policy",
+        "path": str(ctx.input(parent) / "model"),
+        "revision": None,
+    }
+    return ctx.model_spec("pivot").model_copy(update=update)
+
+
+def unusable(row: dict[str, Any]) -> str | None:
+    """Why a pair cannot be trained on (prepare drops these; the stage refuses them again), else None."""
+    if not row["chosen"].strip() or not row["rejected"].strip():
+        return "empty chosen or rejected response"
+    if row["chosen"] == row["rejected"]:
+        return "chosen and rejected responses are identical"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template: str | None, where: str):
+    """(ids, mask) of prompt + response in the policy's chat template, cut after the last response token; the
+    mask is the score stage's: tokens of the final assistant content plus the end-of-turn token after it."""
+    import numpy as np
+    from fuse.data.chat import render_chat, response_mask
+
+    chat = render_chat(
+        tokenizer, [*prompt, {"role": "assistant", "content": response}], template, where=where
+    )
+    mask = response_mask(chat.offsets, chat.spans[-1:])
+    end = int(np.flatnonzero(mask)[-1]) + 1 if mask.any() else 0
+    return chat.input_ids[:end].tolist(), mask[:end].astype(np.int64).tolist()
+
+
+def encode_pair(tokenizer: Any, row: dict[str, Any], settings: FpoSettings) -> dict | str:
+    """The pair as training columns (ids, masks, the policy's normalizers), or why it is skipped."""
+    from fuse.preference import normalizer
+
+    encoded: dict[str, Any] = {"id": row["id"]}
+    for side in ("chosen", "rejected"):
+        ids, mask = response_tokens(tokenizer, row["prompt"], row[side], None, f"pair {row['id']} {side}: ")
+        if not any(mask):
+            return "no response tokens after rendering"
+        if len(ids) > settings.max_length:
+            return f"longer than max_length ({settings.max_length} tokens)"
+        # b(y) is the response's UTF-8 size, the same for every model (the score stage counts it the same way)
+        norm = normalizer([sum(mask)], [len(row[side].encode("utf-8"))], settings.normalization)[0]
+        encoded.update(
+            {f"{side}_input_ids": ids, f"{side}_completion_mask": mask, f"{side}_norm": float(norm)}
+        )
+    return encoded
+
+
+def encode_split(tokenizer: Any, rows: list[dict], settings: FpoSettings) -> tuple[list[dict], Counter]:
+    encoded, skipped = [], Counter()
+    for row in rows:
+        reason = unusable(row)
+        item = encode_pair(tokenizer, row, settings) if reason is None else reason
+        if isinstance(item, str):
+            skipped[item] += 1
+        else:
+            encoded.append(item)
+    return encoded, skipped
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Split:
+    """One split's encoded pairs; `reference` (and the reference columns in `rows`) when the scores cover it."""
+
+    rows: list[dict]
+    skipped: Counter
+    pivot: Any = None  # fuse.preference.PairScores of p
+    reference: Any = None  # fuse.preference.Reference
+
+
+def reference_for(
+    rows: list[dict], tables: dict, pivot: str, sources: list[str], settings: FpoSettings, split: str
+):
+    """(p's normalized scores, the fused Reference) for `rows`, joined on id; missing scores raise ScoreError."""
+    from fuse.preference import fused_reference, get_pair_fusion, join_scores, normalized_scores
+
+    ids = [r["id"] for r in rows]
+    pivot_scores = normalized_scores(join_scores(tables[pivot], ids, pivot, split), settings.normalization)
+    used = sources if get_pair_fusion(settings.fusion).uses_sources else []
+    scores = {
+        k: normalized_scores(join_scores(tables[k], ids, k, split), settings.normalization) for k in used
+    }
+    reference = fused_reference(
+        pivot_scores, scores, settings.fusion, settings.clip, settings.weights or None
+    )
+    return pivot_scores, reference
+
+
+def with_reference(rows: list[dict], reference: Any) -> list[dict]:
+    return [
+        {**row, "ref_chosen_logps": float(reference.scores.chosen[k]),
+         "ref_rejected_logps": float(reference.scores.rejected[k]),
+         "picked": int(reference.picked[k]), "clipped_terms": int(reference.clipped_terms[k])}
+        for k, row in enumerate(rows)
+    ]  # fmt: skip
+
+
+def prepare_split(
+    ctx: StageContext, tokenizer: Any, split: str, tables: dict, names: tuple[str, list[str]]
+) -> Split:
+    """Load, check, encode and reference one split. Train needs every score; held-out may lack them."""
+    from fuse.data.prepared import load_split
+
+    from fuse.preference import ScoreError
+
+    try:
+        raw = load_split(ctx.input("prepare"), "preference", split).to_list()
+    except FileNotFoundError:
+        if split == "train":
+            raise
+        raw = []
+    rows, skipped = encode_split(tokenizer, raw, ctx.settings)
+    result = Split(rows, skipped)
+    if rows:
+        try:
+            result.pivot, result.reference = reference_for(rows, tables, *names, ctx.settings, split)
+            result.rows = with_reference(rows, result.reference)
+        except ScoreError as error:
+            if split == "train":
+                raise
+            ctx.log.info(
+                "held-out pairs are not fully scored, their reference is the policy at init: %s", error
+            )
+    return result
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def load_scoring_model(spec: ModelSpec):
+    """The model in float32 with TRL's fused LM head, on the GPU when there is one."""
+    import torch
+    from trl.trainer.utils import add_fused_lm_head
+
+    from fuse.models import load_model
+
+    model = load_model(spec, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu").eval()
+    add_fused_lm_head(model)
+    return model
+
+
+def heldout_metrics(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> dict[str, float]:
+    """reward_accuracy: the share of pairs whose implicit reward margin
+    beta * [(l_theta(y_w) - l_ref(y_w)) - (l_theta(y_l) - l_ref(y_l))] is > 0 (ties count as wrong);
+    preference_accuracy: the share with l_theta(y_w) > l_theta(y_l), the policy alone preferring y_w."""
+    import numpy as np
+
+    from fuse.preference import reward_accuracy
+
+    margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return {
+        "reward_accuracy": reward_accuracy(margins),
+        "preference_accuracy": float(np.mean(chosen > rejected)),
+        "reward_margin": float(np.mean(margins)),
+        "logp_chosen": float(np.mean(chosen)),
+        "logp_rejected": float(np.mean(rejected)),
+    }
+
+
+def heldout_summary(heldout: Split, before, after, beta: float) -> dict[str, Any]:
+    """Before/after metrics on held-out pairs against the fused reference (or the policy at init)."""
+    if before is None or after is None:
+        return {"pairs": 0}
+    if heldout.reference is not None:
+        ref, kind = (heldout.reference.scores.chosen, heldout.reference.scores.rejected), "fused"
+    else:
+        ref, kind = before, "policy_at_init"
+    return {
+        "pairs": len(heldout.rows),
+        "reference": kind,
+        "before": heldout_metrics(*before, *ref, beta),
+        "after": heldout_metrics(*after, *ref, beta),
+    }
+
+
+def init_check(model: Any, rows: list[dict], pivot_scores: Any, pad_id: int) -> dict[str, float]:
+    """The policy's normalized log-probs at step 0 against p's score-stage numbers on the first rows."""
+    import numpy as np
+
+    from fuse.fpo_trainer import policy_scores
+
+    n = min(INIT_CHECK_ROWS, len(rows))
+    chosen, rejected = policy_scores(model, rows[:n], pad_id)
+    diff = np.concatenate(
+        [np.abs(chosen - pivot_scores.chosen[:n]), np.abs(rejected - pivot_scores.rejected[:n])]
+    )
+    return {"rows": n, "max_abs_diff": float(diff.max())}
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def check_weights(settings: FpoSettings, sources: list[str]) -> None:
+    unknown = sorted(set(settings.weights) - set(sources))
+    if unknown:
+        raise FpoInputError(f"stages.fpo.weights: {', '.join(unknown)} not among the fused sources {sources}")
+    if settings.fusion == "mean" and sum(settings.weights.get(s, 1.0) for s in sources) <= 0:
+        raise FpoInputError(
+            "stages.fpo.weights: the weights of the fused sources must sum to a positive number"
+        )
+
+
+def save_rows(rows: list[dict], path: Path) -> Path:
+    from datasets import Dataset
+
+    with atomic_dir(path) as tmp:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+    return path
+
+
+def run(ctx: StageContext) -> None:
+    from fuse import training
+    from fuse.fpo_trainer import policy_scores
+    from fuse.models import load_tokenizer
+    from fuse.preference import default_beta, read_scores
+
+    settings: FpoSettings = ctx.settings
+    beta = settings.beta or default_beta(settings.normalization)
+    parent, (pivot, sources) = policy_parent(ctx), score_parents(ctx)
+    check_weights(settings, sources)
+    spec = policy_spec(ctx, parent)
+    tokenizer = load_tokenizer(spec, require_chat_template=True)
+    pad_id = int(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    )
+    tables = {m: read_scores(ctx.input(f"score.{m}"), m) for m in [pivot, *sources]}
+
+    train = prepare_split(ctx, tokenizer, "train", tables, (pivot, sources))
+    if not train.rows:
+        raise FpoInputError(
+            f"{ctx.instance.name}: no usable pairs in prepare's train split ({dict(train.skipped)})"
+        )
+    if train.skipped:
+        ctx.log.warning("skipped %d train pairs: %s", sum(train.skipped.values()), dict(train.skipped))
+    heldout = prepare_split(ctx, tokenizer, "heldout", tables, (pivot, sources))
+
+    model = load_scoring_model(spec)
+    check = init_check(model, train.rows, train.pivot, pad_id)
+    if check["max_abs_diff"] > INIT_TOLERANCE:
+        ctx.log.warning("the policy at step 0 differs from score.%s by %.2e (normalized log-prob): do the "
+                        "renderings differ?", pivot, check["max_abs_diff"])  # fmt: skip
+    before = policy_scores(model, heldout.rows, pad_id) if heldout.rows else None
+    del model
+
+    data = save_rows(train.rows, ctx.dir / "data" / "train")
+    reference = train.reference
+    params = {
+        "model": spec.model_dump(mode="json"), "train_data": str(data), "beta": beta,
+        "label_smoothing": settings.label_smoothing, "sources": list(reference.sources),
+        "terms_per_pair": reference.terms_per_pair if settings.clip else 0,
+    }  # fmt: skip
+    job = training.make_job(
+        "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
+    )
+    trained = training.train(job)
+
+    after = None
+    if heldout.rows:
+        model = load_scoring_model(spec.model_copy(update={"path": job.model_dir}))
+        after = policy_scores(model, heldout.rows, pad_id)
+        del model
+    summary = stage_summary(ctx, parent, pivot, sources, beta, train, heldout, check, trained)
+    summary["heldout"] = heldout_summary(heldout, before, after, beta)
+    write_json_atomic(ctx.out / "summary.json", summary)
+    write_text_atomic(ctx.out / "summary.md", summary_markdown(summary))
+
+
+def stage_summary(
+    ctx, parent, pivot, sources, beta, train: Split, heldout: Split, check, trained
+) -> dict[str, Any]:
+    from fuse.preference import picked_histogram
+
+    s: FpoSettings = ctx.settings
+    ref = train.reference
+    terms = ref.terms_per_pair * len(train.rows)
+    return {
+        "instance": ctx.instance.name, "policy": parent, "reference_pivot": f"score.{pivot}", "sources": sources,
+        "fusion": s.fusion, "normalization": s.normalization, "clip": s.clip, "beta": beta,
+        "label_smoothing": s.label_smoothing,
+        "pairs": {"train": len(train.rows), "heldout": len(heldout.rows),
+                  "skipped_train": dict(train.skipped), "skipped_heldout": dict(heldout.skipped)},
+        "train_reference": {"picked": picked_histogram(ref.picked, ref.sources),
+                            "clipped_share": float(ref.clipped_terms.sum() / terms) if terms else 0.0},
+        "init_check": check,
+        "training": trained,
+    }  # fmt: skip
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The human-readable summary: settings, pair counts, and held-out accuracies before and after."""
+    lines = [
+        f"# {summary['instance']}: InfiFPO ({summary['fusion']})",
+        "",
+        f"Policy: `{summary['policy']}/model`; reference pivot `{summary['reference_pivot']}`; sources: "
+        f"{', '.join(summary['sources']) or '-'}. Normalization `{summary['normalization']}`, clip "
+        f"{summary['clip']}, beta {summary['beta']}, label smoothing {summary['label_smoothing']}.",
+        "",
+        f"Pairs: {summary['pairs']['train']} train, {summary['pairs']['heldout']} held-out; skipped "
+        f"{json.dumps(summary['pairs']['skipped_train'])} (train), {json.dumps(summary['pairs']['skipped_heldout'])} "
+        "(held-out).",
+        f"Train reference: max_margin picks {json.dumps(summary['train_reference']['picked'])}, clipped share "
+        f"{summary['train_reference']['clipped_share']:.3f}. Step-0 check: max |policy - score| "
+        f"{summary['init_check']['max_abs_diff']:.2e} over {summary['init_check']['rows']} pairs.",
+        "",
+    ]
+    heldout = summary["heldout"]
+    if heldout.get("pairs"):
+        lines += [
+            f"Held-out ({heldout['pairs']} pairs, reference: {heldout['reference']}). Reward accuracy = share of "
+            "pairs with beta*[(l_theta(y_w)-l_ref(y_w)) - (l_theta(y_l)-l_ref(y_l))] > 0; preference accuracy = "
+            "share with l_theta(y_w) > l_theta(y_l) (normalized).",
+            "",
+            "| | reward accuracy | preference accuracy | reward margin | logp chosen | logp rejected |",
+            "|---|---|---|---|---|---|",
+        ]
+        for when in ("before", "after"):
+            m = heldout[when]
+            lines.append(
+                f"| {when} | {m['reward_accuracy']:.3f} | {m['preference_accuracy']:.3f} | {m['reward_margin']:.4f} "
+                f"| {m['logp_chosen']:.4f} | {m['logp_rejected']:.4f} |"
+            )
+    else:
+        lines.append("No held-out pairs: no before/after accuracy.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,351 @@
+"""The fpo stage on tiny models with different tokenizers (a ChatML Qwen2 policy, an [INST] Llama source) scored by
+the real score stage: step-0 agreement with score.target, `none` against TRL's own sigmoid_norm DPO loss, a short run
+that raises held-out accuracy, kill-and-resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fuse import training
+from fuse.context import StageContext
+from fuse.dag import build_dag
+from fuse.recipe import FpoSettings, parse_recipe
+
+WORDS = [
+    "the",
+    "a",
+    "fox",
+    "cat",
+    "dog",
+    "runs",
+    "jumps",
+    "over",
+    "under",
+    "river",
+    "hill",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+]
+RUN = dict(max_steps=12, save_steps=4, save_total_limit=5, logging_steps=1, per_device_batch_size=4,
+           learning_rate=3e-3, lr_scheduler="constant", seed=3)  # fmt: skip
+
+
+def pairs(n: int, seed: int, good: str, bad: str, prefix: str) -> list[dict]:
+    """Pairs that differ only in their first word: `good` is preferred, whatever follows."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) + "?"
+        tail = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4))) + "."
+        rows.append({"id": f"{prefix}{i:03d}", "prompt": [{"role": "user", "content": question}],
+                     "chosen": f"{good} {tail}", "rejected": f"{bad} {tail}"})  # fmt: skip
+    return rows
+
+
+def save_split(rows: list[dict], path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(path))
+
+
+@dataclass
+class World:
+    root: Path
+    recipe_data: dict
+    prepare: Path  # prepared splits (what score saw)
+    distill: Path  # distill.a's out/ (model/ = the policy)
+    scores: dict[str, Path]  # model name -> score out/
+
+    def ctx(self, tmp: Path, name: str = "fpo.a", inputs: dict | None = None, **fpo) -> StageContext:
+        data = json.loads(json.dumps(self.recipe_data))
+        data["stages"]["fpo"] = {**RUN, **fpo}
+        recipe = parse_recipe(data)
+        instance = build_dag(recipe)[name]
+        paths = {"prepare": self.prepare, "distill.a": self.distill,
+                 "score.target-a": self.scores["target-a"], "score.a": self.scores["a"]}  # fmt: skip
+        paths.update(inputs or {})
+        (tmp / "out").mkdir(parents=True, exist_ok=True)
+        return StageContext(recipe, instance, tmp, {p: paths[p] for p in instance.parents})
+
+
+def run_score(recipe, name: str, inputs: dict, directory: Path) -> Path:
+    from fuse.stages import score
+
+    (directory / "out").mkdir(parents=True)
+    ctx = StageContext(recipe, build_dag(recipe)[name], directory, inputs)
+    score.run(ctx)
+    score.finalize(ctx)
+    return ctx.out
+
+
+def initial_preference(model_dir: Path, rows: list[dict]) -> float:
+    """The share of pairs where the untrained policy already prefers the chosen response."""
+    from fuse.stages.fpo import encode_split, load_scoring_model
+
+    from fuse.fpo_trainer import policy_scores
+    from fuse.models import load_tokenizer
+    from fuse.recipe import ModelSpec
+
+    spec = ModelSpec(name="policy", path=str(model_dir))
+    encoded, _ = encode_split(load_tokenizer(spec), rows, FpoSettings())
+    chosen, rejected = policy_scores(load_scoring_model(spec), encoded, 0)
+    return float(np.mean(chosen > rejected))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    from tiny_lm import build
+
+    root = tmp_path_factory.mktemp("fpo")
+    distill = root / "distill.a"
+    policy = build(distill / "model", arch="qwen2", seed=1)
+    source = build(root / "models" / "a", arch="llama", seed=2)
+    # the preferred first word is the one the untrained policy likes less, so any held-out gain is learned
+    probe = pairs(16, 9, "yes", "no", "probe")
+    good, bad = ("no", "yes") if initial_preference(policy, probe) > 0.5 else ("yes", "no")
+    prepare = root / "prepare"
+    save_split(pairs(32, 1, good, bad, "t"), prepare / "preference" / "train")
+    save_split(pairs(16, 2, good, bad, "h"), prepare / "preference" / "heldout")
+    (root / "sft.jsonl").write_text("")
+    recipe_data = {
+        "name": "fpo-test", "workdir": str(root / "run"),
+        "pivot": {"path": str(policy)}, "sources": [{"name": "a", "path": str(source)}],
+        "data": {"sft": {"path": str(root / "sft.jsonl")},
+                 "preference": {"path": str(root / "sft.jsonl"), "format": "preference"}},
+        "stages": {},
+    }  # fmt: skip
+    recipe = parse_recipe(recipe_data)
+    scores = {
+        "target-a": run_score(
+            recipe, "score.target-a", {"prepare": prepare, "distill.a": distill}, root / "st"
+        ),
+        "a": run_score(recipe, "score.a", {"prepare": prepare}, root / "sa"),
+    }
+    return World(root, recipe_data, prepare, distill, scores)
+
+
+@pytest.fixture(scope="session")
+def trained(world, tmp_path_factory) -> Path:
+    """One uninterrupted max_margin run (the reference for kill-and-resume)."""
+    from fuse.stages import fpo
+
+    directory = tmp_path_factory.mktemp("fpo-run")
+    fpo.run(world.ctx(directory))
+    return directory
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------- reference checks
+
+
+@pytest.mark.slow
+def test_policy_at_step_zero_equals_score_target(world):
+    from fuse.stages.fpo import encode_split, init_check, load_scoring_model
+
+    from fuse.models import load_tokenizer
+    from fuse.preference import join_scores, normalized_scores, read_scores
+    from fuse.recipe import ModelSpec
+
+    spec = ModelSpec(name="policy", path=str(world.distill / "model"))
+    for normalization in ("tokens", "bytes"):
+        settings = FpoSettings(normalization=normalization)
+        rows, _ = encode_split(load_tokenizer(spec), load_rows(world.prepare, "train"), settings)
+        table = join_scores(
+            read_scores(world.scores["target-a"], "target-a"), [r["id"] for r in rows], "target-a"
+        )
+        check = init_check(load_scoring_model(spec), rows, normalized_scores(table, normalization), 0)
+        assert check["rows"] == 16 and check["max_abs_diff"] < 1e-5, normalization
+
+
+def load_rows(prepare: Path, split: str) -> list[dict]:
+    from fuse.data.prepared import load_split
+
+    return load_split(prepare, "preference", split).to_list()
+
+
+@pytest.mark.slow
+def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
+    """fusion `none` with per-token normalization is TRL's `sigmoid_norm` loss with p as the reference model;
+    the reference is perturbed so that the loss is not the trivial log 2 of a policy equal to its reference."""
+    from datasets import Dataset
+    from fuse.stages.fpo import encode_split, save_rows
+    from trl import DPOTrainer
+
+    from fuse.fpo_trainer import build_fpo_trainer, dpo_config, pair_collator
+    from fuse.models import load_model, load_tokenizer
+    from fuse.preference import join_scores, read_scores
+    from fuse.recipe import ModelSpec
+
+    spec = ModelSpec(name="policy", path=str(world.distill / "model"))
+    tokenizer = load_tokenizer(spec)
+    rows, _ = encode_split(tokenizer, load_rows(world.prepare, "train")[:6], FpoSettings())
+    table = join_scores(
+        read_scores(world.scores["target-a"], "target-a"), [r["id"] for r in rows], "target-a"
+    )
+    shift = np.random.default_rng(0).normal(0, 3.0, size=(2, len(rows)))
+    ref_sum_c, ref_sum_r = table["chosen_logp"] + shift[0], table["rejected_logp"] + shift[1]
+    rows = [{**r, "ref_chosen_logps": ref_sum_c[k] / r["chosen_norm"], "ref_rejected_logps": ref_sum_r[k] / r["rejected_norm"],
+             "picked": -1, "clipped_terms": 0} for k, r in enumerate(rows)]  # fmt: skip
+
+    settings = FpoSettings(**RUN)
+    args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
+    job = training.make_job("x:y", settings, tmp_path, tmp_path / "out", "stages.fpo", model=spec.model_dump(),
+                            train_data=str(save_rows(rows, tmp_path / "data")), beta=2.5)  # fmt: skip
+    ours = build_fpo_trainer(job, args)
+    conversational = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                                         "chosen": [{"role": "assistant", "content": "yes"}],
+                                         "rejected": [{"role": "assistant", "content": "no"}]}])  # fmt: skip
+    theirs = DPOTrainer(model=load_model(spec, dtype="float32"), args=dpo_config(args, beta=2.5, loss_type=["sigmoid_norm"]),
+                        train_dataset=conversational, processing_class=tokenizer)  # fmt: skip
+
+    batch = pair_collator(0)(rows)
+    trl_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    trl_batch |= {"ref_chosen_logps": torch.tensor(ref_sum_c, dtype=torch.float32),
+                  "ref_rejected_logps": torch.tensor(ref_sum_r, dtype=torch.float32)}  # fmt: skip
+    with torch.no_grad():
+        ours_loss = ours.compute_loss(ours.model, {k: v.clone() for k, v in batch.items()})
+        trl_loss = theirs.compute_loss(theirs.model, trl_batch)
+    assert abs(ours_loss.item() - math.log(2.0)) > 0.05  # not the trivial value
+    torch.testing.assert_close(ours_loss, trl_loss, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.slow
+def test_short_run_raises_heldout_accuracy(trained):
+    summary = json.loads((trained / "out" / "summary.json").read_text())
+    heldout = summary["heldout"]
+    assert summary["fusion"] == "max_margin" and summary["beta"] == 2.5 and summary["pairs"]["train"] == 32
+    assert summary["init_check"]["max_abs_diff"] < 1e-5
+    assert (
+        heldout["pairs"] == 16 and heldout["reference"] == "policy_at_init"
+    )  # score covers train pairs only
+    before, after = heldout["before"], heldout["after"]
+    assert before["reward_accuracy"] == 0.0  # the policy is its own reference before training
+    assert after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
+    assert after["preference_accuracy"] > before["preference_accuracy"] + 0.25
+    assert set(summary["train_reference"]["picked"]) == {"a"} and summary["training"]["global_step"] == 12
+    log = [json.loads(line) for line in (trained / "logs" / training.LOG_FILE).read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    assert {"rewards/accuracy", "rewards/margin", "clipped_share", "picked/a", "logps/chosen"} <= set(
+        steps[0]
+    )
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert (trained / "out" / "model" / "model.safetensors").is_file()
+    assert "| after |" in (trained / "out" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(world, trained, tmp_path, monkeypatch):
+    from fuse.stages import fpo
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt("killed at step 6")
+
+    real_run_job = training.run_job
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train", lambda job: real_run_job(job, callbacks=(Crash(),)))
+        with pytest.raises(KeyboardInterrupt):
+            fpo.run(world.ctx(tmp_path))
+    assert not (tmp_path / "out" / "model").exists()
+    fpo.run(world.ctx(tmp_path))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["training"]["resumed_from"] == "checkpoint-4" and summary["training"]["global_step"] == 12
+    expected, got = weights(trained / "out" / "model"), weights(tmp_path / "out" / "model")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_zero2_on_two_processes(world, tmp_path):
+    from fuse.stages import fpo
+
+    fpo.run(
+        world.ctx(tmp_path, num_processes=2, deepspeed={"stage": 2}, max_steps=2, per_device_batch_size=2)
+    )
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["training"]["global_step"] == 2 and summary["heldout"]["pairs"] == 16
+    assert (
+        tmp_path / "checkpoints" / "checkpoint-2" / "rng_state_1.pth"
+    ).is_file()  # both ranks checkpointed
+    log = [json.loads(line) for line in (tmp_path / "logs" / training.LOG_FILE).read_text().splitlines()]
+    assert any("picked/a" in e for e in log)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.slow
+def test_missing_source_scores_name_the_source_and_the_row_count(world, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fuse.stages import fpo
+
+    from fuse.preference import ScoreError, read_scores
+
+    table = read_scores(world.scores["a"], "a")
+    partial = tmp_path / "score-a"
+    partial.mkdir()
+    pq.write_table(pa.table({k: v[5:] for k, v in table.items()}), partial / "scores-00000.parquet")
+    with pytest.raises(ScoreError, match=r"score\.a: 5 of 32 train preference pairs have no scores"):
+        fpo.run(world.ctx(tmp_path / "stage", inputs={"score.a": partial}))
+    assert not (tmp_path / "stage" / "checkpoints").exists()  # refused before any training
+
+
+@pytest.mark.slow
+def test_identical_and_empty_pairs_are_refused_and_counted(world, tmp_path):
+    from fuse.stages import fpo
+
+    rows = load_rows(world.prepare, "train")
+    bad = [
+        {**rows[0], "id": "same", "rejected": rows[0]["chosen"]},
+        {**rows[1], "id": "empty", "chosen": "  "},
+    ]
+    prepare = tmp_path / "prepare"
+    save_split(rows + bad, prepare / "preference" / "train")
+    save_split(load_rows(world.prepare, "heldout"), prepare / "preference" / "heldout")
+    fpo.run(world.ctx(tmp_path / "stage", inputs={"prepare": prepare}, max_steps=1, fusion="mean"))
+    summary = json.loads((tmp_path / "stage" / "out" / "summary.json").read_text())
+    assert summary["pairs"]["skipped_train"] == {
+        "chosen and rejected responses are identical": 1,
+        "empty chosen or rejected response": 1,
+    }
+    assert summary["pairs"]["train"] == 32
+
+    only_bad = tmp_path / "only-bad"
+    save_split(bad, only_bad / "preference" / "train")
+    with pytest.raises(fpo.FpoInputError, match="no usable pairs .*identical"):
+        fpo.run(world.ctx(tmp_path / "stage2", inputs={"prepare": only_bad}))
+
+
+def test_stage_module_imports_no_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = "import sys, fuse.stages.fpo; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
