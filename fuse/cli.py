@@ -74,9 +74,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_run_stage(args: argparse.Namespace) -> int:
+    from fuse import preemption
     from fuse.executor import run_stage
 
     recipe = load_recipe(args.recipe)
+    preemption.install()  # SIGUSR1 from SLURM: checkpoint, stop cleanly, let the job script requeue
     run_stage(recipe, args.instance, shard=args.shard, force=args.force)
     return 0
 
