@@ -118,7 +118,12 @@ def build_dag(recipe: Recipe) -> Dag:
         for source in sources:
             dag.add(
                 Instance(
-                    f"distill.{source}", "distill", source, ("prepare", f"extract.pivot", f"align.{source}"), ("pivot",)
+                    f"distill.{source}",
+                    "distill",
+                    source,
+                    # the source's own extract: its CE against gold, in its own tokenization, for min_ce/avg_ce
+                    ("prepare", "extract.pivot", f"extract.{source}", f"align.{source}"),
+                    ("pivot",),
                 )
             )
         if s.distill.sft_baseline:

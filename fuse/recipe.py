@@ -115,6 +115,14 @@ class DeepSpeedSettings(Frozen):
     offload_optimizer: bool = False
     offload_params: bool = False
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSettings:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs ZeRO stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+        return self
+
 
 class TrainSettings(StageSettings):
     learning_rate: float = Field(1e-5, gt=0)
@@ -139,7 +147,7 @@ class TrainSettings(StageSettings):
 class DistillSettings(TrainSettings):
     lambda_: float = Field(0.9, alias="lambda", ge=0, le=1, description="Weight of CE(gold).")
     temperature: float = Field(1.0, gt=0)
-    fusion: str = "min_ce"
+    fusion: Literal["min_ce", "avg_ce", "source_only"] = "min_ce"
     divergence: Literal["ce", "kl"] = "ce"
     sft_baseline: bool = Field(False, description="Also train the pivot with lambda=1 (the SFT-only baseline).")
 
@@ -167,10 +175,13 @@ class MergeSettings(StageSettings):
 
 
 class EvaluateSettings(StageSettings):
-    items: str | None = Field(None, description="JSONL of {skill, prompt, answer}; default: the zoo's held-out items.")
+    items: str | None = Field(
+        None, description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy."
+    )
     heldout_text: str | None = Field(None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT.")
     max_new_tokens: int = Field(32, ge=1)
     max_items_per_skill: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
     include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
         default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
     )

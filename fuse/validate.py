@@ -62,7 +62,26 @@ def check_registries(recipe: Recipe) -> list[str]:
         value = getattr(settings, field)
         if value not in registry:
             problems.append(f"{key}: unknown {field} {value!r} (known: {', '.join(sorted(registry))})")
+    problems += _merge_parameter_problems(recipe)
     return problems
+
+
+def _merge_parameter_problems(recipe: Recipe) -> list[str]:
+    merge = recipe.stages.merge
+    if not merge.enabled:
+        return []
+    try:
+        from fuse.merging.methods import METHODS, MergeConfigError, resolve_params
+    except ImportError:
+        return []
+    if merge.method not in METHODS:
+        return []  # reported above
+    per_model = [dict(merge.model_parameters.get(name, {})) for name in recipe.source_names]
+    try:
+        resolve_params(METHODS[merge.method], dict(merge.parameters), per_model, merge.seed)
+    except MergeConfigError as error:
+        return [f"stages.merge.{error}"]
+    return []
 
 
 def check_models(recipe: Recipe) -> list[str]:

@@ -1,0 +1,110 @@
+"""The distillation Trainer: HF `Trainer` whose compute_loss is `fuse.losses.distill_loss` on sparse targets,
+the collator that pads sparse targets, and the builder that `fuse.training` calls in every rank.
+
+Training rows (an Arrow dataset on disk): input_ids [T], labels [T] (-100 outside responses) and, unless the run is
+SFT-only, target_ids / target_probs flattened [T * J] with target_width J (-1 / 0 = no teacher id in that slot).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from fuse.losses import IGNORE_INDEX, PAD_ID, distill_loss
+from fuse.training import RecordedMetrics, TrainingJob
+
+TARGET_COLUMNS = ("target_ids", "target_probs", "target_width")
+
+
+def _pad(rows: list[np.ndarray], value: float, dtype: Any, width: int | None = None) -> torch.Tensor:
+    length = max(len(r) for r in rows)
+    shape = (len(rows), length) if width is None else (len(rows), length, width)
+    out = np.full(shape, value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def _targets(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    width = int(row["target_width"])
+    ids = np.asarray(row["target_ids"], dtype=np.int64).reshape(-1, width)
+    probs = np.asarray(row["target_probs"], dtype=np.float32).reshape(-1, width)
+    return ids, probs
+
+
+def sparse_collator(pad_token_id: int):
+    """Right-pads input_ids / labels / attention_mask, and sparse targets to the batch's widest J."""
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in rows]
+        batch = {
+            "input_ids": _pad(ids, pad_token_id, np.int64),
+            "labels": _pad([np.asarray(r["labels"], dtype=np.int64) for r in rows], IGNORE_INDEX, np.int64),
+            "attention_mask": _pad([np.ones(len(r), dtype=np.int64) for r in ids], 0, np.int64),
+        }
+        if "target_ids" in rows[0]:
+            targets = [_targets(r) for r in rows]
+            width = max(t[0].shape[1] for t in targets)
+            batch["target_ids"] = _pad([np.pad(t[0], ((0, 0), (0, width - t[0].shape[1])), constant_values=PAD_ID)
+                                        for t in targets], PAD_ID, np.int64, width)  # fmt: skip
+            batch["target_probs"] = _pad([np.pad(t[1], ((0, 0), (0, width - t[1].shape[1]))) for t in targets],
+                                         0.0, np.float32, width)  # fmt: skip
+        return batch
+
+    return collate
+
+
+class DistillTrainer(RecordedMetrics, Trainer):
+    """compute_loss = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ) on response tokens; logs gold_ce and distill."""
+
+    loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
+
+    def __init__(
+        self, *args: Any, lambda_: float = 0.9, temperature: float = 1.0, divergence: str = "ce", **kw
+    ):
+        super().__init__(*args, **kw)
+        self.lambda_, self.temperature, self.divergence = lambda_, temperature, divergence
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        target_ids, target_probs = inputs.pop("target_ids", None), inputs.pop("target_probs", None)
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
+        parts = distill_loss(
+            outputs.logits, labels, target_ids, target_probs, self.lambda_, self.temperature, self.divergence
+        )
+        if model.training:
+            self.record("gold_ce", parts.gold_ce.item())
+            if parts.distill is not None:
+                self.record("distill", parts.distill.item())
+        return (parts.loss, outputs) if return_outputs else parts.loss
+
+
+def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
+    """The builder named in distill jobs. params: model (a ModelSpec dump), train_data (a dataset folder),
+    lambda, temperature, divergence."""
+    from datasets import load_from_disk
+
+    from fuse.models import load_model, load_tokenizer
+    from fuse.recipe import ModelSpec
+
+    params = job.params
+    spec = ModelSpec.model_validate(params["model"])
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, dtype="float32")
+    dataset = load_from_disk(params["train_data"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DistillTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=sparse_collator(int(pad_id or 0)),
+        processing_class=tokenizer,
+        lambda_=float(params.get("lambda", 0.9)),
+        temperature=float(params.get("temperature", 1.0)),
+        divergence=str(params.get("divergence", "ce")),
+    )

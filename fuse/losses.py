@@ -1,0 +1,322 @@
+"""Distillation losses on sparse (top-K) teacher targets, the fusion functions that pick the teacher per sequence,
+and a dense reference implementation used only by tests and benchmarks.
+
+A sparse target at one position is `ids` [J] (pivot-vocabulary ids, -1 = padding), `probs` [J] (teacher probability
+of each id, 0 at padding) and an implicit tail bucket holding the mass outside the ids: 1 - sum(probs). The student
+is compared on the same J + 1 buckets, so no [B, T, V] target tensor ever exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+PAD_ID = -1
+# The student's tail mass is clamped here before its log: a student that puts all its mass on the teacher's ids
+# would otherwise give log(0) while the teacher's tail is tiny but non-zero.
+TAIL_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------- fusion functions
+
+
+@dataclass(frozen=True)
+class FusionFunction:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    reference: str
+
+
+FUSIONS: dict[str, FusionFunction] = {}
+
+
+def fusion_function(name: str, reference: str) -> Callable:
+    """Register `fn(ce [S, M]) -> weights [S, M]`: per sequence, how much each of M teachers counts.
+
+    Column 0 is the pivot, the last column the source; `ce` is each teacher's cross-entropy against the gold
+    response per byte (per byte so tokenizers with different granularities compare fairly).
+    """
+
+    def register(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if name in FUSIONS:
+            raise ValueError(f"fusion function {name!r} is registered twice")
+        FUSIONS[name] = FusionFunction(name, fn, reference)
+        return fn
+
+    return register
+
+
+def get_fusion(name: str) -> FusionFunction:
+    if name not in FUSIONS:
+        raise ValueError(f"unknown fusion function {name!r}; known: {', '.join(sorted(FUSIONS))}")
+    return FUSIONS[name]
+
+
+@fusion_function("min_ce", "FuseLLM, Wan et al. 2024 (arXiv:2401.10491), MinCE; FuseChat (arXiv:2402.16107)")
+def min_ce(ce: torch.Tensor) -> torch.Tensor:
+    """All weight on the teacher with the lowest CE; ties go to the first column (the pivot)."""
+    return F.one_hot(ce.argmin(dim=-1), ce.shape[-1]).to(ce.dtype)
+
+
+@fusion_function("avg_ce", "FuseLLM, Wan et al. 2024 (arXiv:2401.10491), AvgCE")
+def avg_ce(ce: torch.Tensor) -> torch.Tensor:
+    """Weights softmax(-CE): a teacher that predicts the gold text better counts more."""
+    return torch.softmax(-ce, dim=-1)
+
+
+@fusion_function("source_only", "ablation: distill from the source's aligned distribution alone")
+def source_only(ce: torch.Tensor) -> torch.Tensor:
+    weights = torch.zeros_like(ce)
+    weights[..., -1] = 1.0
+    return weights
+
+
+def merge_sparse(
+    ids: torch.Tensor, probs: torch.Tensor, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the probabilities of repeated ids per row ([T, J] each); rows padded with PAD_ID / 0 to `width`.
+
+    Used to mix teachers whose top-K sets overlap: the mixture is linear, so equal ids simply add up.
+    """
+    sorted_ids, order = ids.sort(dim=-1, descending=True)  # padding (-1) sorts last
+    sorted_probs = probs.gather(-1, order)
+    new_group = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_group[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    slot = new_group.long().cumsum(dim=-1) - 1
+    merged_probs = torch.zeros_like(sorted_probs).scatter_add_(-1, slot, sorted_probs)
+    merged_ids = torch.full_like(sorted_ids, PAD_ID).scatter_(-1, slot, sorted_ids)
+    merged_probs = merged_probs.masked_fill(merged_ids < 0, 0.0)
+    if width is None:
+        width = int((new_group & (sorted_ids >= 0)).sum(dim=-1).max().item()) if ids.numel() else 0
+    return merged_ids[:, :width], merged_probs[:, :width]
+
+
+def fuse_sparse(
+    candidates: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix M sparse distributions of one sequence (each (ids [T, K], logprobs [T, K])) with weights [M].
+
+    Teachers with zero weight are left out, so `min_ce` keeps exactly K ids per position.
+    """
+    kept = [
+        (ids, logp.exp() * w) for (ids, logp), w in zip(candidates, weights.tolist(), strict=True) if w > 0
+    ]
+    if len(kept) == 1:
+        ids, probs = kept[0]
+        return ids, probs.masked_fill(ids < 0, 0.0)
+    ids = torch.cat([k[0] for k in kept], dim=-1)
+    probs = torch.cat([k[1] for k in kept], dim=-1).masked_fill(ids < 0, 0.0)
+    return merge_sparse(ids, probs, width=ids.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------- divergences
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped at log(TAIL_EPS) (Mächler 2012 for the two branches)."""
+    x = x.clamp(max=0.0)
+    value = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return value.clamp(min=math.log(TAIL_EPS))
+
+
+def teacher_buckets(probs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher on J + 1 buckets (the ids and the tail), re-tempered: p_i ∝ p_i^(1/T).
+
+    The tail is tempered as one bucket: the split of its mass is unknown, which is exact at T = 1.
+    """
+    probs = probs.clamp(min=0.0)
+    tail = (1.0 - probs.sum(dim=-1)).clamp(min=0.0)
+    if temperature != 1.0:
+        probs, tail = probs.pow(1.0 / temperature), tail.pow(1.0 / temperature)
+        total = probs.sum(dim=-1) + tail
+        probs, tail = probs / total.unsqueeze(-1), tail / total
+    return probs, tail
+
+
+def student_buckets(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs at the target ids ([N, J], -inf at padding) and of the tail, from logits [N, V]."""
+    valid = ids >= 0
+    logq = logits.gather(-1, ids.clamp(min=0)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    logq = logq.masked_fill(~valid, float("-inf"))
+    log_tail = _log1mexp(torch.logsumexp(logq, dim=-1))
+    return logq, log_tail
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def divergence(name: str) -> Callable:
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        DIVERGENCES[name] = fn
+        return fn
+
+    return register
+
+
+@divergence("ce")
+def bucket_ce(
+    probs: torch.Tensor, tail: torch.Tensor, logq: torch.Tensor, log_tail: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy H(p, q) over the buckets, per position: FuseChat's CE(P_fused ‖ q_θ)."""
+    inside = torch.where(probs > 0, probs * logq.clamp(min=-1e30), torch.zeros_like(probs)).sum(dim=-1)
+    return -(inside + tail * log_tail)
+
+
+@divergence("kl")
+def bucket_kl(
+    probs: torch.Tensor, tail: torch.Tensor, logq: torch.Tensor, log_tail: torch.Tensor
+) -> torch.Tensor:
+    """KL(p ‖ q) = H(p, q) − H(p): same gradient as `ce`, but 0 when the student matches the teacher."""
+    return bucket_ce(probs, tail, logq, log_tail) - teacher_entropy(probs, tail)
+
+
+def sparse_divergence(
+    logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float = 1.0, kind: str = "ce"
+) -> torch.Tensor:
+    """Per-position divergence [N] between sparse teacher targets and the student's logits [N, V]."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}")
+    if temperature != 1.0:
+        logits = logits / temperature
+    logq, log_tail = student_buckets(logits.float(), ids)
+    p, p_tail = teacher_buckets(probs.float(), temperature)
+    return DIVERGENCES[kind](p, p_tail, logq, log_tail)
+
+
+# --------------------------------------------------------------------------------------------- fused gold + teacher
+
+
+class FusedSparseCE(torch.autograd.Function):
+    """Per position, CE(gold) and the bucket CE against a sparse teacher, from logits [N, V] at temperature 1, with
+    a hand-written backward that needs one [N, V] buffer (the softmax, turned into the gradient in place) instead
+    of autograd's several (logsumexp's softmax, each gather's dense scatter, their sum).
+
+    With r = p_tail / q_tail (0 where q_tail is clamped), P = Σ p_J and Q = Σ q_J, d bucket-CE / dz_i is
+    q_i·(P − r·Q) for every i, plus r·q_i − p_i for i in the teacher's ids; d CE(gold) / dz = q − onehot(gold).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, gold, ids, probs, tail):
+        lse = torch.logsumexp(logits, dim=-1)
+        gold_ce = lse - logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+        valid = ids >= 0
+        logq = (logits.gather(-1, ids.clamp(min=0)) - lse.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
+        in_mass = torch.logsumexp(logq, dim=-1)
+        log_tail = _log1mexp(in_mass)
+        teacher_ce = bucket_ce(probs, tail, logq, log_tail)
+        clamped = log_tail <= math.log(TAIL_EPS)
+        ratio = torch.where(clamped, torch.zeros_like(tail), tail / log_tail.exp())
+        ctx.save_for_backward(logits, lse, gold, ids, probs, logq.exp(), ratio)
+        return gold_ce, teacher_ce
+
+    @staticmethod
+    def backward(ctx, grad_gold, grad_teacher):
+        logits, lse, gold, ids, probs, q_ids, ratio = ctx.saved_tensors
+        valid = ids >= 0
+        scale = probs.sum(-1) - ratio * q_ids.sum(-1)
+        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # the softmax: the only [N, V] buffer
+        grad.mul_((grad_gold + grad_teacher * scale).unsqueeze(-1))
+        grad.scatter_add_(-1, gold.unsqueeze(-1), -grad_gold.unsqueeze(-1))
+        at_ids = grad_teacher.unsqueeze(-1) * (ratio.unsqueeze(-1) * q_ids - probs) * valid
+        grad.scatter_add_(-1, ids.clamp(min=0), at_ids)
+        return grad, None, None, None, None
+
+
+def teacher_entropy(probs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    return -(torch.special.xlogy(probs, probs).sum(dim=-1) + torch.special.xlogy(tail, tail))
+
+
+# --------------------------------------------------------------------------------------------- the training loss
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    gold_ce: torch.Tensor
+    distill: torch.Tensor | None
+    tokens: int
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    lambda_: float = 0.9,
+    temperature: float = 1.0,
+    kind: str = "ce",
+    fused: bool = True,
+) -> LossParts:
+    """L = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ), averaged over response tokens (labels != -100).
+
+    `logits` [B, T, V]; `labels` [B, T] are the input ids with prompts masked (HF convention: shifted here);
+    `target_ids`/`target_probs` [B, T, J] are the teacher's distribution for the token AT each position.
+    `fused` uses FusedSparseCE at temperature 1 (same values and gradients as the autograd path, less memory).
+    """
+    # Shift the labels and targets, not the logits (as HF's causal-LM loss does): logits stay a view, so the
+    # only [B·T, V] buffers are the logits and their gradient.
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab).float()
+    gold = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    mask = gold != IGNORE_INDEX
+    tokens = int(mask.sum())
+    if target_ids is None or lambda_ >= 1.0:
+        gold_mean = F.cross_entropy(flat, gold, ignore_index=IGNORE_INDEX, reduction="sum") / max(tokens, 1)
+        return LossParts(gold_mean, gold_mean.detach(), None, tokens)
+    ids = F.pad(target_ids[:, 1:], (0, 0, 0, 1), value=PAD_ID).reshape(-1, target_ids.shape[-1])
+    probs = F.pad(target_probs[:, 1:], (0, 0, 0, 1), value=0.0).reshape(-1, target_ids.shape[-1])
+    # Positions without a teacher (no stored ids, or outside the response) get the gold term only.
+    has_teacher = (ids >= 0).any(dim=-1) & mask
+    n_teacher = max(int(has_teacher.sum()), 1)
+    if fused and temperature == 1.0 and kind in DIVERGENCES:
+        p, p_tail = teacher_buckets(probs.float(), 1.0)
+        p, p_tail = p * has_teacher.unsqueeze(-1), p_tail * has_teacher
+        gold_ce, teacher = FusedSparseCE.apply(flat, gold.clamp(min=0), ids, p, p_tail)
+        if kind == "kl":
+            teacher = teacher - teacher_entropy(p, p_tail)
+        gold_mean = (gold_ce * mask).sum() / max(tokens, 1)
+        distill_mean = (teacher * has_teacher).sum() / n_teacher
+    else:
+        gold_mean = F.cross_entropy(flat, gold, ignore_index=IGNORE_INDEX, reduction="sum") / max(tokens, 1)
+        sel = has_teacher
+        distill_mean = sparse_divergence(flat[sel], ids[sel], probs[sel], temperature, kind).sum() / n_teacher
+    loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean
+    return LossParts(loss, gold_mean.detach(), distill_mean.detach(), tokens)
+
+
+# --------------------------------------------------------------------------------------------- dense reference
+
+
+def dense_reference_divergence(
+    logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float = 1.0, kind: str = "ce"
+) -> torch.Tensor:
+    """The same divergence with a dense [N, V] target and bucket mask: the reference the sparse path must match."""
+    n, vocab = logits.shape
+    valid = ids >= 0
+    dense_p = torch.zeros(n, vocab + 1, dtype=torch.float64)
+    dense_p.scatter_add_(-1, torch.where(valid, ids, vocab), probs.double().masked_fill(~valid, 0.0))
+    dense_p = dense_p[:, :vocab]
+    in_top = dense_p > 0
+    in_top |= torch.zeros_like(in_top).scatter_(-1, torch.where(valid, ids, 0), valid)
+    tail_p = (1.0 - dense_p.sum(-1)).clamp(min=0.0)
+    if temperature != 1.0:
+        dense_p, tail_p = dense_p.pow(1.0 / temperature), tail_p.pow(1.0 / temperature)
+        total = dense_p.sum(-1) + tail_p
+        dense_p, tail_p = dense_p / total[:, None], tail_p / total
+    q = torch.softmax(logits.double() / temperature, dim=-1)
+    q_tail = (q * ~in_top).sum(-1).clamp(min=TAIL_EPS)
+    ce = -(torch.special.xlogy(dense_p, q).sum(-1) + torch.special.xlogy(tail_p, q_tail))
+    if kind == "ce":
+        return ce
+    entropy = -(torch.special.xlogy(dense_p, dense_p).sum(-1) + torch.special.xlogy(tail_p, tail_p))
+    return ce - entropy
+
+
+def dense_target_loss(logits: torch.Tensor, dense_probs: torch.Tensor) -> torch.Tensor:
+    """CE against a dense [N, V] target, the way most KD code does it (for the memory benchmark)."""
+    return -(dense_probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1)

@@ -1,0 +1,393 @@
+"""Merge methods: a registry of small pure functions over the stacked deltas of ONE tensor.
+
+Each method sees the base tensor and Δ_i = θ_i − θ_base for every merged model (float32, shape [n, *shape]) and
+returns the merged tensor; the streaming engine (fuse.merging.engine) calls it once per tensor name.
+
+Definitions follow mergekit 0.1.5 wherever mergekit implements the method (our parity tests hold us to it):
+  * linear           Σ w_i θ_i / Σ w_i (normalize) — the base takes no part (Wortsman et al. 2022).
+  * task_arithmetic  θ_base + λ · Σ w_i Δ_i  (÷ Σ w_i with normalize) (Ilharco et al. 2023).
+  * ties             per-model top-`density` magnitude pruning, sign election by the sign of Σ w_i Δ_i, disjoint
+                     weighted mean of the agreeing entries (Yadav et al. 2023).
+  * dare_linear/ties per-model Bernoulli(`density`) keep mask, then task arithmetic / TIES (Yu et al. 2024).
+  * breadcrumbs      drop the top `gamma` largest and the smallest magnitudes so that `density` remains
+                     (Davari & Belilovsky 2023), then task arithmetic.
+  * sce              FuseChat-2.0 (Wan et al. 2024): Select the top `select_topk` share of elements by variance of
+                     Δ across models, Calculate per-model weights = mean squared selected Δ, normalised over models,
+                     Erase entries whose sign disagrees with the sign of the summed Δ, weighted mean of the rest.
+  * varm             FuseChat-1.0 (Wan et al. 2024): per tensor, w_i ∝ mean(Δ_i²); θ = θ_base + Σ w_i Δ_i
+                     (equal weights when no model moved). mergekit has no VaRM.
+
+Where we differ on purpose (and document it):
+  * DARE rescaling: the paper rescales kept entries by 1/density; mergekit (`rescale: true`) rescales each
+    pruned delta to keep its L1 norm. Ours: `rescale: true` = 1/density (paper), `rescale: "l1"` = mergekit's.
+  * DARE masks are drawn from a generator seeded by (seed, tensor name, model index), so a merge is
+    reproducible and resumable tensor by tensor; mergekit draws them from torch's global RNG in execution order,
+    so the same seed does not give the same masks in both tools (the parity test feeds both the same masks).
+  * Magnitude pruning takes the top k with torch.topk; mergekit argsorts. The kept sets differ only on exact
+    ties of |Δ| at the threshold.
+  * The FuseAI release scripts differ from the papers, and we follow the papers: their VaRM script gives every
+    model the same weight (it reads one analysis file for all models), and their SCE applies the selection mask
+    only to the weight computation, not to the deltas that are summed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class MergeConfigError(ValueError):
+    """A merge configuration problem (unknown method, bad parameter), raised before any work."""
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """The resolved parameters of one merge: shared ones plus one value per merged model."""
+
+    shared: dict[str, Any]
+    per_model: dict[str, list[float]]  # name -> one value per model, in model order
+    seed: int = 0
+
+    def model_values(self, name: str, like: Tensor) -> Tensor:
+        """Per-model values shaped [n, 1, …, 1] to broadcast over stacked deltas `like`."""
+        values = torch.tensor(self.per_model[name], dtype=like.dtype)
+        return values.reshape((len(values),) + (1,) * (like.dim() - 1))
+
+
+@dataclass
+class Merged:
+    tensor: Tensor
+    kept: float | None = None  # share of delta entries that reached the result
+    weights: list[float] | None = None  # per-model weights the method computed (varm, sce)
+
+
+MethodFn = Callable[[str, Tensor, Tensor, MethodParams], Merged]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    reference_url: str
+    paper: str
+    shared: dict[str, Any] = field(default_factory=dict)  # parameter -> default
+    per_model: dict[str, float] = field(default_factory=dict)  # parameter -> default
+    uses_base: bool = True
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    reference_url: str,
+    paper: str,
+    shared: dict[str, Any] | None = None,
+    per_model: dict[str, float] | None = None,
+    uses_base: bool = True,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register `fn(name, base, deltas, params) -> Merged` under `name`; duplicate names are errors."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        METHODS[name] = MergeMethod(
+            name, fn, reference_url, paper, dict(shared or {}), dict(per_model or {}), uses_base
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeConfigError(
+            f"method: unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+# Methods may overwrite `deltas` (the engine hands over a buffer it no longer needs): in-place steps keep the
+# peak at about (models + 2) tensors instead of a new [n, …] stack per step.
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Keep the `density` share of entries with the largest |Δ| (k as mergekit: at least one); ties at the
+    threshold are kept in index order. Bool mask."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    magnitude = delta.abs().reshape(-1)
+    k = max(1, int(density * magnitude.numel()))
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    keep = magnitude > threshold
+    short = k - int(torch.count_nonzero(keep))
+    if short > 0:
+        keep[(magnitude == threshold).nonzero().reshape(-1)[:short]] = True
+    return keep.reshape(delta.shape)
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs: drop the `gamma` share of largest |Δ|, then the smallest, so that `density` remains."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bottom : bottom + keep]] = True
+    return mask.reshape(delta.shape)
+
+
+def tensor_seed(seed: int, name: str, model: int) -> int:
+    """A stable seed per (merge seed, tensor, model): masks do not depend on the order tensors are merged in."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{model}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def bernoulli_mask(name: str, model: int, shape: torch.Size, density: float, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name, model))
+    return torch.bernoulli(torch.full(shape, float(density)), generator=generator)
+
+
+def prune_(delta: Tensor, mask: Tensor, density: float, rescale: bool | str) -> Tensor:
+    """Apply a keep mask in place; rescale by 1/density (DARE paper), to the old L1 norm ("l1", mergekit), or not."""
+    before = delta.abs().sum() if rescale == "l1" else None
+    delta.mul_(mask)
+    if rescale == "l1":
+        after = delta.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            delta.mul_(before / after)
+    elif rescale and density > 0:
+        delta.div_(density)
+    return delta
+
+
+def sign_agreement(weighted: Tensor) -> Tensor:
+    """TIES sign election (bool [n, …]): entries whose sign equals that of the summed delta (a zero sum counts
+    as +; zero entries never agree)."""
+    positive = weighted.sum(dim=0) >= 0
+    return torch.where(positive, weighted > 0, weighted < 0)
+
+
+def weighted_sum(stack: Tensor, weights: list[float] | Tensor) -> Tensor:
+    """Σ_i w_i · stack[i] accumulated model by model (no [n, …] temporary)."""
+    total = torch.zeros(stack.shape[1:], dtype=stack.dtype if stack.is_floating_point() else torch.float32)
+    for row, weight in zip(stack, weights, strict=True):
+        total.add_(row if row.is_floating_point() else row.to(total.dtype), alpha=float(weight))
+    return total
+
+
+def combine(base: Tensor, deltas: Tensor, params: MethodParams, consensus: bool) -> Merged:
+    """Weighted sum of (pruned) deltas, optionally TIES-masked and normalised: mergekit's task-arithmetic core."""
+    weights = params.per_model["weight"]
+    deltas.mul_(params.model_values("weight", deltas))
+    if consensus:
+        agree = sign_agreement(deltas)
+        deltas.mul_(agree)
+        divisor = weighted_sum(agree, weights)
+        divisor[divisor == 0] = 1
+        kept = float(torch.count_nonzero(agree)) / max(deltas.numel(), 1)
+    else:
+        total = torch.tensor(weights, dtype=deltas.dtype).sum()
+        divisor = total if total.abs() >= 1e-8 else torch.ones(())
+        kept = float(torch.count_nonzero(deltas)) / max(deltas.numel(), 1)
+    mixed = deltas.sum(dim=0)
+    if params.shared["normalize"]:
+        mixed /= divisor
+    if params.shared["lambda"] != 1:
+        mixed *= params.shared["lambda"]
+    return Merged(mixed.add_(base), kept=kept)
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+_TA_SHARED = {"normalize": False, "lambda": 1.0}
+
+
+@merge_method(
+    "linear",
+    reference_url="https://arxiv.org/abs/2203.05482",
+    paper="Wortsman et al. 2022, Model soups",
+    shared={"normalize": True},
+    per_model={"weight": 1.0},
+    uses_base=False,
+)
+def linear(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    weights = params.per_model["weight"]
+    result = torch.zeros_like(base)
+    for delta, weight in zip(deltas, weights, strict=True):
+        result.addcmul_(
+            delta.add_(base), torch.tensor(weight, dtype=base.dtype)
+        )  # θ_i; the base takes no part
+    if params.shared["normalize"]:
+        result.div_(sum(weights))
+    return Merged(result)
+
+
+@merge_method(
+    "task_arithmetic",
+    reference_url="https://arxiv.org/abs/2212.04089",
+    paper="Ilharco et al. 2023, Editing models with task arithmetic",
+    shared=_TA_SHARED,
+    per_model={"weight": 1.0},
+)
+def task_arithmetic(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return combine(base, deltas, params, consensus=False)
+
+
+@merge_method(
+    "ties",
+    reference_url="https://arxiv.org/abs/2306.01708",
+    paper="Yadav et al. 2023, TIES-Merging",
+    shared={"normalize": True, "lambda": 1.0},
+    per_model={"weight": 1.0, "density": 1.0},
+)
+def ties(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    for delta, density in zip(deltas, params.per_model["density"], strict=True):
+        delta.mul_(magnitude_mask(delta, density))
+    return combine(base, deltas, params, consensus=True)
+
+
+def _dare(name: str, base: Tensor, deltas: Tensor, params: MethodParams, consensus: bool) -> Merged:
+    rescale = params.shared["rescale"]
+    for i, (delta, density) in enumerate(zip(deltas, params.per_model["density"], strict=True)):
+        if density < 1:
+            prune_(delta, bernoulli_mask(name, i, delta.shape, density, params.seed), density, rescale)
+    return combine(base, deltas, params, consensus=consensus)
+
+
+@merge_method(
+    "dare_linear",
+    reference_url="https://arxiv.org/abs/2311.03099",
+    paper="Yu et al. 2024, Language models are Super Mario (DARE)",
+    shared={**_TA_SHARED, "rescale": True},
+    per_model={"weight": 1.0, "density": 1.0},
+)
+def dare_linear(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return _dare(name, base, deltas, params, consensus=False)
+
+
+@merge_method(
+    "dare_ties",
+    reference_url="https://arxiv.org/abs/2311.03099",
+    paper="Yu et al. 2024, Language models are Super Mario (DARE) + TIES sign election",
+    shared={**_TA_SHARED, "rescale": True},
+    per_model={"weight": 1.0, "density": 1.0},
+)
+def dare_ties(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return _dare(name, base, deltas, params, consensus=True)
+
+
+@merge_method(
+    "breadcrumbs",
+    reference_url="https://arxiv.org/abs/2312.06795",
+    paper="Davari & Belilovsky 2023, Model Breadcrumbs",
+    shared=_TA_SHARED,
+    per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+)
+def breadcrumbs(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    for delta, density, gamma in zip(
+        deltas, params.per_model["density"], params.per_model["gamma"], strict=True
+    ):
+        delta.mul_(outlier_mask(delta, density, gamma))
+    return combine(base, deltas, params, consensus=False)
+
+
+def variance_mask(deltas: Tensor, topk: float) -> Tensor | None:
+    """SCE select (bool): the `topk` share of the entries with non-zero variance across models, largest first;
+    None when everything is selected."""
+    if topk >= 1:
+        return None
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(variance)) * topk) if topk > 0 else 0
+    mask = torch.zeros(variance.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(variance.reshape(-1), k, sorted=False).indices] = True
+    return mask.reshape(variance.shape)
+
+
+def energy_weights(deltas: Tensor) -> Tensor:
+    """Per-model mean squared delta, normalised over models (equal weights when nothing moved)."""
+    energy = torch.stack([delta.square().mean() for delta in deltas])
+    total = float(energy.sum())
+    return torch.full_like(energy, 1 / len(energy)) if abs(total) < 1e-6 else energy / total
+
+
+@merge_method(
+    "sce",
+    reference_url="https://arxiv.org/abs/2408.07990",
+    paper="Wan et al. 2024, FuseChat: knowledge fusion of chat models (FuseChat-2.0, SCE)",
+    shared={"select_topk": 0.1},
+)
+def sce(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    selected = variance_mask(deltas, params.shared["select_topk"])
+    if selected is not None:
+        deltas.mul_(selected)
+    agree = sign_agreement(deltas)
+    weights = energy_weights(deltas)
+    deltas.mul_(agree)
+    merged = weighted_sum(deltas, weights).div_(weighted_sum(agree, weights).clamp_(min=1e-6))
+    kept = float(torch.count_nonzero(agree)) / max(deltas.numel(), 1)
+    return Merged(merged.add_(base), kept=kept, weights=weights.tolist())
+
+
+@merge_method(
+    "varm",
+    reference_url="https://arxiv.org/abs/2402.16107",
+    paper="Wan et al. 2024, FuseChat: knowledge fusion of chat models (FuseChat-1.0, VaRM)",
+)
+def varm(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    energy = torch.stack([delta.square().mean() for delta in deltas])
+    total = float(energy.sum())
+    weights = torch.full_like(energy, 1 / len(energy)) if total == 0 else energy / total
+    return Merged(weighted_sum(deltas, weights).add_(base), kept=1.0, weights=weights.tolist())
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+def resolve_params(
+    method: MergeMethod, shared: dict[str, Any], per_model: list[dict[str, Any]], seed: int = 0
+) -> MethodParams:
+    """Fill defaults and reject unknown or ill-typed parameters, naming the YAML key."""
+    unknown = sorted(set(shared) - set(method.shared))
+    if unknown:
+        raise MergeConfigError(
+            f"parameters: {method.name} does not take {unknown}; it takes {sorted(method.shared)}"
+        )
+    values = {**method.shared, **shared}
+    for key in ("lambda", "select_topk"):
+        if key in values and not isinstance(values[key], int | float):
+            raise MergeConfigError(f"parameters.{key}: must be a number, got {values[key]!r}")
+    if "rescale" in values and values["rescale"] not in (True, False, "l1", "inverse_density"):
+        raise MergeConfigError("parameters.rescale: true/'inverse_density' (paper), 'l1' (mergekit) or false")
+    if values.get("rescale") == "inverse_density":
+        values["rescale"] = True
+    columns: dict[str, list[float]] = {key: [] for key in method.per_model}
+    for index, model_params in enumerate(per_model):
+        bad = sorted(set(model_params) - set(method.per_model))
+        if bad:
+            raise MergeConfigError(
+                f"models[{index}].parameters: {method.name} does not take {bad} per model; "
+                f"it takes {sorted(method.per_model)}"
+            )
+        for key, default in method.per_model.items():
+            value = model_params.get(key, default)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise MergeConfigError(f"models[{index}].parameters.{key}: must be a number, got {value!r}")
+            if key in ("density", "gamma") and not 0 <= value <= 1:
+                raise MergeConfigError(f"models[{index}].parameters.{key}: must be in [0, 1], got {value}")
+            columns[key].append(float(value))
+    return MethodParams(values, columns, seed)

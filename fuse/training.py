@@ -1,0 +1,397 @@
+"""Training infrastructure shared by the distill and fpo stages: TrainingArguments and a DeepSpeed config from the
+recipe, multi-process launch through `accelerate launch`, resume from the newest complete checkpoint, logs, final save.
+
+A stage describes its run as a `TrainingJob` (JSON-able) whose `builder` ("module:function") makes the Trainer;
+the same job runs in-process (one process, no DeepSpeed) or in every rank of an `accelerate launch` child
+(`python -m fuse.training job.json`), so both paths share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fuse import preemption
+from fuse.io import atomic_dir, write_json_atomic
+from fuse.recipe import TrainSettings
+from fuse.slurm import multinode_command
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainingArguments
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LOG_FILE = "train.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything a rank needs to build and run one training: plain data, written to job.json for launches."""
+
+    builder: str  # "module:function", called as function(job, args) -> Trainer
+    settings_class: str  # "fuse.recipe:DistillSettings"
+    settings: dict[str, Any]  # settings.model_dump(by_alias=True)
+    checkpoint_dir: str  # Trainer output_dir: checkpoint-N folders
+    model_dir: str  # the final HF checkpoint
+    log_dir: str  # JSONL log and loss plot
+    settings_key: str = "stages"  # YAML path of the settings, for error messages
+    params: dict[str, Any] = field(default_factory=dict)  # builder-specific
+
+    def load_settings(self) -> TrainSettings:
+        return _import(self.settings_class).model_validate(self.settings)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingJob:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _import(dotted: str) -> Any:
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_job(
+    builder: str, settings: TrainSettings, stage_dir: Path, out: Path, settings_key: str, **params
+) -> TrainingJob:
+    """The usual layout: checkpoints in <stage>/checkpoints (kept across reruns), logs in <stage>/logs."""
+    cls = type(settings)
+    return TrainingJob(
+        builder=builder,
+        settings_class=f"{cls.__module__}:{cls.__name__}",
+        settings=settings.model_dump(by_alias=True, mode="json"),
+        checkpoint_dir=str(stage_dir / "checkpoints"),
+        model_dir=str(out / "model"),
+        log_dir=str(stage_dir / "logs"),
+        settings_key=settings_key,
+        params=params,
+    )
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def needs_launcher(settings: TrainSettings) -> bool:
+    """DeepSpeed or several processes need `accelerate launch`; plain single-process training runs in-process."""
+    return settings.num_processes > 1 or settings.deepspeed.stage > 0
+
+
+def check_settings(settings: TrainSettings, key: str) -> None:
+    """Combinations DeepSpeed would reject mid-launch, reported up front with their YAML key."""
+    ds = settings.deepspeed
+    if ds.offload_params and ds.stage != 3:
+        raise TrainingError(f"{key}.deepspeed.offload_params needs deepspeed.stage: 3 (it is {ds.stage})")
+    if ds.offload_optimizer and ds.stage == 0:
+        raise TrainingError(f"{key}.deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3 (it is 0)")
+
+
+def deepspeed_config(settings: TrainSettings, gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config for `settings`; batch sizes, clipping and precision stay "auto" (taken from the Trainer)."""
+    ds = settings.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage, "contiguous_gradients": True, "overlap_comm": gpu}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    if ds.stage == 3:
+        # Without this, ZeRO-3 saves each rank's shard only and save_model writes an empty state dict.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        # HF's AdamW also works with an offloaded optimizer on CPU (no DeepSpeedCPUAdam build needed).
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def training_arguments(
+    settings: TrainSettings, output_dir: str, launched: bool, **overrides: Any
+) -> TrainingArguments:
+    """TrainingArguments from the recipe. `launched`: this rank runs under `accelerate launch` (state configured)."""
+    from transformers import TrainingArguments
+
+    gpu = on_gpu()
+    if settings.bf16 and not gpu:
+        log.info("bf16 is requested but there is no GPU: training in float32")
+    values: dict[str, Any] = dict(
+        output_dir=output_dir,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=settings.weight_decay,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=settings.bf16 and gpu,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        use_cpu=not gpu,
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if launched:
+        values["deepspeed"] = deepspeed_config(settings, gpu)
+        values["accelerator_config"] = {"use_configured_state": True}
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states): a
+    checkpoint is complete when it parses, names this step, and the weights and optimizer state are there."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if state.get("global_step") != checkpoint_step(path):
+        return False
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("global_step*"))
+    has_optimizer = (path / "optimizer.pt").is_file() or any(path.glob("global_step*"))
+    return has_weights and has_optimizer
+
+
+def newest_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    for _step, path in sorted(found, reverse=True):
+        if is_complete_checkpoint(path):
+            return path
+        log.warning("ignoring incomplete checkpoint %s", path)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+
+class RecordedMetrics:
+    """A Trainer mixin (put it first in the bases): `record(name, value)` during compute_loss, averaged into the
+    next logged training entry."""
+
+    def record(self, name: str, value: float) -> None:
+        if not hasattr(self, "_recorded"):
+            self._recorded: dict[str, list[float]] = {}
+        self._recorded.setdefault(name, []).append(float(value))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        recorded = getattr(self, "_recorded", {})
+        if "loss" in logs and recorded:  # training entries only, not the final summary
+            logs.update({name: sum(v) / len(v) for name, v in recorded.items() if v})
+            self._recorded = {}
+        super().log(logs, *args, **kwargs)
+
+
+def jsonl_logger(path: Path) -> Any:
+    """A TrainerCallback appending every log entry (with its step) to `path` on the main process."""
+    from transformers import TrainerCallback
+
+    class JsonlLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return JsonlLogger()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Log entries by step; after a resume the rerun steps appear twice and the later entry wins."""
+    entries: dict[tuple[int, bool], dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                entries[(entry["step"], "loss" in entry)] = entry
+    return [entries[key] for key in sorted(entries)]
+
+
+def plot_loss_curves(entries: list[dict[str, Any]], png: Path, title: str = "") -> None:
+    """Every logged loss-like series (loss, gold_ce, distill, ...) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(
+        {k for e in entries for k in e if k == "loss" or k.startswith(("loss_", "gold", "distill"))}
+    )
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def save_final_model(trainer: Trainer, model_dir: Path) -> None:
+    """Every rank calls save_model (ZeRO-3 gathers collectively); rank 0 moves the files into place atomically,
+    with the tokenizer, chat template and generation config, and without the pickled training_args.bin."""
+    staging = model_dir.parent / f".{model_dir.name}.staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        with atomic_dir(model_dir) as tmp:
+            for item in staging.iterdir():
+                os.replace(item, tmp / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def run_job(job: TrainingJob, launched: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
+    """Build the Trainer, resume from the newest complete checkpoint, train, save the model, plot the losses."""
+    settings = job.load_settings()
+    args = training_arguments(settings, job.checkpoint_dir, launched)
+    trainer = _import(job.builder)(job, args)
+    log_path = Path(job.log_dir) / LOG_FILE
+    trainer.add_callback(jsonl_logger(log_path))
+    for callback in (*callbacks, preemption.trainer_callback()):
+        trainer.add_callback(callback)
+    resume = newest_complete_checkpoint(job.checkpoint_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    with preemption.checkpointing():  # SIGUSR1 (SLURM preemption): save a checkpoint at the next step, stop
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    preemption.raise_if_requested()  # a stopped run is not a finished one: never save it as the final model
+    save_final_model(trainer, Path(job.model_dir))
+    summary = {
+        "resumed_from": resume and resume.name,
+        "global_step": trainer.state.global_step,
+        **result.metrics,
+    }
+    if trainer.is_world_process_zero():
+        plot_loss_curves(
+            read_log(log_path), Path(job.log_dir) / PLOT_FILE, Path(job.model_dir).parent.parent.name
+        )
+        write_json_atomic(Path(job.log_dir) / "summary.json", summary)
+    return summary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(job_path: Path, settings: TrainSettings) -> list[str]:
+    """`accelerate launch` with DeepSpeed (ZeRO stage from the recipe, 0 included) on `num_processes` ranks."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--num_processes", str(settings.num_processes),
+        "--num_machines", "1",
+        "--main_process_port", str(free_port()),
+        "--mixed_precision", "bf16" if settings.bf16 and on_gpu() else "no",
+        "--dynamo_backend", "no",
+        "-m", "fuse.training", str(job_path),
+    ]  # fmt: skip
+
+
+def train(job: TrainingJob, callbacks: tuple = ()) -> dict[str, Any]:
+    """Run `job`: in this process when it is single-process without DeepSpeed, else through `accelerate launch`
+    (`callbacks`, e.g. progress reporting, only apply in-process)."""
+    settings = job.load_settings()
+    check_settings(settings, job.settings_key)
+    if not needs_launcher(settings):
+        return run_job(job, callbacks=callbacks)
+    job_path = Path(job.log_dir) / "job.json"
+    job.save(job_path)
+    # Inside a multi-node SLURM allocation: one launcher per node through srun (unchanged otherwise). A SIGUSR1
+    # reaches only this process, which stops the ranks; they resume from the newest periodic checkpoint.
+    command = multinode_command(launch_command(job_path, settings))
+    log.info("launching %d processes: %s", settings.num_processes, " ".join(command))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    completed = subprocess.run(command, env=env, check=False)
+    if completed.returncode != 0:
+        raise TrainingError(
+            f"training ranks failed (exit {completed.returncode}); see the log above and {job.log_dir}"
+        )
+    return json.loads((Path(job.log_dir) / "summary.json").read_text(encoding="utf-8"))
+
+
+def init_distributed_state() -> None:
+    """Configure accelerate before TrainingArguments: on CPU (DS_ACCELERATOR=cpu) it otherwise reports
+    world_size 1 on every rank; gloo is the CPU backend."""
+    from accelerate import PartialState
+
+    PartialState(**({} if on_gpu() else {"backend": "gloo"}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rank entry point: python -m fuse.training job.json (started by `accelerate launch`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m fuse.training JOB.json")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_distributed_state()
+    run_job(TrainingJob.load(argv[0]), launched=True)
+
+
+if __name__ == "__main__":
+    main()

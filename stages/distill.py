@@ -1,0 +1,260 @@
+"""distill.<source>: train a target T_i from the pivot's weights with L = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ),
+where P_fused fuses, per sequence, the pivot's own top-K and the source's top-K projected onto the pivot's vocab.
+
+Reads extract.pivot and align.<source> (same store format, same samples, the pivot's tokens); distill.sft_baseline
+(option sft_only) reads the prepared SFT split only and trains with λ = 1. Writes out/model (a full HF checkpoint)
+and out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the loss plot to <stage>/logs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fuse.context import StageContext
+
+if TYPE_CHECKING:
+    from fuse.data.logprobs import SampleLogprobs
+
+VERSION = 1
+BUILDER = "fuse.distill_trainer:build_distill_trainer"
+# A realized token outside a teacher's top-K has no stored log-prob (-inf / NaN): count it at this floor so one
+# such token cannot decide the sequence's CE on its own.
+LOGPROB_FLOOR = float(np.log(1e-6))
+
+
+class DistillInputError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- per-sample math
+
+
+def response_bytes(sample: SampleLogprobs) -> int:
+    """Bytes of the assistant contents: the same text for every model, so CE per byte compares tokenizers."""
+    return sum(len(sample.text[s.start : s.end].encode()) for s in sample.spans if s.role == "assistant")
+
+
+def ce_per_byte(sample: SampleLogprobs) -> float:
+    """−Σ log p(realized token) over the response tokens, per response byte (row t predicts token t+1)."""
+    rows = np.flatnonzero(sample.mask[1:])
+    realized = np.nan_to_num(sample.target_logprobs[rows].astype(np.float64), nan=LOGPROB_FLOOR)
+    nll = -np.maximum(realized, LOGPROB_FLOOR).sum()
+    return float(nll / max(response_bytes(sample), 1))
+
+
+def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs) [T-1, K]; empty slots (-inf) become id -1 (the loss's padding)."""
+    logprobs = np.asarray(sample.topk_logprobs, dtype=np.float32)
+    ids = np.where(np.isfinite(logprobs), sample.topk_ids, -1).astype(np.int64)
+    return ids, np.where(np.isfinite(logprobs), logprobs, -np.inf)
+
+
+def labels_for(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, input_ids, -100).astype(np.int64)
+
+
+def fused_targets(
+    pivot: SampleLogprobs, aligned: SampleLogprobs, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fused sparse distribution per position, aligned with the tokens: position t+1 holds row t; position 0
+    and positions outside the response get no teacher (-1 / 0)."""
+    import torch
+
+    from fuse.losses import fuse_sparse
+
+    candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in (pivot, aligned)]
+    ids, probs = (t.numpy() for t in fuse_sparse(candidates, torch.from_numpy(weights)))
+    train_rows = pivot.mask[1:]
+    ids, probs = np.where(train_rows[:, None], ids, -1), np.where(train_rows[:, None], probs, 0.0)
+    width = ids.shape[1]
+    return np.vstack([np.full((1, width), -1), ids]), np.vstack([np.zeros((1, width)), probs])
+
+
+def check_pair(pivot: SampleLogprobs, aligned: SampleLogprobs | None, aligned_path: str) -> SampleLogprobs:
+    if aligned is None:
+        raise DistillInputError(
+            f"{aligned_path}: sample {pivot.id!r} of extract.pivot is missing (align incomplete?)"
+        )
+    if not np.array_equal(pivot.input_ids, aligned.input_ids):
+        raise DistillInputError(
+            f"{aligned_path}: sample {pivot.id!r} is not on the pivot's tokens (aligned from another extract?)"
+        )
+    return aligned
+
+
+# --------------------------------------------------------------------------------------------- training rows
+
+
+def distill_rows(
+    pivot_path: str, aligned_path: str, fusion: str, max_length: int, source_path: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """One training row per sample of the pivot's store (module-level and plain arguments: datasets hashes it).
+
+    The source's CE comes from its own extract (its own tokenization, as FuseChat does) when `source_path` is
+    given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
+    import torch
+    from fuse.data.logprobs import LogprobReader
+
+    from fuse.losses import get_fusion
+
+    fuse_weights = get_fusion(fusion).fn
+    aligned_store = LogprobReader(aligned_path)
+    source_store = LogprobReader(source_path) if source_path else None
+    for pivot in LogprobReader(pivot_path):
+        aligned = check_pair(
+            pivot, aligned_store.get(pivot.id) if pivot.id in aligned_store else None, aligned_path
+        )
+        own = source_store.get(pivot.id) if source_store is not None and pivot.id in source_store else aligned
+        ce = torch.tensor([[ce_per_byte(pivot), ce_per_byte(own)]], dtype=torch.float64)
+        weights = fuse_weights(ce)[0].numpy()
+        ids, probs = fused_targets(pivot, aligned, weights)
+        n = min(len(pivot.input_ids), max_length)
+        yield {
+            "id": pivot.id,
+            "input_ids": pivot.input_ids[:n].tolist(),
+            "labels": labels_for(pivot.input_ids, pivot.mask)[:n].tolist(),
+            "target_ids": ids[:n].reshape(-1).tolist(),
+            "target_probs": probs[:n].reshape(-1).astype(np.float32).tolist(),
+            "target_width": int(ids.shape[1]),
+            "ce_per_byte": ce[0].tolist(),
+            "weights": weights.tolist(),
+        }
+
+
+def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
+    """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
+    from fuse.data.chat import render_chat
+
+    from fuse.models import load_tokenizer
+    from fuse.recipe import ModelSpec
+
+    tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
+    for number, row in enumerate(_sft_split(prepare_out)):
+        chat = render_chat(
+            tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
+        )
+        yield {
+            "id": row["id"],
+            "input_ids": chat.input_ids.tolist(),
+            "labels": labels_for(chat.input_ids, chat.mask).tolist(),
+        }
+
+
+def _sft_split(prepare_out: str) -> Any:
+    try:
+        from fuse.data.prepared import load_split
+
+        return load_split(prepare_out, "sft", "train")
+    except ImportError:  # the helper is not there yet: the folder layout is the contract
+        from datasets import load_from_disk
+
+        return load_from_disk(str(Path(prepare_out) / "sft" / "train"))
+
+
+def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
+    """Materialize the rows as an Arrow dataset at `path` (atomically), for this process and every rank."""
+    from datasets import Dataset
+
+    from fuse.io import atomic_dir
+
+    dataset = Dataset.from_generator(generator, gen_kwargs=gen_kwargs, cache_dir=str(path.parent / ".cache"))
+    dataset = dataset.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
+    with atomic_dir(path) as tmp:
+        dataset.save_to_disk(str(tmp))
+    return dataset
+
+
+def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
+    report: dict[str, Any] = {"samples": len(dataset),
+                              "response_tokens": int(sum(sum(1 for x in r[1:] if x != -100) for r in dataset["labels"]))}  # fmt: skip
+    if not sft_only and len(dataset):
+        ce = np.asarray(dataset["ce_per_byte"])
+        weights = np.asarray(dataset["weights"])
+        winners = Counter(("pivot", "source")[int(i)] for i in weights.argmax(axis=1))
+        report.update(ce_per_byte={"pivot": float(ce[:, 0].mean()), "source": float(ce[:, 1].mean())},
+                      mean_weight={"pivot": float(weights[:, 0].mean()), "source": float(weights[:, 1].mean())},
+                      sequences_won=dict(winners))  # fmt: skip
+    return report
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def check_inputs(ctx: StageContext, sft_only: bool) -> None:
+    from fuse.losses import get_fusion
+
+    settings = ctx.settings
+    try:
+        get_fusion(settings.fusion)
+    except ValueError as error:
+        raise DistillInputError(f"stages.distill.fusion: {error}") from None
+    if not sft_only:
+        for name in ("extract.pivot", f"align.{ctx.instance.key}"):
+            if not any(ctx.input(name).glob("shard-*")) and not (ctx.input(name) / "index.json").is_file():
+                raise DistillInputError(
+                    f"{ctx.instance.name}: input {name} ({ctx.input(name)}) holds no log-prob store"
+                )
+
+
+def own_extract(ctx: StageContext) -> str | None:
+    """The source's own extract, when the DAG makes it an input (for CE in the source's own tokenization)."""
+    name = f"extract.{ctx.instance.key}"
+    return str(ctx.input(name)) if name in ctx.inputs else None
+
+
+def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, Any]]:
+    """Build (or, on a resumed run, reuse) the training rows under <stage>/checkpoints/train_data."""
+    from datasets import load_from_disk
+
+    path = ctx.dir / "checkpoints" / "train_data"
+    settings = ctx.settings
+    if (path / "dataset_info.json").is_file():
+        dataset = load_from_disk(str(path))
+    elif sft_only:
+        model = ctx.model_spec("pivot").model_dump(mode="json")
+        dataset = write_rows(sft_rows, {"prepare_out": str(ctx.input("prepare")), "model": model,
+                                        "max_length": settings.max_length}, path)  # fmt: skip
+    else:
+        dataset = write_rows(distill_rows, {"pivot_path": str(ctx.input("extract.pivot")),
+                                            "aligned_path": str(ctx.input(f"align.{ctx.instance.key}")),
+                                            "fusion": settings.fusion, "max_length": settings.max_length,
+                                            "source_path": own_extract(ctx)}, path)  # fmt: skip
+    if len(dataset) == 0:
+        raise DistillInputError(f"{ctx.instance.name}: no training sample has a response token")
+    return path, data_report(dataset, sft_only)
+
+
+def progress_callback(ctx: StageContext) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ctx.progress(state.global_step, state.max_steps, "step")
+
+    return Progress()
+
+
+def run(ctx: StageContext) -> None:
+    from fuse.io import write_json_atomic
+    from fuse.training import check_settings, make_job, train
+
+    settings = ctx.settings
+    sft_only = bool(ctx.instance.option("sft_only", False))
+    check_settings(settings, "stages.distill")
+    check_inputs(ctx, sft_only)
+    data_path, report = training_data(ctx, sft_only)
+    ctx.log.info("%s: %s", ctx.instance.name, report)
+    lambda_ = 1.0 if sft_only else settings.lambda_
+    job = make_job(BUILDER, settings, ctx.dir, ctx.out, "stages.distill",
+                   model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path),
+                   temperature=settings.temperature, divergence=settings.divergence, **{"lambda": lambda_})  # fmt: skip
+    summary = train(job, callbacks=(progress_callback(ctx),))
+    write_json_atomic(ctx.out / "distill_report.json", {
+        "instance": ctx.instance.name, "lambda": lambda_, "fusion": None if sft_only else settings.fusion,
+        "divergence": settings.divergence, "temperature": settings.temperature, "data": report, "training": summary,
+    })  # fmt: skip

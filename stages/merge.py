@@ -1,0 +1,70 @@
+"""The merge stage: the targets (fpo.* or distill.* models) merged with the pivot as base, tensor by tensor.
+
+Writes out/model/ (a full HF checkpoint with the pivot's tokenizer, chat template and generation config) and
+out/merge_report.json + .md (method, parameters, per-tensor weights for varm/sce, share of entries kept).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fuse.context import StageContext
+
+VERSION = 1
+
+
+def merge_config(ctx: StageContext):  # -> fuse.merging.MergeConfig (imported lazily: `fuse plan` stays fast)
+    """The stage settings as a standalone merge config: the pivot as base, one entry per target."""
+    from fuse.merging import MergeConfig
+    from fuse.models import resolve_model_dir
+
+    settings = ctx.settings
+    unknown = sorted(set(settings.model_parameters) - {p.split(".", 1)[1] for p in ctx.instance.parents})
+    if unknown:
+        raise ValueError(f"stages.merge.model_parameters: no merged target named {unknown}")
+    models = [
+        {
+            "path": str(ctx.input(parent) / "model"),
+            "name": parent.split(".", 1)[1],
+            "parameters": settings.model_parameters.get(parent.split(".", 1)[1], {}),
+        }
+        for parent in ctx.instance.parents
+    ]
+    return MergeConfig(
+        base_model=str(resolve_model_dir(ctx.model_spec("pivot"))),
+        models=models,
+        method=settings.method,
+        parameters=settings.parameters,
+        output=str(ctx.out / "model"),
+        dtype=settings.dtype,
+        max_shard_size=settings.max_shard_size,
+        seed=settings.seed,
+    )
+
+
+def _pivot_files(tokenizer, folder: Path, base_dir: Path) -> None:  # noqa: ANN001 — a transformers tokenizer
+    """The pivot's tokenizer (with the recipe's chat template override, if any) and generation config."""
+    tokenizer.save_pretrained(folder)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", folder / "generation_config.json")
+
+
+def run(ctx: StageContext) -> None:
+    from fuse.io import write_json_atomic, write_text_atomic
+    from fuse.merging.engine import report_markdown, run_merge
+    from fuse.models import load_tokenizer
+
+    config = merge_config(ctx)
+    tokenizer = load_tokenizer(ctx.model_spec("pivot"))
+    ctx.log.info("merging %s into the pivot with %s", [m.label for m in config.models], config.method)
+    report = run_merge(
+        config,
+        ctx.out / "model",
+        tokenizer_vocab=len(tokenizer),
+        finish_folder=lambda folder: _pivot_files(tokenizer, folder, Path(config.base_model)),
+        progress=lambda done, total: ctx.progress(done, total, "tensor"),
+    )
+    write_json_atomic(ctx.out / "merge_report.json", report)
+    write_text_atomic(ctx.out / "merge_report.md", report_markdown(report))
+    ctx.log.info("merged in %.1f s; kept share %s", report["seconds"], report["summary"]["kept_share"])

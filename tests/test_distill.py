@@ -1,0 +1,344 @@
+"""The distill training infrastructure on a tiny model and a synthetic top-K dataset: single-process training,
+reload with AutoModelForCausalLM, kill-and-resume equality, DeepSpeed ZeRO-2/3 on two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fuse import training
+from fuse.recipe import DeepSpeedSettings, DistillSettings, ModelSpec
+from fuse.training import TrainingError, TrainingJob, make_job, newest_complete_checkpoint
+
+BUILDER = "fuse.distill_trainer:build_distill_trainer"
+
+
+@pytest.fixture(scope="session")
+def pivot_dir(tmp_path_factory) -> Path:
+    from tiny_lm import build
+
+    return build(tmp_path_factory.mktemp("distill-pivot") / "pivot", arch="qwen2")
+
+
+def synthetic_rows(tokenizer, n: int = 16, k: int = 4, seed: int = 0) -> list[dict]:
+    """Chat rows tokenized with the pivot's template; random sparse teachers on response positions only."""
+    from tiny_lm import corpus
+
+    rng = random.Random(seed)
+    texts = corpus(2 * n, seed)
+    vocab = len(tokenizer)
+    rows = []
+    for i in range(n):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": texts[2 * i]}], tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(texts[2 * i + 1] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        input_ids = prompt_ids + answer_ids
+        labels = [-100] * len(prompt_ids) + answer_ids
+        ids, probs = [], []
+        for position, label in enumerate(labels):
+            if label == -100:
+                ids += [-1] * k
+                probs += [0.0] * k
+                continue
+            others = rng.sample([t for t in range(vocab) if t != label], k - 1)
+            ids += [label, *others]
+            weights = [rng.random() for _ in range(k)]
+            probs += [0.6, *(0.3 * w / sum(weights) for w in weights[1:])]
+            del position
+        rows.append({"input_ids": input_ids, "labels": labels, "target_ids": ids, "target_probs": probs,
+                     "target_width": k})  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="session")
+def train_data(pivot_dir, tmp_path_factory) -> Path:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pivot_dir)
+    path = tmp_path_factory.mktemp("distill-data") / "train"
+    Dataset.from_list(synthetic_rows(tokenizer)).save_to_disk(str(path))
+    return path
+
+
+def distill_job(tmp: Path, pivot_dir: Path, train_data: Path, **settings) -> TrainingJob:
+    values = dict(max_steps=6, save_steps=2, save_total_limit=5, logging_steps=1, per_device_batch_size=2,
+                  learning_rate=3e-3, lr_scheduler="constant", seed=7)  # fmt: skip
+    values.update(settings)
+    spec = ModelSpec(name="pivot", path=str(pivot_dir))
+    params = {"model": spec.model_dump(mode="json"), "train_data": str(train_data), "lambda": 0.5}
+    return make_job(BUILDER, DistillSettings(**values), tmp, tmp / "out", "stages.distill", **params)
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def test_deepspeed_config_from_recipe():
+    settings = DistillSettings(
+        deepspeed=DeepSpeedSettings(stage=3, offload_optimizer=True, offload_params=True)
+    )
+    config = training.deepspeed_config(settings, gpu=False)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"] == {"enabled": "auto"}
+    zero2 = training.deepspeed_config(DistillSettings(deepspeed=DeepSpeedSettings(stage=2)), gpu=False)
+    assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
+
+
+def test_bad_deepspeed_combination_names_the_key():
+    settings = DistillSettings(deepspeed=DeepSpeedSettings(stage=2, offload_params=True))
+    with pytest.raises(
+        TrainingError, match=r"stages\.distill\.deepspeed\.offload_params needs deepspeed\.stage: 3"
+    ):
+        training.check_settings(settings, "stages.distill")
+
+
+def test_training_arguments_follow_the_recipe(tmp_path):
+    settings = DistillSettings(learning_rate=2e-4, gradient_accumulation_steps=3, save_steps=5, bf16=True,
+                               gradient_checkpointing=True, deepspeed=DeepSpeedSettings(stage=2))  # fmt: skip
+    args = training.training_arguments(settings, str(tmp_path), launched=False)
+    assert args.learning_rate == 2e-4 and args.gradient_accumulation_steps == 3 and args.save_steps == 5
+    assert args.gradient_checkpointing and not args.bf16  # bf16 only on GPU
+    assert training.needs_launcher(settings) and not training.needs_launcher(DistillSettings())
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    good = tmp_path / "checkpoint-2"
+    good.mkdir()
+    (good / "model.safetensors").write_bytes(b"x")
+    (good / "optimizer.pt").write_bytes(b"x")
+    (good / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    torn = tmp_path / "checkpoint-4"  # killed while writing: no trainer_state.json yet
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"x")
+    half = tmp_path / "checkpoint-6"
+    half.mkdir()
+    (half / "trainer_state.json").write_text('{"global_st')
+    assert newest_complete_checkpoint(tmp_path) == good
+    assert newest_complete_checkpoint(tmp_path / "none") is None
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_single_process_training_writes_a_reloadable_checkpoint(tmp_path, pivot_dir, train_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=4)
+    summary = training.train(job)
+    model_dir = Path(job.model_dir)
+    assert summary["global_step"] == 4 and summary["resumed_from"] is None
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    assert not (model_dir / "training_args.bin").exists()  # no pickles in the published folder
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template  # the chat template travels with the model
+    before, after = weights(pivot_dir), weights(model_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    entries = [json.loads(line) for line in (Path(job.log_dir) / training.LOG_FILE).read_text().splitlines()]
+    assert any("gold_ce" in e and "distill" in e for e in entries)
+    assert (Path(job.log_dir) / training.PLOT_FILE).stat().st_size > 1000
+
+
+class CrashAt:
+    """Simulates a kill: raise out of training after `step` (checkpoints up to then are on disk)."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == outer.step:
+                    raise KeyboardInterrupt(f"killed at step {outer.step}")
+
+        self.step, self.callback = step, Callback()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, pivot_dir, train_data):
+    straight = distill_job(tmp_path / "straight", pivot_dir, train_data)
+    training.run_job(straight)
+
+    resumed = distill_job(tmp_path / "resumed", pivot_dir, train_data)
+    with pytest.raises(KeyboardInterrupt):
+        training.run_job(resumed, callbacks=(CrashAt(5).callback,))
+    assert not Path(resumed.model_dir).exists()
+    torn = Path(resumed.checkpoint_dir) / "checkpoint-6"  # as if killed while saving step 6
+    torn.mkdir()
+    (torn / "config.json").write_text("{}")
+    summary = training.run_job(resumed)
+    assert summary["resumed_from"] == "checkpoint-4" and summary["global_step"] == 6
+    expected, got = weights(Path(straight.model_dir)), weights(Path(resumed.model_dir))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_only_rows_without_targets_train(tmp_path, pivot_dir, train_data):
+    from datasets import load_from_disk
+
+    plain = tmp_path / "plain"
+    load_from_disk(str(train_data)).remove_columns(
+        ["target_ids", "target_probs", "target_width"]
+    ).save_to_disk(str(plain))
+    job = distill_job(tmp_path, pivot_dir, plain, max_steps=2)
+    job = TrainingJob(**{**job.__dict__, "params": {**job.params, "lambda": 1.0}})
+    summary = training.train(job)
+    assert summary["global_step"] == 2
+    entries = [json.loads(line) for line in (Path(job.log_dir) / training.LOG_FILE).read_text().splitlines()]
+    assert any("gold_ce" in e for e in entries) and not any("distill" in e for e in entries)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
+    from transformers import AutoModelForCausalLM
+
+    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=3, save_steps=2, num_processes=2,
+                      deepspeed=DeepSpeedSettings(stage=stage))  # fmt: skip
+    summary = training.train(job)
+    assert summary["global_step"] == 3
+    assert summary["train_samples_per_second"] > 0
+    model, info = AutoModelForCausalLM.from_pretrained(job.model_dir, output_loading_info=True)
+    assert not info["missing_keys"]
+    before, after = weights(pivot_dir), weights(Path(job.model_dir))
+    assert set(before) == set(after)  # ZeRO-3 gathered the full model, not a rank's shard
+    assert all(before[k].shape == after[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (
+        Path(job.checkpoint_dir) / "checkpoint-2" / "rng_state_1.pth"
+    ).is_file()  # both ranks checkpointed
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, pivot_dir):
+    """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once."""
+    from tiny_lm import build, conversations
+
+    from fuse.executor import run_stage
+    from fuse.recipe import parse_recipe
+
+    tmp = tmp_path_factory.mktemp("distill-stage")
+    source_dir = build(tmp / "src", arch="llama", seed=1)
+    sft = tmp / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in conversations(12)))
+    recipe = parse_recipe({
+        "name": "distill-test", "workdir": str(tmp / "run"),
+        "pivot": {"path": str(pivot_dir)}, "sources": [{"name": "src", "path": str(source_dir)}],
+        "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.0},
+        "stages": {
+            "extract": {"top_k": 4, "max_length": 96},
+            "distill": {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "per_device_batch_size": 2,
+                        "learning_rate": 1e-3, "sft_baseline": True, "max_length": 96},
+            "fpo": {"enabled": False}, "score": {"enabled": False}, "merge": {"enabled": False},
+            "evaluate": {"enabled": False}, "publish": {"enabled": False},
+        },
+    })  # fmt: skip
+    for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
+        run_stage(recipe, name)
+    return recipe
+
+
+@pytest.mark.slow
+def test_distill_stage_trains_from_the_stores(distill_run):
+    from datasets import load_from_disk
+    from fuse.data.logprobs import LogprobReader
+    from transformers import AutoModelForCausalLM
+
+    from fuse.executor import run_stage
+    from fuse.io import read_json
+    from fuse.store import RunStore
+
+    assert run_stage(distill_run, "distill.src")
+    store = RunStore(distill_run.workdir)
+    out = store.out("distill.src")
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    report = read_json(out / "distill_report.json")
+    assert report["lambda"] == 0.9 and report["fusion"] == "min_ce" and report["training"]["global_step"] == 3
+    assert sum(report["data"]["sequences_won"].values()) == report["data"]["samples"] > 0
+    assert (store.dir("distill.src") / "logs" / "loss.png").is_file()
+
+    # min_ce: each row's targets are exactly the winner's stored top-K, shifted by one position.
+    data = load_from_disk(str(store.dir("distill.src") / "checkpoints" / "train_data"))
+    stores = {0: LogprobReader(store.out("extract.pivot")), 1: LogprobReader(store.out("align.src"))}
+    for row in data.select(range(3)):
+        winner = int(np.argmax(row["weights"]))
+        assert row["weights"][winner] == 1.0
+        assert np.argmin(row["ce_per_byte"]) == winner or row["ce_per_byte"][0] == row["ce_per_byte"][1]
+        sample = stores[winner].get(row["id"])
+        ids = np.asarray(row["target_ids"]).reshape(-1, row["target_width"])
+        probs = np.asarray(row["target_probs"]).reshape(-1, row["target_width"])
+        assert row["input_ids"] == sample.input_ids.tolist()
+        t = int(np.flatnonzero(sample.mask[1:])[0])  # first training row: predicts token t+1
+        finite = np.isfinite(sample.topk_logprobs[t])
+        assert ids[t + 1][finite].tolist() == sample.topk_ids[t][finite].tolist()
+        np.testing.assert_allclose(probs[t + 1][finite], np.exp(sample.topk_logprobs[t][finite]), rtol=1e-5)
+        assert (ids[0] == -1).all() and row["labels"][t + 1] == sample.input_ids[t + 1]
+
+
+@pytest.mark.slow
+def test_sft_baseline_reads_only_the_prepared_split(distill_run):
+    from fuse.executor import run_stage
+    from fuse.io import read_json
+    from fuse.store import RunStore
+
+    assert run_stage(distill_run, "distill.sft_baseline")
+    out = RunStore(distill_run.workdir).out("distill.sft_baseline")
+    report = read_json(out / "distill_report.json")
+    assert report["lambda"] == 1.0 and report["fusion"] is None and report["data"]["samples"] == 12
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_unknown_fusion_in_the_recipe_is_reported_with_its_key(tmp_path):
+    from fuse.stages import distill
+
+    from fuse.context import StageContext
+    from fuse.dag import Instance
+    from fuse.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
+                           "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
+                           "stages": {"distill": {"fusion": "best_of"}}})  # fmt: skip
+    ctx = StageContext(recipe, Instance("distill.s", "distill", "s"), tmp_path, {})
+    with pytest.raises(
+        distill.DistillInputError, match=r"stages\.distill\.fusion: unknown fusion function 'best_of'"
+    ):
+        distill.run(ctx)
+
+
+def test_ce_per_byte_by_hand():
+    from fuse.data.logprobs import ContentSpan, SampleLogprobs
+    from fuse.stages.distill import LOGPROB_FLOOR, ce_per_byte
+
+    text = "Q: hi A: héllo"  # the assistant content "héllo" is 6 bytes
+    sample = SampleLogprobs(
+        id="s", text=text, spans=[ContentSpan("user", 3, 5), ContentSpan("assistant", 9, 14)],
+        input_ids=np.arange(5), offsets=np.zeros((5, 2), np.int64),
+        mask=np.array([False, False, True, True, True]),
+        topk_ids=np.zeros((4, 1), np.int64), topk_logprobs=np.zeros((4, 1), np.float32),
+        target_logprobs=np.array([-9.0, -1.0, -2.0, -np.inf], np.float32),
+    )  # fmt: skip
+    # rows 1..3 predict the masked tokens 2..4; the -inf is counted at the floor
+    assert ce_per_byte(sample) == pytest.approx((1.0 + 2.0 - LOGPROB_FLOOR) / 6)

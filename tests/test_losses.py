@@ -1,0 +1,200 @@
+"""The sparse distillation loss against its dense reference, and the fusion functions on hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fuse import losses
+from fuse.losses import (
+    IGNORE_INDEX,
+    PAD_ID,
+    dense_reference_divergence,
+    distill_loss,
+    fuse_sparse,
+    get_fusion,
+    merge_sparse,
+    sparse_divergence,
+)
+
+
+def random_targets(n: int, vocab: int, k: int, seed: int = 0, pad_last: int = 2):
+    """Distinct top-K ids per row, probabilities that leave a tail, the last `pad_last` slots padded in half the rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    probs = torch.softmax(torch.randn(n, k + 1, generator=gen) * 2, dim=-1)[:, :k]
+    ids[::2, k - pad_last :] = PAD_ID
+    probs[::2, k - pad_last :] = 0.0
+    return ids, probs
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_matches_dense_reference_values_and_gradients(kind, temperature):
+    n, vocab, k = 12, 50, 6
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    ids, probs = random_targets(n, vocab, k)
+    sparse_logits = logits.clone().requires_grad_(True)
+    dense_logits = logits.double().clone().requires_grad_(True)
+    sparse = sparse_divergence(sparse_logits, ids, probs, temperature, kind)
+    dense = dense_reference_divergence(dense_logits, ids, probs, temperature, kind)
+    torch.testing.assert_close(sparse.double(), dense, rtol=1e-5, atol=1e-5)
+    sparse.sum().backward()
+    dense.sum().backward()
+    torch.testing.assert_close(sparse_logits.grad.double(), dense_logits.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_full_vocabulary_targets_equal_torch_soft_cross_entropy_and_kl():
+    n, vocab = 8, 20
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, vocab, generator=gen)
+    probs = torch.softmax(torch.randn(n, vocab, generator=gen), dim=-1)
+    ids = torch.arange(vocab).expand(n, vocab)
+    ce = sparse_divergence(logits, ids, probs, kind="ce")
+    torch.testing.assert_close(ce, F.cross_entropy(logits, probs, reduction="none"), rtol=1e-5, atol=1e-5)
+    kl = sparse_divergence(logits, ids, probs, kind="kl")
+    expected = F.kl_div(torch.log_softmax(logits, -1), probs, reduction="none").sum(-1)
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tail_bucket_by_hand():
+    # Student (0.5, 0.3, 0.2); teacher stores only id 0 with p = 0.6, so its tail is 0.4 and the student's is 0.5.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    ce = sparse_divergence(logits, torch.tensor([[0]]), torch.tensor([[0.6]]))
+    assert ce.item() == pytest.approx(-(0.6 * math.log(0.5) + 0.4 * math.log(0.5)), abs=1e-6)
+    kl = sparse_divergence(logits, torch.tensor([[0]]), torch.tensor([[0.6]]), kind="kl")
+    expected_kl = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)
+    assert kl.item() == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_kl_is_zero_when_the_student_matches_the_teacher():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    kl = sparse_divergence(logits, torch.tensor([[1, 0]]), torch.tensor([[0.3, 0.5]]), kind="kl")
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_min_ce_picks_the_lower_ce_per_sequence_ties_to_pivot():
+    ce = torch.tensor([[1.0, 2.0], [3.0, 0.5], [1.0, 1.0]])
+    assert get_fusion("min_ce").fn(ce).tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_avg_ce_is_softmax_of_negative_ce():
+    # exp(0) : exp(-ln 3) = 1 : 1/3  ->  0.75 : 0.25
+    weights = get_fusion("avg_ce").fn(torch.tensor([[0.0, math.log(3.0)]]))
+    torch.testing.assert_close(weights, torch.tensor([[0.75, 0.25]]))
+
+
+def test_source_only_puts_all_weight_on_the_source():
+    assert get_fusion("source_only").fn(torch.tensor([[0.1, 5.0]])).tolist() == [[0.0, 1.0]]
+
+
+def test_unknown_fusion_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown fusion function 'max_ce'.*min_ce"):
+        get_fusion("max_ce")
+
+
+def test_fuse_sparse_mixes_overlapping_top_k_by_hand():
+    pivot = (torch.tensor([[1, 2]]), torch.log(torch.tensor([[0.5, 0.3]])))
+    source = (torch.tensor([[2, 3]]), torch.log(torch.tensor([[0.6, 0.2]])))
+    ids, probs = fuse_sparse([pivot, source], torch.tensor([0.5, 0.5]))
+    got = {int(i): round(float(p), 6) for i, p in zip(ids[0], probs[0], strict=True) if i >= 0}
+    assert got == {1: 0.25, 2: 0.45, 3: 0.1}
+    assert float(1 - probs.sum()) == pytest.approx(0.2)  # the tail: 0.5 * 0.2 + 0.5 * 0.2
+
+
+def test_fuse_sparse_with_one_hot_weights_keeps_one_teacher():
+    pivot = (torch.tensor([[1, 2]]), torch.log(torch.tensor([[0.5, 0.3]])))
+    source = (torch.tensor([[2, 3]]), torch.log(torch.tensor([[0.6, 0.2]])))
+    ids, probs = fuse_sparse([pivot, source], torch.tensor([0.0, 1.0]))
+    assert ids.tolist() == [[2, 3]]
+    torch.testing.assert_close(probs, torch.tensor([[0.6, 0.2]]))
+
+
+def test_merge_sparse_sums_duplicates_and_pads():
+    ids, probs = merge_sparse(torch.tensor([[4, 2, 4, PAD_ID]]), torch.tensor([[0.1, 0.2, 0.3, 0.0]]))
+    assert ids.tolist() == [[4, 2]]
+    torch.testing.assert_close(probs, torch.tensor([[0.4, 0.2]]))
+
+
+def _batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    b, t, vocab, k = 2, 7, 30, 4
+    logits = torch.randn(b, t, vocab, generator=gen)
+    labels = torch.randint(0, vocab, (b, t), generator=gen)
+    labels[:, :3] = IGNORE_INDEX  # the prompt
+    ids, probs = random_targets(b * t, vocab, k, seed=seed)
+    return logits, labels, ids.view(b, t, k), probs.view(b, t, k)
+
+
+def test_lambda_one_is_plain_shifted_cross_entropy():
+    logits, labels, ids, probs = _batch()
+    parts = distill_loss(logits, labels, ids, probs, lambda_=1.0)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(parts.loss, expected)
+    assert parts.tokens == 2 * 4  # positions 3..6 of each row are response tokens
+
+
+def test_distill_loss_mixes_gold_and_teacher_terms():
+    logits, labels, ids, probs = _batch()
+    parts = distill_loss(logits, labels, ids, probs, lambda_=0.9)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    selected = logits[:, :-1][mask]
+    teacher = dense_reference_divergence(selected, ids[:, 1:][mask], probs[:, 1:][mask]).mean()
+    gold = F.cross_entropy(selected, labels[:, 1:][mask])
+    torch.testing.assert_close(parts.loss.double(), 0.9 * gold.double() + 0.1 * teacher, rtol=1e-5, atol=1e-6)
+
+
+def test_positions_without_teacher_get_the_gold_term_only_and_finite_gradients():
+    logits, labels, ids, probs = _batch()
+    ids[0, 4:] = PAD_ID
+    probs[0, 4:] = 0.0
+    logits.requires_grad_(True)
+    parts = distill_loss(logits, labels, ids, probs, lambda_=0.5)
+    parts.loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    with_teacher = mask.clone()
+    with_teacher[0, 3:] = False  # target positions 4.. (shifted: 3..) of row 0 have no teacher
+    expected = dense_reference_divergence(
+        logits[:, :-1][with_teacher].detach(), ids[:, 1:][with_teacher], probs[:, 1:][with_teacher]
+    ).mean()
+    torch.testing.assert_close(parts.distill.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_registries_record_a_reference():
+    assert set(losses.FUSIONS) >= {"min_ce", "avg_ce", "source_only"}
+    assert all(f.reference for f in losses.FUSIONS.values())
+    assert set(losses.DIVERGENCES) == {"ce", "kl"}
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_fused_backward_matches_autograd(kind):
+    logits, labels, ids, probs = _batch(seed=5)
+    logits = logits * 3
+    ids[1, 5:] = PAD_ID  # positions without a teacher
+    probs[1, 5:] = 0.0
+    logits[0, 4, ids[0, 5, :2]] = 40.0  # the student's tail at that position underflows: the clamped branch
+    results = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        parts = distill_loss(x, labels, ids, probs, lambda_=0.3, kind=kind, fused=fused)
+        parts.loss.backward()
+        results.append((parts.loss.detach(), parts.distill, x.grad))
+    (loss_f, distill_f, grad_f), (loss_a, distill_a, grad_a) = results
+    torch.testing.assert_close(loss_f, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distill_f, distill_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_f, grad_a, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_gradient_passes_gradcheck():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 12, generator=gen, dtype=torch.float64).requires_grad_(True)
+    gold = torch.randint(0, 12, (5,), generator=gen)
+    ids, probs = random_targets(5, 12, 4, seed=9)
+    p, tail = losses.teacher_buckets(probs.double(), 1.0)
+    assert torch.autograd.gradcheck(lambda z: losses.FusedSparseCE.apply(z, gold, ids, p, tail), (logits,))

@@ -1,0 +1,368 @@
+"""Merge methods on hand-checked tensors, and the streaming engine: in-memory equality, resume, shapes, stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuse.merging import MergeConfig, MergeConfigError, PreflightError, run_merge
+from fuse.merging.methods import METHODS, bernoulli_mask, get_method, merge_method, resolve_params
+from tests.merge_models import load_all, make_family, rewrite, save_tokenizer
+
+ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "sce", "varm"]
+PARAMS = {  # per method: (shared, per-model) exercising the non-default paths
+    "linear": ({}, [{"weight": 1.0}, {"weight": 0.5}]),
+    "task_arithmetic": ({"lambda": 0.8}, [{"weight": 0.6}, {"weight": 0.4}]),
+    "ties": ({}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.3}]),
+    "dare_linear": ({}, [{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.4}]),
+    "dare_ties": ({"normalize": True}, [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]),
+    "breadcrumbs": ({}, [{"weight": 0.5, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.7}]),
+    "sce": ({"select_topk": 0.3}, [{}, {}]),
+    "varm": ({}, [{}, {}]),
+}
+
+
+def apply(method: str, base, deltas, shared=None, per_model=None, name="t"):  # noqa: ANN001, ANN201
+    spec = get_method(method)
+    params = resolve_params(spec, shared or {}, per_model or [{} for _ in deltas])
+    return spec.fn(name, torch.tensor(base), torch.tensor(deltas), params)
+
+
+# --------------------------------------------------------------------------------------------- hand-checked
+
+
+def test_linear_is_weighted_mean_of_models_not_base():
+    merged = apply(
+        "linear", [9.0, 9.0], [[-8.0, -7.0], [-6.0, -3.0]], per_model=[{"weight": 1}, {"weight": 3}]
+    )
+    assert torch.allclose(merged.tensor, torch.tensor([2.5, 5.0]))  # θ = [1,2], [3,6]
+
+
+def test_task_arithmetic_sums_weighted_deltas_times_lambda():
+    merged = apply(
+        "task_arithmetic",
+        [1.0, 1.0],
+        [[1.0, -2.0], [3.0, 4.0]],
+        {"lambda": 2.0},
+        [{"weight": 1.0}, {"weight": 0.5}],
+    )
+    assert torch.allclose(merged.tensor, torch.tensor([6.0, 1.0]))
+
+
+def test_ties_prunes_elects_sign_and_takes_disjoint_mean():
+    merged = apply(
+        "ties",
+        [0.0] * 4,
+        [[3.0, -1.0, 0.5, -2.0], [-1.0, -2.0, 1.0, 4.0]],
+        per_model=[{"density": 0.5}, {"density": 0.5}],
+    )
+    # pruned: [3,0,0,-2], [0,-2,0,4]; elected signs +,-,+,+; agreeing entries averaged over agreeing models
+    assert torch.allclose(merged.tensor, torch.tensor([3.0, -2.0, 0.0, 4.0]))
+    assert merged.kept == pytest.approx(3 / 8)
+
+
+def test_dare_rescales_by_inverse_density_as_in_the_paper():
+    base, deltas = torch.zeros(2000), torch.randn(2, 2000)
+    shared, per = {}, [{"density": 0.3, "weight": 1.0}, {"density": 0.6, "weight": 0.5}]
+    merged = apply("dare_linear", base.tolist(), deltas.tolist(), shared, per, name="layer.w")
+    masks = [bernoulli_mask("layer.w", i, deltas[i].shape, p["density"], 0) for i, p in enumerate(per)]
+    expected = deltas[0] * masks[0] / 0.3 + 0.5 * deltas[1] * masks[1] / 0.6
+    assert torch.allclose(merged.tensor, expected, atol=1e-6)
+    assert 0.25 < float(masks[0].mean()) < 0.35 and 0.55 < float(masks[1].mean()) < 0.65
+    l1 = apply("dare_linear", base.tolist(), deltas[:1].tolist(), {"rescale": "l1"}, per[:1], name="layer.w")
+    assert float(l1.tensor.abs().sum()) == pytest.approx(float(deltas[0].abs().sum()), rel=1e-5)
+
+
+def test_dare_masks_depend_on_seed_tensor_and_model_only():
+    a = bernoulli_mask("x", 0, torch.Size([500]), 0.5, seed=1)
+    assert torch.equal(a, bernoulli_mask("x", 0, torch.Size([500]), 0.5, seed=1))
+    assert not torch.equal(a, bernoulli_mask("x", 1, torch.Size([500]), 0.5, seed=1))
+    assert not torch.equal(a, bernoulli_mask("y", 0, torch.Size([500]), 0.5, seed=1))
+    assert not torch.equal(a, bernoulli_mask("x", 0, torch.Size([500]), 0.5, seed=2))
+
+
+def test_breadcrumbs_drops_outliers_and_smallest():
+    delta = [float(v) for v in range(1, 11)]
+    merged = apply("breadcrumbs", [0.0] * 10, [delta], per_model=[{"density": 0.5, "gamma": 0.1}])
+    assert merged.tensor.tolist() == [0, 0, 0, 0, 5, 6, 7, 8, 9, 0]
+
+
+def test_sce_selects_by_variance_weights_by_energy_and_erases_minority_signs():
+    merged = apply("sce", [0.0] * 4, [[1.0, 0.1, -2.0, 2.0], [-1.0, 0.3, 1.0, 2.0]], {"select_topk": 0.7})
+    # variance [1, .01, 2.25, 0]: 2 of 3 non-zero kept (0 and 2); weights ∝ [5/4, 2/4]; signs +, -: model 1 wins
+    assert torch.allclose(merged.tensor, torch.tensor([1.0, 0.0, -2.0, 0.0]))
+    assert merged.weights == pytest.approx([1.25 / 1.75, 0.5 / 1.75])
+
+
+def test_varm_weights_by_mean_squared_delta():
+    merged = apply("varm", [0.0, 0.0], [[1.0, 1.0], [2.0, 0.0]])
+    assert merged.weights == pytest.approx([1 / 3, 2 / 3])
+    assert torch.allclose(merged.tensor, torch.tensor([5 / 3, 1 / 3]))
+    still = apply("varm", [1.0, 2.0], [[0.0, 0.0], [0.0, 0.0]])
+    assert still.weights == [0.5, 0.5] and still.tensor.tolist() == [1.0, 2.0]
+
+
+def test_registry_rejects_duplicates_unknown_methods_and_parameters():
+    with pytest.raises(ValueError, match="already registered"):
+        merge_method("ties", reference_url="-", paper="-")(lambda *a: None)
+    with pytest.raises(MergeConfigError, match="unknown merge method 'tie'"):
+        get_method("tie")
+    with pytest.raises(MergeConfigError, match="parameters: sce does not take"):
+        resolve_params(get_method("sce"), {"density": 0.5}, [{}])
+    with pytest.raises(MergeConfigError, match=r"models\[1\].parameters.density: must be in \[0, 1\]"):
+        resolve_params(get_method("ties"), {}, [{}, {"density": 2}])
+    assert set(ALL_METHODS) <= set(METHODS) and all(m.reference_url and m.paper for m in METHODS.values())
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> list[Path]:
+    paths = make_family(tmp_path_factory.mktemp("family"))
+    save_tokenizer(paths[0])
+    return paths
+
+
+def config_for(method: str, paths: list[Path], **extra) -> MergeConfig:
+    shared, per = PARAMS[method]
+    return MergeConfig(
+        base_model=str(paths[0]),
+        models=[{"path": str(p), "parameters": per[i]} for i, p in enumerate(paths[1:])],
+        method=method,
+        parameters=shared,
+        **extra,
+    )
+
+
+def in_memory(method: str, paths: list[Path]) -> dict[str, torch.Tensor]:
+    base, models = load_all(paths[0]), [load_all(p) for p in paths[1:]]
+    spec, (shared, per) = get_method(method), PARAMS[method]
+    params = resolve_params(spec, shared, per)
+    return {
+        name: spec.fn(name, tensor, torch.stack([m[name] - tensor for m in models]), params).tensor
+        for name, tensor in base.items()
+    }
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_streamed_merge_equals_in_memory_merge(method, family, tmp_path):
+    report = run_merge(config_for(method, family, max_shard_size="40KB"), tmp_path / "out")
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 3 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    streamed, expected = load_all(tmp_path / "out"), in_memory(method, family)
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+    assert report["summary"]["merged_tensors"] == len(expected)
+    assert (method in ("sce", "varm")) == ("mean_weights" in report["summary"])
+
+
+def test_output_is_a_loadable_checkpoint_with_the_base_tokenizer(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_merge(config_for("ties", family, dtype="bfloat16"), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+KILL_AFTER = """
+import os, sys
+from fuse.merging import checkpoint
+from fuse.merging.engine import run_merge
+from fuse.merging.config import MergeConfig
+written = []
+original = checkpoint.ShardWriter.write
+def write(self, name, tensor):
+    original(self, name, tensor)
+    written.append(name)
+    if len(written) == int(sys.argv[2]):
+        os._exit(137)  # as abrupt as SIGKILL: no cleanup, no finally
+checkpoint.ShardWriter.write = write
+run_merge(MergeConfig.model_validate_json(sys.argv[1]), sys.argv[3])
+"""
+
+
+def test_resume_after_kill_redoes_only_unwritten_tensors(family, tmp_path, monkeypatch):
+    from fuse.merging import engine
+
+    config = config_for("dare_ties", family, max_shard_size="40KB")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, config.model_dump_json(), "7", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == 137, killed.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
+    calls = []
+    original = engine.merge_tensor
+    monkeypatch.setattr(
+        engine, "merge_tensor", lambda inputs, plan: calls.append(plan.name) or original(inputs, plan)
+    )
+    report = run_merge(config, tmp_path / "out")
+    total = len(load_all(family[0]))
+    assert len(calls) == total - 7
+    assert report["summary"]["merged_tensors"] == total  # stats of the killed run's tensors survived
+    run_merge(config, tmp_path / "straight")
+    resumed, straight = load_all(tmp_path / "out"), load_all(tmp_path / "straight")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_changed_config_discards_stale_partial_work(family, tmp_path):
+    staging = tmp_path / ".out.partial"
+    staging.mkdir()
+    (staging / "merge-plan.json").write_text('{"key": "another merge"}')
+    (staging / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    run_merge(config_for("linear", family), tmp_path / "out")
+    assert not any(p.name.startswith("model-0000") for p in (tmp_path / "out").iterdir())
+
+
+def test_bad_shapes_and_names_are_all_listed_before_any_work(family, tmp_path):
+    def bad(state, config):
+        for layer in range(2):
+            state[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.zeros(100, 64)
+        del state["model.norm.weight"]
+        state["extra.weight"] = torch.zeros(3)
+
+    wrong = rewrite(family[2], tmp_path / "wrong", bad)
+    config = MergeConfig(
+        base_model=str(family[0]), models=[{"path": str(family[1])}, {"path": str(wrong)}], method="ties"
+    )
+    with pytest.raises(PreflightError) as error:
+        run_merge(config, tmp_path / "out")
+    message = str(error.value)
+    for text in [
+        "4 mismatch",
+        "model.layers.0.mlp.up_proj.weight: wrong has shape [100, 64]",
+        "model.layers.1.mlp.up_proj.weight",
+        "lacks 1 tensor(s) the base has: model.norm.weight",
+        "has 1 tensor(s) the base lacks: extra.weight",
+    ]:
+        assert text in message
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+
+
+def _pad_rows(rows: int):  # noqa: ANN202
+    def edit(state, config):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            extra = torch.full((rows - state[name].shape[0], state[name].shape[1]), 7.0)
+            state[name] = (
+                torch.cat([state[name], extra]) if rows > state[name].shape[0] else state[name][:rows]
+            )
+        config["vocab_size"] = rows
+
+    return edit
+
+
+def test_padded_vocab_rows_merge_common_rows_and_keep_the_base_rows(family, tmp_path):
+    padded_base = rewrite(family[0], tmp_path / "base104", _pad_rows(104))
+    longer = rewrite(family[2], tmp_path / "t2-112", _pad_rows(112))
+    run_merge(config_for("ties", [padded_base, family[1], longer]), tmp_path / "out", tokenizer_vocab=30)
+    run_merge(config_for("ties", family), tmp_path / "plain")
+    out, plain = load_all(tmp_path / "out"), load_all(tmp_path / "plain")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape == (104, 64)
+        assert torch.equal(out[name][:96], plain[name]) and bool((out[name][96:] == 7.0).all())
+    assert all(torch.equal(out[k], plain[k]) for k in plain if "embed" not in k and "lm_head" not in k)
+    with pytest.raises(PreflightError, match="only 96 rows are common .* tokenizer has 100"):
+        run_merge(config_for("ties", [padded_base, family[1], longer]), tmp_path / "bad", tokenizer_vocab=100)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths = make_family(tmp_path / "tied", tied=True)
+    assert "lm_head.weight" not in load_all(paths[0])
+    run_merge(config_for("sce", paths), tmp_path / "out")
+    assert "lm_head.weight" not in load_all(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    untied = rewrite(paths[2], tmp_path / "untied", lambda s, c: c.update(tie_word_embeddings=False))
+    with pytest.raises(PreflightError, match="tie_word_embeddings: untied has False, the base True"):
+        run_merge(
+            MergeConfig(
+                base_model=str(paths[0]),
+                models=[{"path": str(paths[1])}, {"path": str(untied)}],
+                method="sce",
+            ),
+            tmp_path / "bad",
+        )
+
+
+def test_sharded_inputs_are_read_through_their_index(family, tmp_path):
+    run_merge(config_for("linear", [family[0], family[0]], max_shard_size="30KB"), tmp_path / "sharded")
+    run_merge(config_for("varm", [family[0], tmp_path / "sharded", family[1]]), tmp_path / "out")
+    expected = in_memory("varm", [family[0], family[0], family[1]])
+    out = load_all(tmp_path / "out")
+    assert all(torch.equal(out[k], expected[k]) for k in expected)
+
+
+def test_cli_merges_from_yaml_and_reports_bad_config(family, tmp_path, capsys):
+    from fuse.cli import main
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"base_model: {family[0]}\nmodels:\n  - path: {family[1]}\n    parameters: {{density: 0.5}}\n"
+        f"  - path: {family[2]}\nmethod: ties\noutput: out\ndtype: float32\n"
+    )
+    assert main(["merge", str(config)]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["models"][0]["parameters"]["density"] == 0.5 and report["method"]["name"] == "ties"
+    assert (tmp_path / "out" / "merge_report.md").read_text().startswith("# Merge report: ties")
+    config.write_text(
+        f"base_model: {family[0]}\nmodels: [{{path: {family[1]}}}]\nmethod: sce\n"
+        "parameters: {density: 0.5}\noutput: out2\n"
+    )
+    assert main(["merge", str(config)]) == 2
+    assert "parameters: sce does not take ['density']" in capsys.readouterr().out
+
+
+def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_path):
+    from fuse.stages import merge as stage
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fuse.context import StageContext
+    from fuse.dag import build_dag
+    from fuse.recipe import parse_recipe
+
+    (tmp_path / "sft.jsonl").write_text("{}\n")
+    recipe = parse_recipe(
+        {
+            "name": "m",
+            "workdir": str(tmp_path / "run"),
+            "pivot": {"path": str(family[0])},
+            "sources": [{"name": "a", "path": str(family[1])}, {"name": "b", "path": str(family[2])}],
+            "data": {"sft": {"path": str(tmp_path / "sft.jsonl")}},
+            "stages": {
+                "fpo": {"enabled": False},
+                "merge": {"method": "varm", "dtype": "float32", "model_parameters": {}},
+            },
+        }
+    )
+    instance = build_dag(recipe)["merge"]
+    inputs = {}
+    for parent, path in zip(instance.parents, family[1:], strict=True):
+        (tmp_path / parent / "out").mkdir(parents=True)
+        os.symlink(path, tmp_path / parent / "out" / "model")
+        inputs[parent] = tmp_path / parent / "out"
+    ctx = StageContext(recipe=recipe, instance=instance, dir=tmp_path / "run" / "merge", inputs=inputs)
+    ctx.out.mkdir(parents=True)
+    stage.run(ctx)
+    model_dir = ctx.out / "model"
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template
+    assert (model_dir / "generation_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    report = json.loads((ctx.out / "merge_report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["a", "b"] and report["method"]["name"] == "varm"
+    assert sum(report["summary"]["mean_weights"].values()) == pytest.approx(1.0)
+    assert (ctx.out / "merge_report.md").is_file()
