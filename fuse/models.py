@@ -6,6 +6,7 @@ so for that model, offline mode honoured, and vocabulary-size mismatches detecte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,13 +66,30 @@ def chat_template_text(spec: ModelSpec) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
-def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def load_tokenizer_dir(directory: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer folder as its tokenizer.json says, not as the model type suggests.
+
+    transformers maps a model type to a tokenizer class (qwen2 -> Qwen2Tokenizer) and that class rebuilds its own
+    pre-tokenizer, silently replacing a different one in tokenizer.json. A folder that declares the generic
+    class is loaded with it, so the text is tokenized exactly as the file says.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_path = Path(directory) / "tokenizer_config.json"
+    declared = None
+    if config_path.is_file():
+        declared = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
+    if declared in GENERIC_TOKENIZER_CLASSES and (Path(directory) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, use_fast=True)
+
+
+def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreTrainedTokenizerBase:
     directory = resolve_model_dir(spec)
-    tokenizer = AutoTokenizer.from_pretrained(
-        directory, revision=None, trust_remote_code=spec.trust_remote_code, use_fast=True
-    )
+    tokenizer = load_tokenizer_dir(directory, spec.trust_remote_code)
     override = chat_template_text(spec)
     if override is not None:
         tokenizer.chat_template = override

@@ -104,11 +104,12 @@ model identities and code version).
 
 def copy_model(source: Path, target: Path, max_shard_size: str) -> None:
     """Re-save through transformers: sharded safetensors with an index, config, generation config, tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fuse.models import load_model, load_tokenizer_dir
+    from fuse.recipe import ModelSpec
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    model = load_model(ModelSpec(name="fused", path=str(source)), dtype="auto")
     model.save_pretrained(target, max_shard_size=max_shard_size, safe_serialization=True)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    load_tokenizer_dir(source).save_pretrained(target)
 
 
 def check_reload_and_generate(folder: Path) -> str:

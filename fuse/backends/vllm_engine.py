@@ -1,0 +1,140 @@
+"""The vLLM backend: one prefill per sequence with `prompt_logprobs=K`, `max_tokens=1`, on token-id prompts.
+
+With tensor_parallel_size 1 the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni"):
+it starts in seconds and exits cleanly, where the multi-process mode needs a __main__ guard and can abort at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fuse.backends import BackendError, TokenLogprobs, check_request
+
+log = logging.getLogger(__name__)
+
+
+def configure_environment(scratch: str | os.PathLike, tensor_parallel_size: int = 1) -> None:
+    """Environment vLLM reads at import/start: in-process engine, CPU KV cache size, caches in `scratch`."""
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    if tensor_parallel_size == 1:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch / "vllm-cache"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(scratch / "inductor"))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def convert_prompt_logprobs(
+    prompt_logprobs: list[Any], token_ids: Sequence[int], top_k: int
+) -> TokenLogprobs:
+    """vLLM's per-prompt-token dicts -> rows predicting tokens 1..T-1.
+
+    Entry 0 is None (nothing predicts the first token). Entry t (t >= 1) maps token id -> Logprob for the top-K
+    at the position predicting token t, plus token t itself when it is outside the top-K (an extra entry).
+    """
+    rows = len(token_ids) - 1
+    ids = np.zeros((rows, top_k), dtype=np.int64)
+    values = np.full((rows, top_k), -np.inf, dtype=np.float32)
+    target = np.empty(rows, dtype=np.float32)
+    for t in range(1, len(token_ids)):
+        entry = prompt_logprobs[t]
+        if entry is None:
+            raise BackendError(f"vLLM returned no prompt log-probs for position {t}")
+        realized = int(token_ids[t])
+        target[t - 1] = entry[realized].logprob
+        ranked = sorted(entry.items(), key=lambda item: (item[1].rank, item[0]))
+        top = [(tid, lp) for tid, lp in ranked if lp.rank <= top_k][:top_k]
+        ids[t - 1, : len(top)] = [tid for tid, _ in top]
+        values[t - 1, : len(top)] = [lp.logprob for _, lp in top]
+    return TokenLogprobs(ids, values, target)
+
+
+class VllmBackend:
+    """A vLLM engine over one model folder; `top_k` is fixed at construction (it sets max_logprobs)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        top_k: int,
+        max_length: int,
+        dtype: str = "float32",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        scratch: str | os.PathLike | None = None,
+        trust_remote_code: bool = False,
+        name: str = "model",
+    ) -> None:
+        configure_environment(scratch or Path(model_dir) / ".vllm-scratch", tensor_parallel_size)
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.vocab_size = int(config.vocab_size)
+        self.top_k = int(top_k)
+        self.name = name
+        from fuse.backends.hf import model_max_length
+
+        self.max_length = min(int(max_length), model_max_length(config) - 1)
+        check_request([], self.top_k, self.vocab_size, self.max_length, name)
+        # No tokenizer is loaded (token-id prompts, no detokenizing), so vLLM's chat-template warm-up fails and
+        # logs a traceback that is not an error for us.
+        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype="float32" if dtype == "auto" else dtype,
+            max_model_len=self.max_length + 1,  # vLLM wants room for the one generated token
+            max_logprobs=self.top_k,
+            enforce_eager=True,
+            seed=0,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            skip_tokenizer_init=True,  # prompts are token ids and nothing is detokenized
+        )
+
+    @classmethod
+    def from_spec(cls, spec: Any, settings: Any, scratch: str | None = None) -> VllmBackend:
+        from fuse.models import resolve_model_dir
+
+        return cls(
+            resolve_model_dir(spec),
+            getattr(settings, "top_k", 1),
+            settings.max_length,
+            settings.dtype,
+            settings.tensor_parallel_size,
+            getattr(settings, "gpu_memory_utilization", 0.85),
+            scratch,
+            spec.trust_remote_code,
+            spec.name or str(spec.path),
+        )
+
+    def logprobs(self, sequences: Sequence[np.ndarray], top_k: int) -> list[TokenLogprobs]:
+        from vllm import SamplingParams, TokensPrompt
+
+        if top_k > self.top_k:
+            raise BackendError(
+                f"{self.name}: top_k={top_k} but this vLLM engine was built for at most {self.top_k}"
+            )
+        check_request(sequences, top_k, self.vocab_size, self.max_length, self.name)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in seq]) for seq in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            convert_prompt_logprobs(out.prompt_logprobs, seq, top_k)
+            for out, seq in zip(outputs, sequences, strict=True)
+        ]
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()

@@ -1,0 +1,148 @@
+"""score: for every preference pair, the summed log-prob, token count and byte count of the chosen and of the
+rejected response under one model's own tokenizer and chat template (the input to InfiFPO), one parquet per shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from fuse.context import StageContext
+from fuse.io import atomic_write, read_json, write_json_atomic
+
+VERSION = 1
+CHUNK_PAIRS = 256
+COLUMNS = (
+    "id",
+    "chosen_logp",
+    "chosen_tokens",
+    "chosen_bytes",
+    "rejected_logp",
+    "rejected_tokens",
+    "rejected_bytes",
+)
+
+log = logging.getLogger(__name__)
+
+
+def scores_name(shard: int) -> str:
+    return f"scores-{shard:05d}.parquet"
+
+
+def scored_spec(ctx: StageContext) -> Any:
+    """score.<model>: that recipe model. score.target-<s> / score.merged: the parent's out/model folder, which
+    inherits the pivot's settings (chat template override, remote code) since it was trained from the pivot."""
+    key = ctx.instance.key
+    if key == "pivot" or key in ctx.recipe.source_names:
+        return ctx.model_spec(key)
+    parents = [p for p in ctx.instance.parents if p != "prepare"]
+    if len(parents) != 1:
+        raise RuntimeError(f"{ctx.instance.name}: expected one model parent besides prepare, got {parents}")
+    folder = ctx.input(parents[0]) / "model"
+    return ctx.model_spec("pivot").model_copy(update={"name": key, "path": str(folder), "revision": None})
+
+
+def response_sum(chat: Any, logprobs: Any) -> tuple[float, int]:
+    """Sum of the realized log-probs over the response's tokens (row t predicts token t+1), and their count."""
+    labels = chat.mask[1:]
+    return float(np.sum(logprobs.target_logprobs[labels], dtype=np.float64)), int(labels.sum())
+
+
+def render_pair_side(tokenizer: Any, row: dict, side: str, max_length: int, counts: Counter) -> Any:
+    """The prompt + one response, masked on that response's content (and its end-of-turn token) only."""
+    from fuse.data.chat import render_chat, response_mask, truncate
+
+    messages = [*row["prompt"], {"role": "assistant", "content": row[side]}]
+    chat = render_chat(tokenizer, messages, where=f"pair {row['id']} ({side}): ")
+    chat.mask = response_mask(chat.offsets, chat.spans[-1:])
+    if chat.num_tokens > max_length:
+        chat = truncate(chat, max_length)
+        counts[f"{side} truncated"] += 1
+    return chat
+
+
+def score_rows(
+    backend: Any, tokenizer: Any, rows: list[dict], max_length: int, counts: Counter
+) -> list[dict]:
+    chats = [
+        render_pair_side(tokenizer, row, side, max_length, counts)
+        for row in rows
+        for side in ("chosen", "rejected")
+    ]
+    results = backend.logprobs([chat.input_ids for chat in chats], 1)
+    scored = []
+    for i, row in enumerate(rows):
+        record: dict[str, Any] = {"id": row["id"]}
+        for j, side in enumerate(("chosen", "rejected")):
+            logp, tokens = response_sum(chats[2 * i + j], results[2 * i + j])
+            record |= {
+                f"{side}_logp": logp,
+                f"{side}_tokens": tokens,
+                f"{side}_bytes": len(row[side].encode()),
+            }
+        scored.append(record)
+    return scored
+
+
+def run(ctx: StageContext) -> None:
+    from fuse.data.prepared import load_split
+
+    from fuse.backends import make_backend
+    from fuse.models import load_tokenizer
+
+    settings = ctx.settings
+    spec = scored_spec(ctx)
+    tokenizer = load_tokenizer(spec, require_chat_template=True)
+    dataset = load_split(ctx.input("prepare"), "preference", "train")
+    indices = ctx.shard_range(len(dataset))
+    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
+    max_length = min(settings.max_length, backend.max_length)
+    counts: Counter = Counter()
+    records: list[dict] = []
+    try:
+        for start in range(indices.start, indices.stop, CHUNK_PAIRS):
+            batch = dataset[start : min(start + CHUNK_PAIRS, indices.stop)]
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            records += score_rows(backend, tokenizer, rows, max_length, counts)
+            ctx.progress(len(records), len(indices), "pairs")
+    finally:
+        backend.close()
+    write_scores(ctx, records, dict(counts))
+
+
+def write_scores(ctx: StageContext, records: list[dict], counts: dict[str, int]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = ctx.shard or 0
+    table = pa.table({name: [r[name] for r in records] for name in COLUMNS})
+    with atomic_write(ctx.out / scores_name(shard)) as handle:
+        pq.write_table(table, handle)
+    write_json_atomic(ctx.out / f"report-{shard:05d}.json", {"pairs": len(records), "counts": counts})
+
+
+def finalize(ctx: StageContext) -> None:
+    """report.json: pairs and truncations over all shards, and the list of score files."""
+    totals: Counter = Counter()
+    pairs = 0
+    for shard in range(ctx.num_shards):
+        part = read_json(ctx.out / f"report-{shard:05d}.json")
+        pairs += part["pairs"]
+        totals.update(part["counts"])
+    files = [scores_name(shard) for shard in range(ctx.num_shards)]
+    write_json_atomic(
+        ctx.out / "report.json",
+        {"model": ctx.instance.key, "pairs": pairs, "counts": dict(totals), "files": files},
+    )
+
+
+def load_scores(out: Any) -> Any:
+    """All shards of a score stage's output as one pandas-free pyarrow table (for fpo)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = read_json(out / "report.json")["files"]
+    return pa.concat_tables([pq.read_table(out / name) for name in files])
