@@ -1,0 +1,272 @@
+"""Evaluation of any set of causal LMs: per-skill exact-match accuracy and per-byte cross-entropy.
+
+Pure functions, usable outside the evaluate stage; skills are data (JSONL items), so hub models work too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fuse.recipe import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    skill: str
+    prompt: str
+    answer: str
+
+
+def load_items(path: str | Path, max_per_skill: int | None = None) -> list[EvalItem]:
+    """Items from a JSONL file of {skill, prompt, answer}; a bad row is reported with its line number."""
+    items: list[EvalItem] = []
+    per_skill: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = EvalItem(str(row["skill"]), str(row["prompt"]), str(row["answer"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise EvaluationError(
+                    f"{path}:{number}: not an item {{skill, prompt, answer}}: {error}"
+                ) from None
+            per_skill[item.skill] = per_skill.get(item.skill, 0) + 1
+            if max_per_skill is None or per_skill[item.skill] <= max_per_skill:
+                items.append(item)
+    if not items:
+        raise EvaluationError(f"{path}: no evaluation items")
+    return items
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Held-out texts: a .jsonl of {text} rows (or {messages}, contents joined), else a text file split on blank lines."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "text" in row:
+                texts.append(str(row["text"]))
+            elif "messages" in row:
+                texts.append("\n".join(str(m["content"]) for m in row["messages"]))
+            else:
+                raise EvaluationError(f"{path}:{number}: a held-out row needs 'text' or 'messages'")
+        return texts
+    return [block for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.split())
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The model's own chat template, ready for the assistant's turn; the template carries any BOS itself."""
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in ids if i is not None]
+    return ids or [tokenizer.eos_token_id]
+
+
+def generate_greedy(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """Greedy completions (left-padded batches), decoded without special tokens."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(model, tokenizer)[0]
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids(model, tokenizer),
+                pad_token_id=pad_id,
+            )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return outputs
+
+
+def skill_accuracy(items: list[EvalItem], completions: list[str]) -> dict[str, float]:
+    """Exact match after whitespace normalization, averaged per skill."""
+    hits: dict[str, list[int]] = {}
+    for item, completion in zip(items, completions, strict=True):
+        hits.setdefault(item.skill, []).append(
+            int(normalize_answer(completion) == normalize_answer(item.answer))
+        )
+    return {skill: sum(v) / len(v) for skill, v in sorted(hits.items())}
+
+
+def example_outputs(items: list[EvalItem], completions: list[str], per_skill: int) -> list[dict[str, str]]:
+    """The first few (prompt, answer, output) of each skill, for reading what a model actually says."""
+    seen: dict[str, int] = {}
+    samples = []
+    for item, completion in zip(items, completions, strict=True):
+        seen[item.skill] = seen.get(item.skill, 0) + 1
+        if seen[item.skill] <= per_skill:
+            samples.append(
+                {"skill": item.skill, "prompt": item.prompt, "answer": item.answer, "output": completion}
+            )
+    return samples
+
+
+def text_start_id(tokenizer: Any) -> int | None:
+    """What a document starts from: BOS if the tokenizer has one, else its end-of-text token (GPT-2 style)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def ce_per_byte(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
+    """Summed next-token NLL (nats) over all tokens of all texts / their UTF-8 bytes: comparable across vocabularies."""
+    import torch
+
+    total_nll, total_bytes = 0.0, 0
+    start = text_start_id(tokenizer)
+    if start is None:
+        raise EvaluationError("per-byte CE needs a BOS or EOS token to condition the first token on")
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
+        input_ids = torch.tensor([[start, *ids]], device=model.device)
+        with torch.inference_mode():
+            logits = (
+                model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1].float()
+            )
+        total_nll += float(torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum"))
+        total_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+    return total_nll / max(1, total_bytes)
+
+
+def as_spec(name: str, model: ModelSpec | str | Path) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model if model.name else model.model_copy(update={"name": name})
+    return ModelSpec(name=name.replace(".", "-"), path=str(model))
+
+
+def evaluate_model(
+    spec: ModelSpec, items: list[EvalItem], texts: list[str], max_new_tokens: int = 32, batch_size: int = 32
+) -> dict[str, Any]:
+    import torch
+
+    from fuse.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(spec, require_chat_template=bool(items))
+    # float32 on CPU (tiny models, exact numbers); the model's own dtype where a GPU is there for real ones
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(spec, dtype="float32" if device == "cpu" else None, device=device).eval()
+    result: dict[str, Any] = {"path": spec.path}
+    if items:
+        completions = generate_greedy(model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size)
+        result["skills"] = skill_accuracy(items, completions)
+        result["mean_accuracy"] = sum(result["skills"].values()) / len(result["skills"])
+        result["samples"] = example_outputs(items, completions, per_skill=2)
+    if texts:
+        result["ce_per_byte"] = ce_per_byte(model, tokenizer, texts)
+        result["bits_per_byte"] = result["ce_per_byte"] / math.log(2)
+    return result
+
+
+def collect_metrics(results: Mapping[str, Any], items: list[EvalItem], texts: list[str]) -> dict[str, Any]:
+    skills = sorted({i.skill for i in items})
+    return {
+        "skills": skills,
+        "n_items": {s: sum(i.skill == s for i in items) for s in skills},
+        "n_texts": len(texts),
+        "models": dict(results),
+    }
+
+
+def evaluate_models(
+    models: Mapping[str, ModelSpec | str | Path],
+    items: list[EvalItem],
+    heldout_texts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Metrics of every model, keyed by the given names: {"skills", "n_items", "n_texts", "models": {name: {...}}}."""
+    results = {}
+    for name, model in models.items():
+        log.info("evaluating %s", name)
+        results[name] = evaluate_model(as_spec(name, model), items, heldout_texts, max_new_tokens, batch_size)
+    return collect_metrics(results, items, heldout_texts)
+
+
+def markdown_table(metrics: Mapping[str, Any]) -> str:
+    """Rows = models, columns = skills + mean accuracy + CE per byte; the best value in each column in bold."""
+    skills = list(metrics["skills"])
+    rows = metrics["models"]
+    columns = [*skills, "mean"] if skills else []
+    columns += ["CE/byte"] if any("ce_per_byte" in r for r in rows.values()) else []
+
+    def value(result: Mapping[str, Any], column: str) -> float | None:
+        if column == "mean":
+            return result.get("mean_accuracy")
+        if column == "CE/byte":
+            return result.get("ce_per_byte")
+        return result.get("skills", {}).get(column)
+
+    best = {}
+    for column in columns:
+        values = [v for r in rows.values() if (v := value(r, column)) is not None]
+        best[column] = (min if column == "CE/byte" else max)(values) if values else None
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, result in rows.items():
+        cells = []
+        for column in columns:
+            v = value(result, column)
+            text = "–" if v is None else (f"{v:.3f}" if column == "CE/byte" else f"{v:.2f}")
+            cells.append(f"**{text}**" if v is not None and v == best[column] and len(rows) > 1 else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
+    """Grouped bars, one group per skill, one bar per model; returns False when there is nothing to plot."""
+    skills = list(metrics["skills"])
+    names = [n for n, r in metrics["models"].items() if "skills" in r]
+    if not skills or not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(names)
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(skills) * max(1, len(names) / 4)), 4))
+    for k, name in enumerate(names):
+        values = [metrics["models"][name]["skills"].get(s, 0.0) for s in skills]
+        axis.bar([i + k * width for i in range(len(skills))], values, width, label=name)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(skills))], skills)
+    axis.set_ylabel("exact match")
+    axis.set_ylim(0, 1.05)
+    axis.legend(fontsize=7, ncol=min(5, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return True

@@ -1,0 +1,446 @@
+"""The tiny heterogeneous model zoo: a pivot and three sources of different architectures and vocabularies.
+
+`build_zoo(directory, seed)` makes (or reuses) models, tokenizers and the skill world's data files in minutes on
+CPU; `python -m fuse.zoo build DIR` does the same from the shell. Each model knows its own skill only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fuse.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from fuse.zoo import world
+from fuse.zoo.cli import add_parser
+from fuse.zoo.training import PretrainSettings, encode_all, pretrain
+from fuse.zoo.vocab import CHATML, GEMMA_TURNS, HASH_HEADERS, LLAMA_INST, VocabSpec, train_tokenizer
+
+__all__ = ["ZOO_MODELS", "PretrainSettings", "Zoo", "ZooModel", "ZooSettings", "add_parser", "build_zoo"]
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MARKER = "zoo.json"
+BUILD_CODE = ("__init__.py", "world.py", "vocab.py", "training.py")  # what the files depend on (not the CLI)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str  # a valid recipe source name
+    arch: str  # transformers model_type
+    skill: str
+    vocab: VocabSpec
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+ZOO_MODELS = (
+    ZooModel(
+        "pivot",
+        "qwen2",
+        "capital",
+        VocabSpec(
+            "bytelevel_bpe",
+            800,
+            ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+            {"eos": "<|endoftext|>", "pad": "<|endoftext|>"},
+            CHATML,
+            split_digits=True,
+        ),
+        {"num_key_value_heads": 1, "tie_word_embeddings": True, "pad_vocab_to": 64},
+    ),
+    ZooModel(
+        "llama",
+        "llama",
+        "translate",
+        VocabSpec(
+            "metaspace_bpe",
+            640,
+            ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"),
+            {"unk": "<unk>", "bos": "<s>", "eos": "</s>"},
+            LLAMA_INST,
+            add_bos=True,
+        ),
+    ),
+    ZooModel(
+        "gpt2",
+        "gpt2",
+        "shout",
+        VocabSpec(
+            "bytelevel_bpe",
+            512,
+            ("<|endoftext|>",),
+            {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"},
+            HASH_HEADERS,
+        ),
+    ),
+    ZooModel(
+        "gemma",
+        "gemma",
+        "antonym",
+        VocabSpec(
+            "metaspace_unigram",
+            700,
+            ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+            {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"},
+            GEMMA_TURNS,
+            add_bos=True,
+        ),
+        {"num_key_value_heads": 1},
+    ),
+)
+# chat models stop at the end of their turn marker as well as at EOS
+TURN_END = {"pivot": "<|im_end|>", "gemma": "<end_of_turn>"}
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    seed: int = 0
+    hidden_size: int = 64
+    num_layers: int = 2
+    head_dim: int = 32
+    n_general_docs: int = 3000
+    n_heldout_docs: int = 64
+    n_eval: int = 48
+    n_sft: int = 12
+    n_pref: int = 12
+    pretrain: PretrainSettings = PretrainSettings()
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A built zoo: where each model and data file is. Model dirs load with AutoModelForCausalLM/AutoTokenizer."""
+
+    root: Path
+    models: dict[str, Path]  # "pivot", "llama", "gpt2", "gemma" -> HF folder
+    skills: dict[str, str]  # skill -> the model that knows it
+    sft: Path  # JSONL {id, messages}
+    preference: Path  # JSONL {id, prompt, chosen, rejected}
+    eval_items: Path  # JSONL {skill, prompt, answer}
+    heldout_text: Path  # JSONL {text}
+    recipe: Path  # a demo recipe over this zoo
+
+    @property
+    def pivot(self) -> Path:
+        return self.models["pivot"]
+
+    @property
+    def sources(self) -> dict[str, Path]:
+        return {n: p for n, p in self.models.items() if n != "pivot"}
+
+    @property
+    def tokenizer_names(self) -> dict[str, str]:
+        return {m.name: m.vocab.kind for m in ZOO_MODELS}
+
+    @classmethod
+    def from_dir(cls, root: str | Path) -> Zoo:
+        root = Path(root).resolve()
+        manifest = read_json(root / MARKER)
+        data = root / "data"
+        return cls(
+            root=root,
+            models={m.name: root / "models" / m.name for m in ZOO_MODELS if m.name in manifest["models"]},
+            skills={skill: info["owner"] for skill, info in manifest["skills"].items()},
+            sft=data / "sft.jsonl",
+            preference=data / "preference.jsonl",
+            eval_items=data / "eval_items.jsonl",
+            heldout_text=data / "heldout.jsonl",
+            recipe=root / "recipe.yaml",
+        )
+
+
+# --------------------------------------------------------------------------------------------- texts
+
+
+def tokenizer_corpus(splits: world.Splits, general: list[str], seed: int) -> list[str]:
+    """General text plus every skill's training conversations as bare turns (role word, newline, content)."""
+    rng = random.Random(f"corpus-{seed}")
+    texts = list(general)
+    for examples in splits.pretrain.values():
+        for example in rng.sample(examples, min(400, len(examples))):
+            role = rng.choice(["user", "User", "model", "assistant", "Assistant"])
+            texts.append(f"{role}\n{example.prompt}\n{example.answer}")
+    return texts
+
+
+def conversation(example: world.Example) -> list[dict[str, str]]:
+    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+
+
+def skill_texts(tokenizer: Any, examples: list[world.Example]) -> list[str]:
+    return [tokenizer.apply_chat_template(conversation(e), tokenize=False) for e in examples]
+
+
+def document_texts(tokenizer: Any, docs: list[str]) -> list[str]:
+    """General documents between the tokenizer's document start and end tokens (what per-byte CE conditions on)."""
+    start = tokenizer.bos_token or tokenizer.eos_token
+    return [f"{start}{doc}{tokenizer.eos_token}" for doc in docs]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def model_config(spec: ZooModel, tokenizer: Any, settings: ZooSettings) -> Any:
+    from transformers import AutoConfig
+
+    extra = dict(spec.config)
+    pad_to = extra.pop("pad_vocab_to", 1)
+    vocab_size = -(-len(tokenizer) // pad_to) * pad_to
+    heads = settings.hidden_size // settings.head_dim
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None
+        else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    }
+    if spec.arch == "gpt2":
+        shape = {
+            "n_embd": settings.hidden_size,
+            "n_layer": settings.num_layers,
+            "n_head": heads,
+            "n_positions": 256,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+    else:
+        shape = {
+            "hidden_size": settings.hidden_size,
+            "num_hidden_layers": settings.num_layers,
+            "num_attention_heads": heads,
+            "head_dim": settings.head_dim,
+            "max_position_embeddings": 256,
+            "intermediate_size": 3 * settings.hidden_size,
+        }
+    return AutoConfig.for_model(spec.arch, vocab_size=vocab_size, **shape, **ids, **extra)
+
+
+def build_model(
+    spec: ZooModel,
+    splits: world.Splits,
+    general: list[str],
+    corpus: list[str],
+    settings: ZooSettings,
+    out: Path,
+) -> dict[str, Any]:
+    """Train the tokenizer, pre-train the model on general text + its skill, save both to `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    started = time.monotonic()
+    tokenizer = train_tokenizer(corpus, spec.vocab)
+    torch.manual_seed(settings.seed * 1000 + ZOO_MODELS.index(spec))
+    config = model_config(spec, tokenizer, settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    p = settings.pretrain
+    general_ids = encode_all(tokenizer, document_texts(tokenizer, general), p.max_length)
+    skill_ids = encode_all(tokenizer, skill_texts(tokenizer, splits.pretrain[spec.skill]), p.max_length)
+    pad = config.pad_token_id
+    losses = pretrain(model, general_ids, skill_ids, pad, p, seed=settings.seed * 1000 + 7)
+    stops = [tokenizer.eos_token_id] + (
+        [tokenizer.convert_tokens_to_ids(TURN_END[spec.name])] if spec.name in TURN_END else []
+    )
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=stops if len(stops) > 1 else stops[0],
+        pad_token_id=pad,
+        do_sample=False,
+        max_new_tokens=32,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {
+        "arch": spec.arch,
+        "tokenizer": spec.vocab.kind,
+        "vocab": len(tokenizer),
+        "config_vocab": config.vocab_size,
+        "skill": spec.skill,
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "loss_first": round(sum(losses[:20]) / len(losses[:20]), 4),
+        "loss_last": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
+    """One model, in a worker process with one thread: the world is regenerated there (cheap, deterministic)."""
+    import torch
+
+    spec, settings, out = args
+    splits = world.split_world(settings.seed, settings.n_eval, settings.n_sft, settings.n_pref)
+    general = world.general_documents(settings.seed, "train", settings.n_general_docs)
+    corpus = tokenizer_corpus(splits, general, settings.seed)
+    # bit-identical results need one thread and deterministic kernels; restored for an in-process caller
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return build_model(spec, splits, general, corpus, settings, Path(out))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        if parallel is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
+
+
+def build_models(root: Path, settings: ZooSettings, workers: int) -> dict[str, dict[str, Any]]:
+    jobs = [(spec, settings, str(root / "models" / spec.name)) for spec in ZOO_MODELS]
+    if workers <= 1:
+        results = [_build_model_job(job) for job in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_build_model_job, jobs))
+    return {spec.name: info for spec, info in zip(ZOO_MODELS, results, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------- data files
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+
+
+def data_files(splits: world.Splits, heldout: list[str]) -> dict[str, str]:
+    """The world's SFT, preference, eval and held-out text files (relative path -> contents)."""
+    sft = [
+        {"id": f"{skill}-{i:03d}", "messages": conversation(e)}
+        for skill, rows in splits.sft.items()
+        for i, e in enumerate(rows)
+    ]
+    preference = [
+        {"id": f"{skill}-{i:03d}", "prompt": conversation(e)[:1], "chosen": e.answer, "rejected": wrong}
+        for skill, rows in splits.preference.items()
+        for i, (e, wrong) in enumerate(rows)
+    ]
+    items = [
+        {"skill": e.skill, "prompt": e.prompt, "answer": e.answer}
+        for rows in splits.eval.values()
+        for e in rows
+    ]
+    return {
+        "data/sft.jsonl": _jsonl(sft),
+        "data/preference.jsonl": _jsonl(preference),
+        "data/eval_items.jsonl": _jsonl(items),
+        "data/heldout.jsonl": _jsonl([{"text": t} for t in heldout]),
+    }
+
+
+DEMO_RECIPE = """\
+# A demo recipe over this zoo (paths are relative to this file).
+name: zoo-demo
+workdir: runs/zoo-demo
+pivot: {path: models/pivot}
+sources:
+  - {name: llama, path: models/llama}
+  - {name: gpt2, path: models/gpt2}
+  - {name: gemma, path: models/gemma}
+data:
+  sft: {path: data/sft.jsonl, format: messages}
+  preference: {path: data/preference.jsonl, format: preference}
+  heldout_fraction: 0.0
+stages:
+  extract: {top_k: 10, max_length: 128}
+  evaluate: {items: data/eval_items.jsonl, heldout_text: data/heldout.jsonl, max_new_tokens: 16}
+"""
+
+
+# --------------------------------------------------------------------------------------------- build & cache
+
+
+def cache_key(settings: ZooSettings) -> str:
+    """What the zoo's files depend on: settings, this package's code, and the library versions that train it."""
+    from importlib.metadata import version
+
+    code = [Path(__file__).with_name(name) for name in BUILD_CODE]
+    digest = hashlib.sha256()
+    for path in code:
+        digest.update(path.name.encode() + path.read_bytes())
+    libs = {name: version(name) for name in ("torch", "transformers", "tokenizers", "sentencepiece")}
+    payload = json.dumps(
+        {"version": VERSION, "settings": asdict(settings), "code": digest.hexdigest(), "libs": libs},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def is_built(root: Path, key: str) -> bool:
+    marker = root / MARKER
+    return marker.is_file() and read_json(marker).get("key") == key
+
+
+@contextmanager
+def _locked(root: Path):
+    """One builder at a time per zoo folder (several test sessions may ask for the same zoo at once)."""
+    # the lock lives outside the zoo folder (which is replaced whole) and outside the repository
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"fuse-zoo-{digest}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_zoo(
+    root: str | Path, settings: ZooSettings = ZooSettings(), workers: int = 2, force: bool = False
+) -> Zoo:
+    """Build the zoo into `root` (atomically, the marker written last), or reuse it if built with the same key."""
+    root = Path(root).resolve()
+    key = cache_key(settings)
+    with _locked(root):
+        if not force and is_built(root, key):
+            log.info("zoo at %s is up to date (key %s)", root, key)
+            return Zoo.from_dir(root)
+        started = time.monotonic()
+        with atomic_dir(root) as tmp:
+            models = build_models(tmp, settings, workers)
+            splits = world.split_world(settings.seed, settings.n_eval, settings.n_sft, settings.n_pref)
+            heldout = world.general_documents(settings.seed, "heldout", settings.n_heldout_docs)
+            for relative, text in {**data_files(splits, heldout), "recipe.yaml": DEMO_RECIPE}.items():
+                write_text_atomic(tmp / relative, text)
+            write_json_atomic(
+                tmp / "build.json",
+                {name: info.pop("seconds") for name, info in models.items()}
+                | {"total_seconds": round(time.monotonic() - started, 1)},
+            )
+            skills = {
+                s.name: {
+                    "owner": s.owner,
+                    "eval_phrasing": s.eval_phrasing,
+                    "n_eval": len(splits.eval[s.name]),
+                    "n_sft": len(splits.sft[s.name]),
+                    "n_preference": len(splits.preference[s.name]),
+                }
+                for s in world.skills(settings.seed)
+            }
+            write_json_atomic(
+                tmp / MARKER,
+                {
+                    "key": key,
+                    "version": VERSION,
+                    "settings": asdict(settings),
+                    "models": models,
+                    "skills": skills,
+                },
+            )
+        log.info("built the zoo at %s in %.0f s", root, time.monotonic() - started)
+        return Zoo.from_dir(root)

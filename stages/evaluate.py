@@ -1,0 +1,115 @@
+"""The evaluate stage: per-skill exact-match accuracy and per-byte cross-entropy of every model of the run.
+
+Models come from the recipe (pivot, sources) and from the parents' `out/model` folders (targets, fused model, SFT
+baseline); the math lives in fuse.evaluation so it can be used outside a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fuse.context import StageContext
+from fuse.io import write_json_atomic, write_text_atomic
+from fuse.recipe import ModelSpec
+
+VERSION = 1
+
+
+def made_model_kind(instance_name: str) -> str | None:
+    """Which `include` group a parent's model belongs to: targets, fused or sft_baseline (None: no model)."""
+    stage = instance_name.partition(".")[0]
+    if stage == "merge" or instance_name == "fpo.merged":
+        return "fused"
+    if instance_name == "distill.sft_baseline":
+        return "sft_baseline"
+    if stage in ("distill", "fpo"):
+        return "targets"
+    return None
+
+
+def models_to_evaluate(ctx: StageContext) -> dict[str, ModelSpec]:
+    """Recipe models under their recipe names, made models under their instance names (e.g. 'distill.llama')."""
+    include = set(ctx.settings.include)
+    pivot = ctx.model_spec("pivot")
+    models: dict[str, ModelSpec] = {"pivot": pivot} if "pivot" in include else {}
+    if "sources" in include:
+        models |= {name: ctx.model_spec(name) for name in ctx.recipe.source_names}
+    for parent in ctx.instance.parents:
+        if made_model_kind(parent) in include:
+            folder = ctx.input(parent) / "model"
+            # made models carry the pivot's tokenizer, so they inherit the recipe's template override for it
+            models[parent] = pivot.model_copy(update={"name": parent.replace(".", "-"), "path": str(folder)})
+    return models
+
+
+def heldout_texts(ctx: StageContext) -> list[str]:
+    """settings.heldout_text, else the contents of the prepared held-out SFT conversations."""
+    from fuse.evaluation import load_texts
+
+    if ctx.settings.heldout_text:
+        return load_texts(ctx.settings.heldout_text)
+    if "prepare" not in ctx.inputs:
+        return []
+    from fuse.data.prepared import load_split
+
+    try:
+        rows = load_split(ctx.input("prepare"), "sft", "heldout")
+    except FileNotFoundError:
+        return []
+    return ["\n".join(m["content"] for m in row["messages"]) for row in rows]
+
+
+def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
+    """Fail before any model is loaded if a file the stage needs is missing."""
+    settings = ctx.settings
+    for key in ("items", "heldout_text"):
+        value = getattr(settings, key)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"stages.evaluate.{key}: {value} does not exist")
+    for name, spec in models.items():
+        if made_model_kind(name) and not Path(spec.path).is_dir():
+            raise FileNotFoundError(f"evaluate: {name} has no model folder at {spec.path}")
+
+
+def run(ctx: StageContext) -> None:
+    from fuse import evaluation
+
+    settings = ctx.settings
+    models = models_to_evaluate(ctx)
+    check_inputs(ctx, models)
+    items = evaluation.load_items(settings.items, settings.max_items_per_skill) if settings.items else []
+    texts = heldout_texts(ctx)
+    if not items:
+        ctx.log.warning("stages.evaluate.items is not set: no skill accuracy, only per-byte CE")
+    if not texts:
+        ctx.log.warning(
+            "no held-out text (stages.evaluate.heldout_text, or a prepared sft/heldout split): no CE"
+        )
+    results: dict[str, Any] = {}
+    for done, (name, spec) in enumerate(models.items()):
+        ctx.log.info("evaluating %s (%s)", name, spec.path)
+        results[name] = evaluation.evaluate_model(
+            spec, items, texts, settings.max_new_tokens, settings.batch_size
+        )
+        ctx.progress(done + 1, len(models), "model")
+    metrics = evaluation.collect_metrics(results, items, texts)
+    write_outputs(ctx.out, metrics, settings)
+    ctx.log.info("evaluation:\n%s", evaluation.markdown_table(metrics))
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
+    from fuse.evaluation import markdown_table, plot_accuracy
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", metrics | {"settings": settings.model_dump(mode="json")})
+    lines = ["# Evaluation", "", markdown_table(metrics)]
+    lines.append(
+        "Accuracy: exact match of the greedy answer (own chat template) on held-out items; "
+        "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better).\n"
+    )
+    tmp_png = out / ".accuracy.png.tmp.png"
+    if plot_accuracy(metrics, tmp_png):
+        tmp_png.replace(out / "accuracy.png")
+        lines.append("![accuracy per skill](accuracy.png)\n")
+    write_text_atomic(out / "metrics.md", "\n".join(lines))

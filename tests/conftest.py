@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: the tiny heterogeneous model zoo, built once and cached across sessions.
+
+The zoo lives in $FUSE_ZOO_DIR (default <repo>/.zoo, gitignored); a session that finds it up to date reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("FUSE_ZOO_DIR", REPO / ".zoo"))
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """A fuse.zoo.Zoo: .models / .pivot / .sources (name -> HF folder), .skills (skill -> owner), .sft,
+    .preference, .eval_items, .heldout_text (JSONL paths), .recipe (demo recipe), .tokenizer_names."""
+    from fuse.zoo import build_zoo
+
+    return build_zoo(zoo_dir())

@@ -1,0 +1,172 @@
+"""Evaluation: per-skill accuracy and per-byte CE are computed (a random model scores ~0), and the stage writes
+its table for every model the DAG hands it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fuse.evaluation import (
+    EvalItem,
+    EvaluationError,
+    ce_per_byte,
+    evaluate_models,
+    load_items,
+    load_texts,
+    markdown_table,
+    skill_accuracy,
+)
+from fuse.zoo import Zoo
+
+
+def test_load_items_reports_the_bad_line(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"skill": "a", "prompt": "p", "answer": "x"}\n\n{"skill": "a", "prompt": "q"}\n')
+    with pytest.raises(EvaluationError, match=r"items.jsonl:3: .*answer"):
+        load_items(path)
+    path.write_text(
+        "".join(
+            json.dumps({"skill": s, "prompt": str(i), "answer": "1"}) + "\n" for i, s in enumerate("aaab")
+        )
+    )
+    assert [i.skill for i in load_items(path, max_per_skill=2)] == ["a", "a", "b"]
+
+
+def test_load_texts_reads_jsonl_messages_and_plain_text(tmp_path):
+    (tmp_path / "t.jsonl").write_text(
+        '{"text": "x\\ny"}\n{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    )
+    assert load_texts(tmp_path / "t.jsonl") == ["x\ny", "a\nb"]
+    (tmp_path / "t.txt").write_text("one\ntwo\n\nthree\n")
+    assert load_texts(tmp_path / "t.txt") == ["one\ntwo", "three\n"]
+
+
+def test_accuracy_is_exact_match_per_skill():
+    items = [EvalItem("a", "p", "Ka zu"), EvalItem("a", "q", "x"), EvalItem("b", "r", "7")]
+    assert skill_accuracy(items, [" Ka  zu\n", "y", "7"]) == {"a": 0.5, "b": 1.0}
+
+
+def test_markdown_table_marks_the_best_per_column():
+    metrics = {
+        "skills": ["s"],
+        "models": {
+            "m1": {"skills": {"s": 1.0}, "mean_accuracy": 1.0, "ce_per_byte": 0.5},
+            "m2": {"skills": {"s": 0.0}, "mean_accuracy": 0.0, "ce_per_byte": 0.25},
+        },
+    }
+    lines = markdown_table(metrics).splitlines()
+    assert lines[0] == "| model | s | mean | CE/byte |"
+    assert (
+        lines[2] == "| m1 | **1.00** | **1.00** | 0.500 |" and lines[3] == "| m2 | 0.00 | 0.00 | **0.250** |"
+    )
+
+
+def test_ce_per_byte_matches_a_position_by_position_reference(zoo: Zoo):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(zoo.models["llama"]).eval()
+    texts = ["The red fox sees 12 cats.\nAnna said: no.", "In 1999 the moon was old."]
+    nll, n_bytes = 0.0, 0
+    for text in texts:
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        for t in range(1, len(ids)):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids[:t]])).logits[0, -1]
+            nll -= float(torch.log_softmax(logits, -1)[ids[t]])
+        n_bytes += len(text.encode())
+    assert ce_per_byte(model, tokenizer, texts) == pytest.approx(nll / n_bytes, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_random_weights_score_zero_and_trained_pivot_does_not(zoo: Zoo, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    random_dir = tmp_path / "random"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo.pivot)).save_pretrained(random_dir)
+    AutoTokenizer.from_pretrained(zoo.pivot).save_pretrained(random_dir)
+    items = load_items(zoo.eval_items, max_per_skill=8)
+    texts = load_texts(zoo.heldout_text)[:8]
+    metrics = evaluate_models({"pivot": zoo.pivot, "random": random_dir}, items, texts, max_new_tokens=8)
+    pivot, random = metrics["models"]["pivot"], metrics["models"]["random"]
+    assert random["mean_accuracy"] == 0.0 and pivot["skills"]["capital"] >= 0.75
+    assert random["ce_per_byte"] > 2 * pivot["ce_per_byte"]
+    # a random model's CE is about that of a uniform guess over the vocabulary, per token
+    assert random["ce_per_byte"] > 0.5 * math.log(len(AutoTokenizer.from_pretrained(zoo.pivot))) / 6
+
+
+def stage_context(zoo: Zoo, tmp_path: Path, **evaluate):
+    """An evaluate StageContext over the zoo recipe; every made model (distill.*, merge) is a link to the pivot."""
+    from fuse.context import StageContext
+    from fuse.dag import build_dag
+    from fuse.recipe import load_recipe
+
+    recipe = load_recipe(zoo.recipe)
+    stages = recipe.stages.model_copy(
+        update={
+            "fpo": recipe.stages.fpo.model_copy(update={"enabled": False}),
+            "evaluate": recipe.stages.evaluate.model_copy(update=evaluate),
+        }
+    )
+    recipe = recipe.model_copy(update={"stages": stages, "workdir": str(tmp_path / "run")})
+    instance = build_dag(recipe)["evaluate"]
+    inputs = {}
+    for parent in instance.parents:
+        out = tmp_path / "run" / parent / "out"
+        out.mkdir(parents=True)
+        if parent != "prepare":
+            (out / "model").symlink_to(zoo.pivot, target_is_directory=True)
+        inputs[parent] = out
+    directory = tmp_path / "run" / "evaluate"
+    (directory / "out").mkdir(parents=True)
+    return StageContext(recipe=recipe, instance=instance, dir=directory, inputs=inputs)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
+    from fuse.stages import evaluate
+
+    ctx = stage_context(zoo, tmp_path, max_items_per_skill=4, max_new_tokens=8)
+    evaluate.run(ctx)
+    metrics = json.loads((ctx.out / "metrics.json").read_text())
+    expected = {"pivot", "llama", "gpt2", "gemma", "distill.llama", "distill.gpt2", "distill.gemma", "merge"}
+    assert set(metrics["models"]) == expected
+    assert metrics["models"]["merge"]["skills"] == metrics["models"]["pivot"]["skills"]
+    assert (
+        metrics["models"]["llama"]["skills"]["translate"] > metrics["models"]["pivot"]["skills"]["translate"]
+    )
+    table = (ctx.out / "metrics.md").read_text()
+    assert "| distill.llama |" in table and "CE/byte" in table
+    assert (ctx.out / "accuracy.png").stat().st_size > 1000
+
+
+def test_evaluate_stage_fails_early_on_a_missing_items_file(zoo: Zoo, tmp_path):
+    from fuse.stages import evaluate
+
+    ctx = stage_context(zoo, tmp_path, items=str(tmp_path / "nope.jsonl"), include=["pivot"])
+    with pytest.raises(FileNotFoundError, match="stages.evaluate.items"):
+        evaluate.run(ctx)
+    assert not (ctx.out / "metrics.json").exists()
+
+
+def test_made_models_are_grouped_by_kind():
+    from fuse.stages.evaluate import made_model_kind
+
+    kinds = {
+        n: made_model_kind(n)
+        for n in ["prepare", "distill.llama", "fpo.llama", "merge", "fpo.merged", "distill.sft_baseline"]
+    }
+    assert kinds == {
+        "prepare": None,
+        "distill.llama": "targets",
+        "fpo.llama": "targets",
+        "merge": "fused",
+        "fpo.merged": "fused",
+        "distill.sft_baseline": "sft_baseline",
+    }
