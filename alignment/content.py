@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from fuse.alignment.pieces import VocabPieces, gather_bytes
 from fuse.alignment.sequence import (
     ALIGNERS,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, TEMPLATE, UNALIGNED, SequenceAlignment
 
 # Cases per pivot step (indexed by the token it predicts).

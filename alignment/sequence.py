@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
 from fuse.alignment.pieces import VocabPieces, gather_bytes
 
 ONE_TO_ONE, MANY_TO_ONE, UNALIGNED, TEMPLATE = 0, 1, 2, 3

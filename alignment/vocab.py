@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from fuse.alignment.pieces import VocabPieces
 from scipy import sparse
+
+from fuse.alignment.pieces import VocabPieces
 
 UNMAPPED, EXACT, STATS, MINED = 0, 1, 2, 3
 METHOD_NAMES = {UNMAPPED: "unmapped", EXACT: "exact", STATS: "stats", MINED: "mined"}

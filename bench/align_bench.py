@@ -31,6 +31,7 @@ from fuse.alignment.sequence import (  # noqa: E402
     dtw_path,
 )
 from fuse.alignment.vocab import build_vocab_map, pair_counts  # noqa: E402
+
 from real_tokenizers import load  # noqa: E402
 
 log = logging.getLogger("align_bench")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fuse.data.logprobs import LogprobReader, SampleLogprobs, write_shard
 
 from fuse.backends import TokenLogprobs
 from fuse.backends.hf import TransformersBackend
+from fuse.data.logprobs import LogprobReader, SampleLogprobs, write_shard
 
 RESULTS = Path(__file__).parent / "results"
 FUSEAI_BYTES_PER_TOKEN_K10 = 10 * 2 + 10 * 8  # fp16 top-K logits + int64 ids

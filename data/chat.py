@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fuse.data.logprobs import ContentSpan
 
 log = logging.getLogger(__name__)

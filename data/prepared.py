@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 class Dropped(ValueError):
@@ -46,7 +52,9 @@ def _clean_messages(messages: Any, min_chars: int) -> list[dict[str, str]]:
     return clean
 
 
-def sft_messages(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str], min_chars: int = 1) -> list[dict]:
+def sft_messages(
+    row: Mapping[str, Any], fmt: str, columns: Mapping[str, str], min_chars: int = 1
+) -> list[dict]:
     """One raw SFT row in `fmt` (messages | sharegpt | prompt_response) as a clean messages list."""
     if fmt == "messages":
         return _clean_messages(_column(row, columns, "messages"), min_chars)
@@ -56,9 +64,13 @@ def sft_messages(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str], m
             raise Dropped("conversations is not a list")
         messages = []
         for turn in turns:
-            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, Mapping) else None
+            role = (
+                SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, Mapping) else None
+            )
             if role is None:
-                raise Dropped(f"unknown sharegpt speaker {turn.get('from') if isinstance(turn, Mapping) else turn!r}")
+                raise Dropped(
+                    f"unknown sharegpt speaker {turn.get('from') if isinstance(turn, Mapping) else turn!r}"
+                )
             messages.append({"role": role, "content": turn.get("value")})
         return _clean_messages(messages, min_chars)
     if fmt == "prompt_response":
@@ -76,7 +88,12 @@ def _response_text(value: Any) -> str:
     """A chosen/rejected field: a string, or a conversation whose last assistant turn is the response."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and isinstance(value[-1], Mapping) and value[-1].get("role") == "assistant":
+    if (
+        isinstance(value, list)
+        and value
+        and isinstance(value[-1], Mapping)
+        and value[-1].get("role") == "assistant"
+    ):
         return str(value[-1].get("content", ""))
     raise Dropped("chosen/rejected is neither a string nor a conversation ending with an assistant turn")
 

@@ -54,8 +54,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shards = f" [{step.instance.num_shards} shards]" if step.instance.num_shards > 1 else ""
         print(f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}")
     todo = sum(s.action == "run" for s in steps)
-    print(f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"
-          + (f", {sum(s.action == 'blocked' for s in steps)} blocked" if any(s.action == "blocked" for s in steps) else ""))
+    print(
+        f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"
+        + (
+            f", {sum(s.action == 'blocked' for s in steps)} blocked"
+            if any(s.action == "blocked" for s in steps)
+            else ""
+        )
+    )
     return 0
 
 
@@ -66,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     problems = check_files(recipe)
     if problems:
-        raise RecipeError("the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise RecipeError(
+            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     started = time.monotonic()
     run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
     print(f"finished in {time.monotonic() - started:.1f} s — run store: {recipe.workdir}")
@@ -108,26 +116,41 @@ def _plugins_for(argv: list[str]) -> list[str]:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuse", description="Fuse LLMs of different architectures and vocabularies.")
+    parser = argparse.ArgumentParser(
+        prog="fuse", description="Fuse LLMs of different architectures and vocabularies."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a recipe (schema, files, models) before any work")
     _recipe_arg(p)
-    p.add_argument("--no-load", "--offline-ok", dest="no_load", action="store_true",
-                   help="do not resolve or load models (validate a real-scale recipe without its weights)")
+    p.add_argument(
+        "--no-load",
+        "--offline-ok",
+        dest="no_load",
+        action="store_true",
+        help="do not resolve or load models (validate a real-scale recipe without its weights)",
+    )
     p.set_defaults(handler=cmd_validate)
 
-    for name, handler, help_text in (("plan", cmd_plan, "print the DAG, each instance's state and what a run would do"),
-                                      ("run", cmd_run, "run the DAG locally (resumes; skips what is done)")):
+    for name, handler, help_text in (
+        ("plan", cmd_plan, "print the DAG, each instance's state and what a run would do"),
+        ("run", cmd_run, "run the DAG locally (resumes; skips what is done)"),
+    ):
         p = sub.add_parser(name, help=help_text)
         _recipe_arg(p)
-        p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream")
-        p.add_argument("--only", nargs="+", metavar="INSTANCE", help="run only these instances (parents must be done)")
+        p.add_argument(
+            "--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream"
+        )
+        p.add_argument(
+            "--only", nargs="+", metavar="INSTANCE", help="run only these instances (parents must be done)"
+        )
         p.add_argument("--force", action="store_true", help="rerun selected instances even if done")
         p.set_defaults(handler=handler)
 
-    p = sub.add_parser("run-stage", help="run exactly one stage instance (or one shard): what SLURM jobs call")
+    p = sub.add_parser(
+        "run-stage", help="run exactly one stage instance (or one shard): what SLURM jobs call"
+    )
     _recipe_arg(p)
     p.add_argument("instance")
     p.add_argument("--shard", type=int, default=None)
@@ -156,10 +179,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # The console shows progress lines and warnings; each instance's log file gets everything (see executor).
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console])
     try:
         return int(args.handler(args) or 0)
     except RecipeError as error:
@@ -175,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, StageFailed | PlanError | KeyError):
             print(f"error: {error}", file=sys.stderr)
             if isinstance(error, StageFailed):
-                print(f"log: {Path(load_recipe(args.recipe).workdir) / error.instance / 'logs' / 'stage.log'}",
-                      file=sys.stderr)
+                print(
+                    f"log: {Path(load_recipe(args.recipe).workdir) / error.instance / 'logs' / 'stage.log'}",
+                    file=sys.stderr,
+                )
             return 1
         raise
 

@@ -21,7 +21,9 @@ class Instance:
     parents: tuple[str, ...] = ()
     models: tuple[str, ...] = ()  # recipe models (pivot/sources) whose weights it reads directly
     num_shards: int = 1
-    options: tuple[tuple[str, object], ...] = ()  # per-instance settings beyond the stage's (e.g. sft baseline)
+    options: tuple[
+        tuple[str, object], ...
+    ] = ()  # per-instance settings beyond the stage's (e.g. sft baseline)
 
     def option(self, name: str, default: object = None) -> object:
         return dict(self.options).get(name, default)
@@ -127,8 +129,16 @@ def build_dag(recipe: Recipe) -> Dag:
                 )
             )
         if s.distill.sft_baseline:
-            dag.add(Instance("distill.sft_baseline", "distill", "sft_baseline", ("prepare",), ("pivot",),
-                             options=(("sft_only", True),)))
+            dag.add(
+                Instance(
+                    "distill.sft_baseline",
+                    "distill",
+                    "sft_baseline",
+                    ("prepare",),
+                    ("pivot",),
+                    options=(("sft_only", True),),
+                )
+            )
 
     fpo_on = s.fpo.enabled
     scored = [*sources, "pivot"] if s.fpo.include_pivot else list(sources)
@@ -144,7 +154,9 @@ def build_dag(recipe: Recipe) -> Dag:
         made_by = f"distill.{source}"
         if fpo_on and s.fpo.placement == "per_target":
             target = f"target-{source}"
-            dag.add(Instance(f"score.{target}", "score", target, ("prepare", made_by), (), s.score.num_shards))
+            dag.add(
+                Instance(f"score.{target}", "score", target, ("prepare", made_by), (), s.score.num_shards)
+            )
             dag.add(Instance(f"fpo.{source}", "fpo", source, ("prepare", *fpo_parents(target, made_by))))
             made_by = f"fpo.{source}"
         targets.append(made_by)

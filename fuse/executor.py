@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+
 import yaml
 
 from fuse.context import StageContext
@@ -88,6 +89,18 @@ def instance_log(store: RunStore, name: str) -> Iterator[logging.Logger]:
         handler.close()
 
 
+def quiet_libraries() -> None:
+    """Library progress bars would interleave with the executor's progress line; their logs still reach the
+    instance's log file."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    try:
+        from transformers.utils import logging as transformers_logging  # light: does not import torch
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def write_resolved_recipe(store: RunStore, recipe: Recipe) -> None:
     text = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
     store.write_resolved_recipe(text)
@@ -107,7 +120,9 @@ def run_instance(
     name = instance.name
     module = stage_module(instance.stage)
     if force or _fingerprint_changed(store, name, step.fingerprint):
-        store.reset(name)  # stale or forced: start clean; same fingerprint: keep finished shards and checkpoints
+        store.reset(
+            name
+        )  # stale or forced: start clean; same fingerprint: keep finished shards and checkpoints
     store.begin(name, instance.stage, step.fingerprint, step.parts, instance.num_shards)
     started = time.monotonic()
     progress = progress or Progress()
@@ -125,8 +140,12 @@ def run_instance(
             for index in shards:
                 if store.shard_marker(name, index).exists():
                     continue
-                progress.start(f"{name}" + (f" shard {index + 1}/{instance.num_shards}" if instance.num_shards > 1 else ""))
+                progress.start(
+                    f"{name}"
+                    + (f" shard {index + 1}/{instance.num_shards}" if instance.num_shards > 1 else "")
+                )
                 ctx.shard = index if instance.num_shards > 1 else None
+                quiet_libraries()
                 module.run(ctx)
                 store.mark_shard(name, index)
             if len(store.shards_done(name, instance.num_shards)) < instance.num_shards:
@@ -224,9 +243,7 @@ def run_stage(recipe: Recipe, name: str, shard: int | None = None, force: bool =
     if shard is not None and not 0 <= shard < instance.num_shards:
         raise PlanError(f"{name} has {instance.num_shards} shard(s); --shard {shard} is out of range")
     prints = fingerprints(recipe, dag)
-    not_done = [
-        p for p in instance.parents if store.state(p, *prints[p], dag[p].num_shards).kind != "done"
-    ]
+    not_done = [p for p in instance.parents if store.state(p, *prints[p], dag[p].num_shards).kind != "done"]
     if not_done:
         raise PlanError(f"{name}: its inputs {', '.join(not_done)} are not done")
     fp, parts = prints[name]

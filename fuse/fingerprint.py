@@ -5,6 +5,7 @@ File digests are cached by (path, size, mtime) so a no-op rerun does not re-hash
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -37,10 +38,8 @@ def file_digest(path: str | os.PathLike) -> str:
     if digest is None:
         digest = sha256_file(path)
         cache[key] = digest
-        try:
+        with contextlib.suppress(OSError):  # a read-only home only costs a re-hash next time
             write_json_atomic(cache_file, cache)
-        except OSError:
-            pass  # a read-only home only costs a re-hash next time
     _memo[key] = digest
     return digest
 

@@ -51,7 +51,9 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
         )
     except Exception as error:  # the hub client raises many types; one message for the user
         mode = "offline (HF_HUB_OFFLINE=1), not in the local cache" if offline() else str(error)
-        raise ModelLoadError(f"model {spec.name or spec.path!r}: cannot resolve hub id {spec.path!r}: {mode}") from None
+        raise ModelLoadError(
+            f"model {spec.name or spec.path!r}: cannot resolve hub id {spec.path!r}: {mode}"
+        ) from None
 
 
 def chat_template_text(spec: ModelSpec) -> str | None:
@@ -69,7 +71,9 @@ def chat_template_text(spec: ModelSpec) -> str | None:
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer_dir(directory: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer_dir(
+    directory: str | os.PathLike, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """A tokenizer folder as its tokenizer.json says, not as the model type suggests.
 
     transformers maps a model type to a tokenizer class (qwen2 -> Qwen2Tokenizer) and that class rebuilds its own
@@ -104,7 +108,9 @@ def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreT
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        name
+    ]
 
 
 def load_model(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -> PreTrainedModel:
@@ -168,7 +174,8 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
         files = sorted(
             p
             for p in local.iterdir()
-            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt"))
+            if p.is_file()
+            and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt"))
         )
         return {"path": str(local), "files": files_digest(files)}
     return {"hub_id": spec.path, "revision": spec.revision or "main"}

@@ -66,11 +66,21 @@ def _dataset_part(spec: DatasetSpec | None) -> Any:
 
 def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
     if instance.stage == "prepare":
-        return {"data": {"sft": _dataset_part(recipe.data.sft), "preference": _dataset_part(recipe.data.preference),
-                         "heldout_fraction": recipe.data.heldout_fraction, "seed": recipe.data.seed}}
+        return {
+            "data": {
+                "sft": _dataset_part(recipe.data.sft),
+                "preference": _dataset_part(recipe.data.preference),
+                "heldout_fraction": recipe.data.heldout_fraction,
+                "seed": recipe.data.seed,
+            }
+        }
     if instance.stage == "evaluate":
         settings = recipe.stages.evaluate
-        files = {k: path_digest(v) for k, v in (("items", settings.items), ("heldout_text", settings.heldout_text)) if v}
+        files = {
+            k: path_digest(v)
+            for k, v in (("items", settings.items), ("heldout_text", settings.heldout_text))
+            if v
+        }
         return {"files": files}
     return {}
 
@@ -82,8 +92,13 @@ def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str
         "code": stage_version(instance.stage),
         "settings": settings.model_dump(mode="json", exclude={"enabled"}),
         "options": {k: v for k, v in instance.options},
-        "models": {m: {"spec": recipe.model(m).model_dump(mode="json", exclude={"name"}),
-                       "identity": identity(recipe.model(m))} for m in instance.models},
+        "models": {
+            m: {
+                "spec": recipe.model(m).model_dump(mode="json", exclude={"name"}),
+                "identity": identity(recipe.model(m)),
+            }
+            for m in instance.models
+        },
         "parents": {p: parent_fps[p] for p in instance.parents},
         "seed": recipe.seed,
         **_extra_parts(recipe, instance),

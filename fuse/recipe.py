@@ -77,8 +77,12 @@ class ExtractSettings(StageSettings):
     top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
     overlength: Literal["truncate", "skip"] = "truncate"
-    template: Literal["own", "pivot"] = Field("own", description="'pivot': every model uses the pivot's template.")
-    batch_tokens: int = Field(16384, ge=64, description="Token budget per forward batch (transformers backend).")
+    template: Literal["own", "pivot"] = Field(
+        "own", description="'pivot': every model uses the pivot's template."
+    )
+    batch_tokens: int = Field(
+        16384, ge=64, description="Token budget per forward batch (transformers backend)."
+    )
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
@@ -97,7 +101,9 @@ class ScoreSettings(StageSettings):
 class AlignSettings(StageSettings):
     method: Literal["offsets", "dtw"] = "offsets"
     vocab_map: Literal["exact+stats+mined", "exact+mined", "exact"] = "exact+stats+mined"
-    min_stat_count: int = Field(1, ge=1, description="Fewest aligned co-occurrences for a statistics-based mapping.")
+    min_stat_count: int = Field(
+        1, ge=1, description="Fewest aligned co-occurrences for a statistics-based mapping."
+    )
     stats_pairs: Literal["same_start", "one_to_one"] = Field(
         "same_start",
         description="Pairs counted for the statistics-based map: tokens starting at the same byte (1:1 and many:1), "
@@ -149,7 +155,9 @@ class DistillSettings(TrainSettings):
     temperature: float = Field(1.0, gt=0)
     fusion: Literal["min_ce", "avg_ce", "source_only"] = "min_ce"
     divergence: Literal["ce", "kl"] = "ce"
-    sft_baseline: bool = Field(False, description="Also train the pivot with lambda=1 (the SFT-only baseline).")
+    sft_baseline: bool = Field(
+        False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
+    )
 
 
 class FpoSettings(TrainSettings):
@@ -167,7 +175,8 @@ class MergeSettings(StageSettings):
     method: str = "sce"
     parameters: dict[str, Any] = Field(default_factory=dict)
     model_parameters: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="Per-target parameters keyed by source name, e.g. {llama: {weight: 0.5}}."
+        default_factory=dict,
+        description="Per-target parameters keyed by source name, e.g. {llama: {weight: 0.5}}.",
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     max_shard_size: str = "2GB"
@@ -176,9 +185,12 @@ class MergeSettings(StageSettings):
 
 class EvaluateSettings(StageSettings):
     items: str | None = Field(
-        None, description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy."
+        None,
+        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy.",
     )
-    heldout_text: str | None = Field(None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT.")
+    heldout_text: str | None = Field(
+        None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
+    )
     max_new_tokens: int = Field(32, ge=1)
     max_items_per_skill: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
@@ -236,14 +248,16 @@ class SlurmSettings(Frozen):
     signal_grace_seconds: int = Field(120, ge=0)
     python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
     template: str | None = Field(
-        None, description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own."
+        None,
+        description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own.",
     )
 
 
 class ExecutorSpec(Frozen):
     kind: Literal["local", "slurm"] = "local"
     resources: dict[str, Resources] = Field(
-        default_factory=dict, description="Keyed by stage (e.g. 'distill') or instance (e.g. 'distill.llama')."
+        default_factory=dict,
+        description="Keyed by stage (e.g. 'distill') or instance (e.g. 'distill.llama').",
     )
     slurm: SlurmSettings = SlurmSettings()
 
@@ -346,7 +360,11 @@ def _local(value: str, base: Path) -> str:
     if candidate.is_absolute():
         return str(candidate)
     joined = base / candidate
-    if joined.exists() or value.startswith((".", "~")) or value.endswith((".jsonl", ".json", ".parquet", ".yaml", ".jinja")):
+    if (
+        joined.exists()
+        or value.startswith((".", "~"))
+        or value.endswith((".jsonl", ".json", ".parquet", ".yaml", ".jinja"))
+    ):
         return str(joined.resolve())
     return value  # a hub id such as "org/name"
 

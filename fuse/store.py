@@ -73,7 +73,9 @@ class RunStore:
         return [i for i in range(num_shards) if self.shard_marker(name, i).exists()]
 
     def mark_shard(self, name: str, shard: int, info: dict[str, Any] | None = None) -> None:
-        write_json_atomic(self.shard_marker(name, shard), {"shard": shard, "finished_at": time.time(), **(info or {})})
+        write_json_atomic(
+            self.shard_marker(name, shard), {"shard": shard, "finished_at": time.time(), **(info or {})}
+        )
 
     # ------------------------------------------------------------------ state
     def state(self, name: str, fingerprint: str, parts: dict[str, Any], num_shards: int = 1) -> State:
@@ -169,9 +171,11 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
             continue
         if isinstance(before, dict) and isinstance(after, dict):
             keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            noun = {"parents": "input changed", "settings": "settings changed", "models": "model changed"}.get(
-                key, f"{key} changed"
-            )
+            noun = {
+                "parents": "input changed",
+                "settings": "settings changed",
+                "models": "model changed",
+            }.get(key, f"{key} changed")
             reasons.append(f"{noun}: {', '.join(keys)}")
         else:
             reasons.append(f"{key} changed")
@@ -182,7 +186,16 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 def environment() -> dict[str, Any]:
     """Provenance for manifests: versions, host, git sha of the fuse checkout (if it is one)."""
     versions = {}
-    for package in ("fuse-llm", "torch", "transformers", "accelerate", "deepspeed", "trl", "vllm", "datasets"):
+    for package in (
+        "fuse-llm",
+        "torch",
+        "transformers",
+        "accelerate",
+        "deepspeed",
+        "trl",
+        "vllm",
+        "datasets",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -201,8 +214,11 @@ def _git_sha() -> str | None:
     if not (repo / ".git").exists():
         return None
     try:
-        return subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None

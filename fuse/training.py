@@ -306,6 +306,8 @@ def save_final_model(trainer: Trainer, model_dir: Path) -> None:
 
 def run_job(job: TrainingJob, launched: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
     """Build the Trainer, resume from the newest complete checkpoint, train, save the model, plot the losses."""
+    from transformers import PrinterCallback
+
     settings = job.load_settings()
     args = training_arguments(settings, job.checkpoint_dir, launched)
     trainer = _import(job.builder)(job, args)
@@ -313,6 +315,7 @@ def run_job(job: TrainingJob, launched: bool = False, callbacks: tuple = ()) -> 
     trainer.add_callback(jsonl_logger(log_path))
     for callback in (*callbacks, preemption.trainer_callback()):
         trainer.add_callback(callback)
+    trainer.remove_callback(PrinterCallback)  # logs go to the JSONL file and the executor's progress line
     resume = newest_complete_checkpoint(job.checkpoint_dir)
     if resume is not None:
         log.info("resuming from %s", resume)

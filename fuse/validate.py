@@ -31,7 +31,9 @@ def check_files(recipe: Recipe) -> list[str]:
         elif looks_local and not (path / "config.json").is_file():
             problems.append(f"{key}.path: {path} has no config.json (not a Hugging Face model folder)")
         elif looks_local and not any(path.glob("*.safetensors")) and not spec.allow_pickle:
-            problems.append(f"{key}.path: {path} has no .safetensors weights (pickles need allow_pickle: true)")
+            problems.append(
+                f"{key}.path: {path} has no .safetensors weights (pickles need allow_pickle: true)"
+            )
         if spec.chat_template and "{" not in spec.chat_template and not Path(spec.chat_template).is_file():
             problems.append(f"{key}.chat_template: file {spec.chat_template} does not exist")
     for key, dataset in (("data.sft", recipe.data.sft), ("data.preference", recipe.data.preference)):
@@ -115,4 +117,6 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     if load and not problems:
         problems += check_models(recipe)
     if problems:
-        raise RecipeError("the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise RecipeError(
+            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
+        )

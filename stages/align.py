@@ -197,7 +197,6 @@ def run(ctx: StageContext) -> None:
     from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE
     from fuse.alignment.vocab import build_vocab_map
     from fuse.data.logprobs import LogprobReader, LogprobWriter, write_index
-
     from fuse.io import atomic_write, write_json_atomic, write_text_atomic
     from fuse.models import load_tokenizer
 

@@ -98,8 +98,8 @@ def distill_rows(
     The source's CE comes from its own extract (its own tokenization, as FuseChat does) when `source_path` is
     given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
     import torch
-    from fuse.data.logprobs import LogprobReader
 
+    from fuse.data.logprobs import LogprobReader
     from fuse.losses import get_fusion
 
     fuse_weights = get_fusion(fusion).fn
@@ -129,7 +129,6 @@ def distill_rows(
 def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
     """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
     from fuse.data.chat import render_chat
-
     from fuse.models import load_tokenizer
     from fuse.recipe import ModelSpec
 

@@ -8,9 +8,8 @@ import logging
 from collections import Counter
 from typing import Any
 
-from fuse.data.logprobs import LogprobWriter, SampleLogprobs, shard_name, write_index
-
 from fuse.context import StageContext
+from fuse.data.logprobs import LogprobWriter, SampleLogprobs, shard_name, write_index
 from fuse.io import read_json, write_json_atomic
 
 VERSION = 1
@@ -71,9 +70,8 @@ def to_sample(row: dict, chat: Any, result: Any) -> SampleLogprobs:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.data.prepared import load_split
-
     from fuse.backends import make_backend
+    from fuse.data.prepared import load_split
     from fuse.models import identity, load_tokenizer
 
     settings, key = ctx.settings, ctx.instance.key

@@ -80,6 +80,7 @@ def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template:
     """(ids, mask) of prompt + response in the policy's chat template, cut after the last response token; the
     mask is the score stage's: tokens of the final assistant content plus the end-of-turn token after it."""
     import numpy as np
+
     from fuse.data.chat import render_chat, response_mask
 
     chat = render_chat(
@@ -166,7 +167,6 @@ def prepare_split(
 ) -> Split:
     """Load, check, encode and reference one split. Train needs every score; held-out may lack them."""
     from fuse.data.prepared import load_split
-
     from fuse.preference import ScoreError
 
     try:

@@ -34,7 +34,9 @@ def load_raw(spec: DatasetSpec, key: str):
     return load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
 
 
-def normalize(dataset, spec: DatasetSpec, key: str, kind: str, min_chars: int) -> tuple[list[dict], dict[str, Any]]:
+def normalize(
+    dataset, spec: DatasetSpec, key: str, kind: str, min_chars: int
+) -> tuple[list[dict], dict[str, Any]]:
     rows, reasons, examples, seen = [], Counter(), [], set()
     for index, raw in enumerate(dataset):
         if spec.max_rows is not None and index >= spec.max_rows:
@@ -61,8 +63,13 @@ def normalize(dataset, spec: DatasetSpec, key: str, kind: str, min_chars: int) -
         seen.add(row["id"])
         rows.append(row)
     read = min(len(dataset), spec.max_rows or len(dataset))
-    report = {"file": spec.path, "rows_read": read, "rows_kept": len(rows), "dropped": dict(reasons),
-              "dropped_examples": examples}
+    report = {
+        "file": spec.path,
+        "rows_read": read,
+        "rows_kept": len(rows),
+        "dropped": dict(reasons),
+        "dropped_examples": examples,
+    }
     if not rows:
         raise RecipeError(f"{key}: no usable rows in {spec.path} ({dict(reasons) or 'empty'})")
     return rows, report
@@ -74,8 +81,9 @@ def features(kind: str):
     message = {"role": Value("string"), "content": Value("string")}
     if kind == "sft":
         return Features({"id": Value("string"), "messages": [message]})
-    return Features({"id": Value("string"), "prompt": [message], "chosen": Value("string"),
-                     "rejected": Value("string")})
+    return Features(
+        {"id": Value("string"), "prompt": [message], "chosen": Value("string"), "rejected": Value("string")}
+    )
 
 
 def write_splits(rows: list[dict], out: Path, kind: str, fraction: float, seed: int) -> dict[str, int]:
@@ -99,7 +107,10 @@ def run(ctx: StageContext) -> None:
     data = ctx.recipe.data
     min_chars = ctx.settings.min_response_chars
     report: dict[str, Any] = {}
-    for kind, key, spec in (("sft", "data.sft", data.sft), ("preference", "data.preference", data.preference)):
+    for kind, key, spec in (
+        ("sft", "data.sft", data.sft),
+        ("preference", "data.preference", data.preference),
+    ):
         if spec is None:
             continue
         if kind == "preference" and spec.format != "preference":
@@ -107,5 +118,7 @@ def run(ctx: StageContext) -> None:
         rows, part = normalize(load_raw(spec, key), spec, key, kind, min_chars)
         part["splits"] = write_splits(rows, ctx.out / kind, kind, data.heldout_fraction, data.seed)
         report[kind] = part
-        ctx.log.info("%s: kept %d of %d rows; dropped %s", kind, part["rows_kept"], part["rows_read"], part["dropped"])
+        ctx.log.info(
+            "%s: kept %d of %d rows; dropped %s", kind, part["rows_kept"], part["rows_read"], part["dropped"]
+        )
     write_json_atomic(ctx.out / "report.json", report)

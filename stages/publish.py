@@ -34,7 +34,10 @@ def lineage(recipe: Recipe) -> list[dict[str, str]]:
 
     dag = build_dag(recipe)
     prints = fingerprints(recipe, dag)
-    return [{"instance": i.name, "fingerprint": prints[i.name][0], "parents": list(i.parents)} for i in dag.order()]
+    return [
+        {"instance": i.name, "fingerprint": prints[i.name][0], "parents": list(i.parents)}
+        for i in dag.order()
+    ]
 
 
 def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, Any]:
@@ -53,14 +56,18 @@ def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, A
     }
 
 
-def model_card(recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str) -> str:
+def model_card(
+    recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str
+) -> str:
     merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
     sources = "\n".join(f"| {s.name} | `{s.path}` | {s.revision or 'main'} |" for s in recipe.sources)
     steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
-    rows = "\n".join(f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
-                     for r in lineage_rows)
+    rows = "\n".join(
+        f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
+        for r in lineage_rows
+    )
     return f"""---
 {metadata}
 ---
@@ -69,7 +76,7 @@ def model_card(recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[s
 
 A fused model made by [fuse](https://github.com/) {version}: knowledge of {len(recipe.sources)} source models of
 different architectures and vocabularies fused into the pivot `{recipe.pivot.path}`
-({' → '.join(steps)}).
+({" → ".join(steps)}).
 
 ## Sources
 
@@ -79,7 +86,7 @@ different architectures and vocabularies fused into the pivot `{recipe.pivot.pat
 
 ## Merge
 
-Method `{merge['method']}` with parameters `{json.dumps(merge['parameters'], sort_keys=True)}`.
+Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sort_keys=True)}`.
 
 ## Evaluation
 
@@ -121,13 +128,18 @@ def check_reload_and_generate(folder: Path) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{folder}: the tokenizer has no chat template")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        output = model.generate(**ids, max_new_tokens=8, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **ids,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def push(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
@@ -138,8 +150,12 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None) -> str
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                               commit_message="Upload fused model (fuse)")
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        revision=revision,
+        commit_message="Upload fused model (fuse)",
+    )
     return str(getattr(commit, "commit_url", commit))
 
 
@@ -159,7 +175,9 @@ def run(ctx: StageContext) -> None:
     target = ctx.out / "model"
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size)
-        (tmp / "README.md").write_text(model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8")
+        (tmp / "README.md").write_text(
+            model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8"
+        )
         write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
         sample = check_reload_and_generate(tmp)
         ctx.log.info("publish: the folder reloads and generates (%r)", sample)

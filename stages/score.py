@@ -88,9 +88,8 @@ def score_rows(
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.data.prepared import load_split
-
     from fuse.backends import make_backend
+    from fuse.data.prepared import load_split
     from fuse.models import load_tokenizer
 
     settings = ctx.settings

@@ -12,13 +12,20 @@ import yaml
 def fake_model(directory: Path, seed: int = 0) -> Path:
     """A folder that passes the recipe's file checks (config + safetensors) without being a real model."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32, "seed": seed}))
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "llama", "vocab_size": 32, "seed": seed})
+    )
     (directory / "model.safetensors").write_bytes(bytes([seed]) * 64)
     return directory
 
 
 SFT_ROWS = [
-    {"messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": str(i + 1)}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {i} plus 1?"},
+            {"role": "assistant", "content": str(i + 1)},
+        ]
+    }
     for i in range(20)
 ]
 PREF_ROWS = [{"prompt": f"Say {i}", "chosen": str(i), "rejected": str(i + 7)} for i in range(10)]
@@ -39,7 +46,10 @@ def toy_recipe(tmp: Path, sources=("a", "b"), **overrides: Any) -> dict[str, Any
         "sources": [{"name": s, "path": str(fake_model(models / s, i + 1))} for i, s in enumerate(sources)],
         "data": {
             "sft": {"path": str(write_jsonl(tmp / "data" / "sft.jsonl", SFT_ROWS))},
-            "preference": {"path": str(write_jsonl(tmp / "data" / "pref.jsonl", PREF_ROWS)), "format": "preference"},
+            "preference": {
+                "path": str(write_jsonl(tmp / "data" / "pref.jsonl", PREF_ROWS)),
+                "format": "preference",
+            },
         },
         "stages": {"extract": {"num_shards": 2}},
     }

@@ -7,6 +7,9 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fuse.alignment.content import Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, byte_level_decoder, gather_bytes, piece_decoder, vocab_pieces
 from fuse.alignment.project import (
@@ -40,8 +43,6 @@ from fuse.alignment.vocab import (
     pair_counts,
     stats_map,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def segmentations(n: int) -> list[list[int]]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fuse.alignment.content import Rendered, align_content
 from fuse.alignment.pieces import gather_bytes, vocab_pieces
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, align_spans, char_to_byte, spans_from_offsets
 from fuse.alignment.vocab import EXACT, build_vocab_map
+
 from real_tokenizers import load
 
 pytestmark = pytest.mark.network

@@ -58,9 +58,8 @@ def extract_store(path, tokenizer, k, rng, shards=2):
 
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory):
-    from fuse.stages import align as stage
-
     from fuse.recipe import parse_recipe
+    from fuse.stages import align as stage
     from fuse.zoo.vocab import CHATML, LLAMA_INST, VocabSpec, train_tokenizer
 
     texts = [m["content"] for c in CONVERSATIONS for m in c] * 20

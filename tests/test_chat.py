@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fuse.data.chat import ChatRenderError, content_spans, covering_offsets, render_chat, response_mask
 from fuse.data.logprobs import ContentSpan
+
 from tiny_lm import conversations, shared_models
 
 

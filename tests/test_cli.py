@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from recipes import toy_recipe, write_recipe
 from toy_stages import OVERRIDES, read_calls
 
@@ -15,11 +16,16 @@ TESTS = Path(__file__).parent
 
 
 def fuse(*args: str, toy: bool = True, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    environment = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
     if toy:
         environment["FUSE_STAGE_MODULES"] = OVERRIDES
-    return subprocess.run([sys.executable, "-m", "fuse", *args], env=environment, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fuse", *args], env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_validate_plan_run_noop(tmp_path):
@@ -101,7 +107,9 @@ def test_plan_does_not_import_torch(tmp_path):
     assert "HEAVY []" in result.stdout
 
 
-@pytest.mark.parametrize("recipe_file", sorted((TESTS.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe_file", sorted((TESTS.parent / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_recipes_validate(recipe_file):
     result = fuse("validate", str(recipe_file), "--no-load", toy=False)
     assert result.returncode == 0, result.stderr

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from recipes import toy_recipe
-
 from fuse.dag import build_dag
 from fuse.recipe import parse_recipe
+
+from recipes import toy_recipe
 
 
 def _dag(tmp_path, sources=("a", "b"), **stages):
@@ -21,7 +21,11 @@ def test_default_shape_fpo_per_target(tmp_path):
     for source in ("a", "b"):
         assert dag[f"align.{source}"].parents == (f"extract.{source}", "extract.pivot")
         assert set(dag[f"fpo.{source}"].parents) == {
-            "prepare", f"distill.{source}", f"score.target-{source}", "score.a", "score.b"
+            "prepare",
+            f"distill.{source}",
+            f"score.target-{source}",
+            "score.a",
+            "score.b",
         }
         assert dag[f"score.target-{source}"].parents == ("prepare", f"distill.{source}")
     assert set(dag["merge"].parents) == {"fpo.a", "fpo.b"}

@@ -13,7 +13,7 @@ import torch
 
 from fuse import training
 from fuse.recipe import DeepSpeedSettings, DistillSettings, ModelSpec
-from fuse.training import TrainingError, TrainingJob, make_job, newest_complete_checkpoint
+from fuse.training import TrainingJob, make_job, newest_complete_checkpoint
 
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
 
@@ -98,12 +98,14 @@ def test_deepspeed_config_from_recipe():
     assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
 
 
-def test_bad_deepspeed_combination_names_the_key():
-    settings = DistillSettings(deepspeed=DeepSpeedSettings(stage=2, offload_params=True))
-    with pytest.raises(
-        TrainingError, match=r"stages\.distill\.deepspeed\.offload_params needs deepspeed\.stage: 3"
-    ):
-        training.check_settings(settings, "stages.distill")
+def test_bad_deepspeed_combination_names_the_key(tmp_path):
+    from fuse.recipe import RecipeError, parse_recipe
+
+    recipe = {"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
+              "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
+              "stages": {"distill": {"deepspeed": {"stage": 2, "offload_params": True}}}}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"stages\.distill\.deepspeed: offload_params needs ZeRO stage 3"):
+        parse_recipe(recipe)
 
 
 def test_training_arguments_follow_the_recipe(tmp_path):
@@ -235,10 +237,10 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory, pivot_dir):
     """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once."""
-    from tiny_lm import build, conversations
-
     from fuse.executor import run_stage
     from fuse.recipe import parse_recipe
+
+    from tiny_lm import build, conversations
 
     tmp = tmp_path_factory.mktemp("distill-stage")
     source_dir = build(tmp / "src", arch="llama", seed=1)
@@ -264,9 +266,9 @@ def distill_run(tmp_path_factory, pivot_dir):
 @pytest.mark.slow
 def test_distill_stage_trains_from_the_stores(distill_run):
     from datasets import load_from_disk
-    from fuse.data.logprobs import LogprobReader
     from transformers import AutoModelForCausalLM
 
+    from fuse.data.logprobs import LogprobReader
     from fuse.executor import run_stage
     from fuse.io import read_json
     from fuse.store import RunStore
@@ -312,20 +314,16 @@ def test_sft_baseline_reads_only_the_prepared_split(distill_run):
 
 
 def test_unknown_fusion_in_the_recipe_is_reported_with_its_key(tmp_path):
-    from fuse.stages import distill
+    from fuse.losses import FUSIONS
+    from fuse.recipe import DistillSettings, RecipeError, parse_recipe
 
-    from fuse.context import StageContext
-    from fuse.dag import Instance
-    from fuse.recipe import parse_recipe
-
-    recipe = parse_recipe({"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
-                           "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
-                           "stages": {"distill": {"fusion": "best_of"}}})  # fmt: skip
-    ctx = StageContext(recipe, Instance("distill.s", "distill", "s"), tmp_path, {})
-    with pytest.raises(
-        distill.DistillInputError, match=r"stages\.distill\.fusion: unknown fusion function 'best_of'"
-    ):
-        distill.run(ctx)
+    recipe = {"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
+              "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
+              "stages": {"distill": {"fusion": "best_of"}}}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"stages\.distill\.fusion: Input should be 'min_ce'"):
+        parse_recipe(recipe)
+    # the schema's choices are exactly the registry's names
+    assert set(DistillSettings.model_fields["fusion"].annotation.__args__) == set(FUSIONS)
 
 
 def test_ce_per_byte_by_hand():

@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-import toy_stages
-from recipes import toy_recipe, write_recipe
-from toy_stages import OVERRIDES, read_calls
 
 from fuse.dag import build_dag
 from fuse.executor import StageFailed, run
 from fuse.plan import PlanError, fingerprints, make_plan, stage_module
 from fuse.recipe import load_recipe, parse_recipe
 from fuse.store import RunStore
+
+import toy_stages
+from recipes import toy_recipe, write_recipe
+from toy_stages import OVERRIDES, read_calls
 
 TESTS = Path(__file__).parent
 
@@ -60,8 +61,17 @@ def test_fingerprint_changes_exactly_with_inputs(tmp_path):
     changed = parse_recipe(changed)
     new = {k: v[0] for k, v in fingerprints(changed, build_dag(changed)).items()}
     differ = {k for k in prints if prints[k] != new[k]}
-    assert differ == {"distill.a", "distill.b", "score.target-a", "score.target-b", "fpo.a", "fpo.b", "merge",
-                      "evaluate", "publish"}
+    assert differ == {
+        "distill.a",
+        "distill.b",
+        "score.target-a",
+        "score.target-b",
+        "fpo.a",
+        "fpo.b",
+        "merge",
+        "evaluate",
+        "publish",
+    }
 
 
 def test_model_weights_change_fingerprint(tmp_path):
@@ -71,7 +81,12 @@ def test_model_weights_change_fingerprint(tmp_path):
     (tmp_path / "models" / "b" / "model.safetensors").write_bytes(b"\x09" * 64)
     after = {k: v[0] for k, v in fingerprints(recipe, build_dag(recipe)).items()}
     differ = {k for k in before if before[k] != after[k]}
-    assert "extract.b" in differ and "score.b" in differ and "extract.a" not in differ and "prepare" not in differ
+    assert (
+        "extract.b" in differ
+        and "score.b" in differ
+        and "extract.a" not in differ
+        and "prepare" not in differ
+    )
 
 
 def test_setting_change_reruns_only_downstream(tmp_path):
@@ -92,7 +107,9 @@ def test_dataset_change_reruns_everything(tmp_path):
     recipe = toy_recipe(tmp_path)
     _run(recipe)
     with open(recipe["data"]["sft"]["path"], "a") as handle:
-        handle.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+        handle.write(
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        )
     parsed = parse_recipe(recipe)
     steps = make_plan(parsed, build_dag(parsed), RunStore(recipe["workdir"]))
     assert all(s.action == "run" for s in steps)
@@ -142,7 +159,7 @@ def test_failure_names_instance_and_resume_skips_done(tmp_path, monkeypatch):
     before = read_calls(recipe["workdir"])
     monkeypatch.delenv("TOY_FAIL")
     _run(recipe)
-    after = read_calls(recipe["workdir"])[len(before):]
+    after = read_calls(recipe["workdir"])[len(before) :]
     assert after[0] == "distill.b" and "extract.a#0" not in after and "distill.a" not in after
 
 
@@ -174,10 +191,18 @@ def _ctx(recipe, dag, store, name, shard):
 def test_kill_9_mid_stage_then_rerun_finishes_the_rest(tmp_path):
     recipe = toy_recipe(tmp_path)
     path = write_recipe(tmp_path, recipe)
-    env = {**os.environ, "FUSE_STAGE_MODULES": OVERRIDES, "TOY_SLEEP": "distill.a=60",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "fuse", "run", str(path)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "FUSE_STAGE_MODULES": OVERRIDES,
+        "TOY_SLEEP": "distill.a=60",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fuse", "run", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while "distill.a" not in read_calls(recipe["workdir"]):
         assert time.monotonic() < deadline and process.poll() is None, "the run never reached distill.a"
@@ -188,9 +213,11 @@ def test_kill_9_mid_stage_then_rerun_finishes_the_rest(tmp_path):
     state = RunStore(recipe["workdir"]).manifest("distill.a")["status"]
     assert state == "running"  # killed: neither done nor failed
     env["TOY_SLEEP"] = ""
-    done = subprocess.run([sys.executable, "-m", "fuse", "run", str(path)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fuse", "run", str(path)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
-    after = read_calls(recipe["workdir"])[len(before):]
+    after = read_calls(recipe["workdir"])[len(before) :]
     assert after[0] == "distill.a"
     assert not set(after) & {c for c in before if c != "distill.a"}  # nothing finished is redone
     assert after[-1] == "publish"

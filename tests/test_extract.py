@@ -7,15 +7,16 @@ import json
 
 import numpy as np
 import pytest
-from fuse.data.chat import render_chat
-from fuse.data.logprobs import MAX_ERROR, LogprobReader
-from recipes import write_jsonl
-from tiny_lm import conversations, shared_models
 
 from fuse.backends import BackendError
 from fuse.backends.hf import TransformersBackend, length_batches
+from fuse.data.chat import render_chat
+from fuse.data.logprobs import MAX_ERROR, LogprobReader
 from fuse.executor import StageFailed, run
 from fuse.recipe import parse_recipe
+
+from recipes import write_jsonl
+from tiny_lm import conversations, shared_models
 
 OFF = {s: {"enabled": False} for s in ("align", "distill", "fpo", "merge", "evaluate", "publish", "score")}
 
@@ -163,9 +164,8 @@ def test_length_batches_respect_the_budget():
 def test_tokenizer_larger_than_the_model_is_refused():
     from types import SimpleNamespace
 
-    from fuse.stages.extract import check_tokenizer_fits
-
     from fuse.models import ModelLoadError
+    from fuse.stages.extract import check_tokenizer_fits
 
     with pytest.raises(ModelLoadError, match="vocab-size mismatch"):
         check_tokenizer_fits(SimpleNamespace(name="m", path="/m"), [0] * 10, 5)

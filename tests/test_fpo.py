@@ -94,11 +94,10 @@ def run_score(recipe, name: str, inputs: dict, directory: Path) -> Path:
 
 def initial_preference(model_dir: Path, rows: list[dict]) -> float:
     """The share of pairs where the untrained policy already prefers the chosen response."""
-    from fuse.stages.fpo import encode_split, load_scoring_model
-
     from fuse.fpo_trainer import policy_scores
     from fuse.models import load_tokenizer
     from fuse.recipe import ModelSpec
+    from fuse.stages.fpo import encode_split, load_scoring_model
 
     spec = ModelSpec(name="policy", path=str(model_dir))
     encoded, _ = encode_split(load_tokenizer(spec), rows, FpoSettings())
@@ -159,11 +158,10 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_policy_at_step_zero_equals_score_target(world):
-    from fuse.stages.fpo import encode_split, init_check, load_scoring_model
-
     from fuse.models import load_tokenizer
     from fuse.preference import join_scores, normalized_scores, read_scores
     from fuse.recipe import ModelSpec
+    from fuse.stages.fpo import encode_split, init_check, load_scoring_model
 
     spec = ModelSpec(name="policy", path=str(world.distill / "model"))
     for normalization in ("tokens", "bytes"):
@@ -187,13 +185,13 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
     """fusion `none` with per-token normalization is TRL's `sigmoid_norm` loss with p as the reference model;
     the reference is perturbed so that the loss is not the trivial log 2 of a policy equal to its reference."""
     from datasets import Dataset
-    from fuse.stages.fpo import encode_split, save_rows
     from trl import DPOTrainer
 
     from fuse.fpo_trainer import build_fpo_trainer, dpo_config, pair_collator
     from fuse.models import load_model, load_tokenizer
     from fuse.preference import join_scores, read_scores
     from fuse.recipe import ModelSpec
+    from fuse.stages.fpo import encode_split, save_rows
 
     spec = ModelSpec(name="policy", path=str(world.distill / "model"))
     tokenizer = load_tokenizer(spec)
@@ -257,8 +255,9 @@ def test_short_run_raises_heldout_accuracy(trained):
 
 @pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(world, trained, tmp_path, monkeypatch):
-    from fuse.stages import fpo
     from transformers import TrainerCallback
+
+    from fuse.stages import fpo
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -303,9 +302,9 @@ def test_deepspeed_zero2_on_two_processes(world, tmp_path):
 def test_missing_source_scores_name_the_source_and_the_row_count(world, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from fuse.stages import fpo
 
     from fuse.preference import ScoreError, read_scores
+    from fuse.stages import fpo
 
     table = read_scores(world.scores["a"], "a")
     partial = tmp_path / "score-a"

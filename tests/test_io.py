@@ -32,7 +32,9 @@ else:
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_killed_writer_leaves_nothing_complete(tmp_path, kind):
     target = tmp_path / ("out.bin" if kind == "file" else "model")
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(target), kind], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target), kind], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "writing"
     time.sleep(0.1)
     process.kill()

@@ -328,12 +328,12 @@ def test_cli_merges_from_yaml_and_reports_bad_config(family, tmp_path, capsys):
 
 
 def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_path):
-    from fuse.stages import merge as stage
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fuse.context import StageContext
     from fuse.dag import build_dag
     from fuse.recipe import parse_recipe
+    from fuse.stages import merge as stage
 
     (tmp_path / "sft.jsonl").write_text("{}\n")
     recipe = parse_recipe(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from recipes import PREF_ROWS, SFT_ROWS, toy_recipe, write_jsonl
 
 from fuse.data.prepared import Dropped, is_heldout, load_split, preference_row, sft_messages
 from fuse.executor import run
 from fuse.recipe import RecipeError, parse_recipe
+
+from recipes import PREF_ROWS, SFT_ROWS, toy_recipe, write_jsonl
 
 BAD_SFT = [
     {"messages": []},
@@ -25,9 +26,16 @@ def _prepare(tmp_path, sft_rows=None, **data):
     if sft_rows is not None:
         write_jsonl(tmp_path / "data" / "sft.jsonl", sft_rows)
     recipe["data"].update(data)
-    recipe["stages"] = {"extract": {"enabled": False}, "align": {"enabled": False}, "distill": {"enabled": False},
-                        "fpo": {"enabled": False}, "merge": {"enabled": False}, "publish": {"enabled": False},
-                        "evaluate": {"enabled": False}, "score": {"enabled": False}}
+    recipe["stages"] = {
+        "extract": {"enabled": False},
+        "align": {"enabled": False},
+        "distill": {"enabled": False},
+        "fpo": {"enabled": False},
+        "merge": {"enabled": False},
+        "publish": {"enabled": False},
+        "evaluate": {"enabled": False},
+        "score": {"enabled": False},
+    }
     parsed = parse_recipe(recipe)
     run(parsed, echo=lambda _: None)
     out = tmp_path / "run" / "prepare" / "out"
@@ -64,10 +72,17 @@ def test_split_is_stable_when_rows_are_added():
 
 
 def test_column_mapping_and_sharegpt(tmp_path):
-    rows = [{"conv": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(5)]
+    rows = [
+        {"conv": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(5)
+    ]
     write_jsonl(tmp_path / "share.jsonl", rows)
     _out, report = _prepare(
-        tmp_path, sft={"path": str(tmp_path / "share.jsonl"), "format": "sharegpt", "columns": {"conversations": "conv"}}
+        tmp_path,
+        sft={
+            "path": str(tmp_path / "share.jsonl"),
+            "format": "sharegpt",
+            "columns": {"conversations": "conv"},
+        },
     )
     assert report["sft"]["rows_kept"] == 5
 
@@ -87,7 +102,10 @@ def test_all_rows_bad_is_an_error(tmp_path):
 
 
 def test_normalizers():
-    assert sft_messages({"prompt": "p", "response": "r", "system": "s"}, "prompt_response", {})[0]["role"] == "system"
+    assert (
+        sft_messages({"prompt": "p", "response": "r", "system": "s"}, "prompt_response", {})[0]["role"]
+        == "system"
+    )
     conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}]
     row = preference_row({"chosen": conversation, "rejected": "bad"}, {})
     assert row == {"prompt": [{"role": "user", "content": "q"}], "chosen": "good", "rejected": "bad"}

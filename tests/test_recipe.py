@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-from recipes import toy_recipe, write_recipe
 
 from fuse.recipe import RecipeError, load_recipe, parse_recipe
 from fuse.validate import validate
+
+from recipes import toy_recipe, write_recipe
 
 
 def _error(tmp_path, mutate) -> str:
@@ -100,6 +101,10 @@ def test_invalid_yaml(tmp_path):
 
 
 def test_fpo_cross_checks(tmp_path):
-    assert "unknown sources: zed" in _error(tmp_path, lambda r: r["stages"].update(fpo={"weights": {"zed": 1.0}}))
-    message = _error(tmp_path, lambda r: r["stages"].update(fpo={"max_length": 512}, score={"max_length": 256}))
+    assert "unknown sources: zed" in _error(
+        tmp_path, lambda r: r["stages"].update(fpo={"weights": {"zed": 1.0}})
+    )
+    message = _error(
+        tmp_path, lambda r: r["stages"].update(fpo={"max_length": 512}, score={"max_length": 256})
+    )
     assert "stages.score.max_length (256) must be at least stages.fpo.max_length (512)" in message

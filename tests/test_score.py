@@ -8,14 +8,15 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fuse.stages import score
-from recipes import write_jsonl
-from tiny_lm import corpus, shared_models
 
 from fuse.context import StageContext
 from fuse.dag import build_dag
 from fuse.executor import run
 from fuse.recipe import parse_recipe
+from fuse.stages import score
+
+from recipes import write_jsonl
+from tiny_lm import corpus, shared_models
 
 OFF = {s: {"enabled": False} for s in ("evaluate", "publish", "merge")}
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from recipes import toy_recipe, write_recipe
-from toy_stages import OVERRIDES
 
 from fuse import slurm
 from fuse.cli import main
@@ -24,6 +22,9 @@ from fuse.dag import build_dag
 from fuse.plan import PlanError, fingerprints, stage_module
 from fuse.recipe import RecipeError, load_recipe
 from fuse.store import RunStore
+
+from recipes import toy_recipe, write_recipe
+from toy_stages import OVERRIDES
 
 TESTS = Path(__file__).parent
 

@@ -11,9 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from recipes import toy_recipe, write_recipe
-from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
-from toy_stages import OVERRIDES, read_calls
 
 from fuse import slurm
 from fuse.cli import main
@@ -21,6 +18,10 @@ from fuse.executor import run_stage
 from fuse.plan import stage_module
 from fuse.recipe import load_recipe
 from fuse.store import RunStore
+
+from recipes import toy_recipe, write_recipe
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
+from toy_stages import OVERRIDES, read_calls
 
 TESTS = Path(__file__).parent
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]

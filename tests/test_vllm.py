@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fuse.data.chat import render_chat
-from tiny_lm import conversations, shared_models
 
 from fuse.backends import BackendError
 from fuse.backends.hf import TransformersBackend
 from fuse.backends.vllm_engine import VllmBackend, convert_prompt_logprobs
+from fuse.data.chat import render_chat
+
+from tiny_lm import conversations, shared_models
 
 pytestmark = pytest.mark.vllm
 TOLERANCE = 1e-4

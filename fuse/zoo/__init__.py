@@ -300,15 +300,14 @@ def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
 
 
 def build_models(root: Path, settings: ZooSettings, workers: int) -> dict[str, dict[str, Any]]:
-    jobs = [(spec, settings, str(root / "models" / spec.name)) for spec in ZOO_MODELS]
-    if workers <= 1:
-        results = [_build_model_job(job) for job in jobs]
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    """Each model in a fresh (spawned) process, even with one worker: the caller's process may carry global
+    torch state (flags set by vLLM or DeepSpeed in a test session) that changes the kernels' bits."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_build_model_job, jobs))
+    jobs = [(spec, settings, str(root / "models" / spec.name)) for spec in ZOO_MODELS]
+    with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_build_model_job, jobs))
     return {spec.name: info for spec, info in zip(ZOO_MODELS, results, strict=True)}
 
 
