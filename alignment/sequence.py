@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from fuse.alignment.pieces import VocabPieces, gather_bytes
+from fuse.registry import Registry
 
 ONE_TO_ONE, MANY_TO_ONE, UNALIGNED, TEMPLATE = 0, 1, 2, 3
 KIND_NAMES = {ONE_TO_ONE: "1:1", MANY_TO_ONE: "many:1", UNALIGNED: "unaligned", TEMPLATE: "template"}
@@ -35,7 +36,7 @@ class SequenceAlignment:
         return cls(minus, np.full(n, kind, np.int8), minus.copy(), minus.copy())
 
 
-ALIGNERS: dict[str, Callable[..., SequenceAlignment]] = {}
+ALIGNERS: Registry[Callable[..., SequenceAlignment]] = Registry("alignment method")
 ALIGNER_REFERENCES: dict[str, str] = {}
 
 
@@ -43,9 +44,8 @@ def aligner(name: str, reference_url: str) -> Callable:
     """Register an interchangeable sequence-alignment method (settings: `align.method`)."""
 
     def register(function: Callable[..., SequenceAlignment]) -> Callable[..., SequenceAlignment]:
-        if name in ALIGNERS:
-            raise ValueError(f"alignment method {name!r} registered twice")
-        ALIGNERS[name], ALIGNER_REFERENCES[name] = function, reference_url
+        ALIGNERS.add(name, function)
+        ALIGNER_REFERENCES[name] = reference_url
         return function
 
     return register

@@ -66,7 +66,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fuse.executor import run
+    from fuse.executor import results, run
+    from fuse.store import RunStore
     from fuse.validate import check_files
 
     recipe = load_recipe(args.recipe)
@@ -76,8 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     started = time.monotonic()
-    run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
+    steps = run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
     print(f"finished in {time.monotonic() - started:.1f} s — run store: {recipe.workdir}")
+    lines = results(steps, RunStore(recipe.workdir))  # the fused model and the table, when this run has them
+    if lines:
+        print("\n".join(lines))
     return 0
 
 

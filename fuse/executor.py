@@ -224,6 +224,27 @@ def run(
     return steps
 
 
+def results(steps: list[Step], store: RunStore) -> list[str]:
+    """What a finished run produced, for the end of `fuse run`: where the fused model is and the evaluation
+    table. Only instances done at their current fingerprint count; reads small files only (no torch)."""
+    done = {s.instance.stage: s.instance.name for s in steps if _done_now(store, s)}
+    lines = []
+    model_stage = next((stage for stage in ("publish", "merge") if stage in done), None)
+    if model_stage and (store.out(done[model_stage]) / "model").is_dir():
+        label = "published model" if model_stage == "publish" else "fused model"
+        lines.append(f"{label}: {(store.out(done[model_stage]) / 'model').resolve()}")
+    table = store.out(done["evaluate"]) / "metrics.md" if "evaluate" in done else None
+    if table and table.is_file():
+        rows = [line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+        lines += ["", f"results ({table.resolve()}):", *rows]
+    return lines
+
+
+def _done_now(store: RunStore, step: Step) -> bool:
+    manifest = store.manifest(step.instance.name) or {}
+    return manifest.get("status") == "done" and manifest.get("fingerprint") == step.fingerprint
+
+
 class _Prefixed(Progress):
     """A Progress whose lines start with the instance's rank in this run: "[3/9] distill.llama step 40/100"."""
 

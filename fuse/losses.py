@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fuse.registry import Registry
+
 IGNORE_INDEX = -100
 PAD_ID = -1
 # The student's tail mass is clamped here before its log: a student that puts all its mass on the teacher's ids
@@ -32,7 +34,7 @@ class FusionFunction:
     reference: str
 
 
-FUSIONS: dict[str, FusionFunction] = {}
+FUSIONS: Registry[FusionFunction] = Registry("fusion function")
 
 
 def fusion_function(name: str, reference: str) -> Callable:
@@ -43,18 +45,14 @@ def fusion_function(name: str, reference: str) -> Callable:
     """
 
     def register(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        if name in FUSIONS:
-            raise ValueError(f"fusion function {name!r} is registered twice")
-        FUSIONS[name] = FusionFunction(name, fn, reference)
+        FUSIONS.add(name, FusionFunction(name, fn, reference))
         return fn
 
     return register
 
 
 def get_fusion(name: str) -> FusionFunction:
-    if name not in FUSIONS:
-        raise ValueError(f"unknown fusion function {name!r}; known: {', '.join(sorted(FUSIONS))}")
-    return FUSIONS[name]
+    return FUSIONS.lookup(name)
 
 
 @fusion_function("min_ce", "FuseLLM, Wan et al. 2024 (arXiv:2401.10491), MinCE; FuseChat (arXiv:2402.16107)")

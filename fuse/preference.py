@@ -15,15 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fuse.registry import Registry
+from fuse.stages.score import COLUMNS
+
 NORMALIZATIONS = ("tokens", "bytes", "none")
-SCORE_COLUMNS = (
-    "chosen_logp",
-    "chosen_tokens",
-    "chosen_bytes",
-    "rejected_logp",
-    "rejected_tokens",
-    "rejected_bytes",
-)
+SCORE_COLUMNS = COLUMNS[1:]  # the score stage's table, less its id
 
 
 class ScoreError(ValueError):
@@ -111,25 +107,21 @@ class PairFusion:
     uses_sources: bool
 
 
-PAIR_FUSIONS: dict[str, PairFusion] = {}
+PAIR_FUSIONS: Registry[PairFusion] = Registry("fpo fusion")
 
 
 def pair_fusion(name: str, reference: str, uses_sources: bool = True) -> Callable[[FusionFn], FusionFn]:
     """Register `fn(chosen [K, N], rejected [K, N], pivot, weights [K]) -> Fused` (sources already clipped)."""
 
     def register(fn: FusionFn) -> FusionFn:
-        if name in PAIR_FUSIONS:
-            raise ValueError(f"pair fusion {name!r} is registered twice")
-        PAIR_FUSIONS[name] = PairFusion(name, fn, reference, uses_sources)
+        PAIR_FUSIONS.add(name, PairFusion(name, fn, reference, uses_sources))
         return fn
 
     return register
 
 
 def get_pair_fusion(name: str) -> PairFusion:
-    if name not in PAIR_FUSIONS:
-        raise ValueError(f"unknown fpo fusion {name!r}; known: {', '.join(sorted(PAIR_FUSIONS))}")
-    return PAIR_FUSIONS[name]
+    return PAIR_FUSIONS.lookup(name)
 
 
 @pair_fusion("max_margin", "InfiFPO, Gu et al. 2025 (arXiv:2505.13878), max-margin fusion")

@@ -15,6 +15,7 @@ from fuse.io import atomic_write, read_json, write_json_atomic
 
 VERSION = 1
 CHUNK_PAIRS = 256
+# the score table's schema (fuse.preference reads it through these names)
 COLUMNS = (
     "id",
     "chosen_logp",

@@ -8,29 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-WORDS = [
-    "the",
-    "a",
-    "fox",
-    "cat",
-    "dog",
-    "runs",
-    "jumps",
-    "over",
-    "under",
-    "river",
-    "hill",
-    "red",
-    "blue",
-    "green",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "yes",
-    "no",
-]
+from tiny_lm import WORDS as TINY_WORDS
+
+WORDS = TINY_WORDS
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
 
 

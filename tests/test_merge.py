@@ -109,7 +109,7 @@ def test_varm_weights_by_mean_squared_delta():
 
 
 def test_registry_rejects_duplicates_unknown_methods_and_parameters():
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered twice"):
         merge_method("ties", reference_url="-", paper="-")(lambda *a: None)
     with pytest.raises(MergeConfigError, match="unknown merge method 'tie'"):
         get_method("tie")

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from fuse.registry import Registry
+
 Tensor = torch.Tensor
 
 
@@ -81,7 +83,7 @@ class MergeMethod:
     uses_base: bool = True
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS: Registry[MergeMethod] = Registry("merge method", MergeConfigError, key="method")
 
 
 def merge_method(
@@ -96,10 +98,9 @@ def merge_method(
     """Register `fn(name, base, deltas, params) -> Merged` under `name`; duplicate names are errors."""
 
     def register(fn: MethodFn) -> MethodFn:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        METHODS[name] = MergeMethod(
-            name, fn, reference_url, paper, dict(shared or {}), dict(per_model or {}), uses_base
+        METHODS.add(
+            name,
+            MergeMethod(name, fn, reference_url, paper, dict(shared or {}), dict(per_model or {}), uses_base),
         )
         return fn
 
@@ -107,12 +108,7 @@ def merge_method(
 
 
 def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise MergeConfigError(
-            f"method: unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
-        ) from None
+    return METHODS.lookup(name)
 
 
 # --------------------------------------------------------------------------------------------- building blocks
