@@ -28,7 +28,10 @@ class ModelLoadError(RuntimeError):
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    """As huggingface_hub reads it (1/on/yes/true, any case; TRANSFORMERS_OFFLINE as a fallback), so that fuse and
+    the hub client never disagree about whether the network may be used."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 def resolve_model_dir(spec: ModelSpec) -> Path:
@@ -36,6 +39,8 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
     local = Path(spec.path)
     if local.is_dir():
         return local
+    if local.exists():
+        raise ModelLoadError(f"model {spec.name or spec.path!r}: {spec.path} is a file, not a model folder")
     if local.is_absolute() or spec.path.startswith("."):
         raise ModelLoadError(f"model {spec.name or spec.path!r}: folder {spec.path} does not exist")
     from huggingface_hub import snapshot_download

@@ -104,6 +104,20 @@ def check_models(recipe: Recipe) -> list[str]:
     return problems
 
 
+def check_push(recipe: Recipe) -> list[str]:
+    """A push that cannot happen (offline, no token) is reported now, not after the whole run."""
+    publish = recipe.stages.publish
+    if not (publish.enabled and publish.push):
+        return []
+    from fuse.stages.publish import check_push_possible
+
+    try:
+        check_push_possible()
+    except RuntimeError as error:
+        return [str(error)]
+    return []
+
+
 def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     """Raise one RecipeError listing every problem found.
 
@@ -115,7 +129,7 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     if files:
         problems = check_files(recipe) + problems
     if load and not problems:
-        problems += check_models(recipe)
+        problems += check_models(recipe) + check_push(recipe)
     if problems:
         raise RecipeError(
             "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)

@@ -15,7 +15,7 @@ from fuse.context import StageContext
 from fuse.io import atomic_dir, write_json_atomic
 from fuse.recipe import Recipe
 
-VERSION = 1
+VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -42,9 +42,11 @@ def lineage(recipe: Recipe) -> list[dict[str, str]]:
 
 def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, Any]:
     datasets = [d.path for d in (recipe.data.sft, recipe.data.preference) if d is not None]
+    metadata: dict[str, Any] = {}
+    if not Path(recipe.pivot.path).exists():  # the Hub only accepts model ids here, never local paths
+        metadata = {"base_model": recipe.pivot.path, "base_model_relation": "merge"}
     return {
-        "base_model": recipe.pivot.path,
-        "base_model_relation": "merge",
+        **metadata,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["fuse", "model-fusion", "knowledge-fusion", f"merge-{merge_settings['method']}"],
@@ -56,6 +58,16 @@ def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, A
     }
 
 
+def evaluation_section(metrics_md: str | None) -> str:
+    """evaluate's metrics.md without its own title, which would be a second `#` heading in the card."""
+    if not metrics_md:
+        return "No evaluation was run."
+    lines = metrics_md.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
+
+
 def model_card(
     recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str
 ) -> str:
@@ -63,7 +75,10 @@ def model_card(
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
     sources = "\n".join(f"| {s.name} | `{s.path}` | {s.revision or 'main'} |" for s in recipe.sources)
     steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
-    recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    # the executor says where it ran, not what made the model; its env_setup lines and accounts stay private
+    recipe_yaml = yaml.safe_dump(
+        recipe.model_dump(mode="json", by_alias=True, exclude={"executor"}), sort_keys=False
+    )
     rows = "\n".join(
         f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
         for r in lineage_rows
@@ -90,7 +105,7 @@ Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sor
 
 ## Evaluation
 
-{metrics_md.strip() if metrics_md else "No evaluation was run."}
+{evaluation_section(metrics_md)}
 
 ## Lineage
 
@@ -109,23 +124,25 @@ model identities and code version).
 """
 
 
-def copy_model(source: Path, target: Path, max_shard_size: str) -> None:
+def copy_model(source: Path, target: Path, max_shard_size: str, trust_remote_code: bool = False) -> None:
     """Re-save through transformers: sharded safetensors with an index, config, generation config, tokenizer."""
     from fuse.models import load_model, load_tokenizer_dir
     from fuse.recipe import ModelSpec
 
-    model = load_model(ModelSpec(name="fused", path=str(source)), dtype="auto")
+    spec = ModelSpec(name="fused", path=str(source), trust_remote_code=trust_remote_code)
+    model = load_model(spec, dtype="auto")
     model.save_pretrained(target, max_shard_size=max_shard_size, safe_serialization=True)
-    load_tokenizer_dir(source).save_pretrained(target)
+    load_tokenizer_dir(source, trust_remote_code).save_pretrained(target)
 
 
-def check_reload_and_generate(folder: Path) -> str:
+def check_reload_and_generate(folder: Path, trust_remote_code: bool = False) -> str:
     """The folder must load with the Auto classes and generate with its chat template; returns the sample."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    # the fused model has the pivot's architecture: its code is trusted exactly when the pivot's is
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{folder}: the tokenizer has no chat template")
     prompt = tokenizer.apply_chat_template(
@@ -140,6 +157,24 @@ def check_reload_and_generate(folder: Path) -> str:
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
     return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def check_push_possible() -> None:
+    """Fail before any work when a push cannot happen, not after minutes of copying and validating."""
+    from huggingface_hub import get_token
+
+    from fuse.models import offline
+
+    if offline():
+        raise RuntimeError(
+            "stages.publish.push is true but offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set; "
+            "`make` sets HF_HUB_OFFLINE=1 unless told otherwise)"
+        )
+    if not get_token():
+        raise RuntimeError(
+            "stages.publish.push is true but there is no Hugging Face token "
+            "(set HF_TOKEN in the environment or run `hf auth login`)"
+        )
 
 
 def push(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
@@ -163,6 +198,8 @@ def run(ctx: StageContext) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     settings = ctx.settings
+    if settings.push:
+        check_push_possible()
     source = ctx.input(final_model_parent(ctx)) / "model"
     metrics_md = None
     if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
@@ -174,12 +211,12 @@ def run(ctx: StageContext) -> None:
     rows = lineage(ctx.recipe)
     target = ctx.out / "model"
     with atomic_dir(target) as tmp:
-        copy_model(source, tmp, settings.max_shard_size)
+        copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(
             model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8"
         )
         write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
-        sample = check_reload_and_generate(tmp)
+        sample = check_reload_and_generate(tmp, ctx.recipe.pivot.trust_remote_code)
         ctx.log.info("publish: the folder reloads and generates (%r)", sample)
     report: dict[str, Any] = {"folder": str(target), "sample": sample, "pushed": False}
     if settings.push:

@@ -1,0 +1,48 @@
+"""The shipped demo recipe (examples/tiny-demo.yaml), rewritten for a test: its own workdir, the session's zoo.
+
+Used by the end-to-end tests of the real pipeline, locally (test_demo.py) and through SLURM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "examples" / "tiny-demo.yaml"
+ZOO_PREFIX = "../.zoo/"  # how the shipped recipe names the zoo (relative to examples/)
+
+
+def _point_at(value: Any, zoo_root: Path) -> Any:
+    """Every ../.zoo/… string, at any depth, becomes the same file under `zoo_root`."""
+    if isinstance(value, dict):
+        return {key: _point_at(item, zoo_root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_point_at(item, zoo_root) for item in value]
+    if isinstance(value, str) and value.startswith(ZOO_PREFIX):
+        return str(zoo_root / value.removeprefix(ZOO_PREFIX))
+    return value
+
+
+def _set(recipe: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = recipe
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def demo_recipe(zoo_root: Path, workdir: Path, path: Path, **settings: Any) -> Path:
+    """Write the demo recipe to `path` with `workdir` and the zoo at `zoo_root`; `settings` are dotted keys
+    with "__" for "." (stages__merge__parameters__select_topk=0.7). Returns `path`."""
+    recipe = _point_at(yaml.safe_load(DEMO.read_text(encoding="utf-8")), Path(zoo_root).resolve())
+    recipe["workdir"] = str(workdir)
+    relative = [line for line in yaml.safe_dump(recipe).splitlines() if "../" in line]
+    assert not relative, f"{DEMO} has paths this helper does not rewrite: {relative}"
+    for key, value in settings.items():
+        _set(recipe, key.replace("__", "."), value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
