@@ -29,7 +29,7 @@ __all__ = ["ZOO_MODELS", "PretrainSettings", "Zoo", "ZooModel", "ZooSettings", "
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: SFT and preference data cover every key of every skill
 MARKER = "zoo.json"
 BUILD_CODE = ("__init__.py", "world.py", "vocab.py", "training.py")  # what the files depend on (not the CLI)
 
@@ -111,8 +111,8 @@ class ZooSettings:
     n_general_docs: int = 3000
     n_heldout_docs: int = 64
     n_eval: int = 48
-    n_sft: int = 12
-    n_pref: int = 12
+    sft_phrasings: int = 2  # SFT asks every key of every skill in this many training phrasings
+    pref_phrasings: int = 1  # preference pairs: every key in this many training phrasings
     pretrain: PretrainSettings = PretrainSettings()
 
 
@@ -279,7 +279,9 @@ def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
     import torch
 
     spec, settings, out = args
-    splits = world.split_world(settings.seed, settings.n_eval, settings.n_sft, settings.n_pref)
+    splits = world.split_world(
+        settings.seed, settings.n_eval, settings.sft_phrasings, settings.pref_phrasings
+    )
     general = world.general_documents(settings.seed, "train", settings.n_general_docs)
     corpus = tokenizer_corpus(splits, general, settings.seed)
     # bit-identical results need one thread and deterministic kernels; restored for an in-process caller
@@ -355,7 +357,7 @@ sources:
 data:
   sft: {path: data/sft.jsonl, format: messages}
   preference: {path: data/preference.jsonl, format: preference}
-  heldout_fraction: 0.0
+  heldout_fraction: 0.1
 stages:
   extract: {top_k: 10, max_length: 128}
   evaluate: {items: data/eval_items.jsonl, heldout_text: data/heldout.jsonl, max_new_tokens: 16}
@@ -412,7 +414,9 @@ def build_zoo(
         started = time.monotonic()
         with atomic_dir(root) as tmp:
             models = build_models(tmp, settings, workers)
-            splits = world.split_world(settings.seed, settings.n_eval, settings.n_sft, settings.n_pref)
+            splits = world.split_world(
+                settings.seed, settings.n_eval, settings.sft_phrasings, settings.pref_phrasings
+            )
             heldout = world.general_documents(settings.seed, "heldout", settings.n_heldout_docs)
             for relative, text in {**data_files(splits, heldout), "recipe.yaml": DEMO_RECIPE}.items():
                 write_text_atomic(tmp / relative, text)

@@ -159,9 +159,10 @@ def skills(seed: int) -> list[Skill]:
     return [capital_skill(seed), translate_skill(seed), shout_skill(seed), antonym_skill(seed)]
 
 
-def split_skill(skill: Skill, seed: int, n_eval: int, n_sft: int, n_pref: int) -> Splits:
-    """Pre-training: every key in every training phrasing. SFT / preference: a few keys each (small on purpose).
-    Eval: up to `n_eval` keys in the held-out phrasing."""
+def split_skill(skill: Skill, seed: int, n_eval: int, sft_phrasings: int, pref_phrasings: int) -> Splits:
+    """Pre-training: every key in every training phrasing. SFT: every key in `sft_phrasings` of the training
+    phrasings (the gold labels teach every fact; one phrasing per key does not carry over to the held-out one);
+    preference: every key in `pref_phrasings` of them. Eval: up to `n_eval` keys in the held-out phrasing."""
     rng = random.Random(f"split-{skill.name}-{seed}")
     splits = Splits()
     splits.pretrain[skill.name] = [
@@ -170,19 +171,21 @@ def split_skill(skill: Skill, seed: int, n_eval: int, n_sft: int, n_pref: int) -
     keys = list(skill.table)
     rng.shuffle(keys)
     splits.eval[skill.name] = [skill.example(k, a, skill.eval_phrasing) for k, a in keys[:n_eval]]
-    sft_keys, pref_keys = rng.sample(skill.table, n_sft), rng.sample(skill.table, n_pref)
-    splits.sft[skill.name] = [skill.example(k, a, rng.choice(skill.train_phrasings)) for k, a in sft_keys]
+    sft = [skill.example(k, a, p) for k, a in keys for p in rng.sample(skill.train_phrasings, sft_phrasings)]
+    rng.shuffle(sft)  # phrasings of one key apart, so a held-out fraction of rows rarely takes a whole key
+    splits.sft[skill.name] = sft
     splits.preference[skill.name] = [
-        (skill.example(k, a, rng.choice(skill.train_phrasings)), skill.wrong_answer(a, rng))
-        for k, a in pref_keys
+        (skill.example(k, a, p), skill.wrong_answer(a, rng))
+        for k, a in keys
+        for p in rng.sample(skill.train_phrasings, pref_phrasings)
     ]
     return splits
 
 
-def split_world(seed: int, n_eval: int = 48, n_sft: int = 12, n_pref: int = 12) -> Splits:
+def split_world(seed: int, n_eval: int = 48, sft_phrasings: int = 2, pref_phrasings: int = 1) -> Splits:
     merged = Splits()
     for skill in skills(seed):
-        part = split_skill(skill, seed, n_eval, n_sft, n_pref)
+        part = split_skill(skill, seed, n_eval, sft_phrasings, pref_phrasings)
         for name in ("pretrain", "sft", "preference", "eval"):
             getattr(merged, name).update(getattr(part, name))
     return merged
