@@ -143,23 +143,34 @@ def text_start_id(tokenizer: Any) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def ce_per_byte(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
-    """Summed next-token NLL (nats) over all tokens of all texts / their UTF-8 bytes: comparable across vocabularies."""
+def ce_per_byte(
+    model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024, batch_size: int = 16
+) -> float:
+    """Summed next-token NLL (nats) over all tokens of all texts / their UTF-8 bytes: comparable across vocabularies.
+
+    Texts go in length-sorted, right-padded batches; padded positions are masked out of the loss, so the sum is
+    the same as one forward per text (a causal model never attends to the padding after a token).
+    """
     import torch
 
-    total_nll, total_bytes = 0.0, 0
     start = text_start_id(tokenizer)
     if start is None:
         raise EvaluationError("per-byte CE needs a BOS or EOS token to condition the first token on")
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-        input_ids = torch.tensor([[start, *ids]], device=model.device)
+    encoded = sorted(
+        ([start, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1]] for t in texts),
+        key=len,
+    )
+    total_nll = 0.0
+    for first in range(0, len(encoded), batch_size):
+        batch = encoded[first : first + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([row + [start] * (width - len(row)) for row in batch], device=model.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=model.device)
         with torch.inference_mode():
-            logits = (
-                model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1].float()
-            )
-        total_nll += float(torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum"))
-        total_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total_nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+    total_bytes = sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in encoded)
     return total_nll / max(1, total_bytes)
 
 

@@ -325,6 +325,9 @@ class Slurm:
             return [
                 dict(re.findall(r"(\S+?)=(\S*)", line)) for line in result.stdout.splitlines() if line.strip()
             ]
+        if "invalid job id" not in result.stderr.lower():
+            # the controller did not answer (auth, connection): not knowing is not the same as "forgotten"
+            raise SlurmError(f"scontrol show job {job_id} failed: {result.stderr.strip()}")
         return self._sacct(job_id)
 
     def _sacct(self, job_id: str) -> list[dict[str, str]]:
@@ -653,8 +656,12 @@ def wait(
     slurm = slurm or Slurm()
     deadline = time.monotonic() + timeout
     while True:
-        statuses = {job_id: slurm.status(job_id) for job_id in job_ids}
-        if not any(s.active for s in statuses.values()):
+        try:
+            statuses = {job_id: slurm.status(job_id) for job_id in job_ids}
+        except SlurmError as error:  # a passing controller hiccup: keep waiting until the deadline
+            log.warning("%s; polling again", error)
+            statuses = {}
+        if statuses and not any(s.active for s in statuses.values()):
             return statuses
         if time.monotonic() > deadline:
             live = ", ".join(f"{j} {s.state}" for j, s in statuses.items() if s.active)

@@ -5,6 +5,7 @@ Used by the end-to-end tests of the real pipeline, locally (test_demo.py) and th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,15 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "tiny-demo.yaml"
 ZOO_PREFIX = "../.zoo/"  # how the shipped recipe names the zoo (relative to examples/)
+SOURCES = ("llama", "gpt2", "gemma")
+TABLE_ROWS = (  # the models the demo's result table must show
+    "pivot",
+    *SOURCES,
+    *(f"distill.{s}" for s in SOURCES),
+    *(f"fpo.{s}" for s in SOURCES),
+    "merge",
+    "distill.sft_baseline",
+)
 
 
 def _point_at(value: Any, zoo_root: Path) -> Any:
@@ -46,3 +56,13 @@ def demo_recipe(zoo_root: Path, workdir: Path, path: Path, **settings: Any) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    """evaluate/out/metrics.json has a row per TABLE_ROWS model: accuracies in [0, 1], a positive finite CE."""
+    assert set(TABLE_ROWS) <= set(metrics["models"]), sorted(metrics["models"])
+    for name in TABLE_ROWS:
+        row = metrics["models"][name]
+        accuracies = [row["mean_accuracy"], *row["skills"].values()]
+        assert set(row["skills"]) == set(metrics["skills"]) and all(0 <= a <= 1 for a in accuracies), name
+        assert 0 < row["ce_per_byte"] < math.inf, name

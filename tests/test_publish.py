@@ -24,7 +24,8 @@ from fuse.executor import Progress, StageFailed, run_instance
 from fuse.plan import fingerprints, make_plan
 from fuse.recipe import Recipe, load_recipe
 from fuse.store import RunStore
-from tests.demo_recipe import demo_recipe
+
+from demo_recipe import demo_recipe
 
 METRICS_MD = """# Evaluation
 

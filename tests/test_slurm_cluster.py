@@ -1,11 +1,13 @@
 """`fuse submit/status/cancel` against a real single-node SLURM: the whole DAG, failure, scancel and cancel
 mid-run, resubmission, a requeued training job resuming from its checkpoint, arrays of missing shards.
 
-Stages are the toy ones (tests/toy_stages.py, tests/slurm_toy.py), so each job takes about a second.
+Stages are the toy ones (tests/toy_stages.py, tests/slurm_toy.py), so each job takes about a second; one test
+runs the shipped demo with the real stages.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from fuse.plan import stage_module
 from fuse.recipe import load_recipe
 from fuse.store import RunStore
 
+from demo_recipe import check_metrics, demo_recipe
 from recipes import toy_recipe, write_recipe
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
 from toy_stages import OVERRIDES, read_calls
@@ -250,3 +253,35 @@ def test_array_runs_only_the_missing_shards(tmp_path):
         f"slurm-{jobs['extract.pivot'].job_id}_2.out",
     ]
     assert set(_states(path).values()) == {"done"}
+
+
+@pytest.mark.slow
+def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
+    """The shipped demo, real stages, one SLURM job per instance (arrays for extract's shards) on the local cluster.
+    Evaluation on 8 items per skill (its one change): the job chain, not the table, is what this test is about."""
+    # the autouse `toy` fixture's swap is off: real stages, here and in the jobs (they inherit this environment)
+    monkeypatch.delenv("FUSE_STAGE_MODULES")
+    stage_module.cache_clear()
+    workdir = tmp_path / "run"
+    path = demo_recipe(
+        zoo.root, workdir, tmp_path / "tiny-demo.yaml", stages__evaluate__max_items_per_skill=8
+    )
+    site = TESTS.parent / "slurm" / "sites" / "local.yaml"
+    code = main(["submit", str(path), "--site", str(site), "--wait", "--timeout", "1500"])
+    submitted = capsys.readouterr().out
+    assert "24 jobs submitted, 0 kept" in submitted, submitted
+    assert main(["status", str(path)]) == 0
+    status = capsys.readouterr().out
+    with capsys.disabled():  # the job list (ids, states, elapsed) for the closing note of issue 9
+        print(f"\n{status}")
+    Path("/tmp/slurm_demo_status.txt").write_text(status, encoding="utf-8")
+    assert code == 0, f"{submitted}\n{status}"
+
+    rows = slurm.collect_status(load_recipe(path))
+    assert len(rows) == 24 and {r.state for r in rows} == {"done"}, status
+    assert {r.job.state for r in rows} == {"COMPLETED"} and status.count("COMPLETED") == 24, status
+    assert len({r.job.job_id for r in rows}) == 24 and all(r.elapsed for r in rows)
+    check_metrics(json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text()))
+    assert (workdir / "publish" / "out" / "model" / "model.safetensors").is_file()
+    assert main(["submit", str(path), "--site", str(site)]) == 0
+    assert "0 jobs submitted, 0 kept" in capsys.readouterr().out
