@@ -68,14 +68,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fuse.executor import results, run
     from fuse.store import RunStore
-    from fuse.validate import check_files
+    from fuse.validate import require_files
 
     recipe = load_recipe(args.recipe)
-    problems = check_files(recipe)
-    if problems:
-        raise RecipeError(
-            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+    require_files(recipe)
     started = time.monotonic()
     steps = run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
     print(f"finished in {time.monotonic() - started:.1f} s — run store: {recipe.workdir}")

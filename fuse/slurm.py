@@ -673,14 +673,10 @@ def wait(
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fuse.validate import check_files
+    from fuse.validate import require_files
 
     recipe = load_recipe(args.recipe)
-    problems = check_files(recipe)
-    if problems:
-        raise RecipeError(
-            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+    require_files(recipe)
     path = site_path(recipe, args.recipe, args.site)
     site = load_site(path)
     try:

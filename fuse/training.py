@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
-from fuse.io import atomic_dir, write_json_atomic
+from fuse.io import atomic_dir, atomic_write, write_json_atomic
 from fuse.recipe import TrainSettings
 from fuse.slurm import multinode_command
 
@@ -276,11 +276,9 @@ def plot_loss_curves(entries: list[dict[str, Any]], png: Path, title: str = "") 
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_write(png) as handle:
+        fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 # --------------------------------------------------------------------------------------------- running

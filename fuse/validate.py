@@ -104,6 +104,15 @@ def check_models(recipe: Recipe) -> list[str]:
     return problems
 
 
+def require_files(recipe: Recipe) -> None:
+    """The cheap checks `fuse run` and `fuse submit` make before any work; one error listing every problem."""
+    problems = check_files(recipe)
+    if problems:
+        raise RecipeError(
+            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
 def check_push(recipe: Recipe) -> list[str]:
     """A push that cannot happen (offline, no token) is reported now, not after the whole run."""
     publish = recipe.stages.publish
