@@ -1,4 +1,5 @@
-"""Evaluation of any set of causal LMs: per-skill exact-match accuracy and per-byte cross-entropy.
+"""Evaluation of any set of causal LMs: per-skill exact-match accuracy, per-byte cross-entropy of held-out text,
+and per-domain CE/byte of held-out responses next to the domain's limit (its true NLL per byte).
 
 Pure functions, usable outside the evaluate stage; skills are data (JSONL items), so hub models work too.
 """
@@ -174,6 +175,104 @@ def ce_per_byte(
     return total_nll / max(1, total_bytes)
 
 
+@dataclass(frozen=True)
+class DomainSample:
+    """A held-out conversation of a domain whose generator is known: `nll` is -log p(response) in nats."""
+
+    domain: str
+    messages: tuple[dict[str, str], ...]
+    nll: float
+
+    @property
+    def response_bytes(self) -> int:
+        return len(self.messages[-1]["content"].encode("utf-8"))
+
+
+def load_domain_samples(path: str | Path) -> list[DomainSample]:
+    """Rows {domain, messages (ending with the assistant's response), nll}; a bad row is named by its line."""
+    samples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = tuple(
+                    {"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]
+                )
+                sample = DomainSample(str(row["domain"]), messages, float(row["nll"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise EvaluationError(
+                    f"{path}:{number}: not a domain sample {{domain, messages, nll}}: {error!r}"
+                ) from None
+            if not messages or messages[-1]["role"] != "assistant" or not math.isfinite(sample.nll):
+                raise EvaluationError(
+                    f"{path}:{number}: needs messages ending with an assistant response and a finite nll"
+                )
+            samples.append(sample)
+    if not samples:
+        raise EvaluationError(f"{path}: no domain samples")
+    return samples
+
+
+def domain_limits(samples: list[DomainSample]) -> dict[str, float]:
+    """Per domain, the generator's own NLL per byte of the held-out responses: the CE/byte no model beats in
+    expectation (a model's excess over it is its KL divergence from the true process, per byte)."""
+    nll: dict[str, float] = {}
+    size: dict[str, int] = {}
+    for sample in samples:
+        nll[sample.domain] = nll.get(sample.domain, 0.0) + sample.nll
+        size[sample.domain] = size.get(sample.domain, 0) + sample.response_bytes
+    return {domain: nll[domain] / max(1, size[domain]) for domain in sorted(nll)}
+
+
+def response_nll(
+    model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
+) -> list[float]:
+    """Summed NLL (nats) of each sample's last (assistant) content given the conversation before it, in the
+    model's own chat template: the tokens that overlap the response's text (the end-of-turn marker has no
+    bytes and is not counted). Right-padded batches; the padding is never attended to by a causal model."""
+    import torch
+
+    from fuse.data.chat import content_spans, render_text, response_mask, tokenize_with_offsets
+
+    rows = []
+    for sample in samples:
+        text = render_text(tokenizer, sample.messages)
+        ids, offsets = tokenize_with_offsets(tokenizer, text)
+        spans = content_spans(text, sample.messages)[-1:]
+        rows.append((ids.tolist(), response_mask(offsets, spans, end_of_turn=False).tolist()))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    totals = [0.0] * len(rows)
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        width = max(len(rows[i][0]) for i in batch)
+        ids = torch.tensor(
+            [rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch], device=model.device
+        )
+        attention = torch.tensor(
+            [[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in batch], device=model.device
+        )
+        counted = torch.tensor([rows[i][1] + [False] * (width - len(rows[i][1])) for i in batch])
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        per_row = (nll * counted[:, 1:].float()).sum(1)
+        for row, value in zip(batch, per_row.tolist(), strict=True):
+            totals[row] = value
+    return totals
+
+
+def domain_ce_per_byte(
+    model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
+) -> dict[str, float]:
+    """Per domain: the model's summed response NLL / the responses' UTF-8 bytes (comparable with the limit)."""
+    nll = response_nll(model, tokenizer, samples, batch_size)
+    model_samples = [DomainSample(s.domain, s.messages, value) for s, value in zip(samples, nll, strict=True)]
+    return domain_limits(model_samples)
+
+
 def as_spec(name: str, model: ModelSpec | str | Path) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model if model.name else model.model_copy(update={"name": name})
@@ -181,13 +280,18 @@ def as_spec(name: str, model: ModelSpec | str | Path) -> ModelSpec:
 
 
 def evaluate_model(
-    spec: ModelSpec, items: list[EvalItem], texts: list[str], max_new_tokens: int = 32, batch_size: int = 32
+    spec: ModelSpec,
+    items: list[EvalItem],
+    texts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    domains: list[DomainSample] | None = None,
 ) -> dict[str, Any]:
     import torch
 
     from fuse.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(spec, require_chat_template=bool(items))
+    tokenizer = load_tokenizer(spec, require_chat_template=bool(items or domains))
     # float32 on CPU (tiny models, exact numbers); the model's own dtype where a GPU is there for real ones
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(spec, dtype="float32" if device == "cpu" else None, device=device).eval()
@@ -200,17 +304,31 @@ def evaluate_model(
     if texts:
         result["ce_per_byte"] = ce_per_byte(model, tokenizer, texts)
         result["bits_per_byte"] = result["ce_per_byte"] / math.log(2)
+    if domains:
+        result["domain_ce"] = domain_ce_per_byte(model, tokenizer, domains)
+        result["mean_domain_ce"] = sum(result["domain_ce"].values()) / len(result["domain_ce"])
     return result
 
 
-def collect_metrics(results: Mapping[str, Any], items: list[EvalItem], texts: list[str]) -> dict[str, Any]:
+def collect_metrics(
+    results: Mapping[str, Any],
+    items: list[EvalItem],
+    texts: list[str],
+    domains: list[DomainSample] | None = None,
+) -> dict[str, Any]:
     skills = sorted({i.skill for i in items})
-    return {
+    metrics = {
         "skills": skills,
         "n_items": {s: sum(i.skill == s for i in items) for s in skills},
         "n_texts": len(texts),
         "models": dict(results),
     }
+    if domains:
+        limits = domain_limits(domains)
+        metrics["domains"] = list(limits)
+        metrics["n_domain_samples"] = {d: sum(s.domain == d for s in domains) for d in limits}
+        metrics["limit"] = {"domain_ce": limits, "mean_domain_ce": sum(limits.values()) / len(limits)}
+    return metrics
 
 
 def evaluate_models(
@@ -219,41 +337,60 @@ def evaluate_models(
     heldout_texts: list[str],
     max_new_tokens: int = 32,
     batch_size: int = 32,
+    domains: list[DomainSample] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of every model, keyed by the given names: {"skills", "n_items", "n_texts", "models": {name: {...}}}."""
+    """Metrics of every model, keyed by the given names: {"skills", "n_items", "n_texts", "models": {name: {...}}}
+    (+ "domains" and the "limit" row with domain samples)."""
     results = {}
     for name, model in models.items():
         log.info("evaluating %s", name)
-        results[name] = evaluate_model(as_spec(name, model), items, heldout_texts, max_new_tokens, batch_size)
-    return collect_metrics(results, items, heldout_texts)
+        results[name] = evaluate_model(
+            as_spec(name, model), items, heldout_texts, max_new_tokens, batch_size, domains
+        )
+    return collect_metrics(results, items, heldout_texts, domains)
+
+
+DOMAIN_PREFIX = "CE "  # a domain's column: "CE harbor"
+MEAN_DOMAIN = "CE mean"
 
 
 def markdown_table(metrics: Mapping[str, Any]) -> str:
-    """Rows = models, columns = skills + mean accuracy + CE per byte; the best value in each column in bold."""
+    """Rows = models (+ a `limit` row with domains), columns = skills + mean accuracy + CE/byte of general text
+    + CE/byte per domain and their mean; the best model value in each column in bold (never the limit)."""
     skills = list(metrics["skills"])
+    domains = list(metrics.get("domains", []))
     rows = metrics["models"]
     columns = [*skills, "mean"] if skills else []
     columns += ["CE/byte"] if any("ce_per_byte" in r for r in rows.values()) else []
+    columns += [*(DOMAIN_PREFIX + d for d in domains), MEAN_DOMAIN] if domains else []
+    lower_is_better = {"CE/byte", MEAN_DOMAIN, *(DOMAIN_PREFIX + d for d in domains)}
 
     def value(result: Mapping[str, Any], column: str) -> float | None:
         if column == "mean":
             return result.get("mean_accuracy")
         if column == "CE/byte":
             return result.get("ce_per_byte")
+        if column == MEAN_DOMAIN:
+            return result.get("mean_domain_ce")
+        if column.startswith(DOMAIN_PREFIX) and column.removeprefix(DOMAIN_PREFIX) in domains:
+            return result.get("domain_ce", {}).get(column.removeprefix(DOMAIN_PREFIX))
         return result.get("skills", {}).get(column)
 
     best = {}
     for column in columns:
         values = [v for r in rows.values() if (v := value(r, column)) is not None]
-        best[column] = (min if column == "CE/byte" else max)(values) if values else None
+        best[column] = (min if column in lower_is_better else max)(values) if values else None
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, result in rows.items():
         cells = []
         for column in columns:
             v = value(result, column)
-            text = "–" if v is None else (f"{v:.3f}" if column == "CE/byte" else f"{v:.2f}")
+            text = "–" if v is None else (f"{v:.3f}" if column in lower_is_better else f"{v:.2f}")
             cells.append(f"**{text}**" if v is not None and v == best[column] and len(rows) > 1 else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "limit" in metrics:
+        cells = [value(metrics["limit"], c) for c in columns]
+        lines.append("| limit | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

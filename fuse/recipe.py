@@ -191,6 +191,11 @@ class EvaluateSettings(StageSettings):
     heldout_text: str | None = Field(
         None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
     )
+    domains: str | None = Field(
+        None,
+        description="JSONL of {domain, messages, nll}: held-out responses of domains with a known generator "
+        "(the zoo writes data/domains.jsonl); per-domain response CE/byte next to the limit (nll per byte).",
+    )
     max_new_tokens: int = Field(32, ge=1)
     max_items_per_skill: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")

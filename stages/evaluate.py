@@ -1,4 +1,5 @@
-"""The evaluate stage: per-skill exact-match accuracy and per-byte cross-entropy of every model of the run.
+"""The evaluate stage: per-skill exact-match accuracy, per-byte cross-entropy of held-out text and per-domain
+CE/byte next to the domain's limit, for every model of the run.
 
 Models come from the recipe (pivot, sources) and from the parents' `out/model` folders (targets, fused model, SFT
 baseline); the math lives in fuse.evaluation so it can be used outside a run.
@@ -13,7 +14,7 @@ from fuse.context import StageContext
 from fuse.io import write_json_atomic, write_text_atomic
 from fuse.recipe import ModelSpec
 
-VERSION = 1
+VERSION = 2  # 2: per-domain CE/byte and the limit row
 
 
 def made_model_kind(instance_name: str) -> str | None:
@@ -63,7 +64,7 @@ def heldout_texts(ctx: StageContext) -> list[str]:
 def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
     """Fail before any model is loaded if a file the stage needs is missing."""
     settings = ctx.settings
-    for key in ("items", "heldout_text"):
+    for key in ("items", "heldout_text", "domains"):
         value = getattr(settings, key)
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"stages.evaluate.{key}: {value} does not exist")
@@ -80,6 +81,7 @@ def run(ctx: StageContext) -> None:
     check_inputs(ctx, models)
     items = evaluation.load_items(settings.items, settings.max_items_per_skill) if settings.items else []
     texts = heldout_texts(ctx)
+    domains = evaluation.load_domain_samples(settings.domains) if settings.domains else []
     if not items:
         ctx.log.warning("stages.evaluate.items is not set: no skill accuracy, only per-byte CE")
     if not texts:
@@ -90,10 +92,10 @@ def run(ctx: StageContext) -> None:
     for done, (name, spec) in enumerate(models.items()):
         ctx.log.info("evaluating %s (%s)", name, spec.path)
         results[name] = evaluation.evaluate_model(
-            spec, items, texts, settings.max_new_tokens, settings.batch_size
+            spec, items, texts, settings.max_new_tokens, settings.batch_size, domains
         )
         ctx.progress(done + 1, len(models), "model")
-    metrics = evaluation.collect_metrics(results, items, texts)
+    metrics = evaluation.collect_metrics(results, items, texts, domains)
     write_outputs(ctx.out, metrics, settings)
     ctx.log.info("evaluation:\n%s", evaluation.markdown_table(metrics))
 
@@ -106,7 +108,10 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
     lines = ["# Evaluation", "", markdown_table(metrics)]
     lines.append(
         "Accuracy: exact match of the greedy answer (own chat template) on held-out items; "
-        "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better).\n"
+        "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better); "
+        "CE <domain>: the same over held-out responses of that domain given their prompt (own chat template); "
+        "limit: the domain generator's own NLL per byte of those responses, the floor no model beats in "
+        "expectation.\n"
     )
     tmp_png = out / ".accuracy.png.tmp.png"
     if plot_accuracy(metrics, tmp_png):

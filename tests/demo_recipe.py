@@ -58,11 +58,21 @@ def demo_recipe(zoo_root: Path, workdir: Path, path: Path, **settings: Any) -> P
     return path
 
 
+DOMAINS = ("garden", "harbor", "market", "weather")  # the zoo's stochastic domains
+
+
 def check_metrics(metrics: dict[str, Any]) -> None:
-    """evaluate/out/metrics.json has a row per TABLE_ROWS model: accuracies in [0, 1], a positive finite CE."""
+    """evaluate/out/metrics.json has a row per TABLE_ROWS model: accuracies in [0, 1], a positive finite CE, and
+    per domain a finite CE/byte above the domain's limit (which is itself positive and finite)."""
     assert set(TABLE_ROWS) <= set(metrics["models"]), sorted(metrics["models"])
+    assert metrics["domains"] == list(DOMAINS)
+    limits = metrics["limit"]["domain_ce"]
+    assert set(limits) == set(DOMAINS) and all(0 < v < math.inf for v in limits.values()), limits
     for name in TABLE_ROWS:
         row = metrics["models"][name]
         accuracies = [row["mean_accuracy"], *row["skills"].values()]
         assert set(row["skills"]) == set(metrics["skills"]) and all(0 <= a <= 1 for a in accuracies), name
         assert 0 < row["ce_per_byte"] < math.inf, name
+        assert set(row["domain_ce"]) == set(DOMAINS), name
+        assert all(limits[d] < row["domain_ce"][d] < math.inf for d in DOMAINS), (name, row["domain_ce"])
+        assert row["mean_domain_ce"] == sum(row["domain_ce"].values()) / len(DOMAINS), name

@@ -18,7 +18,7 @@ from fuse.plan import stage_module
 from fuse.recipe import load_recipe
 from fuse.store import RunStore
 
-from demo_recipe import TABLE_ROWS, check_metrics, demo_recipe
+from demo_recipe import DOMAINS, TABLE_ROWS, check_metrics, demo_recipe
 from recipes import toy_recipe, write_recipe
 from toy_stages import OVERRIDES
 
@@ -83,7 +83,9 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     ending = first.stdout[first.stdout.index("finished in") :]
     assert f"published model: {model.resolve()}" in ending and f"results ({table.resolve()})" in ending
     printed = [line.split("|")[1].strip() for line in ending.splitlines() if line.startswith("| ")]
-    assert printed[0] == "model" and set(printed[1:]) >= set(TABLE_ROWS), printed
+    assert printed[0] == "model" and set(printed[1:]) >= set(TABLE_ROWS) and printed[-1] == "limit", printed
+    header = next(line for line in ending.splitlines() if line.startswith("| model |"))
+    assert all(f"| CE {domain} |" in header for domain in DOMAINS) and "| CE mean |" in header, header
 
     again = fuse_run(recipe)
     assert "nothing to do: all 24 stage instances are done" in again.stdout

@@ -1,5 +1,5 @@
-"""Evaluation: per-skill accuracy and per-byte CE are computed (a random model scores ~0), and the stage writes
-its table for every model the DAG hands it."""
+"""Evaluation: per-skill accuracy, per-byte CE and per-domain response CE next to the limit are computed (a random
+model scores ~0), and the stage writes its table for every model the DAG hands it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from fuse.evaluation import (
     EvalItem,
     EvaluationError,
     ce_per_byte,
+    domain_ce_per_byte,
+    domain_limits,
     evaluate_models,
+    load_domain_samples,
     load_items,
     load_texts,
     markdown_table,
@@ -62,6 +65,71 @@ def test_markdown_table_marks_the_best_per_column():
     assert (
         lines[2] == "| m1 | **1.00** | **1.00** | 0.500 |" and lines[3] == "| m2 | 0.00 | 0.00 | **0.250** |"
     )
+
+
+def test_markdown_table_has_domain_columns_and_the_limit_row():
+    metrics = {
+        "skills": [],
+        "domains": ["d"],
+        "limit": {"domain_ce": {"d": 0.2}, "mean_domain_ce": 0.2},
+        "models": {
+            "m1": {"ce_per_byte": 0.5, "domain_ce": {"d": 0.3}, "mean_domain_ce": 0.3},
+            "m2": {"ce_per_byte": 0.4, "domain_ce": {"d": 0.9}, "mean_domain_ce": 0.9},
+        },
+    }
+    lines = markdown_table(metrics).splitlines()
+    assert lines[0] == "| model | CE/byte | CE d | CE mean |"
+    assert lines[2:] == [
+        "| m1 | 0.500 | **0.300** | **0.300** |",
+        "| m2 | **0.400** | 0.900 | 0.900 |",
+        "| limit | – | 0.200 | 0.200 |",
+    ]
+
+
+def test_domain_samples_are_checked_and_the_limit_is_nll_per_byte(tmp_path):
+    path = tmp_path / "domains.jsonl"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "abcd"}]
+    rows = [{"domain": "a", "messages": chat, "nll": 2.0}, {"domain": "a", "messages": chat, "nll": 6.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"domain": "b", "messages": []}\n')
+    with pytest.raises(EvaluationError, match=r"domains.jsonl:3: .*nll"):
+        load_domain_samples(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert domain_limits(load_domain_samples(path)) == {"a": pytest.approx(8.0 / 8)}
+
+
+def test_domain_ce_matches_a_position_by_position_reference(zoo: Zoo):
+    """The response's tokens only (not the prompt, not the end-of-turn marker), summed over every sample of a
+    domain, per byte of the responses; batched with padding = one forward per sample."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    samples = load_domain_samples(zoo.heldout_domains)
+    picked = [s for d in sorted(zoo.domains) for s in [x for x in samples if x.domain == d][:3]]
+    for name in ("llama", "pivot"):
+        tokenizer = AutoTokenizer.from_pretrained(zoo.models[name])
+        model = AutoModelForCausalLM.from_pretrained(zoo.models[name]).eval()
+        expected = {}
+        for sample in picked:
+            prompt = tokenizer.apply_chat_template(
+                list(sample.messages[:-1]), tokenize=False, add_generation_prompt=True
+            )
+            text = tokenizer.apply_chat_template(list(sample.messages), tokenize=False)
+            response = sample.messages[-1]["content"]
+            end = text.index(response, len(prompt)) + len(response)
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = encoded["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            # tokens that end inside the response (a ▁/Ġ token's leading space belongs to the token)
+            nll = -sum(
+                float(logprobs[t - 1, ids[t]])
+                for t in range(1, len(ids))
+                if len(prompt) < encoded["offset_mapping"][t][1] <= end
+            )
+            total, size = expected.get(sample.domain, (0.0, 0))
+            expected[sample.domain] = (total + nll, size + sample.response_bytes)
+        got = domain_ce_per_byte(model, tokenizer, picked, batch_size=5)
+        assert got == {d: pytest.approx(n / b, rel=1e-4) for d, (n, b) in expected.items()}, name
 
 
 def test_ce_per_byte_matches_a_position_by_position_reference(zoo: Zoo):
@@ -135,6 +203,10 @@ def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
     ctx = stage_context(zoo, tmp_path, max_items_per_skill=4, max_new_tokens=8)
     evaluate.run(ctx)
     metrics = json.loads((ctx.out / "metrics.json").read_text())
+    assert metrics["domains"] == sorted(zoo.domains) and set(metrics["limit"]["domain_ce"]) == set(
+        zoo.domains
+    )
+    assert metrics["models"]["merge"]["domain_ce"] == metrics["models"]["pivot"]["domain_ce"]
     expected = {"pivot", "llama", "gpt2", "gemma", "distill.llama", "distill.gpt2", "distill.gemma", "merge"}
     assert set(metrics["models"]) == expected
     assert metrics["models"]["merge"]["skills"] == metrics["models"]["pivot"]["skills"]
@@ -142,7 +214,7 @@ def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
         metrics["models"]["llama"]["skills"]["translate"] > metrics["models"]["pivot"]["skills"]["translate"]
     )
     table = (ctx.out / "metrics.md").read_text()
-    assert "| distill.llama |" in table and "CE/byte" in table
+    assert "| distill.llama |" in table and "CE/byte" in table and "| limit |" in table
     assert (ctx.out / "accuracy.png").stat().st_size > 1000
 
 

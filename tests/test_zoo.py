@@ -1,8 +1,12 @@
-"""The model zoo: deterministic world, offline reload, tokenizer round-trips, and each model knowing its own skill."""
+"""The model zoo: deterministic world, exact domain entropy, offline reload, tokenizer round-trips, and each
+model knowing its own skill and its own domain."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -17,8 +21,9 @@ def world_texts(zoo: Zoo) -> list[str]:
     for line in zoo.eval_items.read_text().splitlines():
         row = json.loads(line)
         texts += [row["prompt"], row["answer"]]
-    for line in zoo.sft.read_text().splitlines():
-        texts += [m["content"] for m in json.loads(line)["messages"]]
+    for path in (zoo.sft, zoo.heldout_domains):
+        for line in path.read_text().splitlines():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
     return texts + ["a\n\nb  c\n", "0123456789 10 99 1999", "Line one.\nLine two: 42!"]
 
 
@@ -27,13 +32,78 @@ def test_world_is_deterministic_and_eval_is_held_out():
     assert first == second
     assert world.split_world(1).eval != first.eval
     heldout = world.general_documents(0, "heldout", 8)
-    assert data_files(first, heldout) == data_files(second, heldout)
+    files = [data_files(s, heldout, world.split_domains(0, 50, 4, 4), heldout) for s in (first, second)]
+    assert files[0] == files[1]
     for skill, items in first.eval.items():
         trained = {e.prompt for e in first.pretrain[skill]} | {e.prompt for e in first.sft[skill]}
         trained |= {e.prompt for e, _ in first.preference[skill]}
         assert items and not {e.prompt for e in items} & trained, skill
     for skill, pairs in first.preference.items():
         assert all(e.answer != wrong for e, wrong in pairs), skill
+
+
+def tiny_domain(sentences: int = 2) -> world.Domain:
+    """Small enough to enumerate every response: 3 words, sentences of 1 to 3 words, uneven probabilities."""
+    successors = {"ka": (("zu", 0.7), ("mi", 0.3)), "zu": (("ka", 0.5), ("mi", 0.5)), "mi": (("ka", 1.0),)}
+    return world.Domain(
+        "tiny", "pivot", ("ka", "zu", "mi"), (("ka", 0.6), ("mi", 0.4)), successors, 0.4, 1, 3, sentences
+    )
+
+
+def enumerate_sentences(domain: world.Domain) -> list[tuple[list[str], float]]:
+    """Every sentence with its probability, by walking every path of the chain (no shared code with the DP)."""
+    done, frontier = [], [([w], p) for w, p in domain.starts]
+    while frontier:
+        words, p = frontier.pop()
+        p_end = domain.end_probability(len(words))
+        if p_end > 0:
+            done.append((words, p * p_end))
+        if p_end < 1:
+            frontier += [(words + [w], p * (1 - p_end) * q) for w, q in domain.successors[words[-1]]]
+    return done
+
+
+def test_domain_entropy_is_exact_against_brute_force_enumeration():
+    domain = tiny_domain()
+    sentences = enumerate_sentences(domain)
+    responses = {}
+    for parts in itertools.product(sentences, repeat=domain.sentences):
+        text = " ".join(world.render_sentence(words) for words, _ in parts)
+        responses[text] = responses.get(text, 0.0) + math.prod(p for _, p in parts)
+    assert len(responses) == len(sentences) ** domain.sentences  # rendering is one-to-one
+    assert sum(responses.values()) == pytest.approx(1.0, abs=1e-12)
+    entropy = -sum(p * math.log(p) for p in responses.values())
+    mean_bytes = sum(p * len(text.encode()) for text, p in responses.items())
+    assert world.entropy_per_byte(domain) == pytest.approx(entropy / mean_bytes, rel=1e-12)
+    for text, p in responses.items():
+        assert world.response_nll(domain, text) == pytest.approx(-math.log(p), rel=1e-12), text
+    assert world.response_nll(domain, "Ka ka. Mi.") == math.inf  # ka never follows ka
+    assert world.response_nll(domain, "Ka zu.") == math.inf  # one sentence short
+
+
+def test_sampled_responses_carry_their_exact_nll_and_tend_to_the_entropy():
+    for domain in [tiny_domain(), *world.domains(0)]:
+        rng = random.Random(0)
+        samples = [world.sample_response(domain, rng) for _ in range(4000)]
+        assert all(world.response_nll(domain, t) == pytest.approx(n, rel=1e-12) for t, n in samples[:200])
+        rate = sum(n for _, n in samples) / sum(len(t.encode()) for t, _ in samples)
+        assert rate == pytest.approx(world.entropy_per_byte(domain), rel=0.03), domain.name
+    # several valid continuations: no real domain is nearly deterministic
+    assert all(world.entropy_per_byte(d) > 0.1 for d in world.domains(0))
+
+
+def test_domain_splits_are_independent_samples_and_sft_is_small():
+    splits = world.split_domains(0, n_pretrain=400, n_sft=16, n_heldout=64)
+    for domain in world.domains(0):
+        pretrain, sft = splits.pretrain[domain.name], [r for _, r in splits.sft[domain.name]]
+        heldout = splits.heldout[domain.name]
+        assert len(sft) == 16 and len(pretrain) == 400 and len(heldout) == 64
+        assert {p for p, _, _ in heldout} == {domain.prompt(2)}
+        assert not {p for p, _ in splits.sft[domain.name]} & {domain.prompt(2)}
+        assert [n for _, r, n in heldout] == [
+            pytest.approx(world.response_nll(domain, r)) for _, r, _ in heldout
+        ]
+        assert sft != pretrain[:16]  # its own random stream
 
 
 def test_models_are_heterogeneous_and_reload_offline(zoo: Zoo, monkeypatch):
@@ -87,15 +157,22 @@ def test_generation_prompt_is_a_token_prefix_of_the_conversation(zoo: Zoo):
 
 
 @pytest.mark.slow
-def test_each_model_is_best_on_its_own_skill(zoo: Zoo):
-    from fuse.evaluation import evaluate_models, load_items
+def test_each_model_is_best_on_its_own_skill_and_domain(zoo: Zoo):
+    from fuse.evaluation import evaluate_models, load_domain_samples, load_items
 
     items = load_items(zoo.eval_items, max_per_skill=12)
-    metrics = evaluate_models(zoo.models, items, [], max_new_tokens=12)
+    samples = load_domain_samples(zoo.heldout_domains)
+    metrics = evaluate_models(zoo.models, items, [], max_new_tokens=12, domains=samples)
     for skill, owner in zoo.skills.items():
         scores = {name: m["skills"][skill] for name, m in metrics["models"].items()}
         assert scores[owner] >= 0.75, (skill, scores)
         assert all(v <= 0.25 for name, v in scores.items() if name != owner), (skill, scores)
+    for domain, owner in zoo.domains.items():
+        ces = {name: m["domain_ce"][domain] for name, m in metrics["models"].items()}
+        limit = metrics["limit"]["domain_ce"][domain]
+        # the owner is within a few tenths of a nat per byte of the limit, every other model far from it
+        assert limit < ces[owner] < limit + 0.3, (domain, limit, ces)
+        assert all(ce > ces[owner] + 0.5 for name, ce in ces.items() if name != owner), (domain, ces)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -132,6 +209,7 @@ def test_demo_recipe_and_data_files_are_valid(zoo: Zoo):
     assert Path(recipe.stages.evaluate.items) == zoo.eval_items
     sft = [json.loads(line) for line in zoo.sft.read_text().splitlines()]
     preference = [json.loads(line) for line in zoo.preference.read_text().splitlines()]
-    assert {row["id"].split("-")[0] for row in sft} == set(zoo.skills)
+    assert {row["id"].split("-")[0] for row in sft} == set(zoo.skills) | set(zoo.domains) | {"general"}
+    assert Path(recipe.stages.evaluate.domains) == zoo.heldout_domains
     assert all(row["messages"][-1]["role"] == "assistant" for row in sft)
     assert all(row["chosen"] != row["rejected"] and row["prompt"][0]["role"] == "user" for row in preference)

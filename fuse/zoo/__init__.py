@@ -1,7 +1,8 @@
 """The tiny heterogeneous model zoo: a pivot and three sources of different architectures and vocabularies.
 
-`build_zoo(directory, seed)` makes (or reuses) models, tokenizers and the skill world's data files in minutes on
-CPU; `python -m fuse.zoo build DIR` does the same from the shell. Each model knows its own skill only.
+`build_zoo(directory, seed)` makes (or reuses) models, tokenizers and the world's data files in minutes on CPU;
+`python -m fuse.zoo build DIR` does the same from the shell. Each model knows its own skill and its own domain only
+(see `fuse.zoo.world` for the world's design and what it can show).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["ZOO_MODELS", "PretrainSettings", "Zoo", "ZooModel", "ZooSettings", "
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: SFT and preference data cover every key of every skill
+VERSION = 3  # 3: stochastic domains with a known entropy; a small SFT set with domain and general-text rows
 MARKER = "zoo.json"
 BUILD_CODE = ("__init__.py", "world.py", "vocab.py", "training.py")  # what the files depend on (not the CLI)
 
@@ -111,8 +112,12 @@ class ZooSettings:
     n_general_docs: int = 3000
     n_heldout_docs: int = 64
     n_eval: int = 48
-    sft_phrasings: int = 2  # SFT asks every key of every skill in this many training phrasings
+    sft_phrasings: int = 1  # SFT asks every key of every skill in this many training phrasings
     pref_phrasings: int = 1  # preference pairs: every key in this many training phrasings
+    n_domain_pretrain: int = 4000  # responses of its own domain each model pre-trains on
+    n_domain_sft: int = 16  # responses of each domain in the (small) fusion set
+    n_domain_heldout: int = 64  # held-out responses of each domain, with their exact NLL
+    n_general_sft: int = 32  # general-text rows in the fusion set (so fine-tuning keeps general text)
     pretrain: PretrainSettings = PretrainSettings()
 
 
@@ -123,10 +128,12 @@ class Zoo:
     root: Path
     models: dict[str, Path]  # "pivot", "llama", "gpt2", "gemma" -> HF folder
     skills: dict[str, str]  # skill -> the model that knows it
+    domains: dict[str, str]  # domain -> the model that knows it
     sft: Path  # JSONL {id, messages}
     preference: Path  # JSONL {id, prompt, chosen, rejected}
     eval_items: Path  # JSONL {skill, prompt, answer}
     heldout_text: Path  # JSONL {text}
+    heldout_domains: Path  # JSONL {domain, messages, nll}
     recipe: Path  # a demo recipe over this zoo
 
     @property
@@ -150,10 +157,12 @@ class Zoo:
             root=root,
             models={m.name: root / "models" / m.name for m in ZOO_MODELS if m.name in manifest["models"]},
             skills={skill: info["owner"] for skill, info in manifest["skills"].items()},
+            domains={domain: info["owner"] for domain, info in manifest["domains"].items()},
             sft=data / "sft.jsonl",
             preference=data / "preference.jsonl",
             eval_items=data / "eval_items.jsonl",
             heldout_text=data / "heldout.jsonl",
+            heldout_domains=data / "domains.jsonl",
             recipe=root / "recipe.yaml",
         )
 
@@ -161,23 +170,39 @@ class Zoo:
 # --------------------------------------------------------------------------------------------- texts
 
 
-def tokenizer_corpus(splits: world.Splits, general: list[str], seed: int) -> list[str]:
-    """General text plus every skill's training conversations as bare turns (role word, newline, content)."""
+def tokenizer_corpus(
+    splits: world.Splits, domains: world.DomainSplits, general: list[str], seed: int
+) -> list[str]:
+    """General text plus every skill's and every domain's training conversations as bare turns (role word,
+    newline, content): every tokenizer sees every domain's words (a vocabulary is not knowledge)."""
     rng = random.Random(f"corpus-{seed}")
     texts = list(general)
-    for examples in splits.pretrain.values():
-        for example in rng.sample(examples, min(400, len(examples))):
-            role = rng.choice(["user", "User", "model", "assistant", "Assistant"])
-            texts.append(f"{role}\n{example.prompt}\n{example.answer}")
+    pairs = [(e.prompt, e.answer) for examples in splits.pretrain.values() for e in examples]
+    pairs += [(f"Write a short {d} note.", r) for d, rows in domains.pretrain.items() for r in rows[:400]]
+    for prompt, answer in rng.sample(pairs, len(pairs)):
+        role = rng.choice(["user", "User", "model", "assistant", "Assistant"])
+        texts.append(f"{role}\n{prompt}\n{answer}")
     return texts
 
 
+def chat(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
 def conversation(example: world.Example) -> list[dict[str, str]]:
-    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+    return chat(example.prompt, example.answer)
 
 
 def skill_texts(tokenizer: Any, examples: list[world.Example]) -> list[str]:
     return [tokenizer.apply_chat_template(conversation(e), tokenize=False) for e in examples]
+
+
+def domain_texts(tokenizer: Any, domain: world.Domain, responses: list[str]) -> list[str]:
+    """The owner's pre-training sample as conversations in its own template, in the two training phrasings."""
+    return [
+        tokenizer.apply_chat_template(chat(domain.prompt(i % 2), r), tokenize=False)
+        for i, r in enumerate(responses)
+    ]
 
 
 def document_texts(tokenizer: Any, docs: list[str]) -> list[str]:
@@ -230,12 +255,13 @@ def model_config(spec: ZooModel, tokenizer: Any, settings: ZooSettings) -> Any:
 def build_model(
     spec: ZooModel,
     splits: world.Splits,
+    domains: world.DomainSplits,
     general: list[str],
     corpus: list[str],
     settings: ZooSettings,
     out: Path,
 ) -> dict[str, Any]:
-    """Train the tokenizer, pre-train the model on general text + its skill, save both to `out`."""
+    """Train the tokenizer, pre-train the model on general text + its skill + its domain, save both to `out`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -247,8 +273,12 @@ def build_model(
     p = settings.pretrain
     general_ids = encode_all(tokenizer, document_texts(tokenizer, general), p.max_length)
     skill_ids = encode_all(tokenizer, skill_texts(tokenizer, splits.pretrain[spec.skill]), p.max_length)
+    domain = world.make_domain(spec.name, settings.seed)
+    domain_ids = encode_all(
+        tokenizer, domain_texts(tokenizer, domain, domains.pretrain[domain.name]), p.max_length
+    )
     pad = config.pad_token_id
-    losses = pretrain(model, general_ids, skill_ids, pad, p, seed=settings.seed * 1000 + 7)
+    losses = pretrain(model, general_ids, skill_ids, domain_ids, pad, p, seed=settings.seed * 1000 + 7)
     stops = [tokenizer.eos_token_id] + (
         [tokenizer.convert_tokens_to_ids(TURN_END[spec.name])] if spec.name in TURN_END else []
     )
@@ -267,6 +297,7 @@ def build_model(
         "vocab": len(tokenizer),
         "config_vocab": config.vocab_size,
         "skill": spec.skill,
+        "domain": world.DOMAIN_TOPICS[spec.name],
         "parameters": sum(t.numel() for t in model.parameters()),
         "loss_first": round(sum(losses[:20]) / len(losses[:20]), 4),
         "loss_last": round(sum(losses[-20:]) / len(losses[-20:]), 4),
@@ -282,8 +313,9 @@ def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
     splits = world.split_world(
         settings.seed, settings.n_eval, settings.sft_phrasings, settings.pref_phrasings
     )
+    domains = domain_splits(settings)
     general = world.general_documents(settings.seed, "train", settings.n_general_docs)
-    corpus = tokenizer_corpus(splits, general, settings.seed)
+    corpus = tokenizer_corpus(splits, domains, general, settings.seed)
     # bit-identical results need one thread and deterministic kernels; restored for an in-process caller
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -291,7 +323,7 @@ def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
     torch.use_deterministic_algorithms(True)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        return build_model(spec, splits, general, corpus, settings, Path(out))
+        return build_model(spec, splits, domains, general, corpus, settings, Path(out))
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -299,6 +331,12 @@ def _build_model_job(args: tuple[ZooModel, ZooSettings, str]) -> dict[str, Any]:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = parallel
+
+
+def domain_splits(settings: ZooSettings) -> world.DomainSplits:
+    return world.split_domains(
+        settings.seed, settings.n_domain_pretrain, settings.n_domain_sft, settings.n_domain_heldout
+    )
 
 
 def build_models(root: Path, settings: ZooSettings, workers: int) -> dict[str, dict[str, Any]]:
@@ -320,12 +358,32 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
 
 
-def data_files(splits: world.Splits, heldout: list[str]) -> dict[str, str]:
-    """The world's SFT, preference, eval and held-out text files (relative path -> contents)."""
+GENERAL_PROMPT = "Tell me something."
+
+
+def data_files(
+    splits: world.Splits, heldout: list[str], domains: world.DomainSplits, general_sft: list[str]
+) -> dict[str, str]:
+    """The world's SFT, preference, eval, held-out text and held-out domain files (relative path -> contents).
+
+    The SFT (fusion) set: every skill key in the SFT phrasings, a small sample of every domain, general text."""
     sft = [
         {"id": f"{skill}-{i:03d}", "messages": conversation(e)}
         for skill, rows in splits.sft.items()
         for i, e in enumerate(rows)
+    ]
+    sft += [
+        {"id": f"{domain}-{i:03d}", "messages": chat(prompt, response)}
+        for domain, rows in domains.sft.items()
+        for i, (prompt, response) in enumerate(rows)
+    ]
+    sft += [
+        {"id": f"general-{i:03d}", "messages": chat(GENERAL_PROMPT, t)} for i, t in enumerate(general_sft)
+    ]
+    held_domains = [
+        {"domain": domain, "messages": chat(prompt, response), "nll": nll}
+        for domain, rows in domains.heldout.items()
+        for prompt, response, nll in rows
     ]
     preference = [
         {"id": f"{skill}-{i:03d}", "prompt": conversation(e)[:1], "chosen": e.answer, "rejected": wrong}
@@ -342,6 +400,7 @@ def data_files(splits: world.Splits, heldout: list[str]) -> dict[str, str]:
         "data/preference.jsonl": _jsonl(preference),
         "data/eval_items.jsonl": _jsonl(items),
         "data/heldout.jsonl": _jsonl([{"text": t} for t in heldout]),
+        "data/domains.jsonl": _jsonl(held_domains),
     }
 
 
@@ -360,7 +419,11 @@ data:
   heldout_fraction: 0.1
 stages:
   extract: {top_k: 10, max_length: 128}
-  evaluate: {items: data/eval_items.jsonl, heldout_text: data/heldout.jsonl, max_new_tokens: 16}
+  evaluate:
+    items: data/eval_items.jsonl
+    heldout_text: data/heldout.jsonl
+    domains: data/domains.jsonl
+    max_new_tokens: 16
 """
 
 
@@ -418,7 +481,10 @@ def build_zoo(
                 settings.seed, settings.n_eval, settings.sft_phrasings, settings.pref_phrasings
             )
             heldout = world.general_documents(settings.seed, "heldout", settings.n_heldout_docs)
-            for relative, text in {**data_files(splits, heldout), "recipe.yaml": DEMO_RECIPE}.items():
+            domains = domain_splits(settings)
+            general_sft = world.general_documents(settings.seed, "sft", settings.n_general_sft)
+            files = data_files(splits, heldout, domains, general_sft)
+            for relative, text in {**files, "recipe.yaml": DEMO_RECIPE}.items():
                 write_text_atomic(tmp / relative, text)
             write_json_atomic(
                 tmp / "build.json",
@@ -435,6 +501,16 @@ def build_zoo(
                 }
                 for s in world.skills(settings.seed)
             }
+            domain_info = {
+                d.name: {
+                    "owner": d.owner,
+                    "entropy_per_byte": world.entropy_per_byte(d),
+                    "n_pretrain": len(domains.pretrain[d.name]),
+                    "n_sft": len(domains.sft[d.name]),
+                    "n_heldout": len(domains.heldout[d.name]),
+                }
+                for d in world.domains(settings.seed)
+            }
             write_json_atomic(
                 tmp / MARKER,
                 {
@@ -443,6 +519,7 @@ def build_zoo(
                     "settings": asdict(settings),
                     "models": models,
                     "skills": skills,
+                    "domains": domain_info,
                 },
             )
         log.info("built the zoo at %s in %.0f s", root, time.monotonic() - started)

@@ -20,12 +20,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fuse.evaluation import evaluate_models, load_items, load_texts, markdown_table
+    from fuse.evaluation import (
+        evaluate_models,
+        load_domain_samples,
+        load_items,
+        load_texts,
+        markdown_table,
+    )
     from fuse.zoo import Zoo
 
     zoo = Zoo.from_dir(args.directory)
     items = load_items(zoo.eval_items, args.max_items_per_skill)
-    metrics = evaluate_models(zoo.models, items, load_texts(zoo.heldout_text), args.max_new_tokens)
+    texts, domains = load_texts(zoo.heldout_text), load_domain_samples(zoo.heldout_domains)
+    metrics = evaluate_models(zoo.models, items, texts, args.max_new_tokens, domains=domains)
     print(markdown_table(metrics), end="")
     return 0
 
@@ -42,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo is there")
     build.set_defaults(handler=cmd_build)
     evaluate = commands.add_parser(
-        "evaluate", help="print per-skill accuracy and CE/byte of the zoo's models"
+        "evaluate",
+        help="print per-skill accuracy, CE/byte and per-domain CE/byte (with the limit) of the zoo's models",
     )
     evaluate.add_argument("directory")
     evaluate.add_argument("--max-items-per-skill", type=int, default=None)

@@ -1,6 +1,7 @@
 """Tiny causal-LM pre-training for the zoo: deterministic, single-threaded, a minute or less per model.
 
-Each model sees general text and its own skill rendered in its own chat template; nothing else.
+Each model sees general text, its own skill and its own domain (both rendered in its own chat template); nothing
+else.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     learning_rate: float = 6e-3
     warmup_steps: int = 30
-    skill_fraction: float = 0.5  # share of each batch that is skill conversations
+    skill_fraction: float = 0.25  # share of each batch that is skill conversations
+    domain_fraction: float = 0.25  # share of each batch that is domain conversations (the rest: general text)
     max_length: int = 96
 
 
@@ -52,25 +54,28 @@ def pretrain(
     model: Any,
     general: list[list[int]],
     skill: list[list[int]],
+    domain: list[list[int]],
     pad_id: int,
     settings: PretrainSettings,
     seed: int,
 ) -> list[float]:
-    """Train in place on batches mixing general text and skill conversations; returns the loss curve."""
+    """Train in place on batches mixing general text, skill and domain conversations; returns the loss curve."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
     n_skill = round(settings.batch_size * settings.skill_fraction)
+    n_domain = round(settings.batch_size * settings.domain_fraction)
+    streams = ((skill, n_skill), (domain, n_domain), (general, settings.batch_size - n_skill - n_domain))
     losses = []
     model.train()
     for _ in range(settings.steps):
-        picks_skill = torch.randint(len(skill), (n_skill,), generator=generator).tolist()
-        picks_general = torch.randint(
-            len(general), (settings.batch_size - n_skill,), generator=generator
-        ).tolist()
-        rows = [skill[i] for i in picks_skill] + [general[i] for i in picks_general]
+        rows = [
+            stream[i]
+            for stream, count in streams
+            for i in torch.randint(len(stream), (count,), generator=generator).tolist()
+        ]
         input_ids, labels = _batch(rows, pad_id)
         loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()

@@ -1,10 +1,33 @@
-"""The skill world: general text and four skills a tiny model learns in a minute, generated from a seed.
+"""The zoo's world: general text, four exact-match skills and four stochastic domains, generated from a seed.
 
 Pure Python (no torch): every string the zoo trains or evaluates on comes from here, deterministically.
+
+What the world is built to test (FuseLLM/FuseChat's claim): each source saw far more text of its strength than
+the fusion set holds, and its *distribution* over next tokens carries knowledge that one sampled gold
+continuation does not. So:
+
+- **Each model's strength is a stochastic domain** (`Domain`): a Markov chain over invented multi-token words,
+  with three successors per word (0.55 / 0.3 / 0.15) and a sentence end that may come after three words. At
+  almost every position several continuations are valid, so a single sampled response shows one of them while a
+  source that learned the chain knows all of them and their probabilities. The process is known, so the exact
+  probability of every response, and the domain's entropy per byte (the floor no model's held-out CE/byte can
+  beat in expectation), are computed exactly (`response_nll`, `entropy_per_byte`).
+- **Pre-training** (fuse.zoo): the pivot and each source pre-train on a large sample of their own domain
+  (`n_domain_pretrain` responses) plus shared general text and their own skill; nobody sees another's domain.
+- **The fusion (SFT) set is small**: `n_domain_sft` responses of every domain, every skill key in one phrasing,
+  and general-text rows (so fine-tuning need not forget general text). Held-out domain responses come from their
+  own random stream, with their exact NLL, asked in a phrasing no training text uses.
+- **Skills** (capital, translate, shout, antonym: one per model) are exact-match tables. Their SFT rows show
+  every key, so the gold labels teach what the teacher knows: skills test that fusion keeps and transfers
+  facts, not the distributional claim (a teacher's top-1 on a fact is the gold label).
+
+What it cannot show: anything about scale, real languages, or knowledge the fusion set's contexts never touch
+(distillation transfers a source's distribution at the positions the SFT set visits, nothing more).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -216,3 +239,159 @@ def general_document(rng: random.Random) -> str:
 def general_documents(seed: int, stream: str, count: int) -> list[str]:
     rng = random.Random(f"general-{stream}-{seed}")
     return [general_document(rng) for _ in range(count)]
+
+
+# --------------------------------------------------------------------------------------------- stochastic domains
+# Each model's strength is a domain: text from a small Markov process over invented multi-token words, with
+# several valid continuations at every position. The process is known, so the probability of any text under
+# it, and the entropy per byte no model can beat, are computed exactly.
+
+DOMAIN_TOPICS = {"pivot": "harbor", "llama": "weather", "gpt2": "market", "gemma": "garden"}
+SUCCESSOR_PROBS = (0.55, 0.3, 0.15)  # each word's successors, in a per-word random order
+START_PROBS = (0.3, 0.25, 0.2, 0.1, 0.1, 0.05)  # the words a sentence may start with
+DOMAIN_PROMPTS = (  # the SFT rows use the first two, held-out rows the last (the text does not depend on it)
+    "Write a short {} note.",
+    "Tell me about the {}.",
+    "Describe the {} in two sentences.",
+)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A Markov chain over words: a response is `sentences` sentences, each a start word followed by successors
+    until it ends; it may end after `min_words` words (probability `p_end` at each step) and must at `max_words`.
+    The first word of a sentence is capitalized, a sentence ends with '.', sentences are joined by one space."""
+
+    name: str  # its topic, named in the prompts
+    owner: str  # the zoo model pre-trained on it
+    words: tuple[str, ...]
+    starts: tuple[tuple[str, float], ...]
+    successors: dict[str, tuple[tuple[str, float], ...]]
+    p_end: float = 0.3
+    min_words: int = 3
+    max_words: int = 8
+    sentences: int = 2
+
+    def end_probability(self, length: int) -> float:
+        if length >= self.max_words:
+            return 1.0
+        return self.p_end if length >= self.min_words else 0.0
+
+    def prompt(self, phrasing: int) -> str:
+        return DOMAIN_PROMPTS[phrasing].format(self.name)
+
+
+def make_domain(owner: str, seed: int, n_words: int = 20) -> Domain:
+    """A domain's lexicon and transition table, fixed by (owner, seed)."""
+    rng = random.Random(f"domain-{owner}-{seed}")
+    words = tuple(w.lower() for w in invented_words(rng, n_words, rng.choice([2, 2, 3])))
+    starts = tuple(zip(rng.sample(words, len(START_PROBS)), START_PROBS, strict=True))
+    successors = {}
+    for word in words:
+        options = rng.sample([w for w in words if w != word], len(SUCCESSOR_PROBS))
+        successors[word] = tuple(zip(options, SUCCESSOR_PROBS, strict=True))
+    return Domain(DOMAIN_TOPICS[owner], owner, words, starts, successors)
+
+
+def domains(seed: int) -> list[Domain]:
+    return [make_domain(owner, seed) for owner in DOMAIN_TOPICS]
+
+
+def sample_sentence(domain: Domain, rng: random.Random) -> tuple[list[str], float]:
+    """One sentence's words and its exact negative log-probability (nats) under the domain."""
+    words, probs = zip(*domain.starts, strict=True)
+    index = rng.choices(range(len(words)), probs)[0]
+    sentence, nll = [words[index]], -math.log(probs[index])
+    while True:
+        p_end = domain.end_probability(len(sentence))
+        if p_end > 0 and rng.random() < p_end:
+            return sentence, nll - math.log(p_end)
+        nexts, probs = zip(*domain.successors[sentence[-1]], strict=True)
+        index = rng.choices(range(len(nexts)), probs)[0]
+        sentence.append(nexts[index])
+        nll -= math.log((1 - p_end) * probs[index])
+
+
+def render_sentence(words: list[str]) -> str:
+    return " ".join([words[0].capitalize(), *words[1:]]) + "."
+
+
+def sample_response(domain: Domain, rng: random.Random) -> tuple[str, float]:
+    """A response (text) and its exact NLL under the domain."""
+    sentences = [sample_sentence(domain, rng) for _ in range(domain.sentences)]
+    return " ".join(render_sentence(s) for s, _ in sentences), sum(nll for _, nll in sentences)
+
+
+def sentence_nll(domain: Domain, words: list[str]) -> float:
+    """-log p(sentence) by the chain's definition (inf if the domain cannot produce it)."""
+    probability = dict(domain.starts).get(words[0], 0.0)
+    for length in range(1, len(words)):
+        p_end = domain.end_probability(length)
+        probability *= (1 - p_end) * dict(domain.successors.get(words[length - 1], ())).get(
+            words[length], 0.0
+        )
+    probability *= domain.end_probability(len(words))
+    return -math.log(probability) if probability > 0 else math.inf
+
+
+def response_nll(domain: Domain, text: str) -> float:
+    """-log p(text) for a rendered response: the rendering is one-to-one (words have no spaces or dots), so
+    this is the probability of the text itself, not only of one derivation of it."""
+    parts = text.split(". ")
+    parts[-1] = parts[-1].removesuffix(".")
+    if len(parts) != domain.sentences or not text.endswith("."):
+        return math.inf
+    return sum(sentence_nll(domain, part.lower().split(" ")) for part in parts)
+
+
+def entropy_per_byte(domain: Domain) -> float:
+    """The domain's exact entropy rate in nats per UTF-8 byte of a response: E[-log p(response)] / E[bytes],
+    by dynamic programming over (last word, sentence length); what held-out CE/byte tends to with many samples."""
+    mass = {w: p for w, p in domain.starts}
+    entropy = -sum(p * math.log(p) for _, p in domain.starts)
+    length_bytes = sum(p * len(w.encode()) for w, p in domain.starts)
+    for length in range(1, domain.max_words + 1):
+        p_end = domain.end_probability(length)
+        following: dict[str, float] = {}
+        for word, m in mass.items():
+            choices = [p_end] + [(1 - p_end) * p for _, p in domain.successors[word]]
+            entropy += m * -sum(p * math.log(p) for p in choices if p > 0)
+            length_bytes += m * p_end  # the '.'
+            for nxt, p in domain.successors[word]:
+                q = m * (1 - p_end) * p
+                if q > 0:
+                    following[nxt] = following.get(nxt, 0.0) + q
+                    length_bytes += q * (1 + len(nxt.encode()))  # a space and the word
+        mass = following
+    n = domain.sentences
+    return n * entropy / (n * length_bytes + n - 1)
+
+
+@dataclass
+class DomainSplits:
+    """Per domain: pre-training responses (the owner's large sample), SFT and preference-free held-out rows."""
+
+    pretrain: dict[str, list[str]] = field(default_factory=dict)
+    sft: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # (prompt, response)
+    heldout: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)  # (prompt, response, nll)
+
+
+def split_domains(seed: int, n_pretrain: int, n_sft: int, n_heldout: int) -> DomainSplits:
+    """Independent samples per domain: a large one for the owner's pre-training, a small one for the fusion
+    (SFT) set, a held-out one for evaluation, each from its own random stream."""
+    splits = DomainSplits()
+    for domain in domains(seed):
+        draw = {
+            part: random.Random(f"domain-{part}-{domain.name}-{seed}")
+            for part in ("pretrain", "sft", "heldout")
+        }
+        splits.pretrain[domain.name] = [
+            sample_response(domain, draw["pretrain"])[0] for _ in range(n_pretrain)
+        ]
+        splits.sft[domain.name] = [
+            (domain.prompt(i % 2), sample_response(domain, draw["sft"])[0]) for i in range(n_sft)
+        ]
+        splits.heldout[domain.name] = [
+            (domain.prompt(2), *sample_response(domain, draw["heldout"])) for _ in range(n_heldout)
+        ]
+    return splits
