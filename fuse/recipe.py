@@ -83,6 +83,9 @@ class ExtractSettings(StageSettings):
     batch_tokens: int = Field(
         16384, ge=64, description="Token budget per forward batch (transformers backend)."
     )
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
@@ -93,6 +96,9 @@ class ScoreSettings(StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
     max_length: int = Field(2048, ge=8)
     batch_tokens: int = Field(16384, ge=64)
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
@@ -343,7 +349,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path 
     return _absolutize(recipe, base_dir or Path.cwd())
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] | None = None) -> Recipe:
+    """The recipe file, with `--set KEY=VALUE` overrides applied before validation (so they are checked alike)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -351,7 +358,49 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
-    return parse_recipe(data, str(path), path.resolve().parent)
+    source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with --set " + " ".join(overrides) + ")"
+    return parse_recipe(data, source, path.resolve().parent)
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`stages.distill.learning_rate=1e-5`, `sources.0.path=/models/x`: a dotted key (list items by index) and a
+    YAML value, set in a copy of the recipe mapping. Unknown keys are left for the schema to report."""
+    import copy
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"the recipe must be a YAML mapping, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. stages.distill.epochs=2"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {key}: the value is not valid YAML: {error}") from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {key}: {where}: not an index of a list of {len(node)} entries")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+    return data
 
 
 def _local(value: str, base: Path) -> str:

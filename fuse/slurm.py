@@ -673,10 +673,14 @@ def wait(
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fuse.validate import require_files
+    from fuse.validate import check_files, require_files
 
-    recipe = load_recipe(args.recipe)
-    require_files(recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:  # a preview, often made before the data is staged: say what a real submit would refuse
+        for problem in check_files(recipe):
+            print(f"warning: {problem} (a real submit refuses this)", file=sys.stderr)
+    else:
+        require_files(recipe)
     path = site_path(recipe, args.recipe, args.site)
     site = load_site(path)
     try:
@@ -707,7 +711,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     rows = collect_status(recipe)
     if args.json:
         print(json.dumps([{**r.__dict__, "job": r.job and r.job.__dict__} for r in rows], indent=1))
@@ -718,7 +722,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         found = cancel(recipe, names=args.instances or None)
     except SlurmError as error:
@@ -731,10 +735,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    from fuse.cli import add_set_option
+
     p = subparsers.add_parser(
         "submit", help="submit the DAG to SLURM: one job per stage instance, afterok chains"
     )
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream")
     p.add_argument(
         "--only", nargs="+", metavar="INSTANCE", help="submit only these instances (parents must be done)"
@@ -750,10 +757,12 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser("status", help="each instance's state in the run store and in SLURM")
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
     p = subparsers.add_parser("cancel", help="cancel this run's queued and running SLURM jobs")
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("instances", nargs="*", metavar="INSTANCE", help="only these instances' jobs")
     p.set_defaults(handler=cmd_cancel)

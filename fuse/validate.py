@@ -86,6 +86,25 @@ def _merge_parameter_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def check_executor(recipe: Recipe) -> list[str]:
+    """The SLURM site config exists and parses, and every `resources` key (recipe's and site's) names a stage or an
+    instance: a misspelt key would silently not apply. Needs neither weights nor data (part of --no-load)."""
+    from fuse.slurm import check_resource_keys, load_site
+
+    problems = []
+    site_config = recipe.executor.slurm.site_config
+    try:
+        site = load_site(site_config)
+    except RecipeError as error:
+        problems.append(f"executor.slurm.site_config: {error}")
+        site = load_site(None)
+    try:
+        check_resource_keys(recipe, build_dag(recipe), site, site_config or "site config")
+    except RecipeError as error:
+        problems.append(str(error))
+    return problems
+
+
 def check_models(recipe: Recipe) -> list[str]:
     """Load each tokenizer and config (no weights): resolvable, has a chat template, vocab sizes consistent."""
     from transformers import AutoConfig
@@ -134,7 +153,7 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     registered names — enough to validate a real-scale recipe on a laptop.
     """
     build_dag(recipe)  # cross-stage checks raise RecipeError themselves
-    problems = check_registries(recipe)
+    problems = check_executor(recipe) + check_registries(recipe)
     if files:
         problems = check_files(recipe) + problems
     if load and not problems:
