@@ -70,7 +70,7 @@ def to_sample(row: dict, chat: Any, result: Any) -> SampleLogprobs:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend
+    from fuse.backends import make_backend, track_batches
     from fuse.data.prepared import load_split
     from fuse.models import identity, load_tokenizer
 
@@ -92,6 +92,7 @@ def run(ctx: StageContext) -> None:
         model={"name": key, **identity(spec)},
         meta={"template": settings.template, "backend": settings.backend, "max_length": max_length},
     )
+    progress = track_batches(backend, f"{ctx.instance.name} shard {shard}", len(indices), "rows", ctx.log)
     try:
         for start in range(indices.start, indices.stop, CHUNK_ROWS):
             rows = dataset[start : min(start + CHUNK_ROWS, indices.stop)]
@@ -101,6 +102,7 @@ def run(ctx: StageContext) -> None:
             for (row, chat), result in zip(kept, results, strict=True):
                 writer.add(to_sample(row, chat, result))
             counts["rows"] += len(rows)
+            progress.chunk_done(len(rows), [chat.num_tokens for _, chat in kept])
             ctx.progress(start + len(rows) - indices.start, len(indices), "rows")
     finally:
         backend.close()

@@ -89,7 +89,7 @@ def score_rows(
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend
+    from fuse.backends import make_backend, track_batches
     from fuse.data.prepared import load_split
     from fuse.models import load_tokenizer
 
@@ -102,11 +102,15 @@ def run(ctx: StageContext) -> None:
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     records: list[dict] = []
+    # items: sequences (two per pair), as the backend reports them
+    label = f"{ctx.instance.name} shard {ctx.shard or 0}"
+    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log)
     try:
         for start in range(indices.start, indices.stop, CHUNK_PAIRS):
             batch = dataset[start : min(start + CHUNK_PAIRS, indices.stop)]
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             records += score_rows(backend, tokenizer, rows, max_length, counts)
+            progress.chunk_done(2 * len(rows), [0] * (2 * len(rows)))
             ctx.progress(len(records), len(indices), "pairs")
     finally:
         backend.close()
