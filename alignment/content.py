@@ -50,7 +50,20 @@ class ContentAlignment:
     regions: Counter = field(default_factory=Counter)  # how each message region was positioned/aligned
 
 
+def leading_space_bytes(content: bytes) -> int:
+    """Bytes of whitespace before a content's first visible character (what Jinja's `| trim` removes)."""
+    text = content.decode("utf-8", errors="surrogateescape")
+    return len(text[: len(text) - len(text.lstrip())].encode("utf-8", errors="surrogateescape"))
+
+
 def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
+    """Each content's tokens with byte spans measured from the content's first visible character.
+
+    That origin is the same on both sides whatever either template did to the content's edges: a template that
+    trims (`| trim`: Llama-3, Gemma) drops leading whitespace the other side keeps, and positions measured from
+    each side's span start would then be off by the stripped bytes for the whole message. Tokens standing for
+    whitespace the other side does not have get negative positions and align with nothing.
+    """
     starts, ends = spans_from_offsets(rendered.offsets, rendered.text)
     to_byte, raw = char_to_byte(rendered.text), rendered.text.encode("utf-8")
     textual = ~vocab.special[np.asarray(rendered.ids, np.int64)]
@@ -62,11 +75,13 @@ def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
             regions.append(Region(0, 0, (np.zeros(0, np.int64), np.zeros(0, np.int64))))
             continue
         t0, t1 = int(inside[0]), int(inside[-1]) + 1
+        origin = lo + leading_space_bytes(raw[lo:hi])
         exact = region_spans(rendered.ids[t0:t1], vocab, raw[lo:hi], int(starts[t0]) - lo)
         if exact is not None:
-            regions.append(Region(t0, t1, exact[:2], exact[2], "bytes"))
+            spans = (exact[0] + lo - origin, exact[1] + lo - origin)
+            regions.append(Region(t0, t1, spans, exact[2], "bytes"))
         else:  # the tokens do not spell the text (a normalizer rewrote it): trust the tokenizer's offsets
-            regions.append(Region(t0, t1, (starts[t0:t1] - lo, ends[t0:t1] - lo), False, "offsets"))
+            regions.append(Region(t0, t1, (starts[t0:t1] - origin, ends[t0:t1] - origin), False, "offsets"))
     return regions
 
 
