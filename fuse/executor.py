@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import yaml
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
+from fuse.progress import Progress
 from fuse.recipe import Recipe
 from fuse.store import FileLock, LockHeld, RunStore
 
@@ -37,46 +37,6 @@ class InstanceBusy(StageFailed):
 
 class NotDone(StageFailed):
     """An instance that should have ended done did not: `fuse run`/`run-stage` must not report success."""
-
-
-class Progress:
-    """One status line per instance: which instance, which shard/step, elapsed. Plain lines when not a TTY."""
-
-    def __init__(self, stream=None, interval: float = 5.0):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = interval
-        self._last = 0.0
-        self.prefix = ""
-        self.started = time.monotonic()
-
-    def start(self, prefix: str) -> None:
-        self.prefix, self.started, self._last = prefix, time.monotonic(), 0.0
-        self._emit(f"{prefix} started", force=True)
-
-    def update(self, done: int, total: int | None, unit: str) -> None:
-        counted = f"{done}/{total}" if total else str(done)
-        self._emit(f"{self.prefix} {unit} {counted}")
-
-    def end(self, message: str) -> None:
-        self._emit(f"{self.prefix} {message}", force=True, final=True)
-
-    def _emit(self, text: str, force: bool = False, final: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < (0.2 if self.tty else self.interval):
-            return
-        self._last = now
-        line = f"{text}  [{_clock(now - self.started)}]"
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
 
 
 @contextlib.contextmanager

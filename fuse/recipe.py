@@ -13,7 +13,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")  # \Z: "$" would let a trailing newline through
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_control_characters(value: Any) -> Any:
+    """Strings that reach a job script (resources, workdir, interpreter): a newline there would end an #SBATCH
+    line or start a shell command, so control characters are refused outright."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and CONTROL_RE.search(item):
+            raise ValueError(f"{item!r} contains a control character (newline, tab, ...); not allowed here")
+    return value
 
 
 class RecipeError(ValueError):
@@ -247,16 +257,30 @@ class Resources(Frozen):
     constraint: str | None = None
     extra: list[str] = Field(default_factory=list, description="Extra '#SBATCH' lines, e.g. '--exclusive'.")
 
+    @field_validator("mem", "time", "partition", "account", "qos", "constraint", "extra")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        return no_control_characters(value)
+
 
 class SlurmSettings(Frozen):
     site_config: str | None = Field(None, description="YAML with defaults for resources and env_setup.")
-    env_setup: list[str] = Field(default_factory=list, description="Shell lines run before each job.")
+    env_setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before each job, as written (the one field that is shell by design); the job "
+        "scripts and recipe snapshots that carry them are written owner-only (0600).",
+    )
     signal_grace_seconds: int = Field(120, ge=0)
     python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
     template: str | None = Field(
         None,
         description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own.",
     )
+
+    @field_validator("python")
+    @classmethod
+    def _plain_python(cls, value: str | None) -> str | None:
+        return no_control_characters(value)
 
 
 class ExecutorSpec(Frozen):
@@ -280,6 +304,11 @@ class Recipe(Frozen):
     stages: Stages = Stages()
     executor: ExecutorSpec = ExecutorSpec()
     seed: int = 0
+
+    @field_validator("workdir")
+    @classmethod
+    def _plain_workdir(cls, value: str) -> str:
+        return no_control_characters(value)
 
     @field_validator("name")
     @classmethod
