@@ -116,7 +116,8 @@ def test_projected_store_is_in_the_pivot_vocab_and_format(aligned):
         original = pivot.get(sample.id)
         assert (sample.input_ids == original.input_ids).all() and (sample.mask == original.mask).all()
         probs = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
-        assert probs == pytest.approx(np.ones_like(probs), abs=0.05)  # codec error <= 0.01 per entry
+        # the teacher's own mass (≤ 1; the rest is the loss's tail bucket); codec error <= 0.01 per entry
+        assert (probs <= 1.05).all() and (probs > 0.5).all()
         one_hot = sample.topk_logprobs[:, 1] == -np.inf
         # one-hot rows sit on the NEXT token (row t predicts token t+1)
         assert (sample.topk_ids[one_hot, 0] == sample.input_ids[1:][one_hot]).all()
