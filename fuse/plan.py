@@ -88,6 +88,9 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
 
 def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
     settings = getattr(recipe.stages, instance.stage)
+    # extract/score: this model's overrides only, so that another model's do not rerun it.
+    if hasattr(settings, "for_model"):
+        settings = settings.for_model(instance.key)
     return {
         "instance": instance.name,
         "code": stage_version(instance.stage),

@@ -6,6 +6,7 @@ object itself and a bad key is reported with its YAML path before anything runs.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +83,51 @@ class PrepareSettings(StageSettings):
     min_response_chars: int = 1
 
 
-class ExtractSettings(StageSettings):
+class VllmSettings(Frozen):
+    """vLLM engine settings (backend: vllm); unset ones keep vLLM's defaults."""
+
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per engine step. prompt_logprobs materializes log-probs over the whole vocabulary for "
+        "every prompt token of a step: lower this (with chunked prefill) when a 150k-256k vocabulary runs out of memory.",
+    )
+    enable_chunked_prefill: bool | None = None
+    max_model_len: int | None = Field(None, ge=9, description="Default: max_length + 1.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs. Default: on on CPU, off on GPU.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm.LLM arguments, passed as given (e.g. quantization)."
+    )
+
+
+class ModelOverrides(Frozen):
+    """One model's extract/score settings over the stage's (`stages.extract.models.<name>`): a 72B source gets
+    its own tensor_parallel_size, dtype, batch budget and engine settings; the others keep the stage's."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    batch_tokens: int | None = Field(None, ge=64)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    vllm: VllmSettings | None = None
+
+
+class PerModel:
+    """Mixin of the extract and score settings: `for_model(name)` resolves the overrides of one model."""
+
+    def for_model(self, name: str | None) -> Any:
+        override = self.models.get(name) if name else None  # type: ignore[attr-defined]
+        if override is None:
+            return self.model_copy(update={"models": {}})  # type: ignore[attr-defined]
+        values = override.model_dump(exclude_none=True, exclude={"vllm"})
+        if override.vllm is not None:
+            base = self.vllm  # type: ignore[attr-defined]
+            mine = override.vllm.model_dump(exclude_unset=True)
+            mine["engine_kwargs"] = {**base.engine_kwargs, **override.vllm.engine_kwargs}
+            values["vllm"] = base.model_copy(update=mine)
+        return self.model_copy(update={**values, "models": {}})  # type: ignore[attr-defined]
+
+
+class ExtractSettings(PerModel, StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
     top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
@@ -100,9 +145,13 @@ class ExtractSettings(StageSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )
 
 
-class ScoreSettings(StageSettings):
+class ScoreSettings(PerModel, StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
     max_length: int = Field(2048, ge=8)
     batch_tokens: int = Field(16384, ge=64)
@@ -112,6 +161,11 @@ class ScoreSettings(StageSettings):
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )
 
 
 class AlignSettings(StageSettings):
@@ -132,18 +186,75 @@ class AlignSettings(StageSettings):
     )
 
 
+# DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
+DEEPSPEED_AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
+)  # fmt: skip
+
+
 class DeepSpeedSettings(Frozen):
     stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Your own DeepSpeed config: a mapping, or a JSON file (relative to the recipe; its content is "
+        "what the run records). Merged over fuse's; batch sizes, clipping and precision stay the Trainer's ('auto').",
+    )
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read_config_file(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path((info.context or {}).get("base_dir") or Path.cwd()) / path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"cannot read the DeepSpeed config {path}: {error.strerror}") from None
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return loaded
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage in force: the config's zero_optimization.stage when it has one, else `stage`."""
+        zero = (self.config or {}).get("zero_optimization") or {}
+        return int(zero.get("stage", self.stage))
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSettings:
-        if self.offload_params and self.stage != 3:
+        config = self.config or {}
+        zero = config.get("zero_optimization") or {}
+        if "stage" in zero and "stage" in self.model_fields_set and zero["stage"] != self.stage:
+            raise ValueError(
+                f"stage is {self.stage} but config.zero_optimization.stage is {zero['stage']}: set one of them"
+            )
+        for key in DEEPSPEED_AUTO_KEYS:
+            if config.get(key, "auto") != "auto":
+                raise ValueError(
+                    f"config.{key}: the Trainer sets it from the recipe (per_device_batch_size, "
+                    f"gradient_accumulation_steps, num_processes; max_grad_norm): leave it out or 'auto'"
+                )
+        for key in ("bf16", "fp16"):
+            if (config.get(key) or {}).get("enabled", "auto") != "auto":
+                raise ValueError(f"config.{key}.enabled: precision comes from the stage's bf16 setting")
+        if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs ZeRO stage 3")
-        if self.offload_optimizer and self.stage == 0:
+        if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
         return self
+
+
+# What the HF Trainer's report_to takes (transformers.integrations), "none" aside.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive", "swanlab", "trackio",
+    "azure_ml", "codecarbon", "dagshub", "flyte",
+]  # fmt: skip
 
 
 class TrainSettings(StageSettings):
@@ -164,6 +275,16 @@ class TrainSettings(StageSettings):
     gradient_checkpointing: bool = False
     num_processes: int = Field(1, ge=1, description="Processes per node (accelerate launch).")
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Trackers, as the HF Trainer takes them; tensorboard writes to <instance>/logs/tensorboard.",
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None, description="Attention kernel of the trained model; default: transformers' choice (sdpa)."
+    )
+    liger: bool = Field(False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel.")
 
 
 class DistillSettings(TrainSettings):
@@ -328,6 +449,12 @@ class Recipe(Frozen):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate source names: {', '.join(dups)}")
+        for stage, extra in (("extract", ()), ("score", (*(f"target-{n}" for n in names), "merged"))):
+            for name in getattr(self.stages, stage).models:
+                if name not in ("pivot", *names, *extra):
+                    raise ValueError(
+                        f"stages.{stage}.models.{name}: not a model of this recipe ({', '.join(['pivot', *names])})"
+                    )
         fpo = self.stages.fpo
         unknown = sorted(set(fpo.weights) - set(names) - ({"pivot"} if fpo.include_pivot else set()))
         if fpo.enabled and unknown:
@@ -372,7 +499,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path 
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as error:
         raise RecipeError(_format_error(error, source)) from None
     return _absolutize(recipe, base_dir or Path.cwd())

@@ -80,7 +80,7 @@ def run(ctx: StageContext) -> None:
     template = chat_template_for(ctx, tokenizer)
     dataset = load_split(ctx.input("prepare"), "sft", "train")
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
+    backend = make_backend(settings.backend, spec, settings.for_model(key), str(ctx.dir / "scratch"))
     check_tokenizer_fits(spec, tokenizer, backend.vocab_size)
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()

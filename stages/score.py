@@ -98,7 +98,8 @@ def run(ctx: StageContext) -> None:
     tokenizer = load_tokenizer(spec, require_chat_template=True)
     dataset = load_split(ctx.input("prepare"), "preference", "train")
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
+    model_settings = settings.for_model(ctx.instance.key)  # stages.score.models.<name> over the stage's
+    backend = make_backend(settings.backend, spec, model_settings, str(ctx.dir / "scratch"))
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     records: list[dict] = []

@@ -460,7 +460,12 @@ def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_pa
     report = json.loads((ctx.out / "merge_report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["a", "b"] and report["method"]["name"] == "varm"
     assert sum(report["summary"]["mean_weights"].values()) == pytest.approx(1.0)
-    assert (ctx.out / "merge_report.md").is_file()
+    merge_md = (ctx.out / "merge_report.md").read_text()
+    assert "| a · b |" in merge_md  # the diagnostics, which publish puts in the model card
+    from fuse.stages.publish import model_card
+
+    card = model_card(recipe, None, [], "0.0", merge_md)
+    assert "### Diagnostics" in card and "| a · b |" in card and "share of its energy surviving" in card
 
 
 # --------------------------------------------------------------------------------------------- one target, diagnostics
@@ -523,3 +528,24 @@ def test_diagnostics_equal_brute_force_sums_over_whole_checkpoints(method, famil
             )
     markdown = report_markdown(report)
     assert "## Diagnostics" in markdown and "| t1 · t2 |" in markdown
+
+
+def test_verdict_flags_far_apart_families_and_dropped_targets():
+    from fuse.merging.diagnostics import summarize, tensor_record
+
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])  # orthogonal MLP deltas
+    merged = (a + b) / 2
+    stats = {
+        "layers.0.mlp.up_proj.weight": {
+            "numel": 3,
+            "weights": [0.5, 0.5],
+            **tensor_record(
+                "layers.0.mlp.up_proj.weight", torch.ones(3), [[1.0, 0.0], [0.0, 1.0]], merged, [0.5, 0.5]
+            ),
+        }
+    }
+    diagnostics = summarize(stats, ["a", "b"])
+    assert diagnostics["families"]["mlp"]["cosine"]["a~b"] == 0.0
+    assert diagnostics["families"]["all"]["energy_share"] == {"a": 0.5, "b": 0.5}
+    assert any(line.startswith("mlp: the targets' deltas are far apart") for line in diagnostics["verdict"])
+    assert diagnostics["weights"]["mlp"]["a"] == {"mean": 0.5, "min": 0.5, "max": 0.5}

@@ -135,25 +135,33 @@ def summarize(stats: dict[str, dict[str, Any]], labels: list[str]) -> dict[str, 
         "targets": labels,
         "families": families,
         "weights": _weights_summary(records, labels),
-        "verdict": verdict(families["all"], labels),
+        "verdict": verdict(families, labels),
     }
 
 
-def verdict(overall: dict[str, Any], labels: list[str]) -> list[str]:
-    """Plain sentences a user can act on: orthogonal targets, targets whose learning the merge dropped."""
-    lines = []
+# Below this mean pairwise cosine a family's deltas are called "far apart": a uniform average of n deltas with
+# pairwise cosine c keeps (1 + (n − 1)·c)/n of each one's energy, i.e. under 75% of it for two targets.
+FAR_APART = 0.5
+
+
+def verdict(families: dict[str, Any], labels: list[str]) -> list[str]:
+    """Plain sentences a user can act on: families whose deltas are far apart, targets the merge mostly dropped."""
     if len(labels) == 1:
         return ["One target: it is the merge (copied unchanged), so all of its learning is kept."]
-    cosines = [c for c in overall["cosine"].values() if c is not None]
-    if cosines and max(abs(c) for c in cosines) < 0.2:
-        lines.append(
-            f"The targets' deltas are nearly orthogonal (|cosine| ≤ {max(abs(c) for c in cosines):.2f}): "
-            "any average of them keeps only part of each; expect each target's skills to weaken."
-        )
-    for label, share in overall["energy_share"].items():
+    lines = []
+    for family in (f for f in FAMILIES if f in families):
+        cosines = [c for c in families[family]["cosine"].values() if c is not None]
+        shares = [v for v in families[family]["energy_share"].values() if v is not None]
+        if cosines and shares and sum(cosines) / len(cosines) < FAR_APART:
+            lines.append(
+                f"{family}: the targets' deltas are far apart (mean cosine {sum(cosines) / len(cosines):.2f}); "
+                f"the merge keeps {min(shares):.0%}–{max(shares):.0%} of each target's delta energy there, so "
+                "skills stored in these tensors may not survive the merge."
+            )
+    for label, share in families["all"]["energy_share"].items():
         if share is not None and share < 0.5:
-            lines.append(f"{label}: {share:.0%} of its delta energy survives in the merged delta.")
-    return lines or ["The targets' deltas agree enough that the merge keeps at least half of each."]
+            lines.append(f"{label}: only {share:.0%} of its delta energy survives in the merged delta.")
+    return lines or [f"The targets' deltas point the same way (mean cosine ≥ {FAR_APART} in every family)."]
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
