@@ -15,7 +15,7 @@ from fuse.context import StageContext
 from fuse.io import atomic_dir, write_json_atomic
 from fuse.recipe import Recipe
 
-VERSION = 2
+VERSION = 3
 log = logging.getLogger(__name__)
 
 
@@ -68,8 +68,19 @@ def evaluation_section(metrics_md: str | None) -> str:
     return "\n".join(lines).strip()
 
 
+def merge_diagnostics_section(merge_md: str | None) -> str:
+    """The diagnostics part of merge's merge_report.md (are the targets mergeable, how much of each survived)."""
+    if not merge_md or "## Diagnostics" not in merge_md:
+        return ""
+    return "\n\n### Diagnostics\n\n" + merge_md.split("## Diagnostics", 1)[1].strip()
+
+
 def model_card(
-    recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str
+    recipe: Recipe,
+    metrics_md: str | None,
+    lineage_rows: list[dict[str, str]],
+    version: str,
+    merge_md: str | None = None,
 ) -> str:
     merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
@@ -101,7 +112,7 @@ different architectures and vocabularies fused into the pivot `{recipe.pivot.pat
 
 ## Merge
 
-Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sort_keys=True)}`.
+Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sort_keys=True)}`.{merge_diagnostics_section(merge_md)}
 
 ## Evaluation
 
@@ -204,6 +215,8 @@ def run(ctx: StageContext) -> None:
     metrics_md = None
     if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
         metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
+    merge_report = ctx.input(final_model_parent(ctx)) / "merge_report.md"  # absent when fpo ran after merge
+    merge_md = merge_report.read_text(encoding="utf-8") if merge_report.is_file() else None
     try:
         fuse_version = version("fuse-llm")
     except PackageNotFoundError:
@@ -213,7 +226,7 @@ def run(ctx: StageContext) -> None:
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(
-            model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8"
+            model_card(ctx.recipe, metrics_md, rows, fuse_version, merge_md), encoding="utf-8"
         )
         write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
         sample = check_reload_and_generate(tmp, ctx.recipe.pivot.trust_remote_code)
