@@ -221,6 +221,11 @@ def combine(base: Tensor, deltas: Tensor, params: MethodParams, consensus: bool)
 
 _TA_SHARED = {"normalize": False, "lambda": 1.0}
 
+# Defaults keep every target's learning: density 1 for ties/dare/breadcrumbs (mergekit's default). The papers'
+# settings (TIES keeps the top 20%, DARE drops up to 90%) erase most of each delta; they are tuned per task and
+# on the demo TIES at density 0.3 loses most of what the targets learned (bench/results/merge_ablation.md),
+# so they are the user's explicit choice, never a silent default.
+
 
 @merge_method(
     "linear",
