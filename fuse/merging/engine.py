@@ -1,7 +1,8 @@
 """The streaming merge: one tensor name at a time, every model read through memory maps, written as it is done.
 
 Peak memory ≈ (number of models + 3) × the largest tensor in float32 (one of them the diagnostics' re-read
-buffer). A killed merge resumes at the first tensor that had not reached the disk (the staging folder `.<output>.partial` keeps finished work).
+buffer). A killed merge resumes at the first tensor that had not reached the disk (the staging folder
+`.<output>.partial` keeps finished work).
 """
 
 from __future__ import annotations
