@@ -12,6 +12,7 @@ import numpy as np
 from fuse.alignment.pieces import VocabPieces, gather_bytes
 from fuse.alignment.sequence import (
     ALIGNERS,
+    ONE_TO_ONE,
     TEMPLATE,
     UNALIGNED,
     SequenceAlignment,
@@ -130,10 +131,26 @@ def _shift(index: np.ndarray, offset: int) -> np.ndarray:
     return np.where(index >= 0, index + offset, -1)
 
 
+def _ends_together(p: Region, s: Region) -> bool:
+    """Both contents end at the same text (positions from the first visible character: trims do not matter)."""
+    if p.spans is None or s.spans is None or not (p.spans[1].size and s.spans[1].size):
+        return False
+    return int(p.spans[1][-1]) == int(s.spans[1][-1])
+
+
 def align_content(
-    pivot: Rendered, source: Rendered, p_vocab: VocabPieces, s_vocab: VocabPieces, method: str = "offsets"
+    pivot: Rendered,
+    source: Rendered,
+    p_vocab: VocabPieces,
+    s_vocab: VocabPieces,
+    method: str = "offsets",
+    end_of_turn: tuple[int, int] | None = None,
 ) -> ContentAlignment:
-    """Align message contents only; every pivot token outside them is TEMPLATE (projection falls back to gold)."""
+    """Align message contents only; every pivot token outside them is TEMPLATE (projection falls back to gold).
+
+    With `end_of_turn` = (pivot id, source id), the step that predicts each side's end-of-turn token right after the
+    same content is aligned too: both models predict "the turn ends here" after the same text, whatever the tokens
+    are called (FuseChat maps the source's end-of-turn token to the pivot's explicitly)."""
     aligner = ALIGNERS[method]
     n = len(pivot.ids)
     out = SequenceAlignment.empty(n, TEMPLATE)
@@ -162,4 +179,15 @@ def align_content(
         )
         exact = method != "dtw" and p.spans is not None and s.spans is not None
         result.regions[("bytes" if p.how == s.how == "bytes" else "offsets") if exact else "dtw"] += 1
+        if end_of_turn is not None and exact and _ends_together(p, s):
+            p_end, s_end = p.stop, s.stop
+            if (
+                p_end < n
+                and s_end < len(source.ids)
+                and int(pivot.ids[p_end]) == end_of_turn[0]
+                and int(source.ids[s_end]) == end_of_turn[1]
+            ):
+                out.source_index[p_end], out.kind[p_end] = s_end, ONE_TO_ONE
+                out.cover_first[p_end] = out.cover_last[p_end] = s_end
+                result.regions["end_of_turn"] += 1
     return result

@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fuse.context import StageContext
+from fuse.data.response import ce_per_byte
 
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
 
 VERSION = 1
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
-# A realized token outside a teacher's top-K has no stored log-prob (-inf / NaN): count it at this floor so one
-# such token cannot decide the sequence's CE on its own.
-LOGPROB_FLOOR = float(np.log(1e-6))
 
 
 class DistillInputError(ValueError):
@@ -32,19 +30,6 @@ class DistillInputError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- per-sample math
-
-
-def response_bytes(sample: SampleLogprobs) -> int:
-    """Bytes of the assistant contents: the same text for every model, so CE per byte compares tokenizers."""
-    return sum(len(sample.text[s.start : s.end].encode()) for s in sample.spans if s.role == "assistant")
-
-
-def ce_per_byte(sample: SampleLogprobs) -> float:
-    """−Σ log p(realized token) over the response tokens, per response byte (row t predicts token t+1)."""
-    rows = np.flatnonzero(sample.mask[1:])
-    realized = np.nan_to_num(sample.target_logprobs[rows].astype(np.float64), nan=LOGPROB_FLOOR)
-    nll = -np.maximum(realized, LOGPROB_FLOOR).sum()
-    return float(nll / max(response_bytes(sample), 1))
 
 
 def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
