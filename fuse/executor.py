@@ -250,8 +250,9 @@ def _run_locked(
     for number, step in enumerate(todo, 1):
         forced = step.why == "forced" or (from_stage is not None and step.instance.stage == from_stage)
         name = step.instance.name
-        if not forced and step.state.kind == "done":
-            # planned because a parent is redone: kept when the parents wrote the same outputs again
+        if not forced and step.state.kind in ("done", "stale"):
+            # planned because a parent is (or was being) redone: kept when the parents wrote the same outputs
+            # again as the ones it read
             now = store.state(
                 name, step.fingerprint, step.parts, step.instance.num_shards, step.instance.parents
             )
