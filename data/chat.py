@@ -20,6 +20,11 @@ class ChatRenderError(ValueError):
     """A conversation the template cannot render, or whose contents it does not reproduce verbatim."""
 
 
+class TokenOutOfRange(ChatRenderError):
+    """A conversation whose tokens include an id past the model's output (an added token of a tokenizer larger
+    than the embedding, spelled out in the text): the model cannot read it."""
+
+
 @dataclass
 class RenderedChat:
     """One rendered conversation: text, content spans, tokens, offsets [T, 2] and response mask [T]."""
@@ -118,11 +123,19 @@ def render_chat(
     chat_template: str | None = None,
     max_length: int | None = None,
     where: str = "",
+    vocab_size: int | None = None,
 ) -> RenderedChat:
-    """Render, locate contents, tokenize, mask; cut to `max_length` tokens when given (flagged `truncated`)."""
+    """Render, locate contents, tokenize, mask; cut to `max_length` tokens when given (flagged `truncated`).
+    With `vocab_size` (the model's output size), a token id past it raises TokenOutOfRange naming it."""
     text = render_text(tokenizer, messages, chat_template)
     spans = content_spans(text, messages, where)
     ids, offsets = tokenize_with_offsets(tokenizer, text)
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        bad = int(ids[ids >= vocab_size][0])
+        raise TokenOutOfRange(
+            f"{where}token {bad} {tokenizer.convert_ids_to_tokens(bad)!r} is past the model's {vocab_size} "
+            f"output rows (the text spells out a token the model cannot read)"
+        )
     mask = response_mask(offsets, spans)
     chat = RenderedChat(text, spans, ids, offsets, mask)
     if max_length is not None and chat.num_tokens > max_length:
