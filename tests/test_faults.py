@@ -23,7 +23,7 @@ import yaml
 from fuse.cli import main
 from fuse.dag import build_dag
 from fuse.executor import run
-from fuse.plan import PlanError, make_plan, stage_module
+from fuse.plan import PlanError, fingerprints, make_plan, stage_module
 from fuse.recipe import RecipeError, parse_recipe
 from fuse.store import RunStore
 
@@ -272,8 +272,12 @@ def test_old_style_finalize_lock_of_a_dead_run_does_not_strand_the_instance(tmp_
     recipe = toy_recipe(tmp_path)
     _run(recipe, only=["prepare", "extract.pivot", "extract.a"])
     store = RunStore(recipe["workdir"])
-    store.dir("align.a").mkdir(parents=True)
-    store.begin("align.a", "align", "x", {}, 1)  # killed: running, never finished
+    parsed = parse_recipe(recipe)
+    fingerprint, parts = fingerprints(parsed, build_dag(parsed))["align.a"]
+    store.begin(
+        "align.a", "align", fingerprint, parts, 1
+    )  # killed in finalize: its shard done, never finished
+    store.mark_shard("align.a", 0)
     lock = store.dir("align.a") / "finalize.lock"
     lock.write_text("999999\n")
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
