@@ -211,6 +211,28 @@ def newest_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None
     return None
 
 
+def check_checkpoint_trust(path: Path) -> None:
+    """Resuming unpickles the checkpoint (optimizer, scheduler and RNG states; DeepSpeed loads its own files with
+    weights_only=False), so whoever can write there can run code in this job. Refuse a checkpoint with a file or
+    folder that is someone else's or writable by others than its owner (chmod -R go-w fixes ours). Where the
+    workdir is group-writable on purpose and the group is trusted, FUSE_TRUST_CHECKPOINTS=1 skips the check."""
+    if os.environ.get("FUSE_TRUST_CHECKPOINTS") == "1":
+        return
+    for item in [path.parent, path, *sorted(path.rglob("*"))]:
+        st = item.lstat()
+        if st.st_uid != os.getuid():
+            why = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+        elif st.st_mode & 0o022 and not item.is_symlink():
+            why = f"is writable by {'group and others' if st.st_mode & 0o002 else 'its group'}"
+        else:
+            continue
+        raise TrainingError(
+            f"not resuming from {path}: {item} {why}, and resuming unpickles that checkpoint (it could run "
+            f"someone else's code). Fix the permissions (chmod -R go-w {path.parent}), delete the checkpoint to "
+            "start over, or set FUSE_TRUST_CHECKPOINTS=1 if everyone who can write there is trusted."
+        )
+
+
 # --------------------------------------------------------------------------------------------- logging
 
 
@@ -316,6 +338,7 @@ def run_job(job: TrainingJob, launched: bool = False, callbacks: tuple = ()) -> 
     trainer.remove_callback(PrinterCallback)  # logs go to the JSONL file and the executor's progress line
     resume = newest_complete_checkpoint(job.checkpoint_dir)
     if resume is not None:
+        check_checkpoint_trust(resume)
         log.info("resuming from %s", resume)
     with preemption.checkpointing():  # SIGUSR1 (SLURM preemption): save a checkpoint at the next step, stop
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -496,3 +496,31 @@ def test_resolved_recipe_of_a_local_run_is_private(tmp_path):
     assert stat.S_IMODE(resolved.stat().st_mode) == 0o600
     manifest = json.loads((Path(recipe["workdir"]) / "prepare" / "manifest.json").read_text())
     assert manifest["outputs"]["result.json"]["digest"].startswith("sha256:")
+
+
+# --------------------------------------------------------------------------------------------- item 9
+
+
+def test_resume_refuses_a_checkpoint_others_could_have_written(tmp_path):
+    from fuse.training import TrainingError, check_checkpoint_trust
+
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
+    (checkpoint / "global_step4").mkdir(parents=True)
+    pickle = checkpoint / "global_step4" / "mp_rank_00_model_states.pt"
+    pickle.write_bytes(b"not really a pickle")
+    for path in (tmp_path / "checkpoints", checkpoint, checkpoint / "global_step4", pickle):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    check_checkpoint_trust(checkpoint)  # ours, written under umask 022: fine
+
+    pickle.chmod(0o664)
+    with pytest.raises(TrainingError, match="mp_rank_00_model_states.pt is writable by its group"):
+        check_checkpoint_trust(checkpoint)
+    pickle.chmod(0o644)
+    (tmp_path / "checkpoints").chmod(0o777)  # anyone could swap in a checkpoint folder of their own
+    with pytest.raises(TrainingError, match="writable by group and others"):
+        check_checkpoint_trust(checkpoint)
+    (tmp_path / "checkpoints").chmod(0o755)
+    if os.getuid() == 0:  # only root can hand a file to someone else
+        os.chown(pickle, 4321, -1)
+        with pytest.raises(TrainingError, match="owned by uid 4321"):
+            check_checkpoint_trust(checkpoint)
