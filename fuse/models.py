@@ -217,7 +217,8 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
             p
             for p in local.iterdir()
             if p.is_file()
-            and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt"))
+            # .py: a trust_remote_code model's code is part of what it computes
+            and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt", ".py"))
         )
         return {"path": str(local), "files": files_digest(files)}
     return {"hub_id": spec.path, "revision": spec.revision or "main"}

@@ -524,3 +524,21 @@ def test_resume_refuses_a_checkpoint_others_could_have_written(tmp_path):
         os.chown(pickle, 4321, -1)
         with pytest.raises(TrainingError, match="owned by uid 4321"):
             check_checkpoint_trust(checkpoint)
+
+
+# --------------------------------------------------------------------------------------------- late or unclear errors
+
+
+def test_model_identity_includes_remote_code(tmp_path):
+    from fuse.models import identity
+    from fuse.recipe import ModelSpec
+
+    folder = tmp_path / "remote"
+    (folder).mkdir()
+    (folder / "config.json").write_text('{"auto_map": {"AutoModel": "modeling_x.XModel"}}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    (folder / "modeling_x.py").write_text("class XModel: pass\n")
+    spec = ModelSpec(name="x", path=str(folder), trust_remote_code=True)
+    before = identity(spec)
+    (folder / "modeling_x.py").write_text("class XModel: scale = 2\n")
+    assert identity(spec) != before
