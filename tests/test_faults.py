@@ -542,3 +542,63 @@ def test_model_identity_includes_remote_code(tmp_path):
     before = identity(spec)
     (folder / "modeling_x.py").write_text("class XModel: scale = 2\n")
     assert identity(spec) != before
+
+
+def _late_error(tmp_path: Path, case: str) -> tuple[dict, str]:
+    """A recipe with one problem that used to surface only mid-run, and the words its up-front error must say."""
+    recipe = toy_recipe(tmp_path)
+    data = tmp_path / "data"
+    if case == "remote code not trusted":
+        config = Path(recipe["sources"][0]["path"]) / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoModel": "m.X"}}))
+        return recipe, "sources[0].trust_remote_code: "
+    if case == "bad eval item":
+        items = data / "items.jsonl"
+        items.write_text('{"skill": "s", "prompt": "p", "answer": "a"}\n\n{"skill": "s", "prompt": "p"}\n')
+        recipe["stages"]["evaluate"] = {"items": str(items)}
+        return recipe, f"stages.evaluate.items: {items}:3: not an item"
+    if case == "held-out text not UTF-8":
+        text = data / "heldout.jsonl"
+        text.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+        recipe["stages"]["evaluate"] = {"heldout_text": str(text)}
+        return recipe, f"stages.evaluate.heldout_text: {text}:2: not UTF-8 (byte 0xe9"
+    if case == "held-out row without text":
+        text = data / "heldout.jsonl"
+        text.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+        recipe["stages"]["evaluate"] = {"heldout_text": str(text)}
+        return recipe, f"stages.evaluate.heldout_text: {text}:2: a held-out row needs 'text' or 'messages'"
+    if case == "SFT row not UTF-8":
+        sft = Path(recipe["data"]["sft"]["path"])
+        sft.write_bytes(sft.read_bytes() + b'{"messages": [{"role": "user", "content": "\xff"}]}\n')
+        return recipe, f"data.sft.path: {sft}:21: not UTF-8 (byte 0xff"
+    if case == "10 MB message":
+        sft = Path(recipe["data"]["sft"]["path"])
+        row = {
+            "messages": [{"role": "user", "content": "x" * 10_000_000}, {"role": "assistant", "content": "y"}]
+        }
+        sft.write_text(sft.read_text() + json.dumps(row) + "\n")
+        return recipe, f"data.sft.path: {sft}:21: a row of 10.0 MB"
+    if case == "missing local-looking path":
+        recipe["sources"][0]["path"] = "models/llama/v2"
+        return recipe, "sources[0].path: 'models/llama/v2' is not a local path that exists, nor a hub id"
+    raise AssertionError(case)
+
+
+LATE = [
+    "remote code not trusted",
+    "bad eval item",
+    "held-out text not UTF-8",
+    "held-out row without text",
+    "SFT row not UTF-8",
+    "10 MB message",
+    "missing local-looking path",
+]
+
+
+@pytest.mark.parametrize("case", LATE)
+def test_late_errors_are_reported_before_any_work(tmp_path, case, capsys):
+    recipe, expected = _late_error(tmp_path, case)
+    path = write_recipe(tmp_path, recipe)
+    assert main(["run", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not Path(recipe["workdir"]).exists()  # nothing started
