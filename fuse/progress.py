@@ -55,11 +55,11 @@ class Progress:
         self.interval = interval if interval is not None else float(env) if env else DEFAULT_INTERVAL
         self.prefix = ""
         self.started = time.monotonic()
-        self._last = 0.0
+        self._last = float("-inf")  # the first update always gets its line
         self._pending = ""  # a throttled line, written at the end so the final count is always shown
 
     def start(self, prefix: str) -> None:
-        self.prefix, self.started, self._last, self._pending = prefix, time.monotonic(), 0.0, ""
+        self.prefix, self.started, self._last, self._pending = prefix, time.monotonic(), float("-inf"), ""
         self._write(f"{prefix} started  [{clock(0)}]", final=True)
 
     def update(self, done: int, total: int | None = None, unit: str = "step", **metrics: Any) -> None:

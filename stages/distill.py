@@ -213,16 +213,6 @@ def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, An
     return path, data_report(dataset, sft_only)
 
 
-def progress_callback(ctx: StageContext) -> Any:
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ctx.progress(state.global_step, state.max_steps, "step")
-
-    return Progress()
-
-
 def run(ctx: StageContext) -> None:
     from fuse.io import write_json_atomic
     from fuse.training import check_settings, make_job, train
@@ -237,7 +227,7 @@ def run(ctx: StageContext) -> None:
     job = make_job(BUILDER, settings, ctx.dir, ctx.out, "stages.distill",
                    model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path),
                    temperature=settings.temperature, divergence=settings.divergence, **{"lambda": lambda_})  # fmt: skip
-    summary = train(job, callbacks=(progress_callback(ctx),))
+    summary = train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
     write_json_atomic(ctx.out / "distill_report.json", {
         "instance": ctx.instance.name, "lambda": lambda_, "fusion": None if sft_only else settings.fusion,
         "divergence": settings.divergence, "temperature": settings.temperature, "data": report, "training": summary,

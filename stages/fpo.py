@@ -318,7 +318,7 @@ def run(ctx: StageContext) -> None:
     job = training.make_job(
         "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
     )
-    trained = training.train(job)
+    trained = training.train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
 
     after = None
     if heldout.rows:
