@@ -235,3 +235,28 @@ def test_logs_shows_stage_log_skips_binary_and_stays_in_the_run(tmp_path):
     escape = fuse("logs", path, "../secret")
     assert escape.returncode == 1 and "SECRET" not in escape.stdout
     assert "no stage instance '../secret'" in escape.stderr
+
+
+def test_per_model_overrides_apply_to_that_model_only(tmp_path):
+    """A 72B source gets its own tensor_parallel_size / dtype / engine settings; the other models' instances keep
+    their fingerprints (their extraction is not redone) and an unknown model name is an error naming the key."""
+    from fuse.dag import build_dag
+    from fuse.plan import fingerprints
+    from fuse.recipe import RecipeError, parse_recipe
+
+    data = toy_recipe(tmp_path)
+    plain = parse_recipe(data)
+    data["stages"]["extract"]["models"] = {
+        "b": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 512}}
+    }
+    data["stages"]["score"] = {"models": {"target-a": {"dtype": "bfloat16"}}}
+    tuned = parse_recipe(data)
+    assert tuned.stages.extract.for_model("b").tensor_parallel_size == 8
+    assert tuned.stages.extract.for_model("a").tensor_parallel_size == 1
+    before, after = fingerprints(plain, build_dag(plain)), fingerprints(tuned, build_dag(tuned))
+    changed = sorted(name for name in before if before[name][0] != after[name][0])
+    assert "extract.b" in changed and "extract.a" not in changed and "extract.pivot" not in changed
+    assert "score.a" not in changed
+    data["stages"]["extract"]["models"] = {"c": {"dtype": "float16"}}
+    with pytest.raises(RecipeError, match=r"stages\.extract\.models\.c: not a model of this recipe"):
+        parse_recipe(data)
