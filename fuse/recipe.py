@@ -337,6 +337,11 @@ class EvaluateSettings(StageSettings):
 
 
 class PublishSettings(StageSettings):
+    license: str | None = Field(
+        None,
+        description="The card's Hub license id (apache-2.0, llama3.1, gemma, ...); default 'other': a fused model "
+        "inherits its base models' terms, which only you can reconcile.",
+    )
     push: bool = False
     repo_id: str | None = None
     private: bool = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +41,54 @@ def lineage(recipe: Recipe) -> list[dict[str, str]]:
     ]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(path: str) -> str | None:
+    """`path` when it names a Hub repository (org/name), None when it is local (recipe paths are absolute then)."""
+    return path if not os.path.isabs(path) and HUB_ID.match(path) and not Path(path).exists() else None
+
+
+def public_name(path: str) -> str:
+    """What a card may say about a model or data path: its hub id, or only the last part of a local path."""
+    return hub_id(path) or Path(path).name
+
+
+def scrub_local_paths(value: Any) -> Any:
+    """The recipe as the card shows it: absolute local paths reduced to `<local>/name` (they mean nothing on the
+    Hub and tell where the run was made)."""
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return f"<local>/{Path(value).name}"
+    return value
+
+
 def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, Any]:
-    datasets = [d.path for d in (recipe.data.sft, recipe.data.preference) if d is not None]
+    """The card's front matter, as the Hub reads it for merged models: every hub model that went in (pivot and
+    sources) under `base_model` with `base_model_relation: merge`, a `license`, datasets only when they are hub
+    ids; local paths never (the Hub rejects them, and they leak where the run was made)."""
+    bases = [m for m in (hub_id(s.path) for s in (recipe.pivot, *recipe.sources)) if m]
+    datasets = [d for d in (hub_id(x.path) for x in (recipe.data.sft, recipe.data.preference) if x) if d]
     metadata: dict[str, Any] = {}
-    if not Path(recipe.pivot.path).exists():  # the Hub only accepts model ids here, never local paths
-        metadata = {"base_model": recipe.pivot.path, "base_model_relation": "merge"}
+    if bases:
+        metadata = {"base_model": list(dict.fromkeys(bases)), "base_model_relation": "merge"}
+    metadata["license"] = recipe.stages.publish.license or "other"
+    if datasets:
+        metadata["datasets"] = datasets
     return {
         **metadata,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["fuse", "model-fusion", "knowledge-fusion", f"merge-{merge_settings['method']}"],
-        "datasets": [Path(d).name if os.path.isabs(d) else d for d in datasets],
         "fuse": {
-            "sources": [{"name": s.name, "model": s.path, "revision": s.revision} for s in recipe.sources],
+            "pivot": public_name(recipe.pivot.path),
+            "sources": [
+                {"name": s.name, "model": public_name(s.path), "revision": s.revision} for s in recipe.sources
+            ],
+            "datasets": [public_name(x.path) for x in (recipe.data.sft, recipe.data.preference) if x],
             "merge": merge_settings,
         },
     }
@@ -84,11 +120,14 @@ def model_card(
 ) -> str:
     merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
-    sources = "\n".join(f"| {s.name} | `{s.path}` | {s.revision or 'main'} |" for s in recipe.sources)
+    sources = "\n".join(
+        f"| {s.name} | `{public_name(s.path)}` | {s.revision or 'main'} |" for s in recipe.sources
+    )
     steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
     # the executor says where it ran, not what made the model; its env_setup lines and accounts stay private
     recipe_yaml = yaml.safe_dump(
-        recipe.model_dump(mode="json", by_alias=True, exclude={"executor"}), sort_keys=False
+        scrub_local_paths(recipe.model_dump(mode="json", by_alias=True, exclude={"executor", "workdir"})),
+        sort_keys=False,
     )
     rows = "\n".join(
         f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
@@ -100,8 +139,8 @@ def model_card(
 
 # {recipe.name}
 
-A fused model made by [fuse](https://github.com/) {version}: knowledge of {len(recipe.sources)} source models of
-different architectures and vocabularies fused into the pivot `{recipe.pivot.path}`
+A fused model made by fuse {version}: knowledge of {len(recipe.sources)} source models of
+different architectures and vocabularies fused into the pivot `{public_name(recipe.pivot.path)}`
 ({" → ".join(steps)}).
 
 ## Sources
