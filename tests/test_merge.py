@@ -411,6 +411,7 @@ def test_cli_merges_from_yaml_and_reports_bad_config(family, tmp_path, capsys):
         f"  - path: {family[2]}\nmethod: ties\noutput: out\ndtype: float32\n"
     )
     assert main(["merge", str(config)]) == 0
+    assert "delta energy kept: t1 " in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["models"][0]["parameters"]["density"] == 0.5 and report["method"]["name"] == "ties"
     assert (tmp_path / "out" / "merge_report.md").read_text().startswith("# Merge report: ties")
