@@ -439,7 +439,10 @@ def _claim(store: RunStore, step: Step, clean: bool) -> None:
     name = step.instance.name
     previous = store.manifest(name) or {}
     if clean:
-        store.reset(name)
+        try:
+            store.reset(name)
+        except LockHeld as error:  # a process outside this submission still works on it
+            raise PlanError(str(error)) from None
     store.write_manifest(
         name,
         {
