@@ -235,12 +235,42 @@ def check_executor(recipe: Recipe) -> list[str]:
     return problems
 
 
+# One plain conversation every chat template must write back: a template that drops or rewrites contents would
+# make extract find no content and align fall back everywhere — a teacherless distill with no error.
+PROBE_CONVERSATION = (
+    {"role": "user", "content": "Which colour is the sky on a clear day? Answer briefly."},
+    {"role": "assistant", "content": "Blue, because air scatters blue light the most."},
+)
+
+
+def check_template(spec: ModelSpec, tokenizer, template: str | None) -> None:
+    """Render the probe conversation with `template` (None: the tokenizer's own) and find every content in it."""
+    from fuse.data.chat import ChatRenderError, content_spans, render_text
+
+    try:
+        text = render_text(tokenizer, PROBE_CONVERSATION, template)
+    except Exception as error:  # jinja raises its own errors (TemplateError, UndefinedError, ...)
+        raise ModelLoadError(
+            f"model {spec.name!r}: the chat template fails on a plain user/assistant conversation: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    try:
+        content_spans(text, PROBE_CONVERSATION)
+    except ChatRenderError as error:
+        raise ModelLoadError(
+            f"model {spec.name!r}: the chat template does not write message contents back ({error}); "
+            f"rendered: {text[:200]!r}"
+        ) from None
+
+
 def check_models(recipe: Recipe) -> list[str]:
-    """Load each tokenizer and config (no weights): resolvable, has a chat template, vocab sizes consistent."""
+    """Load each tokenizer and config (no weights): resolvable, has a chat template that writes contents back,
+    vocab sizes consistent."""
     from transformers import AutoConfig
 
     problems = []
     needs_template = recipe.stages.extract.enabled or recipe.stages.score.enabled
+    pivot_template = None
     for spec in [recipe.model("pivot"), *recipe.sources]:
         key = _model_key(recipe, spec)
         try:
@@ -248,6 +278,11 @@ def check_models(recipe: Recipe) -> list[str]:
             tokenizer = load_tokenizer(spec, require_chat_template=needs_template)
             config = AutoConfig.from_pretrained(directory, trust_remote_code=spec.trust_remote_code)
             check_vocab(spec, config, tokenizer)
+            if spec.name == "pivot":
+                pivot_template = tokenizer.chat_template
+            if needs_template:
+                own = recipe.stages.extract.template == "own" or spec.name == "pivot"
+                check_template(spec, tokenizer, None if own else pivot_template)
         except (ModelLoadError, OSError, ValueError) as error:
             problems.append(f"{key}: {error}")
     return problems

@@ -153,6 +153,28 @@ def reference_for(
     return pivot_scores, reference
 
 
+def drop_truncated(rows: list[dict], tables: dict, skipped: Counter, logger: Any) -> list[dict]:
+    """Pairs some model scored only a prefix of (its tokenizer made a side longer than score's max_length) are
+    refused: that model's log-prob is of another, shorter text, so a fused reference over it compares unlike
+    things. Each is counted per model and logged with its id."""
+    import numpy as np
+
+    truncated: dict[str, str] = {}
+    for model, table in tables.items():
+        flags = np.asarray(table["chosen_truncated"], bool) | np.asarray(table["rejected_truncated"], bool)
+        for pair_id in np.asarray(table["id"])[flags]:
+            truncated.setdefault(str(pair_id), model)
+    kept = []
+    for row in rows:
+        model = truncated.get(str(row["id"]))
+        if model is None:
+            kept.append(row)
+            continue
+        skipped[f"truncated by score.{model}"] += 1
+        logger.warning("pair %s: skipped, score.%s scored a truncated response", row["id"], model)
+    return kept
+
+
 def with_reference(rows: list[dict], reference: Any) -> list[dict]:
     return [
         {**row, "ref_chosen_logps": float(reference.scores.chosen[k]),
@@ -176,6 +198,7 @@ def prepare_split(
             raise
         raw = []
     rows, skipped = encode_split(tokenizer, raw, ctx.settings)
+    rows = drop_truncated(rows, tables, skipped, ctx.log)
     result = Split(rows, skipped)
     if rows:
         try:

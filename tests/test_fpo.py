@@ -348,3 +348,27 @@ def test_stage_module_imports_no_heavy_libraries():
     code = "import sys, fuse.stages.fpo; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_pairs_truncated_by_any_models_score_are_refused_and_counted():
+    import logging
+    from collections import Counter
+
+    from fuse.stages.fpo import drop_truncated
+
+    def table(ids, chosen, rejected):
+        return {
+            "id": np.array(ids),
+            "chosen_truncated": np.array(chosen),
+            "rejected_truncated": np.array(rejected),
+        }
+
+    tables = {
+        "pivot": table(["a", "b", "c"], [False, False, False], [False, True, False]),
+        "src": table(["a", "b", "c"], [True, False, False], [False, False, False]),
+    }
+    skipped: Counter = Counter()
+    rows = [{"id": i} for i in ("a", "b", "c")]
+    kept = drop_truncated(rows, tables, skipped, logging.getLogger("test"))
+    assert [r["id"] for r in kept] == ["c"]
+    assert skipped == Counter({"truncated by score.pivot": 1, "truncated by score.src": 1})
