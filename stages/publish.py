@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fuse.context import StageContext
-from fuse.io import atomic_dir, write_json_atomic
+from fuse.io import atomic_dir, read_json, write_json_atomic
 from fuse.recipe import Recipe
 
 VERSION = 3
@@ -111,12 +111,36 @@ def merge_diagnostics_section(merge_md: str | None) -> str:
     return "\n\n### Diagnostics\n\n" + merge_md.split("## Diagnostics", 1)[1].strip()
 
 
+def teacher_signal_section(align_reports: dict[str, dict[str, Any]]) -> str:
+    """Per source, from its align report: was its teacher signal sound (how much was projected, does its top-1
+    name the gold token, how often would it be chosen), with the align stage's warnings."""
+    if not align_reports:
+        return "No alignment reports."
+    lines = [
+        "| source | response rows projected | top-1 is gold (source / pivot) | mean p(gold) (source / pivot) "
+        "| top-K mass kept | sequences won under min_ce | warnings |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, report in align_reports.items():
+        signal, shares = report["teacher_signal"], report["response_position_shares"]
+        projected = shares.get("projected_1:1", 0.0) + shares.get("projected_many:1", 0.0)
+        wins = signal["fusion_weights"].get("min_ce", {}).get("source", float("nan"))
+        lines.append(
+            f"| {name} | {projected:.2f} | {signal['source_top1_is_gold']:.2f} / {signal['pivot_top1_is_gold']:.2f} "
+            f"| {signal['source_mean_p_gold']:.3f} / {signal['pivot_mean_p_gold']:.3f} "
+            f"| {report['topk_mass_kept']['mean'] or 0.0:.2f} | {wins:.2f} | "
+            f"{'; '.join(report.get('warnings', [])) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
 def model_card(
     recipe: Recipe,
     metrics_md: str | None,
     lineage_rows: list[dict[str, str]],
     version: str,
     merge_md: str | None = None,
+    align_reports: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
@@ -148,6 +172,13 @@ different architectures and vocabularies fused into the pivot `{public_name(reci
 | name | model | revision |
 |---|---|---|
 {sources}
+
+## Teacher signal
+
+How well each source's distribution, projected onto the pivot's tokens, predicted the training responses
+(measured by the align stage before any training).
+
+{teacher_signal_section(align_reports or {})}
 
 ## Merge
 
@@ -256,6 +287,11 @@ def run(ctx: StageContext) -> None:
         metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
     merge_report = ctx.input(final_model_parent(ctx)) / "merge_report.md"  # absent when fpo ran after merge
     merge_md = merge_report.read_text(encoding="utf-8") if merge_report.is_file() else None
+    align_reports = {
+        name: read_json(ctx.input(f"align.{name}") / "report.json")
+        for name in ctx.recipe.source_names
+        if f"align.{name}" in ctx.inputs and (ctx.input(f"align.{name}") / "report.json").is_file()
+    }
     try:
         fuse_version = version("fuse-llm")
     except PackageNotFoundError:
@@ -265,7 +301,7 @@ def run(ctx: StageContext) -> None:
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(
-            model_card(ctx.recipe, metrics_md, rows, fuse_version, merge_md), encoding="utf-8"
+            model_card(ctx.recipe, metrics_md, rows, fuse_version, merge_md, align_reports), encoding="utf-8"
         )
         write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
         sample = check_reload_and_generate(tmp, ctx.recipe.pivot.trust_remote_code)

@@ -202,3 +202,16 @@ def test_role_entries_override_a_same_named_special_token():
     assert by_name.target[0] == 0 and by_name.method[0] == EXACT
     by_role = build_vocab_map(source, pivot, methods=("exact",), roles={0: 1})
     assert by_role.target.tolist() == [1, 2] and by_role.method[0] == ROLE
+
+
+def test_the_model_card_shows_each_sources_teacher_signal(aligned):
+    from fuse.stages.publish import teacher_signal_section
+
+    ctx, _ = aligned
+    report = json.loads((ctx.out / "report.json").read_text())
+    section = teacher_signal_section({"src": report})
+    row = next(line for line in section.splitlines() if line.startswith("| src |"))
+    signal = report["teacher_signal"]
+    assert f"{signal['source_top1_is_gold']:.2f} / {signal['pivot_top1_is_gold']:.2f}" in row
+    assert row.rstrip().endswith(f"{'; '.join(report['warnings']) or 'none'} |")
+    assert teacher_signal_section({}) == "No alignment reports."
