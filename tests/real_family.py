@@ -346,7 +346,18 @@ def build_real_families(root: Path | None = None) -> dict[str, Path]:
                 built = {f.name: build_family(f, tmp / f.name) for f in FAMILIES}
                 built["total_seconds"] = round(time.monotonic() - started, 1)
                 write_json_atomic(tmp / MARKER, {"key": key, "version": VERSION, "families": built})
+            prune(root, key)
     return {f.name: target / f.name for f in FAMILIES}
+
+
+def prune(root: Path, key: str) -> None:
+    """Drop fixture folders of other keys (each is ~300 MB; an older key is never read again by this code)."""
+    import shutil
+
+    for old in root.iterdir():
+        if old.is_dir() and old.name != key and len(old.name) == len(key) and (old / MARKER).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            old.with_suffix(".lock").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
