@@ -71,6 +71,39 @@ def test_missing_tracker_is_reported_with_its_key(tmp_path, monkeypatch):
         training.train(job)
 
 
+@pytest.mark.parametrize(
+    ("settings", "missing", "message"),
+    [
+        ({"liger": True}, "liger_kernel", r"stages\.distill\.liger: liger-kernel is not installed"),
+        (
+            {"attn_implementation": "flash_attention_2"},
+            "flash_attn",
+            r"attn_implementation: flash-attn is not",
+        ),
+    ],
+)
+def test_optional_kernels_missing_are_reported_before_training(
+    tmp_path, monkeypatch, settings, missing, message
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
+    with pytest.raises(training.TrainingError, match=message):
+        training.train(distill_job(tmp_path, tmp_path, tmp_path, **settings))
+
+
+def test_pass_through_settings_reach_the_training_arguments(tmp_path):
+    from fuse.recipe import DistillSettings
+
+    settings = DistillSettings(gradient_checkpointing=True, report_to=["tensorboard"], liger=True)
+    args = training.training_arguments(settings, str(tmp_path), launched=False, run_name="distill.x")
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.report_to == ["tensorboard"] and args.run_name == "distill.x" and args.use_liger_kernel
+
+
 def test_deepspeed_config_of_the_recipe_is_merged_under_what_fuse_keeps(tmp_path):
     from fuse.recipe import DistillSettings
 
