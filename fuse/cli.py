@@ -213,6 +213,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class FirstLine(logging.Formatter):
+    """The console gets the first line of each record; tracebacks stay in the instance's stage.log (`-v` shows
+    them here too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"{record.levelname} {record.name}: {message.splitlines()[0] if message else ''}"
+
+
 def recipe_first(argv: list[str]) -> list[str]:
     """`fuse run --only prepare recipe.yaml`: `--only` takes one or more values and would swallow the recipe; an
     existing .yaml/.yml file among its values is moved in front of the option, where the recipe belongs."""
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console shows progress lines and warnings; each instance's log file gets everything (see executor).
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    full = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    console.setFormatter(full if args.verbose else FirstLine())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console])
     try:
         code = int(args.handler(args) or 0)

@@ -62,6 +62,8 @@ def test_failure_exit_code_names_instance(tmp_path):
     assert result.returncode == 1
     assert "stage align.a failed" in result.stderr and "toy failure" in result.stderr
     assert "align.a/logs/stage.log" in result.stderr
+    assert "Traceback" not in result.stderr  # the console gets one line; the traceback is in the stage log
+    assert "Traceback" in (Path(toy_recipe(tmp_path)["workdir"]) / "align.a" / "logs" / "stage.log").read_text()
     logs = fuse("logs", path, "align.a")
     assert "toy failure in align.a" in logs.stdout
 
