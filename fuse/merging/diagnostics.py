@@ -44,6 +44,12 @@ def delta_gram(deltas: torch.Tensor) -> list[list[float]]:
     return (flat @ flat.T).double().tolist()
 
 
+def squared_norm(tensor: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖t‖² summed in float64, a chunk at a time (no float64 copy of a 7B model's embedding matrix)."""
+    flat = tensor.reshape(-1)
+    return sum(float(part.square().sum(dtype=torch.float64)) for part in flat.split(chunk))
+
+
 def tensor_record(
     name: str, base: torch.Tensor, gram: list[list[float]], merged_delta: torch.Tensor, dots: list[float]
 ) -> dict[str, Any]:
@@ -52,8 +58,8 @@ def tensor_record(
         "family": tensor_family(name),
         "gram": gram,
         "merged_dot": dots,
-        "merged_sq": float(merged_delta.double().square().sum()) if merged_delta.numel() else 0.0,
-        "base_sq": float(base.double().square().sum()) if base.numel() else 0.0,
+        "merged_sq": squared_norm(merged_delta),
+        "base_sq": squared_norm(base),
     }
 
 
