@@ -228,10 +228,34 @@ def check_executor(recipe: Recipe) -> list[str]:
     except RecipeError as error:
         problems.append(f"executor.slurm.site_config: {error}")
         site = load_site(None)
+    dag = build_dag(recipe)
     try:
-        check_resource_keys(recipe, build_dag(recipe), site, site_config or "site config")
+        check_resource_keys(recipe, dag, site, site_config or "site config")
     except RecipeError as error:
         problems.append(str(error))
+    if recipe.executor.kind == "slurm":
+        problems += check_tensor_parallel_gpus(recipe, dag, site)
+    return problems
+
+
+def check_tensor_parallel_gpus(recipe: Recipe, dag, site) -> list[str]:
+    """A vLLM engine over N GPUs needs a job with at least N GPUs: each extract/score instance's resources against
+    its model's tensor_parallel_size (after stages.<stage>.models overrides)."""
+    from fuse.slurm import resources_for
+
+    problems = []
+    for instance in dag.order():
+        if instance.stage not in ("extract", "score"):
+            continue
+        settings = getattr(recipe.stages, instance.stage)
+        tp = settings.for_model(instance.key).tensor_parallel_size
+        gpus = resources_for(recipe, instance, site).gpus_per_node
+        if settings.backend == "vllm" and gpus < tp:
+            problems.append(
+                f"executor.resources.{instance.name}: {gpus} GPUs per node, but {instance.name} runs vLLM with "
+                f"tensor_parallel_size {tp} (stages.{instance.stage}.models.{instance.key} or "
+                f"stages.{instance.stage}.tensor_parallel_size)"
+            )
     return problems
 
 
