@@ -434,10 +434,11 @@ class FileLock:
                 json.dump(owner, handle)
             os.link(tmp, self.path)
             return True
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # taken; or our temporary was swept as debris: try again
             return False
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _break(self, seen: dict[str, Any] | None) -> None:
         """Remove a dead owner's lock, unless it changed hands since we looked (another breaker got there)."""

@@ -230,7 +230,14 @@ def test_remade_parent_with_same_content_keeps_children(tmp_path):
 HOLD = """
 import sys, time
 from fuse.store import RunStore
-lock = RunStore(sys.argv[1]).lock(sys.argv[2]) if sys.argv[2] != "RUN" else RunStore(sys.argv[1]).run_lock()
+from fuse.store import FileLock
+store, name = RunStore(sys.argv[1]), sys.argv[2]
+if name == "RUN":
+    lock = store.run_lock()
+elif "#" in name:
+    lock = FileLock(store.shard_lock(*name.split("#")[0:1], int(name.split("#")[1])), name)
+else:
+    lock = store.lock(name)
 lock.acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -300,6 +307,24 @@ def test_run_stage_fails_while_another_live_process_holds_the_instance(tmp_path,
         holder.kill()
         holder.wait()
     assert RunStore(recipe["workdir"]).manifest("align.a") is None  # nothing was started on it
+
+
+def test_an_array_task_cannot_take_a_shard_another_live_task_works_on(tmp_path):
+    from fuse.executor import InstanceBusy, run_stage
+
+    recipe = toy_recipe(tmp_path)
+    _run(recipe, only=["prepare"])
+    run_stage(parse_recipe(recipe), "extract.a", shard=0)
+    holder = _hold(recipe["workdir"], "extract.a#1")
+    try:
+        with pytest.raises(InstanceBusy, match=f"held by pid {holder.pid}"):
+            run_stage(parse_recipe(recipe), "extract.a", shard=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_stage(parse_recipe(recipe), "extract.a", shard=1)  # its owner is gone: taken, done, finalized
+    assert RunStore(recipe["workdir"]).manifest("extract.a")["status"] == "done"
+    assert read_calls(recipe["workdir"]).count("extract.a#1") == 1
 
 
 def test_second_run_is_refused_with_the_holder_named(tmp_path):
