@@ -63,7 +63,9 @@ def test_failure_exit_code_names_instance(tmp_path):
     assert "stage align.a failed" in result.stderr and "toy failure" in result.stderr
     assert "align.a/logs/stage.log" in result.stderr
     assert "Traceback" not in result.stderr  # the console gets one line; the traceback is in the stage log
-    assert "Traceback" in (Path(toy_recipe(tmp_path)["workdir"]) / "align.a" / "logs" / "stage.log").read_text()
+    assert (
+        "Traceback" in (Path(toy_recipe(tmp_path)["workdir"]) / "align.a" / "logs" / "stage.log").read_text()
+    )
     logs = fuse("logs", path, "align.a")
     assert "toy failure in align.a" in logs.stdout
 
@@ -262,3 +264,22 @@ def test_per_model_overrides_apply_to_that_model_only(tmp_path):
     data["stages"]["extract"]["models"] = {"c": {"dtype": "float16"}}
     with pytest.raises(RecipeError, match=r"stages\.extract\.models\.c: not a model of this recipe"):
         parse_recipe(data)
+
+
+def test_validate_checks_gpus_against_tensor_parallel_size(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["stages"]["extract"] = {
+        "backend": "vllm",
+        "tensor_parallel_size": 2,
+        "models": {"b": {"tensor_parallel_size": 8}},
+    }
+    recipe["executor"] = {"kind": "slurm", "resources": {"extract": {"gpus_per_node": 2}}}
+    result = fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load")
+    assert result.returncode == 2
+    assert (
+        "executor.resources.extract.b: 2 GPUs per node" in result.stderr
+        and "tensor_parallel_size 8" in result.stderr
+    )
+    assert "extract.a:" not in result.stderr and "extract.pivot:" not in result.stderr
+    recipe["executor"]["resources"]["extract.b"] = {"gpus_per_node": 8}
+    assert fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load").returncode == 0
