@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from fuse.alignment.pieces import gather_bytes, vocab_pieces
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, align_spans, char_to_byte, spans_from_offsets
 from fuse.alignment.vocab import EXACT, build_vocab_map
 
+from alignment_oracle import PADDED_CONVERSATION, oracle_check
 from real_tokenizers import load
 
 pytestmark = pytest.mark.network
@@ -90,69 +94,23 @@ def test_real_pair_alignment_quality(pivot, source):
 
 
 # Contents that start and end with whitespace (ShareGPT-style data): Llama-3's and Gemma's templates `| trim` them,
-# Qwen's and Mistral's keep them, so the two sides' content spans start at different characters of the message.
-PADDED_CONVERSATION = [
-    {"role": "user", "content": "\n  What is the capital of France?  \n"},
-    {
-        "role": "assistant",
-        "content": " \nThe capital of France is Paris.\n\nIt lies on the Seine;   really.\n ",
-    },
-    {"role": "user", "content": "   And of Italy?"},
-    {"role": "assistant", "content": "\n\nRome, of course. Tabs\tand 1234 numbers."},
-]
-TEMPLATE_NAMES = ("llama3", "qwen3", "gemma3", "llama2")
+# Qwen's, Mistral's and DeepSeek's keep them, so the two sides' content spans start at different characters.
+TEMPLATE_NAMES = ("llama3_1", "qwen3", "gemma3", "llama2", "deepseek_v3")
 
 
-def raw_positions(rendered_: Rendered, messages: list[dict[str, str]], vocab) -> dict[int, tuple[int, int]]:
-    """Oracle: for every content token, its [start, end) in bytes of the *message's raw content*, found by searching
-    the text the template wrote inside the raw content (no whitespace rule, no pieces)."""
-    positions = {}
-    special = vocab.special[np.asarray(rendered_.ids, np.int64)]
-    for (a, b), message in zip(rendered_.content_spans, messages, strict=True):
-        written = rendered_.text[a:b]
-        lead = message["content"].find(written)
-        assert lead >= 0, "the template rewrote a content beyond trimming"
-        for t, (start, end) in enumerate(rendered_.offsets):
-            if special[t] or not (a <= start and end <= b) or end <= start:
-                continue
-            raw_start = message["content"][: lead + start - a].encode()
-            raw_text = rendered_.text[start:end].encode()
-            positions[t] = (len(raw_start), len(raw_start) + len(raw_text))
-    return positions
+@functools.cache
+def pieces(name: str):
+    return vocab_pieces(load(name))
 
 
-@pytest.mark.parametrize("pivot", TEMPLATE_NAMES)
-@pytest.mark.parametrize("source", TEMPLATE_NAMES)
+@pytest.mark.parametrize(("pivot", "source"), list(itertools.permutations(TEMPLATE_NAMES, 2)))
 def test_trimmed_and_untrimmed_contents_align_like_the_text_itself(pivot, source):
     """Every pair the aligner makes must join tokens that start at the same byte of the same message's raw content,
     whichever side's template trims; and most oracle pairs must be found."""
-    if pivot == source:
-        pytest.skip("same tokenizer on both sides")
     p, s = rendered(pivot, PADDED_CONVERSATION), rendered(source, PADDED_CONVERSATION)
-    p_vocab, s_vocab = vocab_pieces(load(pivot)), vocab_pieces(load(source))
+    p_vocab, s_vocab = pieces(pivot), pieces(source)
     alignment = align_content(p, s, p_vocab, s_vocab).alignment
-    p_raw, s_raw = (
-        raw_positions(p, PADDED_CONVERSATION, p_vocab),
-        raw_positions(s, PADDED_CONVERSATION, s_vocab),
-    )
-    message_of = {}
-    for side, r in (("p", p), ("s", s)):
-        for number, (a, b) in enumerate(r.content_spans):
-            for t, (start, end) in enumerate(r.offsets):
-                if a <= start and end <= b:
-                    message_of[side, t] = number
-    by_start = {(message_of["s", t], start): t for t, (start, _) in s_raw.items()}
-    made = np.flatnonzero(np.isin(alignment.kind, (ONE_TO_ONE, MANY_TO_ONE)))
-    assert made.size > 20
-    wrong = [
-        j
-        for j in made
-        if j not in p_raw
-        or int(alignment.source_index[j]) not in s_raw
-        or message_of["p", j] != message_of["s", int(alignment.source_index[j])]
-        or p_raw[j][0] != s_raw[int(alignment.source_index[j])][0]
-    ]
-    assert not wrong, f"{len(wrong)} of {made.size} aligned pairs join different text"
-    oracle = [j for j, (start, _) in p_raw.items() if (message_of["p", j], start) in by_start]
-    found = np.isin(oracle, made).mean()
-    assert found > 0.9, f"only {found:.2f} of the oracle's pairs were aligned"
+    check = oracle_check(alignment, p, s, PADDED_CONVERSATION, p_vocab, s_vocab)
+    assert check.made > 20
+    assert not check.wrong, f"{len(check.wrong)} of {check.made} aligned pairs join different text"
+    assert check.recall > 0.9, f"only {check.recall:.2f} of the oracle's pairs were aligned"
