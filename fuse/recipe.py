@@ -336,6 +336,33 @@ class EvaluateSettings(StageSettings):
     )
 
 
+class LmEvalSettings(Frozen):
+    """lm-evaluation-harness tasks run on every evaluated model (fuse/lm_eval.py); no tasks: not run."""
+
+    tasks: list[str] = Field(default_factory=list, description="Task or group names: mmlu, gsm8k, ifeval.")
+    include_path: str | None = Field(
+        None, description="A folder of your own task YAMLs (relative to the recipe), e.g. on local JSONL."
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers (sharded over GPUs with `parallelize`); vllm: tensor parallel."
+    )
+    parallelize: bool = Field(False, description="hf: spread a model too big for one GPU over all of them.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0, description="Examples per task (a fraction when < 1).")
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = Field(False, description="Prompt through each model's chat template.")
+    seed: int = 0
+
+    @field_validator("include_path")
+    @classmethod
+    def _relative_to_recipe(cls, value: str | None, info: Any) -> str | None:
+        if value is None or Path(value).expanduser().is_absolute():
+            return value and str(Path(value).expanduser())
+        return str((Path((info.context or {}).get("base_dir") or Path.cwd()) / value).resolve())
+
+
 class PublishSettings(StageSettings):
     license: str | None = Field(
         None,
