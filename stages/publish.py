@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def final_model_parent(ctx: StageContext) -> str:
     """The parent that made the fused model (merge, or fpo.merged when fpo runs after the merge)."""
-    makers = [p for p in ctx.instance.parents if p != "evaluate"]
+    # evaluate and the align instances (whose reports go in the card) are parents that make no model
+    makers = [p for p in ctx.instance.parents if p != "evaluate" and not p.startswith("align.")]
     if len(makers) != 1:
         raise RuntimeError(f"publish expects one model-making parent, got {makers}")
     return makers[0]

@@ -241,14 +241,21 @@ def test_sft_rows_exercise_the_quirks():
 
 @pytest.mark.slow
 def test_whole_dag_on_real_families(real_families, tmp_path):
-    from test_demo import finished_at, fuse_run
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from test_demo import fuse_run
 
     recipe = real_recipe(tmp_path, real_families)
     fuse_run(recipe)
+    check_real_run(recipe, real_families)
+
+
+def check_real_run(recipe: Path, families: dict[str, Path]) -> None:
+    """Every instance done; sane align reports; metrics for every model; a published folder that reloads."""
+    from test_demo import finished_at
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     finished = finished_at(recipe)  # every instance done
     assert {f"align.{s}" for s in SOURCES} | {"publish", "merge", "evaluate"} <= set(finished)
-    run = tmp_path / "run"
+    run = recipe.parent / "run"
     for source in SOURCES:
         report = json.loads((run / f"align.{source}" / "out" / "report.json").read_text())
         shares = report["content_shares"]
@@ -265,7 +272,7 @@ def test_whole_dag_on_real_families(real_families, tmp_path):
     assert published.get_input_embeddings().weight.shape[0] == BY_NAME["qwen3"].embedding_rows
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     assert len(tokenizer) == BY_NAME["qwen3"].tokenizer_size
-    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(real_families["qwen3"]).chat_template
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(families["qwen3"]).chat_template
     prompt = tokenizer.apply_chat_template(
         SYSTEM_CHAT[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
