@@ -75,20 +75,23 @@ def test_published_files_and_folders_follow_the_umask(tmp_path):
 
     from fuse.io import write_bytes_atomic, write_text_atomic
 
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
     old = os.umask(0o022)
     try:
         write_bytes_atomic(tmp_path / "w.safetensors", b"x")
         with atomic_dir(tmp_path / "model") as tmp:
             (tmp / "config.json").write_text("{}")
+        assert mode(tmp_path / "w.safetensors") == 0o644 and mode(tmp_path / "model") == 0o755
+        assert mode(tmp_path / "model" / "config.json") == 0o644
         write_text_atomic(tmp_path / "secret.yaml", "token", private=True)
+        assert mode(tmp_path / "secret.yaml") == 0o600
         os.umask(0o077)
         write_bytes_atomic(tmp_path / "strict.bin", b"x")
+        assert mode(tmp_path / "strict.bin") == 0o600
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "w.safetensors") == 0o644 and mode(tmp_path / "model") == 0o755
-    assert mode(tmp_path / "model" / "config.json") == 0o644
-    assert mode(tmp_path / "secret.yaml") == 0o600 and mode(tmp_path / "strict.bin") == 0o600
 
 
 def test_content_digest_full_for_small_files_sampled_for_large(tmp_path, monkeypatch):
