@@ -264,9 +264,14 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
     ]
 
 
+# Our own placeholders ($SLURM_NODEID, "--dependency=afterok:$prepare"): variables among plain option characters.
+# No "/", quote, space, backtick or parenthesis, so a path (a workdir with "$(...)" in it) is never expanded.
+EXPANDABLE = re.compile(r"(--[\w-]+=)?[\w:,.-]*\$[A-Za-z_][\w:,.$-]*")
+
+
 def shell_word(arg: str) -> str:
-    """Quote for bash, but let "$VARIABLES" expand (they are evaluated where the command runs)."""
-    return f'"{arg}"' if "$" in arg else shlex.quote(arg)
+    """Quote for bash, but let our "$VARIABLES" expand (they are evaluated where the command runs)."""
+    return f'"{arg}"' if EXPANDABLE.fullmatch(arg) else shlex.quote(arg)
 
 
 def _pop_option(args: list[str], name: str) -> str | None:

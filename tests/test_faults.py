@@ -451,6 +451,43 @@ def test_shell_characters_in_paths_reach_the_stage_intact(tmp_path):
     assert ["--requeue"] in directives and ["--open-mode=append"] in directives
 
 
+def test_multinode_launch_and_dry_run_lines_do_not_expand_paths(tmp_path):
+    """Only fuse's own placeholders ($SLURM_NODEID, $<instance> job ids) expand; a path with "$(...)" in it stays a
+    path in `bash -c` on every node and in the printed sbatch lines."""
+    from fuse import slurm
+
+    recorder = tmp_path / "recorder"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    recorder.chmod(0o755)
+    job = str(tmp_path / "run $(touch PWNED)" / "job.json")
+    command = [
+        str(recorder),
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "-m",
+        "fuse.training",
+        job,
+    ]
+    launch = slurm.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
+    assert launch[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    env = {"PATH": "/usr/bin:/bin", "ARGS_FILE": str(tmp_path / "args"), "SLURM_NODEID": "1"}
+    env |= {"MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
+    subprocess.run(["bash", "-c", launch[-1]], cwd=tmp_path, env=env, check=True, timeout=30)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[-1] == job and not (tmp_path / "PWNED").exists()
+    assert (
+        args[args.index("--machine_rank") + 1] == "1" and args[args.index("--main_process_ip") + 1] == "node7"
+    )
+
+    submission = slurm.Submission(
+        "merge", "submit", "", "$merge", None, ["$prepare"], Path(job), ["--x=$prepare"]
+    )
+    line = slurm.dry_run_lines([submission])[0]
+    assert f"'{job}'" in line and '"--x=$prepare"' in line
+
+
 def sbatch_directives(script: str) -> list[list[str]]:
     """The #SBATCH arguments as sbatch reads them (src/sbatch/opt.c): lines up to the first command; whitespace
     splits, ' and " quote, a backslash escapes, an unquoted # starts a comment."""
