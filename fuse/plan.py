@@ -171,6 +171,7 @@ def make_plan(
         elif state.kind == "done" and instance.name not in forced:
             # a parent is redone: the executor keeps this one if the parent writes the same outputs again
             action, why = "run", f"if {', '.join(renewed)} come(s) out different"
+            state = State("done", f"kept if {', '.join(renewed)} come(s) out the same")
             will_be_done.add(instance.name)
         else:
             waiting = [p for p in instance.parents if p not in will_be_done]
