@@ -8,6 +8,7 @@ and out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,15 +114,19 @@ def distill_rows(
 
 def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
     """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
-    from fuse.data.chat import render_chat
+    from fuse.data.chat import ChatRenderError, render_chat
     from fuse.models import load_tokenizer
     from fuse.recipe import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
     for number, row in enumerate(_sft_split(prepare_out)):
-        chat = render_chat(
-            tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
-        )
+        try:
+            chat = render_chat(
+                tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
+            )
+        except ChatRenderError as error:  # extract skips the same rows for the targets
+            logging.getLogger(__name__).warning("skipped: %s", error)
+            continue
         yield {
             "id": row["id"],
             "input_ids": chat.input_ids.tolist(),

@@ -37,21 +37,19 @@ def render_rows(
     vocab_size: int | None = None,
 ) -> list:
     """(row, RenderedChat) for each usable row; skips and truncations counted in `counts`."""
-    from fuse.data.chat import ChatRenderError, TokenOutOfRange, render_chat, truncate
+    from fuse.data.chat import ChatRenderError, render_chat, truncate
 
     kept = []
     for row in rows:
         where = f"row {row['id']}: "
         try:
             chat = render_chat(tokenizer, row["messages"], template, where=where, vocab_size=vocab_size)
-        except TokenOutOfRange as error:
-            counts["skipped: token past the model's output"] += 1
-            log.warning("%s", error)
-            continue
         except ChatRenderError as error:
-            counts["skipped: content not verbatim in the rendered text"] += 1
+            counts[f"skipped: {error.reason}"] += 1
             log.warning("%s", error)
             continue
+        if chat.adapted:
+            counts["system turn folded into the first user turn"] += 1
         if chat.num_tokens > max_length:
             if overlength == "skip":
                 counts["skipped: longer than max_length"] += 1

@@ -93,11 +93,17 @@ def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template:
 
 def encode_pair(tokenizer: Any, row: dict[str, Any], settings: FpoSettings) -> dict | str:
     """The pair as training columns (ids, masks, the policy's normalizers), or why it is skipped."""
+    from fuse.data.chat import ChatRenderError
     from fuse.preference import normalizer
 
     encoded: dict[str, Any] = {"id": row["id"]}
     for side in ("chosen", "rejected"):
-        ids, mask = response_tokens(tokenizer, row["prompt"], row[side], None, f"pair {row['id']} {side}: ")
+        try:
+            ids, mask = response_tokens(
+                tokenizer, row["prompt"], row[side], None, f"pair {row['id']} {side}: "
+            )
+        except ChatRenderError as error:
+            return error.reason
         if not any(mask):
             return "no response tokens after rendering"
         if len(ids) > settings.max_length:

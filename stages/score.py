@@ -93,7 +93,7 @@ def renderable_pairs(
                 for side in ("chosen", "rejected")
             ]
         except ChatRenderError as error:
-            counts["skipped: " + type(error).__name__] += 1
+            counts[f"skipped: {error.reason}"] += 1
             log.warning("%s", error)
             continue
         kept.append((row, chats))
