@@ -21,6 +21,7 @@ PLUGINS = {
     "status": "fuse.slurm",
     "cancel": "fuse.slurm",
     "merge": "fuse.merging.cli",
+    "compare": "fuse.compare",
     "zoo": "fuse.zoo",
 }
 
@@ -59,19 +60,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from fuse import resources
     from fuse.dag import build_dag
     from fuse.plan import make_plan
     from fuse.store import RunStore
 
     recipe = recipe_of(args)
-    dag = build_dag(recipe)
-    steps = make_plan(recipe, dag, RunStore(recipe.workdir), args.from_stage, args.only, args.force)
+    dag, store = build_dag(recipe), RunStore(recipe.workdir)
+    steps = make_plan(recipe, dag, store, args.from_stage, args.only, args.force)
     width = max(len(s.instance.name) for s in steps)
     print(f"run {recipe.name} in {recipe.workdir}")
     for step in steps:
         parents = ", ".join(step.instance.parents) or "-"
         shards = f" [{step.instance.num_shards} shards]" if step.instance.num_shards > 1 else ""
-        print(f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}")
+        peak = resources.describe((store.manifest(step.instance.name) or {}).get("peak_memory"))
+        peak = f"  (last run: {peak})" if peak else ""
+        print(
+            f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}{peak}"
+        )
     todo = sum(s.action == "run" for s in steps)
     print(
         f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"

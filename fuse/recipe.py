@@ -537,8 +537,11 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path 
     return _absolutize(recipe, base_dir or Path.cwd())
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] | None = None) -> Recipe:
-    """The recipe file, with `--set KEY=VALUE` overrides applied before validation (so they are checked alike)."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] | None = None, _chain: tuple[Path, ...] = ()
+) -> Recipe:
+    """The recipe file, with `--set KEY=VALUE` overrides applied before validation (so they are checked alike).
+    A recipe with `extends: OTHER.yaml` is that recipe with this file's keys laid over it (see `extend`)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -546,11 +549,52 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] | None 
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if isinstance(data, dict) and "extends" in data:
+        data = extend(data, path, _chain)
     source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)
         source += " (with --set " + " ".join(overrides) + ")"
     return parse_recipe(data, source, path.resolve().parent)
+
+
+def extend(child: dict[str, Any], path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """`extends: base.yaml` (relative to this file): the base recipe as written (its relative paths made absolute
+    against its own folder, no defaults filled in), with this file's mappings merged key by key and its other
+    values (lists included) replacing the base's; a mapping that names another `method` replaces the base's whole.
+    An ablation is then a small file: `name` plus the keys it
+    changes. It gets its own run directory (`workdir`, by default the base's sibling named after it), so a
+    variant never overwrites the base's outputs."""
+    here = path.resolve()
+    if not isinstance(child["extends"], str):
+        raise RecipeError(f"{path}: extends: expected the path of another recipe file")
+    parent_path = (here.parent / child["extends"]).resolve()
+    if parent_path in (*chain, here):
+        cycle = " -> ".join(str(p) for p in (*chain, here, parent_path))
+        raise RecipeError(f"{path}: extends: a cycle of recipes ({cycle})")
+    parent = load_recipe(parent_path, _chain=(*chain, here))
+    own = {key: value for key, value in child.items() if key != "extends"}
+    if "workdir" not in own:
+        if own.get("name", parent.name) == parent.name:
+            raise RecipeError(
+                f"{path}: extends {parent_path.name}: give the variant its own `name` (or `workdir`), or it would "
+                "share the base recipe's run directory"
+            )
+        own["workdir"] = str(Path(parent.workdir).parent / own["name"])
+    base = parent.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return _merged(base, own)
+
+
+def _merged(base: Any, over: Any) -> Any:
+    """`over` laid on `base`; a mapping whose `method` changes is taken whole: its parameters are the new
+    method's, not a mix of both."""
+    if (
+        isinstance(base, dict)
+        and isinstance(over, dict)
+        and over.get("method", base.get("method")) == base.get("method")
+    ):
+        return {**base, **{key: _merged(base.get(key), value) for key, value in over.items()}}
+    return over
 
 
 def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
