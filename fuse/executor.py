@@ -15,6 +15,7 @@ from types import ModuleType
 
 import yaml
 
+from fuse import resources
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
@@ -171,7 +172,8 @@ def _work(
                     ctx.shard = index if instance.num_shards > 1 else None
                     quiet_libraries()
                     before = store.out_snapshot(name)
-                    module.run(ctx)
+                    with resources.recorded(store.dir(name), index):
+                        module.run(ctx)
                     store.mark_shard(name, index, before=before)
             if len(store.shards_done(name, instance.num_shards)) < instance.num_shards:
                 progress.end(f"shard {shard} done; others pending")
@@ -188,6 +190,7 @@ def _work(
             if hasattr(module, "finalize"):
                 module.finalize(ctx)
             store.finish(name, time.monotonic() - started)
+            store.update_manifest(name, peak_memory=resources.summary(store.dir(name), instance.num_shards))
         except LockHeld as error:
             progress.end(f"busy: {error}")
             raise InstanceBusy(name, str(error)) from None

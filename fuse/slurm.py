@@ -635,6 +635,7 @@ class InstanceStatus:
     job: JobStatus | None
     elapsed: str
     log: str | None
+    peak: str = ""  # peak memory measured by a finished run (fuse.resources)
 
 
 def _store_state(
@@ -659,6 +660,8 @@ def _clock(seconds: float) -> str:
 
 def collect_status(recipe: Recipe, slurm: Slurm | None = None) -> list[InstanceStatus]:
     """Each instance's state in the run store and, for its latest job, in the scheduler."""
+    from fuse import resources
+
     slurm = slurm or Slurm()
     scheduler = slurm if slurm.available() else None
     dag, store = build_dag(recipe), RunStore(recipe.workdir)
@@ -671,15 +674,20 @@ def collect_status(recipe: Recipe, slurm: Slurm | None = None) -> list[InstanceS
         manifest_elapsed = (store.manifest(instance.name) or {}).get("elapsed_s")
         if not elapsed and manifest_elapsed is not None:
             elapsed = _clock(manifest_elapsed)
+        peak = resources.describe((store.manifest(instance.name) or {}).get("peak_memory"))
         rows.append(
-            InstanceStatus(instance.name, state, detail, job, elapsed, _newest_log(store, instance.name))
+            InstanceStatus(
+                instance.name, state, detail, job, elapsed, _newest_log(store, instance.name), peak
+            )
         )
     return rows
 
 
 def status_lines(rows: list[InstanceStatus]) -> list[str]:
     width = max(len(r.instance) for r in rows)
-    lines = [f"{'instance':<{width}}  {'state':<9} {'job':<8} {'slurm':<22} {'elapsed':<10} log"]
+    lines = [
+        f"{'instance':<{width}}  {'state':<9} {'job':<8} {'slurm':<22} {'elapsed':<10} {'peak mem':<17} log"
+    ]
     for r in rows:
         slurm_state = ""
         if r.job:
@@ -687,7 +695,8 @@ def status_lines(rows: list[InstanceStatus]) -> list[str]:
             slurm_state += f" x{r.job.restarts + 1}" if r.job.restarts else ""
         job_id = r.job.job_id if r.job else ""
         lines.append(
-            f"{r.instance:<{width}}  {r.state:<9} {job_id:<8} {slurm_state:<22} {r.elapsed:<10} {r.log or ''}"
+            f"{r.instance:<{width}}  {r.state:<9} {job_id:<8} {slurm_state:<22} {r.elapsed:<10} {r.peak:<17} "
+            f"{r.log or ''}"
         )
     return lines
 

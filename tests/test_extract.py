@@ -76,6 +76,8 @@ def test_extract_matches_a_direct_forward(tmp_path, models):
         assert np.abs(realized - sample.target_logprobs).max() <= MAX_ERROR
     log = (tmp_path / "run/extract.q/logs/stage.log").read_text()
     assert "extract.q shard 0: " in log and " tokens/s, elapsed " in log and ", ETA " in log  # per batch
+    peaks = json.loads((tmp_path / "run/extract.q/manifest.json").read_text())["peak_memory"]
+    assert peaks["shards_measured"] == 3 and peaks["host_rss_peak_mb"] > 50
 
 
 def _prepared_rows(tmp_path):
