@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run: `{results['run_dir']}` · targets: {', '.join(targets)} · pivot `{results['pivot']}` · "
         f"{results['n_items']} items, {results['n_texts']} held-out texts · {results['seconds']:.0f} s on "
-        f"{results['machine']}",
+        f"{results['machine']} · fuse at {results['git_sha']}",
         "",
         "Accuracy: greedy exact match per skill (fuse.evaluation); CE/byte: nats per UTF-8 byte of held-out text; "
         "kept: share of each target's delta energy surviving in the merged delta, ⟨Δ_merged, Δ_i⟩/‖Δ_i‖² "
@@ -137,6 +138,15 @@ def markdown(results: dict[str, Any]) -> str:
         results["diagnostics_md"].split("## Diagnostics", 1)[1].strip(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "diagnostics_md": diagnostics_md,
         "seconds": time.monotonic() - started,
         "machine": f"{platform.machine()}, {platform.system()}, torch CPU",
+        "git_sha": git_sha(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
