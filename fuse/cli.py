@@ -229,9 +229,11 @@ class FirstLine(logging.Formatter):
 
 
 def recipe_first(argv: list[str]) -> list[str]:
-    """`fuse run --only prepare recipe.yaml`: `--only` takes one or more values and would swallow the recipe; an
-    existing .yaml/.yml file among its values is moved in front of the option, where the recipe belongs."""
-    argv = list(argv)
+    """Options where the user puts them: `fuse run --only prepare recipe.yaml` (`--only` takes one or more values
+    and would swallow the recipe: an existing .yaml/.yml file among them is moved in front of the option, where the
+    recipe belongs) and `fuse plan RECIPE -v`."""
+    # -v is an option of `fuse` itself; after the command it would be refused, so it is moved in front.
+    argv = [a for a in argv if a in ("-v", "--verbose")] + [a for a in argv if a not in ("-v", "--verbose")]
     for i, arg in enumerate(argv):
         if arg != "--only":
             continue

@@ -188,6 +188,8 @@ def test_flag_before_recipe(tmp_path):
     result = fuse("plan", "--only", "prepare", "extract.a", path)
     assert result.returncode == 0, result.stderr
     assert "2 to run" in result.stdout
+    verbose = fuse("plan", path, "-v")
+    assert verbose.returncode == 0, verbose.stderr
 
 
 def test_closed_pipe_is_quiet(tmp_path):
