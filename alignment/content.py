@@ -12,6 +12,7 @@ import numpy as np
 from fuse.alignment.pieces import VocabPieces, gather_bytes
 from fuse.alignment.sequence import (
     ALIGNERS,
+    ONE_TO_ONE,
     TEMPLATE,
     UNALIGNED,
     SequenceAlignment,
@@ -50,7 +51,20 @@ class ContentAlignment:
     regions: Counter = field(default_factory=Counter)  # how each message region was positioned/aligned
 
 
+def leading_space_bytes(content: bytes) -> int:
+    """Bytes of whitespace before a content's first visible character (what Jinja's `| trim` removes)."""
+    text = content.decode("utf-8", errors="surrogateescape")
+    return len(text[: len(text) - len(text.lstrip())].encode("utf-8", errors="surrogateescape"))
+
+
 def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
+    """Each content's tokens with byte spans measured from the content's first visible character.
+
+    That origin is the same on both sides whatever either template did to the content's edges: a template that
+    trims (`| trim`: Llama-3, Gemma) drops leading whitespace the other side keeps, and positions measured from
+    each side's span start would then be off by the stripped bytes for the whole message. Tokens standing for
+    whitespace the other side does not have get negative positions and align with nothing.
+    """
     starts, ends = spans_from_offsets(rendered.offsets, rendered.text)
     to_byte, raw = char_to_byte(rendered.text), rendered.text.encode("utf-8")
     textual = ~vocab.special[np.asarray(rendered.ids, np.int64)]
@@ -62,11 +76,13 @@ def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
             regions.append(Region(0, 0, (np.zeros(0, np.int64), np.zeros(0, np.int64))))
             continue
         t0, t1 = int(inside[0]), int(inside[-1]) + 1
+        origin = lo + leading_space_bytes(raw[lo:hi])
         exact = region_spans(rendered.ids[t0:t1], vocab, raw[lo:hi], int(starts[t0]) - lo)
         if exact is not None:
-            regions.append(Region(t0, t1, exact[:2], exact[2], "bytes"))
+            spans = (exact[0] + lo - origin, exact[1] + lo - origin)
+            regions.append(Region(t0, t1, spans, exact[2], "bytes"))
         else:  # the tokens do not spell the text (a normalizer rewrote it): trust the tokenizer's offsets
-            regions.append(Region(t0, t1, (starts[t0:t1] - lo, ends[t0:t1] - lo), False, "offsets"))
+            regions.append(Region(t0, t1, (starts[t0:t1] - origin, ends[t0:t1] - origin), False, "offsets"))
     return regions
 
 
@@ -115,10 +131,26 @@ def _shift(index: np.ndarray, offset: int) -> np.ndarray:
     return np.where(index >= 0, index + offset, -1)
 
 
+def _ends_together(p: Region, s: Region) -> bool:
+    """Both contents end at the same text (positions from the first visible character: trims do not matter)."""
+    if p.spans is None or s.spans is None or not (p.spans[1].size and s.spans[1].size):
+        return False
+    return int(p.spans[1][-1]) == int(s.spans[1][-1])
+
+
 def align_content(
-    pivot: Rendered, source: Rendered, p_vocab: VocabPieces, s_vocab: VocabPieces, method: str = "offsets"
+    pivot: Rendered,
+    source: Rendered,
+    p_vocab: VocabPieces,
+    s_vocab: VocabPieces,
+    method: str = "offsets",
+    end_of_turn: tuple[int, int] | None = None,
 ) -> ContentAlignment:
-    """Align message contents only; every pivot token outside them is TEMPLATE (projection falls back to gold)."""
+    """Align message contents only; every pivot token outside them is TEMPLATE (projection falls back to gold).
+
+    With `end_of_turn` = (pivot id, source id), the step that predicts each side's end-of-turn token right after the
+    same content is aligned too: both models predict "the turn ends here" after the same text, whatever the tokens
+    are called (FuseChat maps the source's end-of-turn token to the pivot's explicitly)."""
     aligner = ALIGNERS[method]
     n = len(pivot.ids)
     out = SequenceAlignment.empty(n, TEMPLATE)
@@ -147,4 +179,15 @@ def align_content(
         )
         exact = method != "dtw" and p.spans is not None and s.spans is not None
         result.regions[("bytes" if p.how == s.how == "bytes" else "offsets") if exact else "dtw"] += 1
+        if end_of_turn is not None and exact and _ends_together(p, s):
+            p_end, s_end = p.stop, s.stop
+            if (
+                p_end < n
+                and s_end < len(source.ids)
+                and int(pivot.ids[p_end]) == end_of_turn[0]
+                and int(source.ids[s_end]) == end_of_turn[1]
+            ):
+                out.source_index[p_end], out.kind[p_end] = s_end, ONE_TO_ONE
+                out.cover_first[p_end] = out.cover_last[p_end] = s_end
+                result.regions["end_of_turn"] += 1
     return result

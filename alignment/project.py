@@ -1,6 +1,12 @@
 """Distribution projection: each pivot step gets the source's top-K distribution from the source step that
-predicts the same next text, mapped into the pivot vocabulary (colliding ids summed, renormalized), or else a
-one-hot on the gold next token. Every case is counted.
+predicts the same next text, mapped into the pivot vocabulary (colliding ids summed), or else a one-hot on the
+gold next token. Every case is counted.
+
+Normalization (the same for every teacher): a sparse teacher keeps the probabilities its model gave, and the mass
+outside its ids (beyond the top-K, or on ids the vocabulary map could not place) stays in the loss's tail bucket.
+That is the teacher's true distribution coarse-grained onto {ids} ∪ {rest}, whose optimum for the student is still
+the teacher. Renormalizing over the mapped ids (FuseChat's softmax over the top-K) would move the tail's mass onto
+the top-K and make a projected source sharper than it is, and sharper than the pivot, whose extract keeps its tail.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ class Projection:
 def map_topk(
     ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray, n_pivot: int
 ) -> tuple[np.ndarray, ...]:
-    """Map rows of source top-K ids through `target` (-1 = unmapped), sum probabilities of ids that collide,
-    sort each row by probability and renormalize. Returns (ids, probs, kept share of the row's top-K mass)."""
+    """Map rows of source top-K ids through `target` (-1 = unmapped), sum probabilities of ids that collide and
+    sort each row by probability (not renormalized: see the module docstring). Returns (ids, probs, kept share of
+    the row's top-K mass)."""
     ids, logprobs = np.asarray(ids, np.int64), np.asarray(logprobs, np.float64)
     rows_n, k = ids.shape
     valid = (ids >= 0) & np.isfinite(logprobs)
@@ -68,7 +75,7 @@ def map_topk(
     out_ids = np.full((rows_n, k), -1, np.int64)
     out_probs = np.zeros((rows_n, k))
     out_ids[rows, rank] = cols
-    out_probs[rows, rank] = summed / kept[rows]
+    out_probs[rows, rank] = summed
     total = probs.sum(axis=1)
     return out_ids, out_probs, np.divide(kept, total, out=np.zeros(rows_n), where=total > 0)
 

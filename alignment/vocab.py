@@ -11,14 +11,14 @@ from scipy import sparse
 
 from fuse.alignment.pieces import VocabPieces
 
-UNMAPPED, EXACT, STATS, MINED = 0, 1, 2, 3
-METHOD_NAMES = {UNMAPPED: "unmapped", EXACT: "exact", STATS: "stats", MINED: "mined"}
+UNMAPPED, EXACT, STATS, MINED, ROLE = 0, 1, 2, 3, 4
+METHOD_NAMES = {UNMAPPED: "unmapped", EXACT: "exact", STATS: "stats", MINED: "mined", ROLE: "role"}
 
 
 @dataclass(frozen=True)
 class VocabMap:
     target: np.ndarray  # int64 per source id: pivot id, -1 when unmapped
-    method: np.ndarray  # int8 per source id: UNMAPPED / EXACT / STATS / MINED
+    method: np.ndarray  # int8 per source id: UNMAPPED / EXACT / STATS / MINED / ROLE
 
     def coverage(self, ids: np.ndarray | None = None) -> dict[str, float]:
         """Share of (the given) source ids mapped by each method."""
@@ -112,14 +112,22 @@ def build_vocab_map(
     needed: np.ndarray | None = None,
     methods: tuple[str, ...] = ("exact", "stats", "mined"),
     min_count: int = 1,
+    roles: dict[int, int] | None = None,
 ) -> VocabMap:
     """Exact for the whole vocabulary; stats and MinED for the source ids still unmapped (MinED only for the
-    `needed` ones, e.g. ids that occur in the source's top-K, since it is the costly step)."""
+    `needed` ones, e.g. ids that occur in the source's top-K, since it is the costly step).
+
+    `roles` maps source ids to pivot ids by what they do, before anything else: the source's end-of-turn token
+    goes to the pivot's, never to a pivot token that merely has the same name (gpt2's `<|endoftext|>` is Qwen's
+    document end, not the end of a chat turn, which is `<|im_end|>`)."""
     target = np.full(len(source), -1, np.int64)
     method = np.zeros(len(source), np.int8)
     if "exact" in methods:
         target = exact_map(source, pivot)
         method[target >= 0] = EXACT
+    for source_id, pivot_id in (roles or {}).items():
+        if 0 <= source_id < len(source) and 0 <= pivot_id < len(pivot):
+            target[source_id], method[source_id] = pivot_id, ROLE
     if "stats" in methods and counts is not None:
         stats = stats_map(counts, min_count)
         # text tokens only: a special pivot target would put template mass inside content

@@ -19,6 +19,21 @@ log = logging.getLogger(__name__)
 class ChatRenderError(ValueError):
     """A conversation the template cannot render, or whose contents it does not reproduce verbatim."""
 
+    reason = "content not verbatim in the rendered text"  # how a stage counts the rows it skips for it
+
+
+class TemplateRefused(ChatRenderError):
+    """The chat template refuses the conversation, even with its system turn folded into the first user turn."""
+
+    reason = "the chat template refuses the conversation"
+
+
+class TokenOutOfRange(ChatRenderError):
+    """A conversation whose tokens include an id past the model's output (an added token of a tokenizer larger
+    than the embedding, spelled out in the text): the model cannot read it."""
+
+    reason = "token past the model's output"
+
 
 @dataclass
 class RenderedChat:
@@ -30,6 +45,7 @@ class RenderedChat:
     offsets: np.ndarray
     mask: np.ndarray
     truncated: bool = False
+    adapted: bool = False  # the template refused a role: the system turn was folded into the first user turn
 
     @property
     def num_tokens(self) -> int:
@@ -118,13 +134,28 @@ def render_chat(
     chat_template: str | None = None,
     max_length: int | None = None,
     where: str = "",
+    vocab_size: int | None = None,
 ) -> RenderedChat:
-    """Render, locate contents, tokenize, mask; cut to `max_length` tokens when given (flagged `truncated`)."""
-    text = render_text(tokenizer, messages, chat_template)
+    """Render, locate contents, tokenize, mask; cut to `max_length` tokens when given (flagged `truncated`).
+    With `vocab_size` (the model's output size), a token id past it raises TokenOutOfRange naming it."""
+    from fuse.data.roles import TemplateRejected, render_adapting_roles
+
+    try:
+        text, adapted = render_adapting_roles(
+            lambda conversation: render_text(tokenizer, conversation, chat_template), messages
+        )
+    except TemplateRejected as error:
+        raise TemplateRefused(f"{where}{error}") from None
     spans = content_spans(text, messages, where)
     ids, offsets = tokenize_with_offsets(tokenizer, text)
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        bad = int(ids[ids >= vocab_size][0])
+        raise TokenOutOfRange(
+            f"{where}token {bad} {tokenizer.convert_ids_to_tokens(bad)!r} is past the model's {vocab_size} "
+            f"output rows (the text spells out a token the model cannot read)"
+        )
     mask = response_mask(offsets, spans)
-    chat = RenderedChat(text, spans, ids, offsets, mask)
+    chat = RenderedChat(text, spans, ids, offsets, mask, adapted=adapted)
     if max_length is not None and chat.num_tokens > max_length:
         chat = truncate(chat, max_length)
     return chat
@@ -141,4 +172,5 @@ def truncate(chat: RenderedChat, max_length: int) -> RenderedChat:
         np.minimum(chat.offsets[:max_length], end),
         chat.mask[:max_length],
         truncated=True,
+        adapted=chat.adapted,
     )

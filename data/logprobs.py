@@ -1,7 +1,7 @@
 """The teacher log-prob store: per sample, a model's tokenization of the rendered chat and, per position, its
 top-K next-token log-probs and the realized next token's log-prob, in compact, checksummed, memory-mapped shards.
 
-Layout (format "fuse-logprobs", version 1). A store is a folder of shard folders, each written atomically:
+Layout (format "fuse-logprobs", version 2). A store is a folder of shard folders, each written atomically:
 
     <out>/shard-00000/header.json       sizes + sha256 of every file below, K, vocab, codec, model, sample ids
                       samples.jsonl     one line per sample: {"id", "text", "spans": [[role, start, end], ...]}
@@ -10,26 +10,28 @@ Layout (format "fuse-logprobs", version 1). A store is a folder of shard folders
                       input_ids.npy     uint8/16/32 [T]   the model's own token ids of the rendered text
                       offsets.npy       uint16/32 [T, 2]  [start, end) characters of each token in its text
                       mask.npy          uint8 [ceil(T/8)] packed bits: token t is a loss/response token
-                      topk_ids.npy      uint8/16/32 [R, K] top-K ids of row r (rows: see below)
-                      lp_head.npy       uint8 [R, 3]  12-bit code of the top-1 log-prob, 12-bit code of gap 1
-                      lp_gaps.npy       uint8 [R, K-2] codes of the gaps between ranks 2..K
-                      realized_rank.npy uint8/16 [R]  rank of the realized next token in the top-K (K: outside)
+                      payload.bin       per sample, one zlib stream of its rows' log-prob payload (below)
+                      payload_index.npy int64 [n+1]  byte offset of each sample's stream in payload.bin
                       exc_rows.npy      uint32 [M]    rows whose top-K the codec cannot hold within the bound
                       exc_logprobs.npy  float32 [M, K]  ... stored exactly
-                      out_rows.npy      uint32 [M2]   rows whose realized token is outside the top-K
-                      out_logprobs.npy  float32 [M2]  ... its exact log-prob (NaN when unknown)
+                      out_rows.npy      uint32 [M2]   rows whose realized log-prob no code holds (NaN = unknown)
+                      out_logprobs.npy  float32 [M2]  ... stored exactly
     <out>/index.json                    written by the stage's finalize: shards and their sample counts
 
 Rows: a sample of T tokens has T-1 rows; row t is the distribution that predicts token t+1 (there is no row
 for the first token, and padding is never stored). Rows of sample i are [token_index[i] - i,
 token_index[i+1] - i - 1). `mask[t]` is about token t, so row t counts for the loss when `mask[t+1]` is set.
 
-Codec "dpcm8": each row's top-K log-probs are sorted descending; the top-1 is coded in steps of 2^-8 over
-[-16, 0] (the top-1 log-prob is >= -ln V), the gaps between successive ranks as closed-loop codes in steps of
-0.0199 (12 bits for gap 1, 8 bits after), so every decoded value is within 0.01 of the float32 input. Rows
-where that bound cannot hold (a gap beyond the code range, a top-1 below -16) are kept exactly in the
-exception table. -inf marks an empty slot (allowed for projected distributions with fewer than K entries).
-At K=10 and a vocab <= 65536 a row costs 32 bytes (ids 20, codes 12) plus the rare exceptions.
+Codec "dpcm-zlib" (a sample's R rows; byte planes, so that zlib sees each byte position's own statistics):
+  rank     uint8 [R] (uint16 planes when K > 254)  rank of the realized token in the row's top-K; K: not there
+  ids      the top-K ids row by row, less the realized token's entry where rank < K (it is input_ids[t+1]),
+           little-endian in as many byte planes as the vocabulary needs (3 for 152k-262k vocabularies)
+  codes    uint16 [R, K] in 2 planes: the top-1 log-prob in steps of 0.0199 below 0, then the gaps between
+           successive ranks, closed loop in float32, so every decoded value is within 0.01 of its input;
+           65535 = -inf from here on (projected distributions with fewer than K entries)
+  realized uint16 [rows with rank K] in 2 planes: the realized log-prob below the row's last decoded value
+Rows that no code holds within the bound (a gap beyond 1304 nats, NaN) are kept exactly in the exception tables.
+Version 1 shards (fixed-width "dpcm8" codes, realized log-probs outside the top-K kept as float32) still read.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import bisect
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +53,24 @@ from fuse.io import atomic_dir, read_json, sha256_file, write_json_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "fuse-logprobs"
-VERSION = 1
-CODEC = "dpcm8"
+VERSION = 2
+CODEC = "dpcm-zlib"
+READABLE = {1: "dpcm8", 2: "dpcm-zlib"}  # version -> codec this reader decodes
+MAX_ERROR = 0.01
+STEP = 0.0199  # < 0.02 so that rounding stays within the 0.01 bound despite float32 arithmetic
+CODE_INF = 65535  # "-inf from here on" (log-probs) / "kept exactly" (realized log-probs)
+CODE_MAX = 65534
+ZLIB_LEVEL = 6
+# version 1 ("dpcm8"): read only
 TOP_STEP = 2.0**-8  # top-1 log-prob: 12 bits cover [-16, 0)
-GAP_STEP = 0.0199  # < 0.02 so that rounding stays within the 0.01 bound despite float32 arithmetic
+GAP_STEP = 0.0199
 TOP_MAX_CODE = 4095
 GAP1_INF = 4095  # 12-bit gap-1 code meaning "-inf from here on"
 GAP_INF = 255  # 8-bit gap code meaning "-inf from here on"
-MAX_ERROR = 0.01
 SHARD_GLOB = "shard-*"
 INDEX_FILE = "index.json"
 HEADER_FILE = "header.json"
+PAYLOAD_FILE = "payload.bin"
 
 
 class StoreError(RuntimeError):
@@ -132,6 +142,112 @@ def sort_topk(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.nda
     """Rows sorted by log-prob descending (stable, so equal values keep their order)."""
     order = np.argsort(-logprobs.astype(np.float64), axis=-1, kind="stable")
     return np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+
+
+def quantize_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted [R, K] log-probs -> (codes [R, K] uint16, rows the codes do not hold within MAX_ERROR [R] bool).
+
+    Code j is the gap below the value decoded so far (0 for j = 0) in steps of STEP, closed loop in float32 as
+    the decoder computes it, so errors never accumulate; CODE_INF ends a row (-inf from there on)."""
+    lp = logprobs.astype(np.float64)
+    rows, k = lp.shape
+    codes = np.zeros((rows, k), dtype=np.int64)
+    rec = np.zeros(rows, dtype=np.float32)
+    ended = np.zeros(rows, dtype=bool)
+    for j in range(k):
+        ended |= np.isneginf(lp[:, j])
+        gap = np.round((rec.astype(np.float64) - lp[:, j]) / STEP)
+        code = np.clip(np.nan_to_num(gap, nan=0.0, posinf=CODE_MAX, neginf=0.0), 0, CODE_MAX)
+        codes[:, j] = np.where(ended, CODE_INF, code)
+        rec = rec - (np.where(ended, 0, code) * STEP).astype(np.float32)
+    decoded = dequantize_logprobs(codes)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where both are empty slots: masked just below
+        error = np.where(np.isneginf(lp), 0.0, np.abs(decoded.astype(np.float64) - lp))
+    same_inf = (np.isneginf(decoded) == np.isneginf(lp)).all(axis=1)
+    bad = ~(same_inf & (np.nan_to_num(error, nan=1.0, posinf=1.0) <= MAX_ERROR).all(axis=1))
+    return codes.astype(np.uint16), bad
+
+
+def dequantize_logprobs(codes: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_logprobs (without the exceptions): [R, K] float32."""
+    codes = codes.astype(np.int64)
+    ended = np.logical_or.accumulate(codes == CODE_INF, axis=1)
+    steps = (np.where(ended, 0, codes) * STEP).astype(np.float32)
+    out = np.empty(codes.shape, dtype=np.float32)
+    rec = np.zeros(len(codes), dtype=np.float32)
+    for j in range(codes.shape[1]):  # a running float32 sum, exactly as the encoder computed it
+        rec = rec - steps[:, j]
+        out[:, j] = rec
+    out[ended] = -np.inf
+    return out
+
+
+def quantize_realized(last: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Realized log-probs below their row's last decoded top-K value -> (codes uint16, kept exactly [bool])."""
+    with np.errstate(invalid="ignore"):
+        gap = np.round((last.astype(np.float64) - target) / STEP)
+        code = np.clip(np.nan_to_num(gap, nan=0.0, posinf=CODE_MAX, neginf=0.0), 0, CODE_MAX).astype(np.int64)
+        decoded = last - (code * STEP).astype(np.float32)
+        exact = ~(np.abs(decoded.astype(np.float64) - target) <= MAX_ERROR)
+    return np.where(exact, CODE_INF, code).astype(np.uint16), exact
+
+
+def id_bytes(vocab_size: int) -> int:
+    """Byte planes a token id of this vocabulary needs."""
+    return max(1, (int(vocab_size - 1).bit_length() + 7) // 8)
+
+
+def _planes(values: np.ndarray, nbytes: int) -> bytes:
+    """Little-endian byte planes, plane after plane: zlib then sees each byte position's own statistics."""
+    raw = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    return np.ascontiguousarray(raw[:, :nbytes].T).tobytes()
+
+
+def _from_planes(data: np.ndarray, count: int, nbytes: int) -> np.ndarray:
+    planes = data[: count * nbytes].reshape(nbytes, count).astype(np.int64)
+    return sum((planes[b] << (8 * b) for b in range(nbytes)), np.zeros(count, dtype=np.int64))
+
+
+def pack_payload(
+    ranks: np.ndarray, ids: np.ndarray, codes: np.ndarray, realized: np.ndarray, top_k: int, nbytes: int
+) -> bytes:
+    """One sample's payload (see the module docstring) as one zlib stream."""
+    keep = ranks[:, None] != np.arange(top_k)[None]  # the realized token's entry is input_ids[t+1]
+    parts = (
+        _planes(ranks, 1 if top_k < 255 else 2),
+        _planes(ids[keep], nbytes),
+        _planes(codes.ravel(), 2),
+        _planes(realized, 2),
+    )
+    return zlib.compress(b"".join(parts), ZLIB_LEVEL)
+
+
+def unpack_payload(
+    blob: bytes, rows: int, top_k: int, nbytes: int, next_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of pack_payload: ranks [R], ids [R, K] int64, codes [R, K], realized codes [rows with rank K]."""
+    data = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
+    position = 0
+
+    def take(count: int, width: int) -> np.ndarray:
+        nonlocal position
+        values = _from_planes(data[position:], count, width)
+        position += count * width
+        return values
+
+    ranks = take(rows, 1 if top_k < 255 else 2)
+    keep = ranks[:, None] != np.arange(top_k)[None]
+    ids = np.empty((rows, top_k), dtype=np.int64)
+    ids[keep] = take(int(keep.sum()), nbytes)
+    ids[~keep] = np.asarray(next_ids, dtype=np.int64)[ranks < top_k]  # row order: one entry per such row
+    codes = take(rows * top_k, 2).reshape(rows, top_k)
+    realized = take(int((ranks == top_k).sum()), 2)
+    if position != len(data):
+        raise StoreError(f"payload of {rows} rows: {len(data)} bytes, expected {position}")
+    return ranks, ids, codes, realized
+
+
+# version 1 codec ("dpcm8"), kept to read version 1 shards
 
 
 def encode_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,8 +329,10 @@ class LogprobWriter:
         self.model = model or {}
         self.meta = meta or {}
         self.id_dtype = narrowest_uint(self.vocab_size - 1)
-        self.rank_dtype = narrowest_uint(self.top_k)
+        self.id_bytes = id_bytes(self.vocab_size)
         self._parts: dict[str, list[np.ndarray]] = {}
+        self._blobs: list[bytes] = []
+        self._outside = 0
         self._meta_lines: list[bytes] = []
         self._ids: list[str] = []
         self._tokens = [0]
@@ -237,31 +355,30 @@ class LogprobWriter:
             or int(sample.topk_ids.max(initial=0)) >= self.vocab_size
         ):
             raise StoreError(f"sample {sample.id!r}: token id beyond the vocab size {self.vocab_size}")
+        k = self.top_k
         ids, lps = sort_topk(np.asarray(sample.topk_ids), np.asarray(sample.topk_logprobs, dtype=np.float32))
-        head, gaps, bad = encode_logprobs(lps)
-        targets = np.asarray(sample.input_ids[1:], dtype=np.int64)
-        ranks = realized_ranks(ids, targets, self.top_k)
+        codes, bad = quantize_logprobs(lps)
+        decoded = dequantize_logprobs(codes)
+        decoded[bad] = lps[bad]  # as the reader sees them: exceptions applied
         target_lp = np.asarray(sample.target_logprobs, dtype=np.float32)
-        # A realized token found in the top-K takes that entry's decoded value when that is within the bound of
-        # the given one (it always is for a backend's own output); otherwise its exact value is kept aside.
-        decoded = decode_logprobs(head, gaps, self.top_k)
-        decoded[bad] = lps[bad]
-        in_top = np.take_along_axis(decoded, np.minimum(ranks, self.top_k - 1)[:, None], 1)[:, 0]
+        ranks = realized_ranks(ids, np.asarray(sample.input_ids[1:], dtype=np.int64), k)
+        # The realized token's log-prob is its top-K entry's decoded value when that is within the bound of the
+        # given one (always, for a backend's own output); otherwise it is coded below the row's last value.
+        in_top = np.take_along_axis(decoded, np.minimum(ranks, k - 1)[:, None], 1)[:, 0]
         with np.errstate(invalid="ignore"):
-            close = np.abs(in_top.astype(np.float64) - target_lp) <= MAX_ERROR
-        outside = (ranks == self.top_k) | ~close
+            ranks = np.where(np.abs(in_top.astype(np.float64) - target_lp) <= MAX_ERROR, ranks, k)
+        outside = np.flatnonzero(ranks == k)
+        realized, exact = quantize_realized(decoded[outside, k - 1], target_lp[outside])
         row0 = self._tokens[-1] - len(self._ids)
+        self._blobs.append(pack_payload(ranks, ids, codes, realized, k, self.id_bytes))
         self._push("input_ids", np.asarray(sample.input_ids).astype(self.id_dtype))
         self._push("offsets", np.asarray(sample.offsets).astype(np.uint32))
         self._push("mask", np.asarray(sample.mask, dtype=bool))
-        self._push("topk_ids", ids.astype(self.id_dtype))
-        self._push("lp_head", head)
-        self._push("lp_gaps", gaps)
-        self._push("realized_rank", np.where(outside, self.top_k, ranks).astype(self.rank_dtype))
         self._push("exc_rows", (np.flatnonzero(bad) + row0).astype(np.uint32))
         self._push("exc_logprobs", lps[bad].astype(np.float32))
-        self._push("out_rows", (np.flatnonzero(outside) + row0).astype(np.uint32))
-        self._push("out_logprobs", target_lp[outside])
+        self._push("out_rows", (outside[exact] + row0).astype(np.uint32))
+        self._push("out_logprobs", target_lp[outside[exact]])
+        self._outside += len(outside)
         line = {
             "id": sample.id,
             "text": sample.text,
@@ -282,10 +399,6 @@ class LogprobWriter:
             "input_ids": np.zeros(0, self.id_dtype),
             "offsets": np.zeros((0, 2), np.uint32),
             "mask": np.zeros(0, bool),
-            "topk_ids": np.zeros((0, k), self.id_dtype),
-            "lp_head": np.zeros((0, 3), np.uint8),
-            "lp_gaps": np.zeros((0, max(k - 2, 0)), np.uint8),
-            "realized_rank": np.zeros(0, self.rank_dtype),
             "exc_rows": np.zeros(0, np.uint32),
             "exc_logprobs": np.zeros((0, k), np.float32),
             "out_rows": np.zeros(0, np.uint32),
@@ -298,6 +411,8 @@ class LogprobWriter:
         arrays["token_index"] = np.asarray(self._tokens, dtype=np.int64)
         lengths = [len(line) for line in self._meta_lines]
         arrays["meta_index"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        sizes = [len(blob) for blob in self._blobs]
+        arrays["payload_index"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         return arrays
 
     def close(self) -> Path:
@@ -309,6 +424,7 @@ class LogprobWriter:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
             (tmp / "samples.jsonl").write_bytes(b"".join(self._meta_lines))
+            (tmp / PAYLOAD_FILE).write_bytes(b"".join(self._blobs))
             files = {
                 p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
             }
@@ -320,15 +436,17 @@ class LogprobWriter:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "codec": {"name": CODEC, "top_step": TOP_STEP, "gap_step": GAP_STEP, "max_error": MAX_ERROR},
+            "codec": {"name": CODEC, "step": STEP, "max_error": MAX_ERROR, "compressor": "zlib"},
             "top_k": self.top_k,
             "vocab_size": self.vocab_size,
             "id_dtype": self.id_dtype.name,
+            "id_bytes": self.id_bytes,
             "num_samples": len(self._ids),
             "num_tokens": int(self._tokens[-1]),
-            "num_rows": int(len(arrays["topk_ids"])),
+            "num_rows": int(self._tokens[-1] - len(self._ids)),
             "num_exceptions": int(len(arrays["exc_rows"])),
-            "num_realized_outside": int(len(arrays["out_rows"])),
+            "num_realized_outside": int(self._outside),
+            "num_realized_exact": int(len(arrays["out_rows"])),
             "model": self.model,
             "meta": self.meta,
             "sample_ids": self._ids,
@@ -363,10 +481,18 @@ class ShardReader:
         self.header = _read_header(self.path)
         _check_files(self.path, self.header, verify)
         self.top_k = int(self.header["top_k"])
+        self.version = int(self.header["version"])
         self.ids: list[str] = list(self.header["sample_ids"])
         self._a = {
-            n: np.load(self.path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in _ARRAY_NAMES
+            n: np.load(self.path / f"{n}.npy", mmap_mode="r", allow_pickle=False)
+            for n in _ARRAY_NAMES[self.version]
         }
+        if self.version >= 2:
+            payload = self.path / PAYLOAD_FILE
+            # np.memmap refuses an empty file (a shard without samples)
+            self._payload = (
+                np.memmap(payload, np.uint8, "r") if payload.stat().st_size else np.zeros(0, np.uint8)
+            )
         self._position = {sample_id: i for i, sample_id in enumerate(self.ids)}
 
     def __len__(self) -> int:
@@ -389,17 +515,13 @@ class ShardReader:
         t0, t1 = int(a["token_index"][i]), int(a["token_index"][i + 1])
         r0, r1 = t0 - i, t1 - i - 1
         meta = self._meta(i)
-        ids = np.asarray(a["topk_ids"][r0:r1], dtype=np.int64)
-        lps = decode_logprobs(np.asarray(a["lp_head"][r0:r1]), np.asarray(a["lp_gaps"][r0:r1]), self.top_k)
-        _apply_rows(lps, a["exc_rows"], a["exc_logprobs"], r0, r1)
-        ranks = np.asarray(a["realized_rank"][r0:r1], dtype=np.int64)
-        target = np.take_along_axis(lps, np.minimum(ranks, self.top_k - 1)[:, None], 1)[:, 0].copy()
-        _apply_rows(target, a["out_rows"], a["out_logprobs"], r0, r1)
+        input_ids = np.asarray(a["input_ids"][t0:t1], dtype=np.int64)
+        ids, lps, target = (self._rows_v2 if self.version >= 2 else self._rows_v1)(i, r0, r1, input_ids)
         return SampleLogprobs(
             id=meta["id"],
             text=meta["text"],
             spans=[ContentSpan(role, start, end) for role, start, end in meta["spans"]],
-            input_ids=np.asarray(a["input_ids"][t0:t1], dtype=np.int64),
+            input_ids=input_ids,
             offsets=np.asarray(a["offsets"][t0:t1], dtype=np.int64),
             mask=_unpack_bits(a["mask"], t0, t1),
             topk_ids=ids,
@@ -407,6 +529,33 @@ class ShardReader:
             target_logprobs=target,
             extra=meta.get("extra", {}),
         )
+
+    def _rows_v2(self, i: int, r0: int, r1: int, input_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        a, k = self._a, self.top_k
+        p0, p1 = int(a["payload_index"][i]), int(a["payload_index"][i + 1])
+        try:
+            ranks, ids, codes, realized = unpack_payload(
+                self._payload[p0:p1].tobytes(), r1 - r0, k, int(self.header["id_bytes"]), input_ids[1:]
+            )
+        except (zlib.error, ValueError, StoreError) as error:
+            raise StoreError(f"{self.path}: sample {i}: undecodable payload ({error})") from None
+        lps = dequantize_logprobs(codes)
+        _apply_rows(lps, a["exc_rows"], a["exc_logprobs"], r0, r1)
+        target = np.take_along_axis(lps, np.minimum(ranks, k - 1)[:, None], 1)[:, 0].copy()
+        outside = ranks == k
+        target[outside] = lps[outside, k - 1] - (realized * STEP).astype(np.float32)
+        _apply_rows(target, a["out_rows"], a["out_logprobs"], r0, r1)
+        return ids, lps, target
+
+    def _rows_v1(self, i: int, r0: int, r1: int, input_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        a = self._a
+        ids = np.asarray(a["topk_ids"][r0:r1], dtype=np.int64)
+        lps = decode_logprobs(np.asarray(a["lp_head"][r0:r1]), np.asarray(a["lp_gaps"][r0:r1]), self.top_k)
+        _apply_rows(lps, a["exc_rows"], a["exc_logprobs"], r0, r1)
+        ranks = np.asarray(a["realized_rank"][r0:r1], dtype=np.int64)
+        target = np.take_along_axis(lps, np.minimum(ranks, self.top_k - 1)[:, None], 1)[:, 0].copy()
+        _apply_rows(target, a["out_rows"], a["out_logprobs"], r0, r1)
+        return ids, lps, target
 
     def get(self, sample_id: str) -> SampleLogprobs:
         return self[self.index_of(sample_id)]
@@ -421,35 +570,21 @@ class ShardReader:
         return sum(int(f["bytes"]) for f in self.header["files"].values())
 
     def payload_nbytes(self) -> int:
-        """Bytes of the log-prob payload alone (top-K ids and log-probs, realized log-probs)."""
-        names = (
-            "topk_ids",
-            "lp_head",
-            "lp_gaps",
-            "realized_rank",
-            "exc_rows",
-            "exc_logprobs",
-            "out_rows",
-            "out_logprobs",
-        )
-        return sum(int(self.header["files"][f"{n}.npy"]["bytes"]) for n in names)
+        """Bytes of the log-prob payload alone (top-K ids and log-probs, realized log-probs), not the tokens,
+        offsets, mask and text."""
+        return sum(int(self.header["files"][name]["bytes"]) for name in _PAYLOAD_FILES[self.version])
 
 
-_ARRAY_NAMES = (
-    "input_ids",
-    "offsets",
-    "mask",
-    "topk_ids",
-    "lp_head",
-    "lp_gaps",
-    "realized_rank",
-    "exc_rows",
-    "exc_logprobs",
-    "out_rows",
-    "out_logprobs",
-    "token_index",
-    "meta_index",
-)
+_COMMON = ("input_ids", "offsets", "mask", "exc_rows", "exc_logprobs", "out_rows", "out_logprobs")
+_ARRAY_NAMES = {
+    1: (*_COMMON, "topk_ids", "lp_head", "lp_gaps", "realized_rank", "token_index", "meta_index"),
+    2: (*_COMMON, "payload_index", "token_index", "meta_index"),
+}
+_EXACT = ("exc_rows.npy", "exc_logprobs.npy", "out_rows.npy", "out_logprobs.npy")
+_PAYLOAD_FILES = {
+    1: ("topk_ids.npy", "lp_head.npy", "lp_gaps.npy", "realized_rank.npy", *_EXACT),
+    2: (PAYLOAD_FILE, "payload_index.npy", *_EXACT),
+}
 
 
 def _apply_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray, r0: int, r1: int) -> None:
@@ -474,10 +609,12 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise StoreError(f"{header_path}: unreadable header: {error}") from None
     if header.get("format") != FORMAT:
         raise StoreError(f"{header_path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION or header.get("codec", {}).get("name") != CODEC:
+    version, codec = header.get("version"), header.get("codec", {}).get("name")
+    if READABLE.get(version) != codec:
+        readable = ", ".join(f"{v} ({c})" for v, c in READABLE.items())
         raise StoreError(
-            f"{header_path}: version {header.get('version')} codec {header.get('codec')}; this reader "
-            f"reads version {VERSION} codec {CODEC}"
+            f"{header_path}: version {version} codec {codec!r}; this fuse reads versions {readable}. "
+            "Read it with the fuse that wrote it, or extract again (fuse run --force --only extract.<model>)"
         )
     return header
 

@@ -142,4 +142,11 @@ def load_split(prepare_out: str | Path, kind: str, split: str):
     path = split_dir(prepare_out, kind, split)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no prepared {kind}/{split} split (is the prepare stage done?)")
+    state = path / "state.json"
+    if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files"):
+        # an empty split is saved without data files, which load_from_disk cannot read back
+        from datasets import Dataset, DatasetInfo
+
+        features = DatasetInfo.from_directory(str(path)).features
+        return Dataset.from_dict({name: [] for name in features}, features=features)
     return load_from_disk(str(path))

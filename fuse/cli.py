@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,19 +21,38 @@ PLUGINS = {
     "status": "fuse.slurm",
     "cancel": "fuse.slurm",
     "merge": "fuse.merging.cli",
+    "compare": "fuse.compare",
     "zoo": "fuse.zoo",
 }
 
 
 def _recipe_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(parser)
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable): override a recipe key for this command, validated like the file."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set stages.distill.learning_rate=1e-5 (repeatable; YAML values)",
+    )
+
+
+def recipe_of(args: argparse.Namespace):
+    """The command's recipe, with its --set overrides."""
+    return load_recipe(args.recipe, getattr(args, "overrides", None))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from fuse.dag import build_dag
     from fuse.validate import validate
 
-    recipe = load_recipe(args.recipe)
+    recipe = recipe_of(args)
     validate(recipe, files=not args.no_load, load=not args.no_load)
     dag = build_dag(recipe)
     print(f"{args.recipe}: valid — {len(recipe.sources)} sources, {len(dag)} stage instances")
@@ -40,19 +60,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from fuse import resources
     from fuse.dag import build_dag
     from fuse.plan import make_plan
     from fuse.store import RunStore
 
-    recipe = load_recipe(args.recipe)
-    dag = build_dag(recipe)
-    steps = make_plan(recipe, dag, RunStore(recipe.workdir), args.from_stage, args.only, args.force)
+    recipe = recipe_of(args)
+    dag, store = build_dag(recipe), RunStore(recipe.workdir)
+    steps = make_plan(recipe, dag, store, args.from_stage, args.only, args.force)
     width = max(len(s.instance.name) for s in steps)
     print(f"run {recipe.name} in {recipe.workdir}")
     for step in steps:
         parents = ", ".join(step.instance.parents) or "-"
         shards = f" [{step.instance.num_shards} shards]" if step.instance.num_shards > 1 else ""
-        print(f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}")
+        peak = resources.describe((store.manifest(step.instance.name) or {}).get("peak_memory"))
+        peak = f"  (last run: {peak})" if peak else ""
+        print(
+            f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}{peak}"
+        )
     todo = sum(s.action == "run" for s in steps)
     print(
         f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"
@@ -70,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fuse.store import RunStore
     from fuse.validate import require_files
 
-    recipe = load_recipe(args.recipe)
+    recipe = recipe_of(args)
     require_files(recipe)
     started = time.monotonic()
     steps = run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
@@ -85,25 +110,42 @@ def cmd_run_stage(args: argparse.Namespace) -> int:
     from fuse import preemption
     from fuse.executor import run_stage
 
-    recipe = load_recipe(args.recipe)
+    recipe = recipe_of(args)
     preemption.install()  # SIGUSR1 from SLURM: checkpoint, stop cleanly, let the job script requeue
     run_stage(recipe, args.instance, shard=args.shard, force=args.force)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from fuse.dag import build_dag
     from fuse.store import RunStore
 
-    recipe = load_recipe(args.recipe)
-    logs = sorted(RunStore(recipe.workdir).logs(args.instance).glob("*"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        print(f"no logs for {args.instance} under {recipe.workdir}", file=sys.stderr)
+    recipe = recipe_of(args)
+    # Only an instance of this recipe names a folder to read: `fuse logs RECIPE ../../x` reads nothing.
+    build_dag(recipe)[args.instance]
+    files = text_logs(RunStore(recipe.workdir).logs(args.instance))
+    if not files:
+        print(f"error: no logs for {args.instance} under {recipe.workdir}", file=sys.stderr)
         return 1
-    for path in logs if args.all else logs[-1:]:
+    for path in files if args.all else files[:1]:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         print(f"==> {path} <==")
         print("\n".join(lines[-args.lines :]))
     return 0
+
+
+def text_logs(folder: Path) -> list[Path]:
+    """An instance's readable logs, the stage log first, then the newest first (SLURM output, training JSONL);
+    binary files (the loss plot) are left out."""
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.is_file() and not _binary(p)]
+    return sorted(files, key=lambda p: (p.name != "stage.log", -p.stat().st_mtime))
+
+
+def _binary(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return b"\0" in handle.read(8192)
 
 
 def _plugins_for(argv: list[str]) -> list[str]:
@@ -177,34 +219,85 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class FirstLine(logging.Formatter):
+    """The console gets the first line of each record; tracebacks stay in the instance's stage.log (`-v` shows
+    them here too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"{record.levelname} {record.name}: {message.splitlines()[0] if message else ''}"
+
+
+def recipe_first(argv: list[str]) -> list[str]:
+    """Options where the user puts them: `fuse run --only prepare recipe.yaml` (`--only` takes one or more values
+    and would swallow the recipe: an existing .yaml/.yml file among them is moved in front of the option, where the
+    recipe belongs) and `fuse plan RECIPE -v`."""
+    # -v is an option of `fuse` itself; after the command it would be refused, so it is moved in front.
+    argv = [a for a in argv if a in ("-v", "--verbose")] + [a for a in argv if a not in ("-v", "--verbose")]
+    for i, arg in enumerate(argv):
+        if arg != "--only":
+            continue
+        end = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("-")), len(argv))
+        for j in range(i + 1, end):
+            if argv[j].endswith((".yaml", ".yml")) and Path(argv[j]).is_file():
+                argv.insert(i, argv.pop(j))
+                return argv
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = recipe_first(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     # The console shows progress lines and warnings; each instance's log file gets everything (see executor).
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    full = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    console.setFormatter(full if args.verbose else FirstLine())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console])
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's final flush
+        return code
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `fuse plan | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as error:
         from fuse.executor import StageFailed
-        from fuse.plan import PlanError
 
-        if isinstance(error, StageFailed | PlanError | KeyError):
-            print(f"error: {error}", file=sys.stderr)
-            if isinstance(error, StageFailed):
-                print(
-                    f"log: {Path(load_recipe(args.recipe).workdir) / error.instance / 'logs' / 'stage.log'}",
-                    file=sys.stderr,
-                )
-            return 1
-        raise
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if isinstance(error, StageFailed):
+            print(
+                f"log: {Path(recipe_of(args).workdir) / error.instance / 'logs' / 'stage.log'}",
+                file=sys.stderr,
+            )
+        elif not _expected(error):
+            print("(fuse -v ... shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return text if _expected(error) else f"{type(error).__name__}: {text}"
+
+
+def _expected(error: BaseException) -> bool:
+    """Errors whose message is written for the user (they name the key, file or instance); others get their type."""
+    from fuse.executor import StageFailed
+    from fuse.plan import PlanError
+
+    names = {"SlurmError", "ModelLoadError", "BackendError", "TrainingError", "CheckpointError",
+             "MergeConfigError", "PreflightError"}  # fmt: skip
+    return isinstance(error, StageFailed | PlanError | KeyError) or type(error).__name__ in names
 
 
 if __name__ == "__main__":

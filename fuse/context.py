@@ -20,7 +20,7 @@ class StageContext:
     inputs: dict[str, Path]  # parent instance name -> that parent's out/ folder
     shard: int | None = None  # the shard to do (sharded stages), None = not sharded / all
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("fuse.stage"))
-    on_progress: Any = None  # callable(done, total, unit) set by the executor
+    on_progress: Any = None  # callable(done, total, unit, **metrics) set by the executor
     _started: float = field(default_factory=time.monotonic)
 
     @property
@@ -48,9 +48,10 @@ class StageContext:
     def model_spec(self, name: str) -> ModelSpec:
         return self.recipe.model(name)
 
-    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
+    def progress(self, done: int, total: int | None = None, unit: str = "step", **metrics: Any) -> None:
+        """Report how far the stage is (`metrics`, e.g. loss=, are shown beside the count)."""
         if self.on_progress is not None:
-            self.on_progress(done, total, unit)
+            self.on_progress(done, total, unit, **metrics)
 
     def shard_range(self, n_items: int) -> range:
         """The item indices of this context's shard: contiguous, balanced, fixed by (n_items, num_shards)."""

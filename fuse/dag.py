@@ -176,5 +176,8 @@ def build_dag(recipe: Recipe) -> Dag:
         dag.add(Instance("evaluate", "evaluate", None, tuple(parents), ("pivot", *sources)))
     if s.publish.enabled and final:
         parents = (final, "evaluate") if s.evaluate.enabled else (final,)
+        parents += tuple(
+            i.name for i in dag if i.stage == "align"
+        )  # their teacher-signal reports go in the card
         dag.add(Instance("publish", "publish", None, parents, ("pivot", *sources)))
     return dag

@@ -95,7 +95,8 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype="float32")
+    # float32 weights: bf16 runs under autocast (the Trainer's bf16), with the recipe's attention kernel
+    model = load_model(spec, dtype="float32", attn_implementation=job.load_settings().attn_implementation)
     dataset = load_from_disk(params["train_data"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DistillTrainer(

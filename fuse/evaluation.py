@@ -152,7 +152,7 @@ def ce_per_byte(
     Texts go in length-sorted, right-padded batches; padded positions are masked out of the loss, so the sum is
     the same as one forward per text (a causal model never attends to the padding after a token).
     """
-    import torch
+    from fuse.backends.hf import summed_nll
 
     start = text_start_id(tokenizer)
     if start is None:
@@ -161,16 +161,10 @@ def ce_per_byte(
         ([start, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1]] for t in texts),
         key=len,
     )
-    total_nll = 0.0
-    for first in range(0, len(encoded), batch_size):
-        batch = encoded[first : first + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([row + [start] * (width - len(row)) for row in batch], device=model.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=model.device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total_nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+    # Through the chunked output head: never a batch's full-vocabulary logits (262k vocabularies).
+    total_nll = sum(
+        summed_nll(model, encoded[first : first + batch_size]) for first in range(0, len(encoded), batch_size)
+    )
     total_bytes = sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in encoded)
     return total_nll / max(1, total_bytes)
 

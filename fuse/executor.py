@@ -8,18 +8,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import yaml
 
+from fuse import resources
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
+from fuse.progress import Progress
 from fuse.recipe import Recipe
-from fuse.store import RunStore
+from fuse.store import FileLock, LockHeld, RunStore
 
 log = logging.getLogger("fuse")
 
@@ -30,44 +32,12 @@ class StageFailed(RuntimeError):
         self.instance = instance
 
 
-class Progress:
-    """One status line per instance: which instance, which shard/step, elapsed. Plain lines when not a TTY."""
-
-    def __init__(self, stream=None, interval: float = 5.0):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = interval
-        self._last = 0.0
-        self.prefix = ""
-        self.started = time.monotonic()
-
-    def start(self, prefix: str) -> None:
-        self.prefix, self.started, self._last = prefix, time.monotonic(), 0.0
-        self._emit(f"{prefix} started", force=True)
-
-    def update(self, done: int, total: int | None, unit: str) -> None:
-        counted = f"{done}/{total}" if total else str(done)
-        self._emit(f"{self.prefix} {unit} {counted}")
-
-    def end(self, message: str) -> None:
-        self._emit(f"{self.prefix} {message}", force=True, final=True)
-
-    def _emit(self, text: str, force: bool = False, final: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < (0.2 if self.tty else self.interval):
-            return
-        self._last = now
-        line = f"{text}  [{_clock(now - self.started)}]"
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+class InstanceBusy(StageFailed):
+    """Another live process works on the instance (its lock names it); nothing was changed."""
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
+class NotDone(StageFailed):
+    """An instance that should have ended done did not: `fuse run`/`run-stage` must not report success."""
 
 
 @contextlib.contextmanager
@@ -115,17 +85,69 @@ def run_instance(
     progress: Progress | None = None,
     force: bool = False,
 ) -> bool:
-    """Run one instance (all its missing shards, or just `shard`). Returns True when the instance is done."""
+    """Run one instance (all its missing shards, or just `shard`). Returns True when the instance is done, or —
+    with `shard` — when that shard is done and the instance is done, waits for other shards or is being
+    finalized by another live task.
+
+    Under the instance lock, what cannot be continued (forced, fingerprint or inputs changed, outputs damaged)
+    is reset first, so nothing broken is ever re-marked done; what can is kept, less damaged shards and the
+    temporaries of killed writers. Raises InstanceBusy when another live process holds the instance."""
     instance = step.instance
     name = instance.name
     module = stage_module(instance.stage)
-    if force or _fingerprint_changed(store, name, step.fingerprint):
-        store.reset(
-            name
-        )  # stale or forced: start clean; same fingerprint: keep finished shards and checkpoints
-    store.begin(name, instance.stage, step.fingerprint, step.parts, instance.num_shards)
+    # A whole-instance run holds the instance lock to the end; array tasks hold it only to set up (waiting for
+    # each other) and to finalize, and each holds its own shard's lock while it works.
+    lock = store.lock(name, wait=0 if shard is None else 120)
+    try:
+        lock.acquire()
+    except LockHeld as error:
+        raise InstanceBusy(name, str(error)) from None
+    try:
+        _prepare(store, step, force)
+        if shard is not None:
+            lock.release()
+        return _work(recipe, step, store, module, shard, progress or Progress(), lock)
+    finally:
+        lock.release()
+
+
+def _prepare(store: RunStore, step: Step, force: bool) -> None:
+    instance, name = step.instance, step.instance.name
+    reason = "forced" if force else store.reset_reason(name, step.fingerprint, instance.parents)
+    if reason:
+        log.info("%s: starting clean (%s)", name, reason)
+        try:
+            store.reset(name)
+        except LockHeld as error:
+            raise InstanceBusy(name, str(error)) from None
+    else:
+        store.clean_debris(name)
+        if (store.manifest(name) or {}).get("outputs") is None:
+            dropped = store.drop_damaged_shards(name, instance.num_shards)
+            if dropped:
+                log.warning("%s: redoing shards whose outputs changed: %s", name, dropped)
+    store.begin(
+        name,
+        instance.stage,
+        step.fingerprint,
+        step.parts,
+        instance.num_shards,
+        inputs=store.inputs_of(instance.parents),
+    )
+
+
+def _work(
+    recipe: Recipe,
+    step: Step,
+    store: RunStore,
+    module: ModuleType,
+    shard: int | None,
+    progress: Progress,
+    lock: FileLock,
+) -> bool:
+    instance = step.instance
+    name = instance.name
     started = time.monotonic()
-    progress = progress or Progress()
     with instance_log(store, name) as logger:
         ctx = StageContext(
             recipe=recipe,
@@ -138,26 +160,40 @@ def run_instance(
         try:
             shards = range(instance.num_shards) if shard is None else [shard]
             for index in shards:
-                if store.shard_marker(name, index).exists():
-                    continue
-                progress.start(
-                    f"{name}"
-                    + (f" shard {index + 1}/{instance.num_shards}" if instance.num_shards > 1 else "")
-                )
-                ctx.shard = index if instance.num_shards > 1 else None
-                quiet_libraries()
-                module.run(ctx)
-                store.mark_shard(name, index)
+                with contextlib.ExitStack() as held:
+                    if shard is not None:
+                        held.enter_context(FileLock(store.shard_lock(name, index), f"{name} shard {index}"))
+                    if store.shard_marker(name, index).exists():
+                        continue
+                    progress.start(
+                        f"{name}"
+                        + (f" shard {index + 1}/{instance.num_shards}" if instance.num_shards > 1 else "")
+                    )
+                    ctx.shard = index if instance.num_shards > 1 else None
+                    quiet_libraries()
+                    before = store.out_snapshot(name)
+                    with resources.recorded(store.dir(name), index):
+                        module.run(ctx)
+                    store.mark_shard(name, index, before=before)
             if len(store.shards_done(name, instance.num_shards)) < instance.num_shards:
                 progress.end(f"shard {shard} done; others pending")
-                return False
-            with _finalize_lock(store, name) as first:
-                if not first:
-                    return False
-                ctx.shard = None
-                if hasattr(module, "finalize"):
-                    module.finalize(ctx)
-                store.finish(name, time.monotonic() - started)
+                return shard is not None
+            if shard is not None:
+                try:
+                    lock.acquire()  # the array task that gets here first finalizes; the others end with their shard
+                except LockHeld:
+                    progress.end(f"shard {shard} done; another task finalizes {name}")
+                    return True
+            if (store.manifest(name) or {}).get("status") == "done":
+                return True
+            ctx.shard = None
+            if hasattr(module, "finalize"):
+                module.finalize(ctx)
+            store.finish(name, time.monotonic() - started)
+            store.update_manifest(name, peak_memory=resources.summary(store.dir(name), instance.num_shards))
+        except LockHeld as error:
+            progress.end(f"busy: {error}")
+            raise InstanceBusy(name, str(error)) from None
         except BaseException as error:
             message = f"{type(error).__name__}: {error}"
             logger.error("stage %s failed:\n%s", name, traceback.format_exc())
@@ -170,31 +206,6 @@ def run_instance(
     return True
 
 
-def _fingerprint_changed(store: RunStore, name: str, fingerprint: str) -> bool:
-    manifest = store.manifest(name) or {}
-    return manifest.get("fingerprint") != fingerprint
-
-
-@contextlib.contextmanager
-def _finalize_lock(store: RunStore, name: str) -> Iterator[bool]:
-    """Only one of several array tasks that finish together finalizes the instance."""
-    if (store.manifest(name) or {}).get("status") == "done":
-        yield False
-        return
-    lock = store.dir(name) / "finalize.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        yield False
-        return
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def run(
     recipe: Recipe,
     from_stage: str | None = None,
@@ -203,15 +214,36 @@ def run(
     progress: Progress | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[Step]:
-    """Run the DAG; raise StageFailed naming the first instance that fails."""
+    """Run the DAG under the run lock; raise StageFailed naming the first instance that fails or does not end
+    done, PlanError when another run holds the store or a live process works on what this run would redo."""
     dag = build_dag(recipe)
     store = RunStore(recipe.workdir)
+    try:
+        lock = store.run_lock().acquire()
+    except LockHeld as error:
+        raise PlanError(str(error)) from None
+    try:
+        return _run_locked(recipe, dag, store, from_stage, only, force, progress, echo)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    recipe: Recipe,
+    dag: Dag,
+    store: RunStore,
+    from_stage: str | None,
+    only: list[str] | None,
+    force: bool,
+    progress: Progress | None,
+    echo: Callable[[str], None],
+) -> list[Step]:
     steps = make_plan(recipe, dag, store, from_stage, only, force)
     blocked = [s for s in steps if s.action == "blocked"]
     if blocked:
         raise PlanError("; ".join(f"{s.instance.name}: {s.why}" for s in blocked))
     todo = [s for s in steps if s.action == "run"]
-    store.root.mkdir(parents=True, exist_ok=True)
+    check_not_busy(store, dag, [s.instance.name for s in todo])
     write_resolved_recipe(store, recipe)
     if not todo:
         echo(f"nothing to do: all {len(steps)} stage instances are done ({store.root})")
@@ -220,8 +252,29 @@ def run(
     progress = progress or Progress()
     for number, step in enumerate(todo, 1):
         forced = step.why == "forced" or (from_stage is not None and step.instance.stage == from_stage)
-        run_instance(recipe, dag, step, store, progress=_Prefixed(progress, number, len(todo)), force=forced)
+        name = step.instance.name
+        if not forced and step.state.kind in ("done", "stale"):
+            # planned because a parent is (or was being) redone: kept when the parents wrote the same outputs
+            # again as the ones it read
+            now = store.state(
+                name, step.fingerprint, step.parts, step.instance.num_shards, step.instance.parents
+            )
+            if now.kind == "done":
+                echo(f"[{number}/{len(todo)}] {name}: its inputs came out the same; kept")
+                continue
+        prefixed = _Prefixed(progress, number, len(todo))
+        if not run_instance(recipe, dag, step, store, progress=prefixed, force=forced):
+            raise NotDone(name, "did not end done (another process is finalizing it)")
     return steps
+
+
+def check_not_busy(store: RunStore, dag: Dag, names: list[str]) -> None:
+    """Redoing an instance pulls its files from under anything downstream: refuse while a live process (a SLURM
+    job, another run-stage) works on it or on a descendant."""
+    for name in sorted(dag.descendants(names)):
+        live = store.live_locks(name)
+        if live:
+            raise PlanError(f"{name} is being worked on: {live[0]}; wait for it or cancel it first")
 
 
 def results(steps: list[Step], store: RunStore) -> list[str]:
@@ -257,20 +310,29 @@ class _Prefixed(Progress):
 
 
 def run_stage(recipe: Recipe, name: str, shard: int | None = None, force: bool = False) -> bool:
-    """Run exactly one instance (or one shard of it): what SLURM jobs call. Parents must be done."""
+    """Run exactly one instance (or one shard of it): what SLURM jobs call. Parents must be done. Raises NotDone
+    when the instance (without `shard`) did not end done, so the job fails and `afterok` dependents do not start."""
     dag = build_dag(recipe)
     store = RunStore(recipe.workdir)
     instance = dag[name]
     if shard is not None and not 0 <= shard < instance.num_shards:
         raise PlanError(f"{name} has {instance.num_shards} shard(s); --shard {shard} is out of range")
     prints = fingerprints(recipe, dag)
-    not_done = [p for p in instance.parents if store.state(p, *prints[p], dag[p].num_shards).kind != "done"]
+    not_done = [
+        p
+        for p in instance.parents
+        if store.state(p, *prints[p], dag[p].num_shards, dag[p].parents).kind != "done"
+    ]
     if not_done:
         raise PlanError(f"{name}: its inputs {', '.join(not_done)} are not done")
     fp, parts = prints[name]
-    state = store.state(name, fp, parts, instance.num_shards)
+    state = store.state(name, fp, parts, instance.num_shards, instance.parents)
     step = Step(instance, fp, parts, state, "run", str(state))
     if state.kind == "done" and not force:
         print(f"{name} is already done (fingerprint {fp})")
         return True
-    return run_instance(recipe, dag, step, store, shard=shard, force=force)
+    if force:
+        check_not_busy(store, dag, dag.children(name))
+    if not run_instance(recipe, dag, step, store, shard=shard, force=force):
+        raise NotDone(name, "did not end done")
+    return True

@@ -1,6 +1,7 @@
 """Fingerprints: content addresses of stage instances and of the files they read.
 
-File digests are cached by (path, size, mtime) so a no-op rerun does not re-hash multi-GB weights.
+File digests are cached by (path, inode, size, mtime, ctime) so a no-op rerun does not re-hash multi-GB weights;
+ctime is in the key because an in-place edit can keep (or reset) the mtime, but never the ctime.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ _memo: dict[str, str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached on disk by (resolved path, size, mtime_ns)."""
+    """sha256 of a file, cached on disk by (resolved path, inode, size, mtime_ns, ctime_ns)."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     if key in _memo:
         return _memo[key]
     cache_file = _cache_path()

@@ -126,7 +126,8 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype="float32")
+    # float32 weights: bf16 runs under autocast (the Trainer's bf16), with the recipe's attention kernel
+    model = load_model(spec, dtype="float32", attn_implementation=job.load_settings().attn_implementation)
     config = dpo_config(
         args, beta=float(params["beta"]), label_smoothing=float(params.get("label_smoothing", 0.0))
     )

@@ -1,7 +1,9 @@
 """Atomic writes and content digests: the only place fuse writes files that others may take as complete.
 
 A killed process must never leave a file (or folder) that looks finished, so everything goes to a temporary
-name in the same directory, is fsynced, and is renamed into place.
+name in the same directory, is fsynced, and is renamed into place. What is published gets the permissions the
+user's umask gives (mkstemp's 0600 would hide a fused model from the rest of the cluster); files that may hold
+secrets (env_setup lines) are written `private` (0600).
 """
 
 from __future__ import annotations
@@ -26,13 +28,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+TMP_SUFFIX = (
+    ".tmp"  # temporary siblings are ".<name>.<random>.tmp": debris of a killed writer, never an output
+)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask() can only set it, which would
+    race with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def published_mode(directory: bool = False, private: bool = False) -> int:
+    """The mode a plainly created file (0666) or folder (0777) would get, or owner-only when `private`."""
+    if private:
+        return 0o700 if directory else 0o600
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of `path` for writing; on success fsync it and rename it to `path`."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", private: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of `path` for writing; on success fsync it and rename it to `path`.
+
+    The file gets the umask's permissions, or 0600 when `private` (set before any byte is written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, published_mode(private=private))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
@@ -50,8 +79,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         handle.write(data)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_write(path, "w") as handle:
+def write_text_atomic(path: str | os.PathLike, text: str, private: bool = False) -> None:
+    with atomic_write(path, "w", private=private) as handle:
         handle.write(text)
 
 
@@ -68,19 +97,21 @@ def read_json(path: str | os.PathLike) -> Any:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; rename it to `path` only when the block succeeds.
 
-    An existing `path` is replaced. Use for model folders, checkpoints, Arrow datasets.
+    An existing `path` is replaced. Use for model folders, checkpoints, Arrow datasets. The folder gets the
+    umask's permissions (mkdtemp makes it 0700); files inside are created by their writers, under the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     try:
+        os.chmod(tmp, published_mode(directory=True))
         yield tmp
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb") as handle:
                     os.fsync(handle.fileno())
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}{TMP_SUFFIX}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -98,6 +129,42 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+FULL_DIGEST_MAX_BYTES = 32 << 20
+SAMPLE_BLOCK = 64 << 10
+SAMPLE_BLOCKS = 64
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """What vouches for an output file: "sha256:<hex>" of the whole file up to FULL_DIGEST_MAX_BYTES, beyond that
+    "sampled:<hex>" of (size, the safetensors header, the first MiB, 64 evenly spaced 64 KiB blocks, the last
+    block).
+
+    Why sampled: `fuse plan` re-checks every output of every done instance, and a fused 70B model is 140 GB —
+    hashing it all on each plan would take minutes, sampling reads ~6 MB per file. What it catches there:
+    truncation or growth (size), any change in a safetensors header (tensor names, shapes, offsets) or in a file's
+    first MiB, and damage that covers one of the sampled blocks; a few flipped bytes elsewhere in a large file
+    go unseen. Everything up to 32 MiB (manifests, indexes, tables, log-prob shards of the tests, the tiny
+    models) is hashed in full, so any change there is caught. The log-prob store checksums its shards itself.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= FULL_DIGEST_MAX_BYTES:
+        return "sha256:" + sha256_file(path)
+    digest = hashlib.sha256(f"size={size};".encode())
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if path.suffix == ".safetensors" and len(head) == 8:
+            header_len = min(int.from_bytes(head, "little"), size - 8)
+            digest.update(head + handle.read(header_len))
+        handle.seek(0)
+        digest.update(handle.read(1 << 20))
+        step = max(1, (size - SAMPLE_BLOCK) // SAMPLE_BLOCKS)
+        for offset in [*range(0, size - SAMPLE_BLOCK, step)][:SAMPLE_BLOCKS] + [size - SAMPLE_BLOCK]:
+            handle.seek(offset)
+            digest.update(handle.read(SAMPLE_BLOCK))
+    return "sampled:" + digest.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:

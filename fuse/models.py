@@ -118,7 +118,18 @@ def _torch_dtype(name: str) -> Any:
     ]
 
 
-def load_model(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -> PreTrainedModel:
+def load_model(
+    spec: ModelSpec,
+    dtype: str | None = None,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> PreTrainedModel:
+    """A causal LM from safetensors. `device_map` ("auto", or module -> device) shards a model too big for one
+    device over the GPUs, then CPU memory, then `offload_folder` (within `max_memory`); otherwise it goes whole to
+    `device`. `attn_implementation`: sdpa, flash_attention_2, eager (default: transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_dir(spec)
@@ -128,13 +139,19 @@ def load_model(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -
             f"model {spec.name!r} ({directory}): no .safetensors weights; pickle weights are refused unless the "
             f"recipe sets allow_pickle: true for this model"
         )
+    extra: dict[str, Any] = {}
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        extra.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     model = AutoModelForCausalLM.from_pretrained(
         directory,
         dtype=_torch_dtype(dtype or spec.dtype),
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=True if not spec.allow_pickle else None,
+        **extra,
     )
-    return model.to(device)
+    return model if device_map is not None else model.to(device)
 
 
 @dataclass(frozen=True)
@@ -153,21 +170,41 @@ class VocabReport:
 
 
 def check_vocab(spec: ModelSpec, config: Any, tokenizer: Any, model: Any = None) -> VocabReport:
-    """Padded embeddings (config 152064 vs tokenizer 151665) are fine and logged; a tokenizer with ids beyond the
-    embedding is an error, since every such id would index out of range."""
+    """Padded embeddings (config 152064 vs tokenizer 151665) are fine and logged. A tokenizer larger than the
+    model's output is fine when every id past it is an added token (Gemma-3's `<image_soft_token>` at 262144 with
+    262,144 embedding rows): text produces one only by spelling it out, and a row that does is skipped with its id
+    (`fuse.data.chat.TokenOutOfRange`). Ordinary vocabulary past the embedding is an error: any text may need it."""
     rows = None
     if model is not None:
         rows = int(model.get_input_embeddings().weight.shape[0])
     report = VocabReport(int(config.vocab_size), len(tokenizer), rows)
-    limit = rows if rows is not None else report.config_vocab
-    if report.tokenizer_vocab > limit:
-        raise ModelLoadError(
-            f"model {spec.name!r}: tokenizer has {report.tokenizer_vocab} tokens but the model has {limit} "
-            f"embedding rows ({report.describe()})"
-        )
+    check_tokenizer_fits(spec, tokenizer, rows if rows is not None else report.config_vocab)
     if report.padded:
         log.info("model %s: padded vocabulary (%s)", spec.name, report.describe())
     return report
+
+
+def check_tokenizer_fits(spec: ModelSpec, tokenizer: Any, limit: int) -> None:
+    """Every ordinary tokenizer id must index the model's `limit` output rows; added tokens past them are logged
+    (a row that spells one out is skipped with its id: `fuse.data.chat.TokenOutOfRange`)."""
+    size = len(tokenizer)
+    if size <= limit:
+        return
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ordinary = [i for i in range(limit, size) if i not in added]
+    if ordinary:
+        raise ModelLoadError(
+            f"model {spec.name!r} ({spec.path}): the tokenizer has {size} tokens but the model outputs {limit}; "
+            f"{len(ordinary)} ordinary vocabulary ids lie past them (first: {ordinary[0]} "
+            f"{tokenizer.convert_ids_to_tokens(ordinary[0])!r}): vocab-size mismatch"
+        )
+    log.warning(
+        "model %s: the tokenizer's added tokens %s lie past the model's %d output rows; a row that spells one out "
+        "is skipped with its id",
+        spec.name,
+        ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in range(limit, min(size, limit + 5))),
+        limit,
+    )
 
 
 def identity(spec: ModelSpec) -> dict[str, Any]:
@@ -180,7 +217,8 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
             p
             for p in local.iterdir()
             if p.is_file()
-            and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt"))
+            # .py: a trust_remote_code model's code is part of what it computes
+            and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt", ".py"))
         )
         return {"path": str(local), "files": files_digest(files)}
     return {"hub_id": spec.path, "revision": spec.revision or "main"}

@@ -1,7 +1,8 @@
 """Fingerprints of every stage instance and the plan of a run: what is done, what is stale and why, what would run.
 
 Fingerprints are derived from the recipe alone (settings, model identities, data digests, parents'
-fingerprints, stage code version), so the whole plan is known before anything runs.
+fingerprints, stage code version), so the whole plan is known before anything runs. What the parents actually
+wrote is checked through the run store (a done instance records its parents' output digests).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
 
 def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
     settings = getattr(recipe.stages, instance.stage)
+    # extract/score: this model's overrides only, so that another model's do not rerun it.
+    if hasattr(settings, "for_model"):
+        settings = settings.for_model(instance.key)
     return {
         "instance": instance.name,
         "code": stage_version(instance.stage),
@@ -152,15 +156,22 @@ def make_plan(
 
     steps: list[Step] = []
     will_be_done: set[str] = set()
+    redone: set[str] = set()
     for instance in dag.order():
         fp, parts = prints[instance.name]
-        state = store.state(instance.name, fp, parts, instance.num_shards)
+        state = store.state(instance.name, fp, parts, instance.num_shards, instance.parents)
+        renewed = [p for p in instance.parents if p in redone]
         if instance.name not in selected:
             action, why = "skip", "not selected"
             if state.kind == "done":
                 will_be_done.add(instance.name)
-        elif state.kind == "done" and instance.name not in forced:
+        elif state.kind == "done" and instance.name not in forced and not renewed:
             action, why = "skip", "done"
+            will_be_done.add(instance.name)
+        elif state.kind == "done" and instance.name not in forced:
+            # a parent is redone: the executor keeps this one if the parent writes the same outputs again
+            action, why = "run", f"if {', '.join(renewed)} come(s) out different"
+            state = State("done", f"kept if {', '.join(renewed)} come(s) out the same")
             will_be_done.add(instance.name)
         else:
             waiting = [p for p in instance.parents if p not in will_be_done]
@@ -170,5 +181,7 @@ def make_plan(
                 action = "run"
                 why = "forced" if instance.name in forced and state.kind == "done" else str(state)
                 will_be_done.add(instance.name)
+        if action == "run":
+            redone.add(instance.name)
         steps.append(Step(instance, fp, parts, state, action, why))
     return steps

@@ -6,6 +6,7 @@ object itself and a bad key is reported with its YAML path before anything runs.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")  # \Z: "$" would let a trailing newline through
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_control_characters(value: Any) -> Any:
+    """Strings that reach a job script (resources, workdir, interpreter): a newline there would end an #SBATCH
+    line or start a shell command, so control characters are refused outright."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and CONTROL_RE.search(item):
+            raise ValueError(f"{item!r} contains a control character (newline, tab, ...); not allowed here")
+    return value
 
 
 class RecipeError(ValueError):
@@ -72,7 +83,51 @@ class PrepareSettings(StageSettings):
     min_response_chars: int = 1
 
 
-class ExtractSettings(StageSettings):
+class VllmSettings(Frozen):
+    """vLLM engine settings (backend: vllm); unset ones keep vLLM's defaults."""
+
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per engine step. prompt_logprobs materializes log-probs over the whole vocabulary for "
+        "every prompt token of a step: lower this (with chunked prefill) when a 150k-256k vocabulary runs out of memory.",
+    )
+    enable_chunked_prefill: bool | None = None
+    max_model_len: int | None = Field(None, ge=9, description="Default: max_length + 1.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs. Default: on on CPU, off on GPU.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm.LLM arguments, passed as given (e.g. quantization)."
+    )
+
+
+class ModelOverrides(Frozen):
+    """One model's extract/score settings over the stage's (`stages.extract.models.<name>`): a 72B source gets
+    its own tensor_parallel_size, dtype, batch budget and engine settings; the others keep the stage's."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    batch_tokens: int | None = Field(None, ge=64)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    vllm: VllmSettings | None = None
+
+
+class PerModel:
+    """Mixin of the extract and score settings: `for_model(name)` resolves the overrides of one model."""
+
+    def for_model(self, name: str | None) -> Any:
+        override = self.models.get(name) if name else None  # type: ignore[attr-defined]
+        if override is None:
+            return self.model_copy(update={"models": {}})  # type: ignore[attr-defined]
+        values = override.model_dump(exclude_none=True, exclude={"vllm"})
+        if override.vllm is not None:
+            base = self.vllm  # type: ignore[attr-defined]
+            mine = override.vllm.model_dump(exclude_unset=True)
+            mine["engine_kwargs"] = {**base.engine_kwargs, **override.vllm.engine_kwargs}
+            values["vllm"] = base.model_copy(update=mine)
+        return self.model_copy(update={**values, "models": {}})  # type: ignore[attr-defined]
+
+
+class ExtractSettings(PerModel, StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
     top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
@@ -83,19 +138,34 @@ class ExtractSettings(StageSettings):
     batch_tokens: int = Field(
         16384, ge=64, description="Token budget per forward batch (transformers backend)."
     )
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )
 
 
-class ScoreSettings(StageSettings):
+class ScoreSettings(PerModel, StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
     max_length: int = Field(2048, ge=8)
     batch_tokens: int = Field(16384, ge=64)
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
     num_shards: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )
 
 
 class AlignSettings(StageSettings):
@@ -116,18 +186,75 @@ class AlignSettings(StageSettings):
     )
 
 
+# DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
+DEEPSPEED_AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
+)  # fmt: skip
+
+
 class DeepSpeedSettings(Frozen):
     stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Your own DeepSpeed config: a mapping, or a JSON file (relative to the recipe; its content is "
+        "what the run records). Merged over fuse's; batch sizes, clipping and precision stay the Trainer's ('auto').",
+    )
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read_config_file(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path((info.context or {}).get("base_dir") or Path.cwd()) / path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"cannot read the DeepSpeed config {path}: {error.strerror}") from None
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return loaded
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage in force: the config's zero_optimization.stage when it has one, else `stage`."""
+        zero = (self.config or {}).get("zero_optimization") or {}
+        return int(zero.get("stage", self.stage))
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSettings:
-        if self.offload_params and self.stage != 3:
+        config = self.config or {}
+        zero = config.get("zero_optimization") or {}
+        if "stage" in zero and "stage" in self.model_fields_set and zero["stage"] != self.stage:
+            raise ValueError(
+                f"stage is {self.stage} but config.zero_optimization.stage is {zero['stage']}: set one of them"
+            )
+        for key in DEEPSPEED_AUTO_KEYS:
+            if config.get(key, "auto") != "auto":
+                raise ValueError(
+                    f"config.{key}: the Trainer sets it from the recipe (per_device_batch_size, "
+                    f"gradient_accumulation_steps, num_processes; max_grad_norm): leave it out or 'auto'"
+                )
+        for key in ("bf16", "fp16"):
+            if (config.get(key) or {}).get("enabled", "auto") != "auto":
+                raise ValueError(f"config.{key}.enabled: precision comes from the stage's bf16 setting")
+        if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs ZeRO stage 3")
-        if self.offload_optimizer and self.stage == 0:
+        if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
         return self
+
+
+# What the HF Trainer's report_to takes (transformers.integrations), "none" aside.
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive", "swanlab", "trackio",
+    "azure_ml", "codecarbon", "dagshub", "flyte",
+]  # fmt: skip
 
 
 class TrainSettings(StageSettings):
@@ -148,6 +275,16 @@ class TrainSettings(StageSettings):
     gradient_checkpointing: bool = False
     num_processes: int = Field(1, ge=1, description="Processes per node (accelerate launch).")
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Trackers, as the HF Trainer takes them; tensorboard writes to <instance>/logs/tensorboard.",
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None, description="Attention kernel of the trained model; default: transformers' choice (sdpa)."
+    )
+    liger: bool = Field(False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel.")
 
 
 class DistillSettings(TrainSettings):
@@ -204,7 +341,39 @@ class EvaluateSettings(StageSettings):
     )
 
 
+class LmEvalSettings(Frozen):
+    """lm-evaluation-harness tasks run on every evaluated model (fuse/lm_eval.py); no tasks: not run."""
+
+    tasks: list[str] = Field(default_factory=list, description="Task or group names: mmlu, gsm8k, ifeval.")
+    include_path: str | None = Field(
+        None, description="A folder of your own task YAMLs (relative to the recipe), e.g. on local JSONL."
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers (sharded over GPUs with `parallelize`); vllm: tensor parallel."
+    )
+    parallelize: bool = Field(False, description="hf: spread a model too big for one GPU over all of them.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0, description="Examples per task (a fraction when < 1).")
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = Field(False, description="Prompt through each model's chat template.")
+    seed: int = 0
+
+    @field_validator("include_path")
+    @classmethod
+    def _relative_to_recipe(cls, value: str | None, info: Any) -> str | None:
+        if value is None or Path(value).expanduser().is_absolute():
+            return value and str(Path(value).expanduser())
+        return str((Path((info.context or {}).get("base_dir") or Path.cwd()) / value).resolve())
+
+
 class PublishSettings(StageSettings):
+    license: str | None = Field(
+        None,
+        description="The card's Hub license id (apache-2.0, llama3.1, gemma, ...); default 'other': a fused model "
+        "inherits its base models' terms, which only you can reconcile.",
+    )
     push: bool = False
     repo_id: str | None = None
     private: bool = True
@@ -246,16 +415,30 @@ class Resources(Frozen):
     constraint: str | None = None
     extra: list[str] = Field(default_factory=list, description="Extra '#SBATCH' lines, e.g. '--exclusive'.")
 
+    @field_validator("mem", "time", "partition", "account", "qos", "constraint", "extra")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        return no_control_characters(value)
+
 
 class SlurmSettings(Frozen):
     site_config: str | None = Field(None, description="YAML with defaults for resources and env_setup.")
-    env_setup: list[str] = Field(default_factory=list, description="Shell lines run before each job.")
+    env_setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before each job, as written (the one field that is shell by design); the job "
+        "scripts and recipe snapshots that carry them are written owner-only (0600).",
+    )
     signal_grace_seconds: int = Field(120, ge=0)
     python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
     template: str | None = Field(
         None,
         description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own.",
     )
+
+    @field_validator("python")
+    @classmethod
+    def _plain_python(cls, value: str | None) -> str | None:
+        return no_control_characters(value)
 
 
 class ExecutorSpec(Frozen):
@@ -280,6 +463,11 @@ class Recipe(Frozen):
     executor: ExecutorSpec = ExecutorSpec()
     seed: int = 0
 
+    @field_validator("workdir")
+    @classmethod
+    def _plain_workdir(cls, value: str) -> str:
+        return no_control_characters(value)
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, value: str) -> str:
@@ -298,6 +486,12 @@ class Recipe(Frozen):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate source names: {', '.join(dups)}")
+        for stage, extra in (("extract", ()), ("score", (*(f"target-{n}" for n in names), "merged"))):
+            for name in getattr(self.stages, stage).models:
+                if name not in ("pivot", *names, *extra):
+                    raise ValueError(
+                        f"stages.{stage}.models.{name}: not a model of this recipe ({', '.join(['pivot', *names])})"
+                    )
         fpo = self.stages.fpo
         unknown = sorted(set(fpo.weights) - set(names) - ({"pivot"} if fpo.include_pivot else set()))
         if fpo.enabled and unknown:
@@ -342,13 +536,17 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path 
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as error:
         raise RecipeError(_format_error(error, source)) from None
     return _absolutize(recipe, base_dir or Path.cwd())
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] | None = None, _chain: tuple[Path, ...] = ()
+) -> Recipe:
+    """The recipe file, with `--set KEY=VALUE` overrides applied before validation (so they are checked alike).
+    A recipe with `extends: OTHER.yaml` is that recipe with this file's keys laid over it (see `extend`)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -356,7 +554,90 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
-    return parse_recipe(data, str(path), path.resolve().parent)
+    if isinstance(data, dict) and "extends" in data:
+        data = extend(data, path, _chain)
+    source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with --set " + " ".join(overrides) + ")"
+    return parse_recipe(data, source, path.resolve().parent)
+
+
+def extend(child: dict[str, Any], path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """`extends: base.yaml` (relative to this file): the base recipe as written (its relative paths made absolute
+    against its own folder, no defaults filled in), with this file's mappings merged key by key and its other
+    values (lists included) replacing the base's; a mapping that names another `method` replaces the base's whole.
+    An ablation is then a small file: `name` plus the keys it
+    changes. It gets its own run directory (`workdir`, by default the base's sibling named after it), so a
+    variant never overwrites the base's outputs."""
+    here = path.resolve()
+    if not isinstance(child["extends"], str):
+        raise RecipeError(f"{path}: extends: expected the path of another recipe file")
+    parent_path = (here.parent / child["extends"]).resolve()
+    if parent_path in (*chain, here):
+        cycle = " -> ".join(str(p) for p in (*chain, here, parent_path))
+        raise RecipeError(f"{path}: extends: a cycle of recipes ({cycle})")
+    parent = load_recipe(parent_path, _chain=(*chain, here))
+    own = {key: value for key, value in child.items() if key != "extends"}
+    if "workdir" not in own:
+        if own.get("name", parent.name) == parent.name:
+            raise RecipeError(
+                f"{path}: extends {parent_path.name}: give the variant its own `name` (or `workdir`), or it would "
+                "share the base recipe's run directory"
+            )
+        own["workdir"] = str(Path(parent.workdir).parent / own["name"])
+    base = parent.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return _merged(base, own)
+
+
+def _merged(base: Any, over: Any) -> Any:
+    """`over` laid on `base`; a mapping whose `method` changes is taken whole: its parameters are the new
+    method's, not a mix of both."""
+    if (
+        isinstance(base, dict)
+        and isinstance(over, dict)
+        and over.get("method", base.get("method")) == base.get("method")
+    ):
+        return {**base, **{key: _merged(base.get(key), value) for key, value in over.items()}}
+    return over
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`stages.distill.learning_rate=1e-5`, `sources.0.path=/models/x`: a dotted key (list items by index) and a
+    YAML value, set in a copy of the recipe mapping. Unknown keys are left for the schema to report."""
+    import copy
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"the recipe must be a YAML mapping, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. stages.distill.epochs=2"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {key}: the value is not valid YAML: {error}") from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {key}: {where}: not an index of a list of {len(node)} entries")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+    return data
 
 
 def _local(value: str, base: Path) -> str:

@@ -30,13 +30,15 @@ import yaml
 from pydantic import Field, ValidationError
 
 from fuse.dag import STAGES, Dag, Instance, build_dag
+from fuse.io import write_text_atomic
 from fuse.plan import PlanError, Step, fingerprints, make_plan
 from fuse.recipe import Frozen, Recipe, RecipeError, Resources, _format_error, load_recipe
-from fuse.store import RunStore
+from fuse.store import LockHeld, RunStore
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = "job.sbatch.j2"
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TRAINING_STAGES = ("distill", "fpo")
 # Scheduler states in which a job may still run: such an instance is not submitted again.
 ACTIVE_STATES = frozenset(
@@ -161,8 +163,26 @@ def stage_command(settings: JobSettings, instance: Instance) -> str:
     return command + (' --shard "$SLURM_ARRAY_TASK_ID"' if instance.num_shards > 1 else "")
 
 
+def sbatch_arg(value: Any) -> str:
+    """One argument on an #SBATCH line. sbatch splits those lines itself (not bash): whitespace separates, ' and "
+    quote, # starts a comment, backslash escapes even inside quotes — so shlex.quote's form is read back intact
+    once backslashes are ruled out, and control characters were refused when the recipe was read."""
+    text = str(value)
+    if "\\" in text or CONTROL.search(text):
+        raise RecipeError(f"{text!r}: a backslash or control character cannot go on an #SBATCH line")
+    return shlex.quote(text)
+
+
+def shell_quote(value: Any) -> str:
+    text = str(value)
+    if CONTROL.search(text):
+        raise RecipeError(f"{text!r}: control characters cannot go into a job script")
+    return shlex.quote(text)
+
+
 def _template(path: str | None) -> Any:
     import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
 
     if path:
         try:
@@ -171,26 +191,37 @@ def _template(path: str | None) -> Any:
             raise RecipeError(f"executor.slurm.template: cannot read {path}: {error}") from None
     else:
         source = (package_files.files("fuse") / "templates" / TEMPLATE).read_text(encoding="utf-8")
-    environment = jinja2.Environment(
+    # Sandboxed: a template is a recipe input, and `fuse submit --dry-run` must not run code from it
+    environment = SandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
     )
-    return environment.from_string(source)
+    environment.filters.update(q=shell_quote, sbatch_arg=sbatch_arg)
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateError as error:
+        raise RecipeError(f"executor.slurm.template: {path or TEMPLATE}: {error}") from None
 
 
 def render_job(recipe: Recipe, instance: Instance, resources: Resources, settings: JobSettings) -> str:
     """The sbatch script of one stage instance."""
-    return _template(settings.template).render(
-        run_name=recipe.name,
-        workdir=recipe.workdir,
-        instance=instance.name,
-        job_name=f"{recipe.name}.{instance.name}",
-        log=str(log_pattern(RunStore(recipe.workdir), instance)),
-        grace=settings.grace,
-        r=resources,
-        env_setup=settings.env_setup,
-        multinode=instance.stage in TRAINING_STAGES and resources.nodes > 1,
-        command=stage_command(settings, instance),
-    )
+    import jinja2
+
+    template = _template(settings.template)
+    try:
+        return template.render(
+            run_name=recipe.name,
+            workdir=recipe.workdir,
+            instance=instance.name,
+            job_name=f"{recipe.name}.{instance.name}",
+            log=str(log_pattern(RunStore(recipe.workdir), instance)),
+            grace=settings.grace,
+            r=resources,
+            env_setup=settings.env_setup,
+            multinode=instance.stage in TRAINING_STAGES and resources.nodes > 1,
+            command=stage_command(settings, instance),
+        )
+    except jinja2.TemplateError as error:  # SecurityError (the sandbox), undefined names, filters' refusals
+        raise RecipeError(f"executor.slurm.template: {settings.template or TEMPLATE}: {error}") from None
 
 
 def multinode_command(command: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
@@ -233,9 +264,14 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
     ]
 
 
+# Our own placeholders ($SLURM_NODEID, "--dependency=afterok:$prepare"): variables among plain option characters.
+# No "/", quote, space, backtick or parenthesis, so a path (a workdir with "$(...)" in it) is never expanded.
+EXPANDABLE = re.compile(r"(--[\w-]+=)?[\w:,.-]*\$[A-Za-z_][\w:,.$-]*")
+
+
 def shell_word(arg: str) -> str:
-    """Quote for bash, but let "$VARIABLES" expand (they are evaluated where the command runs)."""
-    return f'"{arg}"' if "$" in arg else shlex.quote(arg)
+    """Quote for bash, but let our "$VARIABLES" expand (they are evaluated where the command runs)."""
+    return f'"{arg}"' if EXPANDABLE.fullmatch(arg) else shlex.quote(arg)
 
 
 def _pop_option(args: list[str], name: str) -> str | None:
@@ -408,7 +444,10 @@ def _claim(store: RunStore, step: Step, clean: bool) -> None:
     name = step.instance.name
     previous = store.manifest(name) or {}
     if clean:
-        store.reset(name)
+        try:
+            store.reset(name)
+        except LockHeld as error:  # a process outside this submission still works on it
+            raise PlanError(str(error)) from None
     store.write_manifest(
         name,
         {
@@ -434,9 +473,11 @@ def _missing_shards(store: RunStore, instance: Instance, clean: bool) -> list[in
 
 
 def _submission_dir(store: RunStore) -> Path:
+    """Owner-only: its recipe snapshot and job scripts carry the env_setup lines (tokens, site secrets)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     folder = store.root / "submissions" / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
     return folder
 
 
@@ -445,7 +486,7 @@ def _snapshot(recipe: Recipe, store: RunStore, folder: Path) -> Path:
     text = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
     store.write_resolved_recipe(text)
     path = folder / "recipe.yaml"
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text, private=True)
     return path
 
 
@@ -465,6 +506,28 @@ def submit(
     site = site or SiteConfig()
     dag, store = build_dag(recipe), RunStore(recipe.workdir)
     check_resource_keys(recipe, dag, site)
+    try:
+        lock = store.run_lock().acquire()  # one submission (or local run) at a time on a run store
+    except LockHeld as error:
+        raise PlanError(str(error)) from None
+    try:
+        return _submit_locked(recipe, recipe_path, slurm, site, dag, store, from_stage, only, force, dry_run)
+    finally:
+        lock.release()
+
+
+def _submit_locked(
+    recipe: Recipe,
+    recipe_path: str | Path,
+    slurm: Slurm,
+    site: SiteConfig,
+    dag: Dag,
+    store: RunStore,
+    from_stage: str | None,
+    only: list[str] | None,
+    force: bool,
+    dry_run: bool,
+) -> list[Submission]:
     steps = make_plan(recipe, dag, store, from_stage, only, force)
     blocked = [s for s in steps if s.action == "blocked"]
     if blocked:
@@ -474,7 +537,6 @@ def submit(
         raise SlurmError(
             "sbatch/scontrol/scancel not found: is SLURM installed and on PATH? (--dry-run works without)"
         )
-    store.root.mkdir(parents=True, exist_ok=True)
     folder = _submission_dir(store)
     settings = job_settings(
         recipe, site, _snapshot(recipe, store, folder), Path(recipe_path).resolve().parent
@@ -531,8 +593,8 @@ def _submit_one(
     dependencies = [ids[p] for p in instance.parents if p in ids]
     shards = _missing_shards(store, instance, clean)
     script = folder / f"{instance.name}.sbatch"
-    script.write_text(
-        render_job(recipe, instance, resources_for(recipe, instance, site), settings), encoding="utf-8"
+    write_text_atomic(
+        script, render_job(recipe, instance, resources_for(recipe, instance, site), settings), private=True
     )
     options = sbatch_options(shards, dependencies)
     if dry_run:
@@ -573,12 +635,13 @@ class InstanceStatus:
     job: JobStatus | None
     elapsed: str
     log: str | None
+    peak: str = ""  # peak memory measured by a finished run (fuse.resources)
 
 
 def _store_state(
     store: RunStore, instance: Instance, fingerprint: str, parts: dict[str, Any]
 ) -> tuple[str, str]:
-    state = store.state(instance.name, fingerprint, parts, instance.num_shards)
+    state = store.state(instance.name, fingerprint, parts, instance.num_shards, instance.parents)
     status = (store.manifest(instance.name) or {}).get("status")
     if state.kind == "partial" and status in ("submitted", "running"):
         return status, state.reason
@@ -597,6 +660,8 @@ def _clock(seconds: float) -> str:
 
 def collect_status(recipe: Recipe, slurm: Slurm | None = None) -> list[InstanceStatus]:
     """Each instance's state in the run store and, for its latest job, in the scheduler."""
+    from fuse import resources
+
     slurm = slurm or Slurm()
     scheduler = slurm if slurm.available() else None
     dag, store = build_dag(recipe), RunStore(recipe.workdir)
@@ -609,15 +674,20 @@ def collect_status(recipe: Recipe, slurm: Slurm | None = None) -> list[InstanceS
         manifest_elapsed = (store.manifest(instance.name) or {}).get("elapsed_s")
         if not elapsed and manifest_elapsed is not None:
             elapsed = _clock(manifest_elapsed)
+        peak = resources.describe((store.manifest(instance.name) or {}).get("peak_memory"))
         rows.append(
-            InstanceStatus(instance.name, state, detail, job, elapsed, _newest_log(store, instance.name))
+            InstanceStatus(
+                instance.name, state, detail, job, elapsed, _newest_log(store, instance.name), peak
+            )
         )
     return rows
 
 
 def status_lines(rows: list[InstanceStatus]) -> list[str]:
     width = max(len(r.instance) for r in rows)
-    lines = [f"{'instance':<{width}}  {'state':<9} {'job':<8} {'slurm':<22} {'elapsed':<10} log"]
+    lines = [
+        f"{'instance':<{width}}  {'state':<9} {'job':<8} {'slurm':<22} {'elapsed':<10} {'peak mem':<17} log"
+    ]
     for r in rows:
         slurm_state = ""
         if r.job:
@@ -625,7 +695,8 @@ def status_lines(rows: list[InstanceStatus]) -> list[str]:
             slurm_state += f" x{r.job.restarts + 1}" if r.job.restarts else ""
         job_id = r.job.job_id if r.job else ""
         lines.append(
-            f"{r.instance:<{width}}  {r.state:<9} {job_id:<8} {slurm_state:<22} {r.elapsed:<10} {r.log or ''}"
+            f"{r.instance:<{width}}  {r.state:<9} {job_id:<8} {slurm_state:<22} {r.elapsed:<10} {r.peak:<17} "
+            f"{r.log or ''}"
         )
     return lines
 
@@ -673,10 +744,14 @@ def wait(
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fuse.validate import require_files
+    from fuse.validate import check_files, require_files
 
-    recipe = load_recipe(args.recipe)
-    require_files(recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:  # a preview, often made before the data is staged: say what a real submit would refuse
+        for problem in check_files(recipe):
+            print(f"warning: {problem} (a real submit refuses this)", file=sys.stderr)
+    else:
+        require_files(recipe)
     path = site_path(recipe, args.recipe, args.site)
     site = load_site(path)
     try:
@@ -707,7 +782,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     rows = collect_status(recipe)
     if args.json:
         print(json.dumps([{**r.__dict__, "job": r.job and r.job.__dict__} for r in rows], indent=1))
@@ -718,7 +793,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         found = cancel(recipe, names=args.instances or None)
     except SlurmError as error:
@@ -731,10 +806,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    from fuse.cli import add_set_option
+
     p = subparsers.add_parser(
         "submit", help="submit the DAG to SLURM: one job per stage instance, afterok chains"
     )
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream")
     p.add_argument(
         "--only", nargs="+", metavar="INSTANCE", help="submit only these instances (parents must be done)"
@@ -750,10 +828,12 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser("status", help="each instance's state in the run store and in SLURM")
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
     p = subparsers.add_parser("cancel", help="cancel this run's queued and running SLURM jobs")
     p.add_argument("recipe", help="the recipe YAML file")
+    add_set_option(p)
     p.add_argument("instances", nargs="*", metavar="INSTANCE", help="only these instances' jobs")
     p.set_defaults(handler=cmd_cancel)

@@ -2,26 +2,38 @@
 
 Each stage instance has a folder with manifest.json (fingerprint, status, timings, outputs, job ids, environment),
 shards/NNNNN.done markers written after the shard's outputs, out/ for outputs and logs/ for logs.
+
+What vouches for a done instance is its content: the manifest records every output's digest (io.content_digest)
+and the digest of each parent's outputs as it read them (`inputs`), so a corrupted, truncated or re-made parent
+makes it stale, and a stale instance is reset before it reruns. Who works on an instance is recorded in lock
+files that carry pid, host and start time and are broken once their owner is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fuse.io import read_json, write_json_atomic, write_text_atomic
+from fuse.io import TMP_SUFFIX, content_digest, read_json, sha256_json, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
+INSTANCE_LOCK = "instance.lock"
+RUN_LOCK = "run.lock"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,9 @@ class RunStore:
     def shard_marker(self, name: str, shard: int) -> Path:
         return self.dir(name) / "shards" / f"{shard:05d}.done"
 
+    def shard_lock(self, name: str, shard: int) -> Path:
+        return self.dir(name) / "shards" / f"{shard:05d}.lock"
+
     # ------------------------------------------------------------------ manifests
     def manifest(self, name: str) -> dict[str, Any] | None:
         try:
@@ -72,13 +87,50 @@ class RunStore:
     def shards_done(self, name: str, num_shards: int) -> list[int]:
         return [i for i in range(num_shards) if self.shard_marker(name, i).exists()]
 
-    def mark_shard(self, name: str, shard: int, info: dict[str, Any] | None = None) -> None:
-        write_json_atomic(
-            self.shard_marker(name, shard), {"shard": shard, "finished_at": time.time(), **(info or {})}
-        )
+    def mark_shard(
+        self, name: str, shard: int, info: dict[str, Any] | None = None, before: dict[str, Any] | None = None
+    ) -> None:
+        """Written after the shard's outputs. With `before` (out_snapshot taken when the shard started) it records
+        the digests of the files the shard wrote, so a resume can tell a finished shard from a damaged one."""
+        record: dict[str, Any] = {"shard": shard, "finished_at": time.time(), **(info or {})}
+        if before is not None:
+            out, now = self.out(name), self.out_snapshot(name)
+            record["outputs"] = {rel: content_digest(out / rel) for rel in now if now[rel] != before.get(rel)}
+        write_json_atomic(self.shard_marker(name, shard), record)
+
+    def out_snapshot(self, name: str) -> dict[str, list[int]]:
+        """(size, mtime, inode, ctime) of every finished file under out/: what changed while a shard ran."""
+        out = self.out(name)
+        snapshot = {}
+        for path in _output_files(out):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                snapshot[str(path.relative_to(out))] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        return snapshot
+
+    def drop_damaged_shards(self, name: str, num_shards: int) -> list[int]:
+        """Remove the markers of finished shards whose recorded outputs are missing or changed: they are redone."""
+        dropped = []
+        for shard in self.shards_done(name, num_shards):
+            marker = self.shard_marker(name, shard)
+            try:
+                recorded = read_json(marker).get("outputs") or {}
+            except (OSError, ValueError, AttributeError):
+                recorded = None  # an unreadable marker vouches for nothing
+            if recorded is None or _changed_files(self.out(name), recorded):
+                marker.unlink(missing_ok=True)
+                dropped.append(shard)
+        return dropped
 
     # ------------------------------------------------------------------ state
-    def state(self, name: str, fingerprint: str, parts: dict[str, Any], num_shards: int = 1) -> State:
+    def state(
+        self,
+        name: str,
+        fingerprint: str,
+        parts: dict[str, Any],
+        num_shards: int = 1,
+        parents: Iterable[str] = (),
+    ) -> State:
         manifest = self.manifest(name)
         if manifest is None:
             return State("pending")
@@ -86,9 +138,12 @@ class RunStore:
             return State("stale", describe_change(manifest.get("parts") or {}, parts))
         status = manifest.get("status")
         if status == "done":
-            missing = missing_outputs(self.out(name), manifest.get("outputs") or {})
-            if missing:
-                return State("stale", f"outputs missing or changed: {', '.join(missing[:3])}")
+            changed = output_problems(self.out(name), manifest.get("outputs") or {})
+            if changed:
+                return State("stale", f"outputs missing or changed: {', '.join(changed[:3])}")
+            moved = self.changed_inputs(manifest, parents)
+            if moved:
+                return State("stale", f"inputs rewritten since it ran: {', '.join(moved)}")
             return State("done")
         if status == "failed":
             return State("failed", str(manifest.get("error", ""))[:200])
@@ -96,16 +151,96 @@ class RunStore:
         detail = f"{done}/{num_shards} shards done" if num_shards > 1 else "interrupted or in progress"
         return State("partial", detail)
 
+    def inputs_of(self, parents: Iterable[str]) -> dict[str, str | None]:
+        """The digest of each parent's outputs as recorded when it finished (None: the parent is not done)."""
+        result = {}
+        for parent in parents:
+            manifest = self.manifest(parent) or {}
+            result[parent] = manifest.get("outputs_digest") if manifest.get("status") == "done" else None
+        return result
+
+    def changed_inputs(self, manifest: dict[str, Any], parents: Iterable[str]) -> list[str]:
+        """Parents whose outputs differ from what this instance read (manifests from before `inputs`: none)."""
+        recorded = manifest.get("inputs")
+        if recorded is None:
+            return []
+        parents = list(parents)
+        current = self.inputs_of(parents)
+        return [p for p in parents if recorded.get(p) != current[p]]
+
+    def reset_reason(self, name: str, fingerprint: str, parents: Iterable[str]) -> str | None:
+        """Why what is on disk cannot be continued (None: keep finished shards and checkpoints)."""
+        manifest = self.manifest(name)
+        if manifest is None:
+            return "never started"
+        if manifest.get("fingerprint") != fingerprint:
+            return "fingerprint changed"
+        moved = self.changed_inputs(manifest, parents)
+        if moved:
+            return f"inputs rewritten: {', '.join(moved)}"
+        if manifest.get("outputs") is not None:
+            changed = output_problems(self.out(name), manifest["outputs"])
+            if changed:
+                return f"outputs missing or changed: {', '.join(changed[:3])}"
+        return None
+
     def reset(self, name: str, keep_checkpoints: bool = False) -> None:
-        """Remove outputs, shard markers and (unless kept) checkpoints: a stale instance starts clean."""
+        """Remove outputs, shard markers and (unless kept) checkpoints: a stale instance starts clean.
+        Refused while another live process holds one of its locks; locks of dead owners go too."""
         directory = self.dir(name)
+        live = self.live_locks(name)
+        if live:
+            raise LockHeld(f"{name} cannot be reset: {live[0]}")
         for sub in ("out", "shards", *(() if keep_checkpoints else ("checkpoints",))):
             shutil.rmtree(directory / sub, ignore_errors=True)
-        for lock in directory.glob("*.lock"):
-            lock.unlink(missing_ok=True)
+        self.clean_debris(name)
 
-    def begin(self, name: str, stage: str, fingerprint: str, parts: dict[str, Any], num_shards: int) -> None:
-        """Record that the instance is running; attempts and job ids carry over while the fingerprint holds."""
+    def clean_debris(self, name: str) -> None:
+        """Temporary files and folders of killed atomic writes, and locks of dead owners. Only while no other live
+        process works on the instance (its temporaries are in use)."""
+        directory = self.dir(name)
+        if not directory.is_dir() or self.live_locks(name):
+            return
+        for path in sorted(directory.rglob(f".*{TMP_SUFFIX}"), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for lock in [*directory.glob("*.lock"), *directory.glob("shards/*.lock")]:
+            if not _mine(lock_owner(lock)):
+                lock.unlink(missing_ok=True)  # dead: live_locks found none
+
+    def live_locks(self, name: str) -> list[str]:
+        """Locks on this instance held by other live processes, described for an error message."""
+        directory = self.dir(name)
+        found = []
+        for lock in [*directory.glob("*.lock"), *directory.glob("shards/*.lock")]:
+            owner = lock_owner(lock)
+            if not _mine(owner) and owner_alive(lock, owner):
+                found.append(describe_lock(lock, owner))
+        return found
+
+    def lock(self, name: str, wait: float = 0.0) -> FileLock:
+        """The instance lock: who resets, begins, runs all shards of or finalizes this instance."""
+        self.dir(name).mkdir(parents=True, exist_ok=True)
+        return FileLock(self.dir(name) / INSTANCE_LOCK, f"stage instance {name}", wait)
+
+    def run_lock(self) -> FileLock:
+        """One `fuse run` (or `fuse submit`) at a time per run store."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / RUN_LOCK, f"the run store {self.root}")
+
+    def begin(
+        self,
+        name: str,
+        stage: str,
+        fingerprint: str,
+        parts: dict[str, Any],
+        num_shards: int,
+        inputs: dict[str, str | None] | None = None,
+    ) -> None:
+        """Record that the instance is running and what its parents had written when it started; attempts and
+        job ids carry over while the fingerprint holds."""
         previous = self.manifest(name) or {}
         same = previous.get("fingerprint") == fingerprint
         self.write_manifest(
@@ -117,6 +252,7 @@ class RunStore:
                 "parts": parts,
                 "status": "running",
                 "num_shards": num_shards,
+                **({} if inputs is None else {"inputs": inputs}),
                 "started_at": (same and previous.get("started_at")) or time.time(),
                 "attempts": (int(previous.get("attempts", 0)) if same else 0) + 1,
                 "job_ids": previous.get("job_ids", []) if same else [],
@@ -127,12 +263,14 @@ class RunStore:
         self.logs(name).mkdir(parents=True, exist_ok=True)
 
     def finish(self, name: str, elapsed: float) -> None:
+        outputs = list_outputs(self.out(name))
         self.update_manifest(
             name,
             status="done",
             finished_at=time.time(),
             elapsed_s=round(elapsed, 3),
-            outputs=list_outputs(self.out(name)),
+            outputs=outputs,
+            outputs_digest=sha256_json(outputs)[:20],
             error=None,
         )
 
@@ -140,26 +278,192 @@ class RunStore:
         self.update_manifest(name, status="failed", finished_at=time.time(), error=error)
 
     def write_resolved_recipe(self, text: str) -> None:
-        write_text_atomic(self.root / "recipe.resolved.yaml", text)
+        # private: the recipe may carry env_setup lines (tokens, site secrets)
+        write_text_atomic(self.root / "recipe.resolved.yaml", text, private=True)
 
 
-def list_outputs(out: Path) -> dict[str, int]:
-    """Every file under out/ with its size: what a later run checks before trusting the instance as done."""
+def _output_files(out: Path) -> list[Path]:
+    """Finished files under out/: temporaries of a writer (".name.xxx.tmp", and anything inside such a folder) are
+    not outputs."""
     if not out.is_dir():
-        return {}
-    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+        return []
+    return [
+        p
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not any(part.endswith(TMP_SUFFIX) for part in p.relative_to(out).parts)
+    ]
 
 
-def missing_outputs(out: Path, outputs: dict[str, int]) -> list[str]:
-    missing = []
-    for rel, size in outputs.items():
+def list_outputs(out: Path) -> dict[str, dict[str, Any]]:
+    """Every file under out/ with its size and content digest: what a later run checks before trusting the
+    instance as done, and what its children record as what they read."""
+    return {
+        str(p.relative_to(out)): {"size": p.stat().st_size, "digest": content_digest(p)}
+        for p in _output_files(out)
+    }
+
+
+def output_problems(out: Path, outputs: dict[str, Any]) -> list[str]:
+    """Recorded outputs that are missing, truncated/grown or whose content changed (manifests from before
+    digests recorded a bare size: only the size is checked there)."""
+    problems = []
+    for rel, record in outputs.items():
         path = out / rel
+        size, digest = (
+            (record, None) if isinstance(record, int) else (record.get("size"), record.get("digest"))
+        )
         try:
-            if path.stat().st_size != size:
-                missing.append(rel)
+            if path.stat().st_size != size or (digest is not None and content_digest(path) != digest):
+                problems.append(rel)
         except FileNotFoundError:
-            missing.append(rel)
-    return missing
+            problems.append(rel)
+    return problems
+
+
+def _changed_files(out: Path, digests: dict[str, str]) -> list[str]:
+    changed = []
+    for rel, digest in digests.items():
+        try:
+            if content_digest(out / rel) != digest:
+                changed.append(rel)
+        except FileNotFoundError:
+            changed.append(rel)
+    return changed
+
+
+# --------------------------------------------------------------------------------------------- locks
+
+LOCK_HEARTBEAT_S = 30.0
+LOCK_TTL_S = 600.0  # a lock from another host not refreshed for this long is taken as abandoned
+
+
+class LockHeld(RuntimeError):
+    """Someone alive holds the lock; the message names them."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot), so a reused pid is not taken for the owner."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def lock_owner(path: Path) -> dict[str, Any] | None:
+    try:
+        owner = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _mine(owner: dict[str, Any] | None) -> bool:
+    return bool(owner) and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid()
+
+
+def owner_alive(path: Path, owner: dict[str, Any] | None) -> bool:
+    """Same host: the pid exists and started when the lock says. Another host: refreshed within LOCK_TTL_S (the
+    owner touches its lock every LOCK_HEARTBEAT_S). Unreadable: alive until it ages like a foreign one."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if owner is None or owner.get("host") != socket.gethostname():
+        return age < LOCK_TTL_S
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, someone else's
+    start = _process_start(pid)
+    return not (owner.get("start") and start and start != owner["start"])
+
+
+def describe_lock(path: Path, owner: dict[str, Any] | None) -> str:
+    if owner is None:
+        return f"{path} is being written or unreadable"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+    return (
+        f"held by pid {owner.get('pid')} on {owner.get('host')} since {since} ({owner.get('command', '?')}); "
+        f"if that process is gone, delete {path}"
+    )
+
+
+class FileLock:
+    """An exclusive lock file holding {pid, host, since, start, command}, created atomically (link of a complete
+    temporary file, which works on NFS too). A lock whose owner is gone is broken: dead pid on this host, or no
+    heartbeat for LOCK_TTL_S from another host. While held, a thread refreshes its mtime (the heartbeat)."""
+
+    def __init__(self, path: Path, what: str, wait: float = 0.0):
+        self.path, self.what, self.wait = Path(path), what, wait
+        self._stop: threading.Event | None = None
+
+    def acquire(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "start": _process_start(os.getpid()),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+        }
+        deadline = time.monotonic() + self.wait
+        while True:
+            if self._try_create(owner):
+                break
+            held = lock_owner(self.path)
+            if not owner_alive(self.path, held):
+                self._break(held)
+                continue
+            if time.monotonic() >= deadline:
+                raise LockHeld(f"{self.what} is busy: {describe_lock(self.path, held)}")
+            time.sleep(0.2)
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(self._stop,), daemon=True).start()
+        return self
+
+    def _try_create(self, owner: dict[str, Any]) -> bool:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(owner, handle)
+            os.link(tmp, self.path)
+            return True
+        except (FileExistsError, FileNotFoundError):  # taken; or our temporary was swept as debris: try again
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _break(self, seen: dict[str, Any] | None) -> None:
+        """Remove a dead owner's lock, unless it changed hands since we looked (another breaker got there)."""
+        if lock_owner(self.path) == seen:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(LOCK_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        if _mine(lock_owner(self.path)):
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ class TrainingJob:
     log_dir: str  # JSONL log and loss plot
     settings_key: str = "stages"  # YAML path of the settings, for error messages
     params: dict[str, Any] = field(default_factory=dict)  # builder-specific
+    run_name: str = ""  # the stage instance: progress lines and the trackers' run name
 
     def load_settings(self) -> TrainSettings:
         return _import(self.settings_class).model_validate(self.settings)
@@ -86,6 +88,7 @@ def make_job(
         log_dir=str(stage_dir / "logs"),
         settings_key=settings_key,
         params=params,
+        run_name=stage_dir.name,
     )
 
 
@@ -100,39 +103,79 @@ def on_gpu() -> bool:
 
 def needs_launcher(settings: TrainSettings) -> bool:
     """DeepSpeed or several processes need `accelerate launch`; plain single-process training runs in-process."""
-    return settings.num_processes > 1 or settings.deepspeed.stage > 0
+    ds = settings.deepspeed
+    return settings.num_processes > 1 or ds.zero_stage > 0 or ds.config is not None
+
+
+# Modules that make each `report_to` tracker work (any one of them), when it is not the tracker's own name.
+TRACKER_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "azure_ml": ("azureml",),
+    "flyte": ("flytekit",),
+}
 
 
 def check_settings(settings: TrainSettings, key: str) -> None:
-    """Combinations DeepSpeed would reject mid-launch, reported up front with their YAML key."""
+    """Combinations DeepSpeed would reject mid-launch, and optional packages the recipe asks for that are not
+    installed, reported up front with their YAML key."""
+    from importlib.util import find_spec
+
     ds = settings.deepspeed
-    if ds.offload_params and ds.stage != 3:
-        raise TrainingError(f"{key}.deepspeed.offload_params needs deepspeed.stage: 3 (it is {ds.stage})")
-    if ds.offload_optimizer and ds.stage == 0:
+    if ds.offload_params and ds.zero_stage != 3:
+        raise TrainingError(
+            f"{key}.deepspeed.offload_params needs deepspeed.stage: 3 (it is {ds.zero_stage})"
+        )
+    if ds.offload_optimizer and ds.zero_stage == 0:
         raise TrainingError(f"{key}.deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3 (it is 0)")
+    for tracker in settings.report_to:
+        if not any(find_spec(m) for m in TRACKER_MODULES.get(tracker, (tracker,))):
+            raise TrainingError(f"{key}.report_to: {tracker} is not installed (pip install {tracker})")
+    if settings.liger and find_spec("liger_kernel") is None:
+        raise TrainingError(f"{key}.liger: liger-kernel is not installed (pip install liger-kernel)")
+    if (settings.attn_implementation or "").startswith("flash_attention") and find_spec("flash_attn") is None:
+        raise TrainingError(
+            f"{key}.attn_implementation: flash-attn is not installed (pip install flash-attn)"
+        )
+
+
+def merge_config(base: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """`mine` over `base`, mapping by mapping."""
+    merged = dict(base)
+    for name, value in mine.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = merge_config(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
 
 
 def deepspeed_config(settings: TrainSettings, gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for `settings`; batch sizes, clipping and precision stay "auto" (taken from the Trainer)."""
+    """The DeepSpeed config for `settings`: fuse's, the recipe's own `deepspeed.config` merged over it, then what
+    fuse must keep: batch sizes, clipping and precision "auto" (the Trainer fills them from the recipe) and, under
+    ZeRO-3, gathered weights at save."""
     ds = settings.deepspeed
-    zero: dict[str, Any] = {"stage": ds.stage, "contiguous_gradients": True, "overlap_comm": gpu}
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": gpu}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
-    if ds.stage == 3:
+    config = merge_config(
+        {
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "zero_optimization": zero,
+            # HF's AdamW also works with an offloaded optimizer on CPU (no DeepSpeedCPUAdam build needed).
+            "zero_force_ds_cpu_optimizer": False,
+        },
+        ds.config or {},
+    )
+    if ds.zero_stage == 3:
         # Without this, ZeRO-3 saves each rank's shard only and save_model writes an empty state dict.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": zero,
-        # HF's AdamW also works with an offloaded optimizer on CPU (no DeepSpeedCPUAdam build needed).
-        "zero_force_ds_cpu_optimizer": False,
-    }
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
 
 
 def training_arguments(
@@ -165,7 +208,8 @@ def training_arguments(
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         use_cpu=not gpu,
-        report_to=[],
+        report_to=list(settings.report_to),
+        use_liger_kernel=settings.liger,
         remove_unused_columns=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -209,6 +253,28 @@ def newest_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None
             return path
         log.warning("ignoring incomplete checkpoint %s", path)
     return None
+
+
+def check_checkpoint_trust(path: Path) -> None:
+    """Resuming unpickles the checkpoint (optimizer, scheduler and RNG states; DeepSpeed loads its own files with
+    weights_only=False), so whoever can write there can run code in this job. Refuse a checkpoint with a file or
+    folder that is someone else's or writable by others than its owner (chmod -R go-w fixes ours). Where the
+    workdir is group-writable on purpose and the group is trusted, FUSE_TRUST_CHECKPOINTS=1 skips the check."""
+    if os.environ.get("FUSE_TRUST_CHECKPOINTS") == "1":
+        return
+    for item in [path.parent, path, *sorted(path.rglob("*"))]:
+        st = item.lstat()
+        if st.st_uid != os.getuid():
+            why = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+        elif st.st_mode & 0o022 and not item.is_symlink():
+            why = f"is writable by {'group and others' if st.st_mode & 0o002 else 'its group'}"
+        else:
+            continue
+        raise TrainingError(
+            f"not resuming from {path}: {item} {why}, and resuming unpickles that checkpoint (it could run "
+            f"someone else's code). Fix the permissions (chmod -R go-w {path.parent}), delete the checkpoint to "
+            "start over, or set FUSE_TRUST_CHECKPOINTS=1 if everyone who can write there is trusted."
+        )
 
 
 # --------------------------------------------------------------------------------------------- logging
@@ -302,20 +368,49 @@ def save_final_model(trainer: Trainer, model_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run_job(job: TrainingJob, launched: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
-    """Build the Trainer, resume from the newest complete checkpoint, train, save the model, plot the losses."""
+def console_progress(label: str) -> Callable[..., None]:
+    """Progress lines of a launched rank (called on rank 0 only) on its stderr: the SLURM log, or the console of
+    the `fuse run` that started it."""
+    from fuse.progress import Progress
+
+    display = Progress()
+
+    def report(done: int, total: int | None = None, unit: str = "step", **metrics: Any) -> None:
+        if not display.prefix:
+            display.start(label)
+        display.update(done, total, unit, **metrics)
+
+    return report
+
+
+def run_job(
+    job: TrainingJob,
+    launched: bool = False,
+    callbacks: tuple = (),
+    progress: Callable[..., None] | None = None,
+) -> dict[str, Any]:
+    """Build the Trainer, resume from the newest complete checkpoint, train, save the model, plot the losses.
+    `progress(step, max_steps, "step", loss=...)` is called on rank 0 after each step (default: lines on stderr)."""
     from transformers import PrinterCallback
 
+    from fuse.progress import training_callback
+
     settings = job.load_settings()
-    args = training_arguments(settings, job.checkpoint_dir, launched)
+    if "tensorboard" in settings.report_to:  # each instance's events beside its other logs
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(job.log_dir) / "tensorboard")
+    args = training_arguments(settings, job.checkpoint_dir, launched, run_name=job.run_name or None)
     trainer = _import(job.builder)(job, args)
     log_path = Path(job.log_dir) / LOG_FILE
     trainer.add_callback(jsonl_logger(log_path))
-    for callback in (*callbacks, preemption.trainer_callback()):
+    progress = progress or console_progress(job.run_name or Path(job.log_dir).parent.name)
+    for callback in (*callbacks, training_callback(progress), preemption.trainer_callback()):
         trainer.add_callback(callback)
-    trainer.remove_callback(PrinterCallback)  # logs go to the JSONL file and the executor's progress line
+    trainer.remove_callback(
+        PrinterCallback
+    )  # logs go to the JSONL file, the trackers and the progress display
     resume = newest_complete_checkpoint(job.checkpoint_dir)
     if resume is not None:
+        check_checkpoint_trust(resume)
         log.info("resuming from %s", resume)
     with preemption.checkpointing():  # SIGUSR1 (SLURM preemption): save a checkpoint at the next step, stop
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -354,13 +449,15 @@ def launch_command(job_path: Path, settings: TrainSettings) -> list[str]:
     ]  # fmt: skip
 
 
-def train(job: TrainingJob, callbacks: tuple = ()) -> dict[str, Any]:
+def train(
+    job: TrainingJob, callbacks: tuple = (), progress: Callable[..., None] | None = None
+) -> dict[str, Any]:
     """Run `job`: in this process when it is single-process without DeepSpeed, else through `accelerate launch`
-    (`callbacks`, e.g. progress reporting, only apply in-process)."""
+    (`callbacks` and `progress` apply in-process; launched ranks print their own progress lines from rank 0)."""
     settings = job.load_settings()
     check_settings(settings, job.settings_key)
     if not needs_launcher(settings):
-        return run_job(job, callbacks=callbacks)
+        return run_job(job, callbacks=callbacks, progress=progress)
     job_path = Path(job.log_dir) / "job.json"
     job.save(job_path)
     # Inside a multi-node SLURM allocation: one launcher per node through srun (unchanged otherwise). A SIGUSR1

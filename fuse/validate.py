@@ -6,6 +6,8 @@ Each problem is reported with the YAML key it comes from; all problems are repor
 from __future__ import annotations
 
 import importlib
+import json
+import re
 from pathlib import Path
 
 from fuse.dag import build_dag
@@ -44,6 +46,134 @@ def check_files(recipe: Recipe) -> list[str]:
         value = getattr(evaluate, key)
         if evaluate.enabled and value and not Path(value).exists():
             problems.append(f"stages.evaluate.{key}: {value} does not exist")
+    return problems
+
+
+HUB_ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?\Z")
+MIN_ROW_LIMIT = 1 << 20
+
+
+def check_contents(recipe: Recipe) -> list[str]:
+    """What would otherwise fail deep inside a stage, read up front (cheap: small files, one pass over local data):
+    remote code the recipe does not trust, eval items and held-out text that do not parse, bytes that are not
+    UTF-8 and rows too large to tokenize, each with its file and row; paths that are neither local nor a hub id."""
+    return (
+        _remote_code_problems(recipe)
+        + _place_problems(recipe)
+        + _data_problems(recipe)
+        + _eval_problems(recipe)
+    )
+
+
+def _remote_code_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    for spec in [recipe.model("pivot"), *recipe.sources]:
+        folder = Path(spec.path)
+        for name in ("config.json", "tokenizer_config.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                auto_map = json.loads(path.read_bytes().decode("utf-8")).get("auto_map")
+            except (UnicodeDecodeError, ValueError, AttributeError) as error:
+                problems.append(
+                    f"{_model_key(recipe, spec)}.path: {path} is not a valid JSON object: {error}"
+                )
+                continue
+            if auto_map and not spec.trust_remote_code:
+                named = {c for v in auto_map.values() for c in (v if isinstance(v, list) else [v]) if c}
+                classes = ", ".join(sorted(named))
+                problems.append(
+                    f"{_model_key(recipe, spec)}.trust_remote_code: {path} maps to code shipped with the model "
+                    f"({classes}); set trust_remote_code: true if you trust that code"
+                )
+                break
+    return problems
+
+
+def _place_problems(recipe: Recipe) -> list[str]:
+    """A relative path that does not exist would be taken for a hub id and fail minutes later in a stage."""
+    named = [(f"{_model_key(recipe, s)}.path", s.path) for s in [recipe.model("pivot"), *recipe.sources]]
+    named += [
+        (f"data.{k}.path", d.path)
+        for k, d in (("sft", recipe.data.sft), ("preference", recipe.data.preference))
+        if d
+    ]
+    problems = []
+    for key, value in named:
+        if Path(value).is_absolute() or Path(value).exists() or HUB_ID_RE.match(value):
+            continue
+        problems.append(f"{key}: {value!r} is not a local path that exists, nor a hub id (name or org/name)")
+    return problems
+
+
+def _row_limit(recipe: Recipe) -> int:
+    """Rows longer than this cannot fit any max_length of the recipe (≈64 bytes per token is generous), and cost
+    hundreds of bytes of memory per byte to tokenize: refuse them instead of running out of memory in extract."""
+    stages = recipe.stages
+    longest = max(
+        stages.extract.max_length, stages.score.max_length, stages.distill.max_length, stages.fpo.max_length
+    )
+    return max(MIN_ROW_LIMIT, 64 * longest)
+
+
+def _data_problems(recipe: Recipe) -> list[str]:
+    limit = _row_limit(recipe)
+    problems = []
+    for key, dataset in (("data.sft", recipe.data.sft), ("data.preference", recipe.data.preference)):
+        if dataset is None or not Path(dataset.path).is_file() or Path(dataset.path).suffix != ".jsonl":
+            continue
+        problem = _jsonl_problem(Path(dataset.path), limit)
+        if problem:
+            problems.append(f"{key}.path: {problem}")
+    return problems
+
+
+def _jsonl_problem(path: Path, limit: int | None = None) -> str | None:
+    """The first row that is not UTF-8 or is over `limit` bytes, named by file and line."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if limit is not None and len(line) > limit:
+                return (
+                    f"{path}:{number}: a row of {len(line) / 1e6:.1f} MB, over the {limit / 1e6:.1f} MB this recipe's "
+                    "max_length can use; shorten or drop it"
+                )
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"{path}:{number}: not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1})"
+                )
+    return None
+
+
+def _eval_problems(recipe: Recipe) -> list[str]:
+    """The evaluate stage's items and held-out text, parsed now rather than after training."""
+    from fuse.evaluation import load_items, load_texts
+
+    evaluate = recipe.stages.evaluate
+    if not evaluate.enabled:
+        return []
+    problems = []
+    for key, value, load in (
+        ("items", evaluate.items, load_items),
+        ("heldout_text", evaluate.heldout_text, load_texts),
+    ):
+        if not value or not Path(value).is_file():
+            continue  # unset, or reported missing by check_files
+        problem = _jsonl_problem(Path(value))
+        if problem is None:
+            try:
+                if not load(value):
+                    problem = f"{value}: no texts"
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                problem = (
+                    str(error)
+                    if str(error).startswith(str(value))
+                    else f"{value}: {type(error).__name__}: {error}"
+                )
+        if problem:
+            problems.append(f"stages.evaluate.{key}: {problem}")
     return problems
 
 
@@ -86,12 +216,85 @@ def _merge_parameter_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def check_executor(recipe: Recipe) -> list[str]:
+    """The SLURM site config exists and parses, and every `resources` key (recipe's and site's) names a stage or an
+    instance: a misspelt key would silently not apply. Needs neither weights nor data (part of --no-load)."""
+    from fuse.slurm import check_resource_keys, load_site
+
+    problems = []
+    site_config = recipe.executor.slurm.site_config
+    try:
+        site = load_site(site_config)
+    except RecipeError as error:
+        problems.append(f"executor.slurm.site_config: {error}")
+        site = load_site(None)
+    dag = build_dag(recipe)
+    try:
+        check_resource_keys(recipe, dag, site, site_config or "site config")
+    except RecipeError as error:
+        problems.append(str(error))
+    if recipe.executor.kind == "slurm":
+        problems += check_tensor_parallel_gpus(recipe, dag, site)
+    return problems
+
+
+def check_tensor_parallel_gpus(recipe: Recipe, dag, site) -> list[str]:
+    """A vLLM engine over N GPUs needs a job with at least N GPUs: each extract/score instance's resources against
+    its model's tensor_parallel_size (after stages.<stage>.models overrides)."""
+    from fuse.slurm import resources_for
+
+    problems = []
+    for instance in dag.order():
+        if instance.stage not in ("extract", "score"):
+            continue
+        settings = getattr(recipe.stages, instance.stage)
+        tp = settings.for_model(instance.key).tensor_parallel_size
+        gpus = resources_for(recipe, instance, site).gpus_per_node
+        if settings.backend == "vllm" and gpus < tp:
+            problems.append(
+                f"executor.resources.{instance.name}: {gpus} GPUs per node, but {instance.name} runs vLLM with "
+                f"tensor_parallel_size {tp} (stages.{instance.stage}.models.{instance.key} or "
+                f"stages.{instance.stage}.tensor_parallel_size)"
+            )
+    return problems
+
+
+# One plain conversation every chat template must write back: a template that drops or rewrites contents would
+# make extract find no content and align fall back everywhere — a teacherless distill with no error.
+PROBE_CONVERSATION = (
+    {"role": "user", "content": "Which colour is the sky on a clear day? Answer briefly."},
+    {"role": "assistant", "content": "Blue, because air scatters blue light the most."},
+)
+
+
+def check_template(spec: ModelSpec, tokenizer, template: str | None) -> None:
+    """Render the probe conversation with `template` (None: the tokenizer's own) and find every content in it."""
+    from fuse.data.chat import ChatRenderError, content_spans, render_text
+
+    try:
+        text = render_text(tokenizer, PROBE_CONVERSATION, template)
+    except Exception as error:  # jinja raises its own errors (TemplateError, UndefinedError, ...)
+        raise ModelLoadError(
+            f"model {spec.name!r}: the chat template fails on a plain user/assistant conversation: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    try:
+        content_spans(text, PROBE_CONVERSATION)
+    except ChatRenderError as error:
+        raise ModelLoadError(
+            f"model {spec.name!r}: the chat template does not write message contents back ({error}); "
+            f"rendered: {text[:200]!r}"
+        ) from None
+
+
 def check_models(recipe: Recipe) -> list[str]:
-    """Load each tokenizer and config (no weights): resolvable, has a chat template, vocab sizes consistent."""
+    """Load each tokenizer and config (no weights): resolvable, has a chat template that writes contents back,
+    vocab sizes consistent."""
     from transformers import AutoConfig
 
     problems = []
     needs_template = recipe.stages.extract.enabled or recipe.stages.score.enabled
+    pivot_template = None
     for spec in [recipe.model("pivot"), *recipe.sources]:
         key = _model_key(recipe, spec)
         try:
@@ -99,6 +302,11 @@ def check_models(recipe: Recipe) -> list[str]:
             tokenizer = load_tokenizer(spec, require_chat_template=needs_template)
             config = AutoConfig.from_pretrained(directory, trust_remote_code=spec.trust_remote_code)
             check_vocab(spec, config, tokenizer)
+            if spec.name == "pivot":
+                pivot_template = tokenizer.chat_template
+            if needs_template:
+                own = recipe.stages.extract.template == "own" or spec.name == "pivot"
+                check_template(spec, tokenizer, None if own else pivot_template)
         except (ModelLoadError, OSError, ValueError) as error:
             problems.append(f"{key}: {error}")
     return problems
@@ -107,6 +315,7 @@ def check_models(recipe: Recipe) -> list[str]:
 def require_files(recipe: Recipe) -> None:
     """The cheap checks `fuse run` and `fuse submit` make before any work; one error listing every problem."""
     problems = check_files(recipe)
+    problems += check_contents(recipe) if not problems else []
     if problems:
         raise RecipeError(
             "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -134,9 +343,10 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     registered names — enough to validate a real-scale recipe on a laptop.
     """
     build_dag(recipe)  # cross-stage checks raise RecipeError themselves
-    problems = check_registries(recipe)
+    problems = check_executor(recipe) + check_registries(recipe)
     if files:
-        problems = check_files(recipe) + problems
+        found = check_files(recipe)
+        problems = found + (check_contents(recipe) if not found else []) + problems
     if load and not problems:
         problems += check_models(recipe) + check_push(recipe)
     if problems:

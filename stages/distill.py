@@ -8,6 +8,7 @@ and out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fuse.context import StageContext
+from fuse.data.response import ce_per_byte
 
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
 
 VERSION = 1
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
-# A realized token outside a teacher's top-K has no stored log-prob (-inf / NaN): count it at this floor so one
-# such token cannot decide the sequence's CE on its own.
-LOGPROB_FLOOR = float(np.log(1e-6))
 
 
 class DistillInputError(ValueError):
@@ -32,19 +31,6 @@ class DistillInputError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- per-sample math
-
-
-def response_bytes(sample: SampleLogprobs) -> int:
-    """Bytes of the assistant contents: the same text for every model, so CE per byte compares tokenizers."""
-    return sum(len(sample.text[s.start : s.end].encode()) for s in sample.spans if s.role == "assistant")
-
-
-def ce_per_byte(sample: SampleLogprobs) -> float:
-    """−Σ log p(realized token) over the response tokens, per response byte (row t predicts token t+1)."""
-    rows = np.flatnonzero(sample.mask[1:])
-    realized = np.nan_to_num(sample.target_logprobs[rows].astype(np.float64), nan=LOGPROB_FLOOR)
-    nll = -np.maximum(realized, LOGPROB_FLOOR).sum()
-    return float(nll / max(response_bytes(sample), 1))
 
 
 def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
@@ -128,15 +114,19 @@ def distill_rows(
 
 def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
     """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
-    from fuse.data.chat import render_chat
+    from fuse.data.chat import ChatRenderError, render_chat
     from fuse.models import load_tokenizer
     from fuse.recipe import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
     for number, row in enumerate(_sft_split(prepare_out)):
-        chat = render_chat(
-            tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
-        )
+        try:
+            chat = render_chat(
+                tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
+            )
+        except ChatRenderError as error:  # extract skips the same rows for the targets
+            logging.getLogger(__name__).warning("skipped: %s", error)
+            continue
         yield {
             "id": row["id"],
             "input_ids": chat.input_ids.tolist(),
@@ -228,16 +218,6 @@ def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, An
     return path, data_report(dataset, sft_only)
 
 
-def progress_callback(ctx: StageContext) -> Any:
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ctx.progress(state.global_step, state.max_steps, "step")
-
-    return Progress()
-
-
 def run(ctx: StageContext) -> None:
     from fuse.io import write_json_atomic
     from fuse.training import check_settings, make_job, train
@@ -252,7 +232,7 @@ def run(ctx: StageContext) -> None:
     job = make_job(BUILDER, settings, ctx.dir, ctx.out, "stages.distill",
                    model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path),
                    temperature=settings.temperature, divergence=settings.divergence, **{"lambda": lambda_})  # fmt: skip
-    summary = train(job, callbacks=(progress_callback(ctx),))
+    summary = train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
     write_json_atomic(ctx.out / "distill_report.json", {
         "instance": ctx.instance.name, "lambda": lambda_, "fusion": None if sft_only else settings.fusion,
         "divergence": settings.divergence, "temperature": settings.temperature, "data": report, "training": summary,

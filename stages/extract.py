@@ -28,19 +28,28 @@ def chat_template_for(ctx: StageContext, tokenizer: Any) -> str | None:
 
 
 def render_rows(
-    tokenizer: Any, rows: list[dict], template: str | None, max_length: int, overlength: str, counts: Counter
+    tokenizer: Any,
+    rows: list[dict],
+    template: str | None,
+    max_length: int,
+    overlength: str,
+    counts: Counter,
+    vocab_size: int | None = None,
 ) -> list:
     """(row, RenderedChat) for each usable row; skips and truncations counted in `counts`."""
     from fuse.data.chat import ChatRenderError, render_chat, truncate
 
     kept = []
     for row in rows:
+        where = f"row {row['id']}: "
         try:
-            chat = render_chat(tokenizer, row["messages"], template, where=f"row {row['id']}: ")
+            chat = render_chat(tokenizer, row["messages"], template, where=where, vocab_size=vocab_size)
         except ChatRenderError as error:
-            counts["skipped: content not verbatim in the rendered text"] += 1
+            counts[f"skipped: {error.reason}"] += 1
             log.warning("%s", error)
             continue
+        if chat.adapted:
+            counts["system turn folded into the first user turn"] += 1
         if chat.num_tokens > max_length:
             if overlength == "skip":
                 counts["skipped: longer than max_length"] += 1
@@ -70,9 +79,9 @@ def to_sample(row: dict, chat: Any, result: Any) -> SampleLogprobs:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend
+    from fuse.backends import make_backend, track_batches
     from fuse.data.prepared import load_split
-    from fuse.models import identity, load_tokenizer
+    from fuse.models import check_tokenizer_fits, identity, load_tokenizer
 
     settings, key = ctx.settings, ctx.instance.key
     spec = ctx.model_spec(key)
@@ -80,8 +89,8 @@ def run(ctx: StageContext) -> None:
     template = chat_template_for(ctx, tokenizer)
     dataset = load_split(ctx.input("prepare"), "sft", "train")
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
-    check_tokenizer_fits(spec, tokenizer, backend.vocab_size)
+    backend = make_backend(settings.backend, spec, settings.for_model(key), str(ctx.dir / "scratch"))
+    check_tokenizer_fits(spec, tokenizer, backend.vocab_size)  # ordinary ids past the output: an error now
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     shard = ctx.shard or 0
@@ -92,32 +101,25 @@ def run(ctx: StageContext) -> None:
         model={"name": key, **identity(spec)},
         meta={"template": settings.template, "backend": settings.backend, "max_length": max_length},
     )
+    progress = track_batches(backend, f"{ctx.instance.name} shard {shard}", len(indices), "rows", ctx.log)
     try:
         for start in range(indices.start, indices.stop, CHUNK_ROWS):
             rows = dataset[start : min(start + CHUNK_ROWS, indices.stop)]
             rows = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
-            kept = render_rows(tokenizer, rows, template, max_length, settings.overlength, counts)
+            kept = render_rows(
+                tokenizer, rows, template, max_length, settings.overlength, counts, backend.vocab_size
+            )
             results = backend.logprobs([chat.input_ids for _, chat in kept], settings.top_k) if kept else []
             for (row, chat), result in zip(kept, results, strict=True):
                 writer.add(to_sample(row, chat, result))
             counts["rows"] += len(rows)
+            progress.chunk_done(len(rows), [chat.num_tokens for _, chat in kept])
             ctx.progress(start + len(rows) - indices.start, len(indices), "rows")
     finally:
         backend.close()
     writer.meta["counts"] = dict(counts)
     writer.close()
     ctx.log.info("%s shard %d: %d samples written, %s", ctx.instance.name, shard, len(writer), dict(counts))
-
-
-def check_tokenizer_fits(spec: Any, tokenizer: Any, vocab_size: int) -> None:
-    """Every tokenizer id must index the model's output (a padded vocab is fine, a larger tokenizer is not)."""
-    from fuse.models import ModelLoadError
-
-    if len(tokenizer) > vocab_size:
-        raise ModelLoadError(
-            f"model {spec.name!r} ({spec.path}): the tokenizer has {len(tokenizer)} tokens but the model outputs "
-            f"{vocab_size} (vocab-size mismatch)"
-        )
 
 
 def finalize(ctx: StageContext) -> None:

@@ -93,11 +93,17 @@ def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template:
 
 def encode_pair(tokenizer: Any, row: dict[str, Any], settings: FpoSettings) -> dict | str:
     """The pair as training columns (ids, masks, the policy's normalizers), or why it is skipped."""
+    from fuse.data.chat import ChatRenderError
     from fuse.preference import normalizer
 
     encoded: dict[str, Any] = {"id": row["id"]}
     for side in ("chosen", "rejected"):
-        ids, mask = response_tokens(tokenizer, row["prompt"], row[side], None, f"pair {row['id']} {side}: ")
+        try:
+            ids, mask = response_tokens(
+                tokenizer, row["prompt"], row[side], None, f"pair {row['id']} {side}: "
+            )
+        except ChatRenderError as error:
+            return error.reason
         if not any(mask):
             return "no response tokens after rendering"
         if len(ids) > settings.max_length:
@@ -153,6 +159,28 @@ def reference_for(
     return pivot_scores, reference
 
 
+def drop_truncated(rows: list[dict], tables: dict, skipped: Counter, logger: Any) -> list[dict]:
+    """Pairs some model scored only a prefix of (its tokenizer made a side longer than score's max_length) are
+    refused: that model's log-prob is of another, shorter text, so a fused reference over it compares unlike
+    things. Each is counted per model and logged with its id."""
+    import numpy as np
+
+    truncated: dict[str, str] = {}
+    for model, table in tables.items():
+        flags = np.asarray(table["chosen_truncated"], bool) | np.asarray(table["rejected_truncated"], bool)
+        for pair_id in np.asarray(table["id"])[flags]:
+            truncated.setdefault(str(pair_id), model)
+    kept = []
+    for row in rows:
+        model = truncated.get(str(row["id"]))
+        if model is None:
+            kept.append(row)
+            continue
+        skipped[f"truncated by score.{model}"] += 1
+        logger.warning("pair %s: skipped, score.%s scored a truncated response", row["id"], model)
+    return kept
+
+
 def with_reference(rows: list[dict], reference: Any) -> list[dict]:
     return [
         {**row, "ref_chosen_logps": float(reference.scores.chosen[k]),
@@ -176,6 +204,7 @@ def prepare_split(
             raise
         raw = []
     rows, skipped = encode_split(tokenizer, raw, ctx.settings)
+    rows = drop_truncated(rows, tables, skipped, ctx.log)
     result = Split(rows, skipped)
     if rows:
         try:
@@ -318,7 +347,7 @@ def run(ctx: StageContext) -> None:
     job = training.make_job(
         "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
     )
-    trained = training.train(job)
+    trained = training.train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
 
     after = None
     if heldout.rows:

@@ -1,7 +1,9 @@
 """The merge stage: the targets (fpo.* or distill.* models) merged with the pivot as base, tensor by tensor.
 
 Writes out/model/ (a full HF checkpoint with the pivot's tokenizer, chat template and generation config) and
-out/merge_report.json + .md (method, parameters, per-tensor weights for varm/sce, share of entries kept).
+out/merge_report.json + .md (method, parameters, per-tensor weights, and the diagnostics: each target's delta norm,
+pairwise cosines per tensor family, the share of each target's delta energy that survives). One target (a
+one-source recipe) is copied unchanged, whatever the method.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from fuse.context import StageContext
 
-VERSION = 1
+VERSION = 2  # 2: sce = FuseChat's SCE, one target copied, diagnostics
 
 
 def merge_config(ctx: StageContext):  # -> fuse.merging.MergeConfig (imported lazily: `fuse plan` stays fast)
@@ -67,4 +69,11 @@ def run(ctx: StageContext) -> None:
     )
     write_json_atomic(ctx.out / "merge_report.json", report)
     write_text_atomic(ctx.out / "merge_report.md", report_markdown(report))
-    ctx.log.info("merged in %.1f s; kept share %s", report["seconds"], report["summary"]["kept_share"])
+    shares = report["diagnostics"]["families"]["all"]["energy_share"]
+    ctx.log.info(
+        "merged in %.1f s; delta energy kept per target: %s",
+        report["seconds"],
+        ", ".join(f"{k} {v:.2f}" for k, v in shares.items() if v is not None),
+    )
+    for line in report["diagnostics"]["verdict"]:
+        ctx.log.info("merge diagnostics: %s", line)

@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fuse.context import StageContext
-from fuse.io import atomic_dir, write_json_atomic
+from fuse.io import atomic_dir, read_json, write_json_atomic
 from fuse.recipe import Recipe
 
-VERSION = 2
+VERSION = 3
 log = logging.getLogger(__name__)
 
 
 def final_model_parent(ctx: StageContext) -> str:
     """The parent that made the fused model (merge, or fpo.merged when fpo runs after the merge)."""
-    makers = [p for p in ctx.instance.parents if p != "evaluate"]
+    # evaluate and the align instances (whose reports go in the card) are parents that make no model
+    makers = [p for p in ctx.instance.parents if p != "evaluate" and not p.startswith("align.")]
     if len(makers) != 1:
         raise RuntimeError(f"publish expects one model-making parent, got {makers}")
     return makers[0]
@@ -40,19 +42,54 @@ def lineage(recipe: Recipe) -> list[dict[str, str]]:
     ]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(path: str) -> str | None:
+    """`path` when it names a Hub repository (org/name), None when it is local (recipe paths are absolute then)."""
+    return path if not os.path.isabs(path) and HUB_ID.match(path) and not Path(path).exists() else None
+
+
+def public_name(path: str) -> str:
+    """What a card may say about a model or data path: its hub id, or only the last part of a local path."""
+    return hub_id(path) or Path(path).name
+
+
+def scrub_local_paths(value: Any) -> Any:
+    """The recipe as the card shows it: absolute local paths reduced to `<local>/name` (they mean nothing on the
+    Hub and tell where the run was made)."""
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return f"<local>/{Path(value).name}"
+    return value
+
+
 def card_metadata(recipe: Recipe, merge_settings: dict[str, Any]) -> dict[str, Any]:
-    datasets = [d.path for d in (recipe.data.sft, recipe.data.preference) if d is not None]
+    """The card's front matter, as the Hub reads it for merged models: every hub model that went in (pivot and
+    sources) under `base_model` with `base_model_relation: merge`, a `license`, datasets only when they are hub
+    ids; local paths never (the Hub rejects them, and they leak where the run was made)."""
+    bases = [m for m in (hub_id(s.path) for s in (recipe.pivot, *recipe.sources)) if m]
+    datasets = [d for d in (hub_id(x.path) for x in (recipe.data.sft, recipe.data.preference) if x) if d]
     metadata: dict[str, Any] = {}
-    if not Path(recipe.pivot.path).exists():  # the Hub only accepts model ids here, never local paths
-        metadata = {"base_model": recipe.pivot.path, "base_model_relation": "merge"}
+    if bases:
+        metadata = {"base_model": list(dict.fromkeys(bases)), "base_model_relation": "merge"}
+    metadata["license"] = recipe.stages.publish.license or "other"
+    if datasets:
+        metadata["datasets"] = datasets
     return {
         **metadata,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["fuse", "model-fusion", "knowledge-fusion", f"merge-{merge_settings['method']}"],
-        "datasets": [Path(d).name if os.path.isabs(d) else d for d in datasets],
         "fuse": {
-            "sources": [{"name": s.name, "model": s.path, "revision": s.revision} for s in recipe.sources],
+            "pivot": public_name(recipe.pivot.path),
+            "sources": [
+                {"name": s.name, "model": public_name(s.path), "revision": s.revision} for s in recipe.sources
+            ],
+            "datasets": [public_name(x.path) for x in (recipe.data.sft, recipe.data.preference) if x],
             "merge": merge_settings,
         },
     }
@@ -68,16 +105,54 @@ def evaluation_section(metrics_md: str | None) -> str:
     return "\n".join(lines).strip()
 
 
+def merge_diagnostics_section(merge_md: str | None) -> str:
+    """The diagnostics part of merge's merge_report.md (are the targets mergeable, how much of each survived)."""
+    if not merge_md or "## Diagnostics" not in merge_md:
+        return ""
+    return "\n\n### Diagnostics\n\n" + merge_md.split("## Diagnostics", 1)[1].strip()
+
+
+def teacher_signal_section(align_reports: dict[str, dict[str, Any]]) -> str:
+    """Per source, from its align report: was its teacher signal sound (how much was projected, does its top-1
+    name the gold token, how often would it be chosen), with the align stage's warnings."""
+    if not align_reports:
+        return "No alignment reports."
+    lines = [
+        "| source | response rows projected | top-1 is gold (source / pivot) | mean p(gold) (source / pivot) "
+        "| top-K mass kept | sequences won under min_ce | warnings |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, report in align_reports.items():
+        signal, shares = report["teacher_signal"], report["response_position_shares"]
+        projected = shares.get("projected_1:1", 0.0) + shares.get("projected_many:1", 0.0)
+        wins = signal["fusion_weights"].get("min_ce", {}).get("source", float("nan"))
+        lines.append(
+            f"| {name} | {projected:.2f} | {signal['source_top1_is_gold']:.2f} / {signal['pivot_top1_is_gold']:.2f} "
+            f"| {signal['source_mean_p_gold']:.3f} / {signal['pivot_mean_p_gold']:.3f} "
+            f"| {report['topk_mass_kept']['mean'] or 0.0:.2f} | {wins:.2f} | "
+            f"{'; '.join(report.get('warnings', [])) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
 def model_card(
-    recipe: Recipe, metrics_md: str | None, lineage_rows: list[dict[str, str]], version: str
+    recipe: Recipe,
+    metrics_md: str | None,
+    lineage_rows: list[dict[str, str]],
+    version: str,
+    merge_md: str | None = None,
+    align_reports: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     merge = recipe.stages.merge.model_dump(mode="json", exclude={"enabled"})
     metadata = yaml.safe_dump(card_metadata(recipe, merge), sort_keys=False).strip()
-    sources = "\n".join(f"| {s.name} | `{s.path}` | {s.revision or 'main'} |" for s in recipe.sources)
+    sources = "\n".join(
+        f"| {s.name} | `{public_name(s.path)}` | {s.revision or 'main'} |" for s in recipe.sources
+    )
     steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
     # the executor says where it ran, not what made the model; its env_setup lines and accounts stay private
     recipe_yaml = yaml.safe_dump(
-        recipe.model_dump(mode="json", by_alias=True, exclude={"executor"}), sort_keys=False
+        scrub_local_paths(recipe.model_dump(mode="json", by_alias=True, exclude={"executor", "workdir"})),
+        sort_keys=False,
     )
     rows = "\n".join(
         f"| `{r['instance']}` | `{r['fingerprint']}` | {', '.join(r['parents']) or '-'} |"
@@ -89,8 +164,8 @@ def model_card(
 
 # {recipe.name}
 
-A fused model made by [fuse](https://github.com/) {version}: knowledge of {len(recipe.sources)} source models of
-different architectures and vocabularies fused into the pivot `{recipe.pivot.path}`
+A fused model made by fuse {version}: knowledge of {len(recipe.sources)} source models of
+different architectures and vocabularies fused into the pivot `{public_name(recipe.pivot.path)}`
 ({" → ".join(steps)}).
 
 ## Sources
@@ -99,9 +174,16 @@ different architectures and vocabularies fused into the pivot `{recipe.pivot.pat
 |---|---|---|
 {sources}
 
+## Teacher signal
+
+How well each source's distribution, projected onto the pivot's tokens, predicted the training responses
+(measured by the align stage before any training).
+
+{teacher_signal_section(align_reports or {})}
+
 ## Merge
 
-Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sort_keys=True)}`.
+Method `{merge["method"]}` with parameters `{json.dumps(merge["parameters"], sort_keys=True)}`.{merge_diagnostics_section(merge_md)}
 
 ## Evaluation
 
@@ -204,6 +286,13 @@ def run(ctx: StageContext) -> None:
     metrics_md = None
     if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
         metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
+    merge_report = ctx.input(final_model_parent(ctx)) / "merge_report.md"  # absent when fpo ran after merge
+    merge_md = merge_report.read_text(encoding="utf-8") if merge_report.is_file() else None
+    align_reports = {
+        name: read_json(ctx.input(f"align.{name}") / "report.json")
+        for name in ctx.recipe.source_names
+        if f"align.{name}" in ctx.inputs and (ctx.input(f"align.{name}") / "report.json").is_file()
+    }
     try:
         fuse_version = version("fuse-llm")
     except PackageNotFoundError:
@@ -213,7 +302,7 @@ def run(ctx: StageContext) -> None:
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(
-            model_card(ctx.recipe, metrics_md, rows, fuse_version), encoding="utf-8"
+            model_card(ctx.recipe, metrics_md, rows, fuse_version, merge_md, align_reports), encoding="utf-8"
         )
         write_json_atomic(tmp / "fuse_lineage.json", {"fuse_version": fuse_version, "instances": rows})
         sample = check_reload_and_generate(tmp, ctx.recipe.pivot.trust_remote_code)

@@ -13,17 +13,20 @@ import numpy as np
 from fuse.context import StageContext
 from fuse.io import atomic_write, read_json, write_json_atomic
 
-VERSION = 1
+VERSION = 2  # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix
 CHUNK_PAIRS = 256
+SPLITS = ("train", "heldout")  # held-out pairs are scored so fpo's held-out metrics use the fused reference
 # the score table's schema (fuse.preference reads it through these names)
 COLUMNS = (
     "id",
     "chosen_logp",
     "chosen_tokens",
     "chosen_bytes",
+    "chosen_truncated",
     "rejected_logp",
     "rejected_tokens",
     "rejected_bytes",
+    "rejected_truncated",
 )
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,14 @@ def response_sum(chat: Any, logprobs: Any) -> tuple[float, int]:
     return float(np.sum(logprobs.target_logprobs[labels], dtype=np.float64)), int(labels.sum())
 
 
-def render_pair_side(tokenizer: Any, row: dict, side: str, max_length: int, counts: Counter) -> Any:
+def render_pair_side(
+    tokenizer: Any, row: dict, side: str, max_length: int, counts: Counter, vocab_size: int | None = None
+) -> Any:
     """The prompt + one response, masked on that response's content (and its end-of-turn token) only."""
     from fuse.data.chat import render_chat, response_mask, truncate
 
     messages = [*row["prompt"], {"role": "assistant", "content": row[side]}]
-    chat = render_chat(tokenizer, messages, where=f"pair {row['id']} ({side}): ")
+    chat = render_chat(tokenizer, messages, where=f"pair {row['id']} ({side}): ", vocab_size=vocab_size)
     chat.mask = response_mask(chat.offsets, chat.spans[-1:])
     if chat.num_tokens > max_length:
         chat = truncate(chat, max_length)
@@ -65,48 +70,103 @@ def render_pair_side(tokenizer: Any, row: dict, side: str, max_length: int, coun
     return chat
 
 
+def scored_bytes(row: dict, side: str, chat: Any) -> int:
+    """b(y): the response's UTF-8 size, the same for every model; for a truncated side, the bytes of the part that
+    was scored (its log-prob covers no more), and fpo refuses the pair."""
+    if not chat.truncated:
+        return len(row[side].encode())
+    span = chat.spans[-1] if chat.spans and chat.spans[-1].role == "assistant" else None
+    return len(chat.text[span.start : span.end].encode()) if span is not None else 0
+
+
+def renderable_pairs(
+    tokenizer: Any, rows: list[dict], max_length: int, counts: Counter, vocab_size: int | None
+) -> list[tuple[dict, list]]:
+    """(row, [chosen chat, rejected chat]) for each pair both sides of which render; bad pairs counted, skipped."""
+    from fuse.data.chat import ChatRenderError
+
+    kept = []
+    for row in rows:
+        try:
+            chats = [
+                render_pair_side(tokenizer, row, side, max_length, counts, vocab_size)
+                for side in ("chosen", "rejected")
+            ]
+        except ChatRenderError as error:
+            counts[f"skipped: {error.reason}"] += 1
+            log.warning("%s", error)
+            continue
+        kept.append((row, chats))
+    return kept
+
+
 def score_rows(
-    backend: Any, tokenizer: Any, rows: list[dict], max_length: int, counts: Counter
+    backend: Any,
+    tokenizer: Any,
+    rows: list[dict],
+    max_length: int,
+    counts: Counter,
+    vocab_size: int | None = None,
 ) -> list[dict]:
-    chats = [
-        render_pair_side(tokenizer, row, side, max_length, counts)
-        for row in rows
-        for side in ("chosen", "rejected")
-    ]
-    results = backend.logprobs([chat.input_ids for chat in chats], 1)
+    pairs = renderable_pairs(tokenizer, rows, max_length, counts, vocab_size)
+    results = backend.logprobs([chat.input_ids for _, chats in pairs for chat in chats], 1) if pairs else []
     scored = []
-    for i, row in enumerate(rows):
+    for i, (row, chats) in enumerate(pairs):
         record: dict[str, Any] = {"id": row["id"]}
         for j, side in enumerate(("chosen", "rejected")):
-            logp, tokens = response_sum(chats[2 * i + j], results[2 * i + j])
+            logp, tokens = response_sum(chats[j], results[2 * i + j])
             record |= {
                 f"{side}_logp": logp,
                 f"{side}_tokens": tokens,
-                f"{side}_bytes": len(row[side].encode()),
+                f"{side}_bytes": scored_bytes(row, side, chats[j]),
+                f"{side}_truncated": bool(chats[j].truncated),
             }
         scored.append(record)
     return scored
 
 
-def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend
+def preference_rows(prepare_out: Any) -> Any:
+    """The train pairs, then the held-out ones (when prepare made that split), as one dataset to shard."""
+    from datasets import concatenate_datasets
+
     from fuse.data.prepared import load_split
+
+    parts = []
+    for split in SPLITS:
+        try:
+            part = load_split(prepare_out, "preference", split)
+        except FileNotFoundError:
+            if split == "train":
+                raise
+            continue
+        if len(part) or not parts:
+            parts.append(part)
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def run(ctx: StageContext) -> None:
+    from fuse.backends import make_backend, track_batches
     from fuse.models import load_tokenizer
 
     settings = ctx.settings
     spec = scored_spec(ctx)
     tokenizer = load_tokenizer(spec, require_chat_template=True)
-    dataset = load_split(ctx.input("prepare"), "preference", "train")
+    dataset = preference_rows(ctx.input("prepare"))
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
+    model_settings = settings.for_model(ctx.instance.key)  # stages.score.models.<name> over the stage's
+    backend = make_backend(settings.backend, spec, model_settings, str(ctx.dir / "scratch"))
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     records: list[dict] = []
+    # items: sequences (two per pair), as the backend reports them
+    label = f"{ctx.instance.name} shard {ctx.shard or 0}"
+    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log)
     try:
         for start in range(indices.start, indices.stop, CHUNK_PAIRS):
             batch = dataset[start : min(start + CHUNK_PAIRS, indices.stop)]
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-            records += score_rows(backend, tokenizer, rows, max_length, counts)
+            records += score_rows(backend, tokenizer, rows, max_length, counts, backend.vocab_size)
+            progress.chunk_done(2 * len(rows), [0] * (2 * len(rows)))
             ctx.progress(len(records), len(indices), "pairs")
     finally:
         backend.close()

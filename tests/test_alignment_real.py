@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from fuse.alignment.pieces import gather_bytes, vocab_pieces
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, align_spans, char_to_byte, spans_from_offsets
 from fuse.alignment.vocab import EXACT, build_vocab_map
 
+from alignment_oracle import PADDED_CONVERSATION, oracle_check
 from real_tokenizers import load
 
 pytestmark = pytest.mark.network
@@ -87,3 +91,26 @@ def test_real_pair_alignment_quality(pivot, source):
     src = s.ids[result.alignment.source_index[one]]
     assert (vocab_map.method[src] == EXACT).all()
     assert gather_bytes(p.ids[one], p_vocab).tobytes() == gather_bytes(src, s_vocab).tobytes()
+
+
+# Contents that start and end with whitespace (ShareGPT-style data): Llama-3's and Gemma's templates `| trim` them,
+# Qwen's, Mistral's and DeepSeek's keep them, so the two sides' content spans start at different characters.
+TEMPLATE_NAMES = ("llama3_1", "qwen3", "gemma3", "llama2", "deepseek_v3")
+
+
+@functools.cache
+def pieces(name: str):
+    return vocab_pieces(load(name))
+
+
+@pytest.mark.parametrize(("pivot", "source"), list(itertools.permutations(TEMPLATE_NAMES, 2)))
+def test_trimmed_and_untrimmed_contents_align_like_the_text_itself(pivot, source):
+    """Every pair the aligner makes must join tokens that start at the same byte of the same message's raw content,
+    whichever side's template trims; and most oracle pairs must be found."""
+    p, s = rendered(pivot, PADDED_CONVERSATION), rendered(source, PADDED_CONVERSATION)
+    p_vocab, s_vocab = pieces(pivot), pieces(source)
+    alignment = align_content(p, s, p_vocab, s_vocab).alignment
+    check = oracle_check(alignment, p, s, PADDED_CONVERSATION, p_vocab, s_vocab)
+    assert check.made > 20
+    assert not check.wrong, f"{len(check.wrong)} of {check.made} aligned pairs join different text"
+    assert check.recall > 0.9, f"only {check.recall:.2f} of the oracle's pairs were aligned"

@@ -116,7 +116,8 @@ def test_projected_store_is_in_the_pivot_vocab_and_format(aligned):
         original = pivot.get(sample.id)
         assert (sample.input_ids == original.input_ids).all() and (sample.mask == original.mask).all()
         probs = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
-        assert probs == pytest.approx(np.ones_like(probs), abs=0.05)  # codec error <= 0.01 per entry
+        # the teacher's own mass (≤ 1; the rest is the loss's tail bucket); codec error <= 0.01 per entry
+        assert (probs <= 1.05).all() and (probs > 0.5).all()
         one_hot = sample.topk_logprobs[:, 1] == -np.inf
         # one-hot rows sit on the NEXT token (row t predicts token t+1)
         assert (sample.topk_ids[one_hot, 0] == sample.input_ids[1:][one_hot]).all()
@@ -133,3 +134,84 @@ def test_report_counts_cases_and_vocab_map(aligned):
     vocab_map = np.load(ctx.out / "vocab_map.npz")
     assert vocab_map["target"].shape == vocab_map["method"].shape
     assert (ctx.out / "report.md").read_text().startswith("# Alignment report: align.src")
+
+
+def test_end_of_turn_is_mapped_and_projected_by_role(aligned):
+    """The source ends turns with `</s>`, the pivot with `<|im_end|>` (its EOS is `<|endoftext|>`): the source's
+    end token maps to the pivot's end-of-turn token, and the step predicting it is projected, not a fallback."""
+    from fuse.alignment.vocab import ROLE
+    from fuse.data.logprobs import LogprobReader
+
+    ctx, inputs = aligned
+    report = json.loads((ctx.out / "report.json").read_text())
+    assert report["end_of_turn"] == {"pivot": "<|im_end|>", "source": "</s>"}
+    pivot = LogprobReader(inputs["extract.pivot"])
+    source = LogprobReader(inputs["extract.src"])
+    pivot_tok, source_tok = (load_tokenizer_at(ctx, name) for name in ("pivot", "src"))
+    im_end, eos = pivot_tok.convert_tokens_to_ids("<|im_end|>"), source_tok.convert_tokens_to_ids("</s>")
+    vocab_map = np.load(ctx.out / "vocab_map.npz")
+    assert vocab_map["target"][eos] == im_end and vocab_map["method"][eos] == ROLE
+    out = LogprobReader(ctx.out)
+    projected_ends = 0
+    for sample in out:
+        original, own = pivot.get(sample.id), source.get(sample.id)
+        end_rows = np.flatnonzero(original.input_ids[1:] == im_end)
+        assistant_end = end_rows[-1]  # the last turn is the assistant's
+        # projected: the source's distribution (its realized `</s>` leads with prob < 1), not a one-hot fallback
+        assert sample.topk_ids[assistant_end, 0] == im_end
+        assert sample.topk_logprobs[assistant_end, 1] > -np.inf
+        own_end = np.flatnonzero(own.input_ids[1:] == eos)[-1]
+        assert sample.topk_logprobs[assistant_end, 0] == pytest.approx(
+            own.topk_logprobs[own_end, 0], abs=0.02
+        )
+        projected_ends += 1
+    assert projected_ends == len(CONVERSATIONS)
+
+
+def load_tokenizer_at(ctx, name):
+    from fuse.models import load_tokenizer
+
+    return load_tokenizer(ctx.model_spec(name))
+
+
+def test_teacher_signal_report(aligned):
+    ctx, _ = aligned
+    report = json.loads((ctx.out / "report.json").read_text())
+    signal = report["teacher_signal"]
+    assert signal["projected_response_rows"] > 0
+    # both hand-made stores put the realized token first: the pivot's top-1 is always gold, the projected
+    # source's is gold wherever the vocabulary map sends its top-1 to the same token
+    assert signal["pivot_top1_is_gold"] == 1.0 and 0.5 < signal["source_top1_is_gold"] <= 1.0
+    assert 0 < signal["source_mean_p_gold"] <= 1 and 0 < signal["pivot_mean_p_gold"] <= 1
+    wins = signal["fusion_weights"]["min_ce"]
+    assert wins["pivot"] + wins["source"] == pytest.approx(1.0)
+    assert set(signal["fusion_weights"]) >= {"min_ce", "avg_ce"}
+    assert isinstance(report["warnings"], list)
+    assert "## Teacher signal" in (ctx.out / "report.md").read_text()
+
+
+def test_role_entries_override_a_same_named_special_token():
+    """gpt2's `<|endoftext|>` has the same bytes as Qwen's document end; by role it is the end of the turn."""
+    from fuse.alignment.pieces import VocabPieces
+    from fuse.alignment.vocab import EXACT, ROLE, build_vocab_map
+
+    special = np.array([True, True, False])
+    pivot = VocabPieces.from_pieces([b"<|endoftext|>", b"<|im_end|>", b"a"], special, np.zeros(3, bool))
+    source = VocabPieces.from_pieces([b"<|endoftext|>", b"a"], np.array([True, False]), np.zeros(2, bool))
+    by_name = build_vocab_map(source, pivot, methods=("exact",))
+    assert by_name.target[0] == 0 and by_name.method[0] == EXACT
+    by_role = build_vocab_map(source, pivot, methods=("exact",), roles={0: 1})
+    assert by_role.target.tolist() == [1, 2] and by_role.method[0] == ROLE
+
+
+def test_the_model_card_shows_each_sources_teacher_signal(aligned):
+    from fuse.stages.publish import teacher_signal_section
+
+    ctx, _ = aligned
+    report = json.loads((ctx.out / "report.json").read_text())
+    section = teacher_signal_section({"src": report})
+    row = next(line for line in section.splitlines() if line.startswith("| src |"))
+    signal = report["teacher_signal"]
+    assert f"{signal['source_top1_is_gold']:.2f} / {signal['pivot_top1_is_gold']:.2f}" in row
+    assert row.rstrip().endswith(f"{'; '.join(report['warnings']) or 'none'} |")
+    assert teacher_signal_section({}) == "No alignment reports."

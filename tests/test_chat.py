@@ -75,3 +75,35 @@ def test_covering_offsets_and_mask_units():
     spans = [ContentSpan("user", 0, 3), ContentSpan("assistant", 4, 9)]
     assert response_mask(fixed, spans).tolist() == [False, True, True, False]
     assert response_mask(fixed, spans, end_of_turn=False).tolist() == [False, True, False, False]
+
+
+GEMMA2_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+)
+STRICT = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+
+
+def test_a_template_rejecting_the_system_role_is_adapted_and_counted(tokenizers):
+    """Gemma-2's template refuses system turns: the row is rendered with the system turn folded into the first
+    user turn (every content still found), counted by extract; a template that refuses anyway skips the row."""
+    from collections import Counter
+
+    from fuse.stages.extract import render_rows
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    chat = render_chat(tokenizers["llama"], messages, GEMMA2_STYLE)
+    assert chat.adapted and [s.role for s in chat.spans] == ["system", "user", "assistant"]
+    assert [chat.text[s.start : s.end] for s in chat.spans] == [m["content"] for m in messages]
+    counts: Counter = Counter()
+    rows = [{"id": "r1", "messages": messages}]
+    assert len(render_rows(tokenizers["llama"], rows, GEMMA2_STYLE, 512, "truncate", counts)) == 1
+    assert counts["system turn folded into the first user turn"] == 1
+    assert render_rows(tokenizers["llama"], rows, STRICT, 512, "truncate", counts) == []
+    assert counts["skipped: the chat template refuses the conversation"] == 1

@@ -62,6 +62,10 @@ def test_failure_exit_code_names_instance(tmp_path):
     assert result.returncode == 1
     assert "stage align.a failed" in result.stderr and "toy failure" in result.stderr
     assert "align.a/logs/stage.log" in result.stderr
+    assert "Traceback" not in result.stderr  # the console gets one line; the traceback is in the stage log
+    assert (
+        "Traceback" in (Path(toy_recipe(tmp_path)["workdir"]) / "align.a" / "logs" / "stage.log").read_text()
+    )
     logs = fuse("logs", path, "align.a")
     assert "toy failure in align.a" in logs.stdout
 
@@ -113,3 +117,171 @@ def test_plan_does_not_import_torch(tmp_path):
 def test_shipped_recipes_validate(recipe_file):
     result = fuse("validate", str(recipe_file), "--no-load", toy=False)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------- first contact
+
+
+@pytest.mark.parametrize(
+    "recipe_file",
+    [p for p in sorted((TESTS.parent / "examples").glob("*.yaml")) if p.name != "tiny-demo.yaml"],
+    ids=lambda p: p.name,
+)
+def test_shipped_recipes_submit_dry_run(recipe_file, tmp_path):
+    """As shipped (site config included), only the run store moved: every instance gets a rendered job script."""
+    result = fuse("submit", str(recipe_file), "--dry-run", "--set", f"workdir={tmp_path / 'run'}", toy=False)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    jobs = int(result.stdout.split(": ", 1)[1].split(" jobs", 1)[0])
+    scripts = list((tmp_path / "run" / "submissions").glob("*/*.sbatch"))
+    assert jobs > 10 and len(scripts) == jobs
+    assert result.stdout.count("sbatch --parsable") == jobs
+    assert all("run-stage" in s.read_text() for s in scripts)
+
+
+def test_validate_no_load_checks_site_config_and_resource_keys(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["executor"] = {
+        "slurm": {"site_config": "sites/missing.yaml"},
+        "resources": {"distil": {"nodes": 2}},
+    }
+    result = fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load")
+    assert result.returncode == 2
+    assert "executor.slurm.site_config" in result.stderr and "missing.yaml" in result.stderr
+    assert "executor.resources.distil: not 'default', a stage" in result.stderr
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "missing.yaml").write_text("resources: {extrct: {gpus_per_node: 1}}\n")
+    recipe["executor"]["resources"] = {"distill": {"nodes": 2}}
+    result = fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load")
+    assert result.returncode == 2 and "resources.extrct" in result.stderr
+
+
+def test_set_overrides_validated_like_the_file(tmp_path):
+    path = str(write_recipe(tmp_path, toy_recipe(tmp_path)))
+    moved = tmp_path / "elsewhere"
+    plan = fuse("plan", path, "--set", f"workdir={moved}", "--set", "stages.extract.num_shards=3")
+    assert plan.returncode == 0, plan.stderr
+    assert f"in {moved}" in plan.stdout and "[3 shards]" in plan.stdout
+    bad = fuse("validate", path, "--no-load", "--set", "stages.distill.lerning_rate=1e-5")
+    assert bad.returncode == 2 and "stages.distill.lerning_rate: unknown key" in bad.stderr
+    bad = fuse("validate", path, "--no-load", "--set", "stages.distill.learning_rate=-1")
+    assert bad.returncode == 2 and "stages.distill.learning_rate" in bad.stderr
+    bad = fuse("validate", path, "--no-load", "--set", "sources.7.path=x")
+    assert bad.returncode == 2 and "not an index of a list of 2 entries" in bad.stderr
+    good = fuse("validate", path, "--no-load", "--set", "stages.distill.learning_rate=1e-5")
+    assert good.returncode == 0, good.stderr
+
+
+def test_apply_overrides_types_and_lists():
+    from fuse.recipe import apply_overrides
+
+    data = {"sources": [{"name": "a", "path": "x"}], "stages": {}}
+    out = apply_overrides(
+        data, ["sources.0.path=/m/a", "stages.distill.lambda=0.5", "stages.distill.deepspeed={stage: 3}"]
+    )
+    assert out["sources"][0]["path"] == "/m/a" and data["sources"][0]["path"] == "x"  # a copy
+    assert out["stages"]["distill"] == {"lambda": 0.5, "deepspeed": {"stage": 3}}
+
+
+def test_flag_before_recipe(tmp_path):
+    path = str(write_recipe(tmp_path, toy_recipe(tmp_path)))
+    result = fuse("plan", "--only", "prepare", "extract.a", path)
+    assert result.returncode == 0, result.stderr
+    assert "2 to run" in result.stdout
+    verbose = fuse("plan", path, "-v")
+    assert verbose.returncode == 0, verbose.stderr
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    path = str(write_recipe(tmp_path, toy_recipe(tmp_path)))
+    read, write = os.pipe()
+    os.close(read)  # the reader (`head`) is gone before fuse writes
+    environment = {**os.environ, "PYTHONPATH": str(TESTS), "FUSE_STAGE_MODULES": OVERRIDES}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fuse", "plan", path], stdout=write, stderr=subprocess.PIPE, text=True,
+            env=environment, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode != 0
+
+
+def test_errors_are_one_line(tmp_path):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"base_model: {folder}\nmodels: [{{path: {folder}}}]\nmethod: linear\noutput: {tmp_path}/o\n"
+    )
+    result = fuse("merge", str(config), toy=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "no .safetensors" in result.stdout + result.stderr
+    missing = fuse("plan", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+
+
+def test_logs_shows_stage_log_skips_binary_and_stays_in_the_run(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    path = str(write_recipe(tmp_path, recipe))
+    assert fuse("run", path, "--only", "prepare").returncode == 0
+    logs = Path(recipe["workdir"]) / "prepare" / "logs"
+    (logs / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    (logs / "summary.json").write_text('{"global_step": 3}')  # newer than stage.log
+    shown = fuse("logs", path, "prepare")
+    assert shown.returncode == 0 and "stage.log" in shown.stdout and "summary.json" not in shown.stdout
+    every = fuse("logs", path, "prepare", "--all")
+    assert "summary.json" in every.stdout and "loss.png" not in every.stdout and "PNG" not in every.stdout
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "logs").mkdir()
+    (tmp_path / "secret" / "logs" / "stage.log").write_text("SECRET")
+    escape = fuse("logs", path, "../secret")
+    assert escape.returncode == 1 and "SECRET" not in escape.stdout
+    assert "no stage instance '../secret'" in escape.stderr
+
+
+def test_per_model_overrides_apply_to_that_model_only(tmp_path):
+    """A 72B source gets its own tensor_parallel_size / dtype / engine settings; the other models' instances keep
+    their fingerprints (their extraction is not redone) and an unknown model name is an error naming the key."""
+    from fuse.dag import build_dag
+    from fuse.plan import fingerprints
+    from fuse.recipe import RecipeError, parse_recipe
+
+    data = toy_recipe(tmp_path)
+    plain = parse_recipe(data)
+    data["stages"]["extract"]["models"] = {
+        "b": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 512}}
+    }
+    data["stages"]["score"] = {"models": {"target-a": {"dtype": "bfloat16"}}}
+    tuned = parse_recipe(data)
+    assert tuned.stages.extract.for_model("b").tensor_parallel_size == 8
+    assert tuned.stages.extract.for_model("a").tensor_parallel_size == 1
+    before, after = fingerprints(plain, build_dag(plain)), fingerprints(tuned, build_dag(tuned))
+    changed = sorted(name for name in before if before[name][0] != after[name][0])
+    assert "extract.b" in changed and "extract.a" not in changed and "extract.pivot" not in changed
+    assert "score.a" not in changed
+    data["stages"]["extract"]["models"] = {"c": {"dtype": "float16"}}
+    with pytest.raises(RecipeError, match=r"stages\.extract\.models\.c: not a model of this recipe"):
+        parse_recipe(data)
+
+
+def test_validate_checks_gpus_against_tensor_parallel_size(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["stages"]["extract"] = {
+        "backend": "vllm",
+        "tensor_parallel_size": 2,
+        "models": {"b": {"tensor_parallel_size": 8}},
+    }
+    recipe["executor"] = {"kind": "slurm", "resources": {"extract": {"gpus_per_node": 2}}}
+    result = fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load")
+    assert result.returncode == 2
+    assert (
+        "executor.resources.extract.b: 2 GPUs per node" in result.stderr
+        and "tensor_parallel_size 8" in result.stderr
+    )
+    assert "extract.a:" not in result.stderr and "extract.pivot:" not in result.stderr
+    recipe["executor"]["resources"]["extract.b"] = {"gpus_per_node": 8}
+    assert fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load").returncode == 0

@@ -29,7 +29,7 @@ def test_default_shape_fpo_per_target(tmp_path):
         }
         assert dag[f"score.target-{source}"].parents == ("prepare", f"distill.{source}")
     assert set(dag["merge"].parents) == {"fpo.a", "fpo.b"}
-    assert dag["publish"].parents == ("merge", "evaluate")
+    assert dag["publish"].parents == ("merge", "evaluate", "align.a", "align.b")  # + teacher-signal reports
     assert dag["extract.pivot"].num_shards == 2
     # parents always come before children
     seen = set()
@@ -48,7 +48,7 @@ def test_fpo_after_merge(tmp_path):
     dag = _dag(tmp_path, fpo={"placement": "after_merge"})
     assert set(dag["merge"].parents) == {"distill.a", "distill.b"}
     assert set(dag["fpo.merged"].parents) == {"prepare", "merge", "score.merged", "score.a", "score.b"}
-    assert dag["publish"].parents == ("fpo.merged", "evaluate")
+    assert dag["publish"].parents == ("fpo.merged", "evaluate", "align.a", "align.b")
 
 
 def test_sft_baseline_and_three_sources(tmp_path):

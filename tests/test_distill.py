@@ -328,15 +328,16 @@ def test_unknown_fusion_in_the_recipe_is_reported_with_its_key(tmp_path):
 
 def test_ce_per_byte_by_hand():
     from fuse.data.logprobs import ContentSpan, SampleLogprobs
-    from fuse.stages.distill import LOGPROB_FLOOR, ce_per_byte
+    from fuse.data.response import LOGPROB_FLOOR, ce_per_byte
 
-    text = "Q: hi A: héllo"  # the assistant content "héllo" is 6 bytes
+    text = "Q: hi A: héllo<eot>"  # the assistant content "héllo" is 6 bytes, then the end-of-turn token
     sample = SampleLogprobs(
         id="s", text=text, spans=[ContentSpan("user", 3, 5), ContentSpan("assistant", 9, 14)],
-        input_ids=np.arange(5), offsets=np.zeros((5, 2), np.int64),
-        mask=np.array([False, False, True, True, True]),
-        topk_ids=np.zeros((4, 1), np.int64), topk_logprobs=np.zeros((4, 1), np.float32),
-        target_logprobs=np.array([-9.0, -1.0, -2.0, -np.inf], np.float32),
+        input_ids=np.arange(6), offsets=np.array([[0, 3], [3, 5], [5, 9], [9, 11], [11, 14], [14, 19]]),
+        mask=np.array([False, False, False, True, True, True]),
+        topk_ids=np.zeros((5, 1), np.int64), topk_logprobs=np.zeros((5, 1), np.float32),
+        target_logprobs=np.array([-9.0, -9.0, -1.0, -np.inf, -7.0], np.float32),
     )  # fmt: skip
-    # rows 1..3 predict the masked tokens 2..4; the -inf is counted at the floor
-    assert ce_per_byte(sample) == pytest.approx((1.0 + 2.0 - LOGPROB_FLOOR) / 6)
+    # rows 2..3 predict the content tokens 3..4 (the -inf is counted at the floor); row 4 predicts the end-of-turn
+    # token, which spells no byte of the response and is left out
+    assert ce_per_byte(sample) == pytest.approx((1.0 - LOGPROB_FLOOR) / 6)

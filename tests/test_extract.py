@@ -74,6 +74,10 @@ def test_extract_matches_a_direct_forward(tmp_path, models):
         assert np.abs(np.sort(lp, 1)[:, ::-1][:, :5] - sample.topk_logprobs).max() <= MAX_ERROR
         realized = lp[np.arange(len(lp)), chat.input_ids[1:]]
         assert np.abs(realized - sample.target_logprobs).max() <= MAX_ERROR
+    log = (tmp_path / "run/extract.q/logs/stage.log").read_text()
+    assert "extract.q shard 0: " in log and " tokens/s, elapsed " in log and ", ETA " in log  # per batch
+    peaks = json.loads((tmp_path / "run/extract.q/manifest.json").read_text())["peak_memory"]
+    assert peaks["shards_measured"] == 3 and peaks["host_rss_peak_mb"] > 50
 
 
 def _prepared_rows(tmp_path):
@@ -161,12 +165,128 @@ def test_length_batches_respect_the_budget():
     assert batches[0][0] == 1  # longest first
 
 
-def test_tokenizer_larger_than_the_model_is_refused():
-    from types import SimpleNamespace
+# --------------------------------------------------------------------------------------------- the chunked head
 
-    from fuse.models import ModelLoadError
-    from fuse.stages.extract import check_tokenizer_fits
+# (architecture, vocab, config extras): untied / tied / padded vocabularies and every post-processing after lm_head
+# that the chunked head reproduces (Gemma-2/3 softcapping, Cohere scale, Granite divisor).
+HEADS = [
+    ("llama", 1000, {}),
+    ("qwen2", 1536, {"tie_word_embeddings": True}),  # tied, and padded: ids drawn below 1000 only
+    ("gemma2", 777, {"final_logit_softcapping": 5.0}),
+    ("gemma3_text", 1024, {"final_logit_softcapping": 5.0}),
+    ("gpt2", 999, {}),
+    ("cohere", 512, {"logit_scale": 3.0}),
+    ("granite", 512, {"logits_scaling": 0.25}),
+]
 
-    with pytest.raises(ModelLoadError, match="vocab-size mismatch"):
-        check_tokenizer_fits(SimpleNamespace(name="m", path="/m"), [0] * 10, 5)
-    check_tokenizer_fits(SimpleNamespace(name="m", path="/m"), [0] * 10, 16)  # a padded vocab is fine
+
+def tiny_model(arch: str, vocab: int, **extra):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    sizes |= {"num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256}
+    if arch == "gpt2":
+        sizes = {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": 256,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=vocab, **sizes, **extra))
+    with torch.no_grad():  # logits large enough that a missing softcap or scale would show
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.eval()
+
+
+def full_forward(model, sequences, top_k):
+    """Today's computation: one unbatched forward per sequence, the full log-softmax."""
+    import torch
+
+    out = []
+    for seq in sequences:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.as_tensor(seq)[None]).logits[0, :-1].float(), -1)
+        top = lp.topk(top_k)
+        out.append((top.indices.numpy(), top.values.numpy(), lp[torch.arange(len(seq) - 1), seq[1:]].numpy()))
+    return out
+
+
+def head_rows_seen(model):
+    """Record how many positions each call of the output head gets."""
+    seen = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0])
+    )
+    return seen
+
+
+@pytest.mark.parametrize("arch,vocab,extra", HEADS, ids=[h[0] for h in HEADS])
+def test_chunked_head_equals_the_full_forward(arch, vocab, extra):
+    from fuse.backends.hf import output_head
+
+    model = tiny_model(arch, vocab, **extra)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, min(vocab, 1000), n) for n in (40, 17, 2, 33, 64)]
+    seen = head_rows_seen(model)
+    backend = TransformersBackend(model, batch_tokens=128, name=arch, head_chunk_tokens=7)
+    got = backend.logprobs(sequences, 5)
+    assert output_head(model) is not None  # reproduced, not the full-forward fallback
+    assert max(seen[2:]) <= 7  # after the probe (full forward + head, 16 positions): a chunk at a time
+    for result, (ids, values, target) in zip(got, full_forward(model, sequences, 5), strict=True):
+        assert np.abs(result.topk_logprobs - values).max() < 2e-5
+        assert np.abs(result.target_logprobs - target).max() < 2e-5
+        distinct = np.diff(values, axis=1).min(axis=1) < -1e-4  # rows without near-ties: same ids, same order
+        np.testing.assert_array_equal(result.topk_ids[distinct], ids[distinct])
+
+
+def test_unknown_post_processing_falls_back_to_the_full_forward():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from fuse.backends.hf import output_head
+
+    class Shifted(LlamaForCausalLM):  # an architecture that does something after lm_head we do not know about
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 1.5 + torch.linspace(0, 3, out.logits.shape[-1])
+            return out
+
+    base = tiny_model("llama", 300)
+    model = Shifted(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    sequences = [np.arange(3, 30), np.arange(50, 60)]
+    got = TransformersBackend(model, 64, head_chunk_tokens=4).logprobs(sequences, 4)
+    assert output_head(model) is None
+    for result, (_, values, target) in zip(got, full_forward(model, sequences, 4), strict=True):
+        assert np.abs(result.topk_logprobs - values).max() < 2e-5
+        assert np.abs(result.target_logprobs - target).max() < 2e-5
+
+
+def test_evaluate_ce_goes_through_the_chunked_head():
+    import torch
+
+    from fuse.backends.hf import summed_nll
+
+    model = tiny_model("gemma3_text", 1024, final_logit_softcapping=5.0)
+    sequences = [list(range(5, 45)), list(range(100, 112)), [7, 8]]
+    seen = head_rows_seen(model)
+    nll = summed_nll(model, sequences, chunk=8)
+    assert max(seen[2:]) <= 8
+    reference = sum(-float(t.sum()) for _, _, t in full_forward(model, [np.array(s) for s in sequences], 1))
+    assert nll == pytest.approx(reference, rel=1e-5)
+    del torch
+
+
+def test_progress_line_reads_in_plain_logs():
+    from fuse.backends import Progress
+
+    progress = Progress("extract.x shard 0", 10, "rows")
+    progress.start -= 10.0  # as if 10 s went by
+    progress.update(4, 2000)
+    line = progress.line()
+    assert line.startswith("extract.x shard 0: 4/10 rows (40.0%), 2000 tokens, ") and "tokens/s" in line
+    assert line.endswith("ETA 0:15")  # 6 rows left at 0.4 rows/s

@@ -235,12 +235,14 @@ def test_short_run_raises_heldout_accuracy(trained):
     heldout = summary["heldout"]
     assert summary["fusion"] == "max_margin" and summary["beta"] == 2.5 and summary["pairs"]["train"] == 32
     assert summary["init_check"]["max_abs_diff"] < 1e-5
-    assert (
-        heldout["pairs"] == 16 and heldout["reference"] == "policy_at_init"
-    )  # score covers train pairs only
+    # score covers the held-out pairs too: they are measured against the same fused reference as training
+    assert heldout["pairs"] == 16 and heldout["reference"] == "fused"
     before, after = heldout["before"], heldout["after"]
-    assert before["reward_accuracy"] == 0.0  # the policy is its own reference before training
     assert after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
+    assert (
+        after["reward_accuracy"] > before["reward_accuracy"]
+        and after["reward_margin"] > before["reward_margin"]
+    )
     assert after["preference_accuracy"] > before["preference_accuracy"] + 0.25
     assert set(summary["train_reference"]["picked"]) == {"a"} and summary["training"]["global_step"] == 12
     log = [json.loads(line) for line in (trained / "logs" / training.LOG_FILE).read_text().splitlines()]
@@ -266,7 +268,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, trained, tmp_path, 
 
     real_run_job = training.run_job
     with monkeypatch.context() as patch:
-        patch.setattr(training, "train", lambda job: real_run_job(job, callbacks=(Crash(),)))
+        patch.setattr(
+            training, "train", lambda job, **kw: real_run_job(job, **{**kw, "callbacks": (Crash(),)})
+        )
         with pytest.raises(KeyboardInterrupt):
             fpo.run(world.ctx(tmp_path))
     assert not (tmp_path / "out" / "model").exists()
@@ -348,3 +352,27 @@ def test_stage_module_imports_no_heavy_libraries():
     code = "import sys, fuse.stages.fpo; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_pairs_truncated_by_any_models_score_are_refused_and_counted():
+    import logging
+    from collections import Counter
+
+    from fuse.stages.fpo import drop_truncated
+
+    def table(ids, chosen, rejected):
+        return {
+            "id": np.array(ids),
+            "chosen_truncated": np.array(chosen),
+            "rejected_truncated": np.array(rejected),
+        }
+
+    tables = {
+        "pivot": table(["a", "b", "c"], [False, False, False], [False, True, False]),
+        "src": table(["a", "b", "c"], [True, False, False], [False, False, False]),
+    }
+    skipped: Counter = Counter()
+    rows = [{"id": i} for i in ("a", "b", "c")]
+    kept = drop_truncated(rows, tables, skipped, logging.getLogger("test"))
+    assert [r["id"] for r in kept] == ["c"]
+    assert skipped == Counter({"truncated by score.pivot": 1, "truncated by score.src": 1})

@@ -12,10 +12,21 @@ import pytest
 import torch
 
 from fuse.merging import MergeConfig, MergeConfigError, PreflightError, run_merge
+from fuse.merging.engine import report_markdown
 from fuse.merging.methods import METHODS, bernoulli_mask, get_method, merge_method, resolve_params
 from tests.merge_models import load_all, make_family, rewrite, save_tokenizer
 
-ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "sce", "varm"]
+ALL_METHODS = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "sce",
+    "sce_mergekit",
+    "varm",
+]
 PARAMS = {  # per method: (shared, per-model) exercising the non-default paths
     "linear": ({}, [{"weight": 1.0}, {"weight": 0.5}]),
     "task_arithmetic": ({"lambda": 0.8}, [{"weight": 0.6}, {"weight": 0.4}]),
@@ -24,6 +35,7 @@ PARAMS = {  # per method: (shared, per-model) exercising the non-default paths
     "dare_ties": ({"normalize": True}, [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]),
     "breadcrumbs": ({}, [{"weight": 0.5, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.7}]),
     "sce": ({"select_topk": 0.3}, [{}, {}]),
+    "sce_mergekit": ({"select_topk": 0.3}, [{}, {}]),
     "varm": ({}, [{}, {}]),
 }
 
@@ -93,11 +105,94 @@ def test_breadcrumbs_drops_outliers_and_smallest():
     assert merged.tensor.tolist() == [0, 0, 0, 0, 5, 6, 7, 8, 9, 0]
 
 
-def test_sce_selects_by_variance_weights_by_energy_and_erases_minority_signs():
-    merged = apply("sce", [0.0] * 4, [[1.0, 0.1, -2.0, 2.0], [-1.0, 0.3, 1.0, 2.0]], {"select_topk": 0.7})
+def test_sce_mergekit_selects_by_variance_masks_weights_by_energy_and_erases_minority_signs():
+    merged = apply(
+        "sce_mergekit", [0.0] * 4, [[1.0, 0.1, -2.0, 2.0], [-1.0, 0.3, 1.0, 2.0]], {"select_topk": 0.7}
+    )
     # variance [1, .01, 2.25, 0]: 2 of 3 non-zero kept (0 and 2); weights ∝ [5/4, 2/4]; signs +, -: model 1 wins
     assert torch.allclose(merged.tensor, torch.tensor([1.0, 0.0, -2.0, 0.0]))
     assert merged.weights == pytest.approx([1.25 / 1.75, 0.5 / 1.75])
+
+
+def test_sce_selection_sets_the_weights_only_and_every_delta_is_merged():
+    merged = apply("sce", [0.0] * 4, [[1.0, 0.1, -2.0, 2.0], [-1.0, 0.3, 1.0, 2.0]], {"select_topk": 0.7})
+    # same selection and weights as above, but unselected entries 1 and 3 are merged too: Σ = [0, .4, -1, 4]
+    # elects +, +, -, +; entry 1 = weighted mean of .1 and .3, entry 3 = 2 (both agree)
+    w = [1.25 / 1.75, 0.5 / 1.75]
+    assert merged.weights == pytest.approx(w)
+    assert torch.allclose(merged.tensor, torch.tensor([1.0, 0.1 * w[0] + 0.3 * w[1], -2.0, 2.0]))
+
+
+def fusechat_sce(base: torch.Tensor, deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """Direct transcription of FuseChat's SCE (FuseAI/FuseChat, FuseChat-2.0 merge code,
+    mergekit/merge_methods/sce_merging.py: get_sce_mask, get_sce_weight, get_erase_mask, SCETask.execute)."""
+    # select & calculate: the mask touches the weight computation only
+    masked = list(deltas)
+    if select_topk < 1:
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(select_topk * torch.count_nonzero(variance))
+        mask = torch.zeros_like(variance)
+        if k > 0:
+            mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
+        masked = [delta * mask for delta in deltas]
+    weights = [torch.sum(delta**2).item() / delta.numel() for delta in masked]
+    total = sum(weights)
+    weights = [1.0 / len(weights)] * len(weights) if total == 0 else [w / total for w in weights]
+    weights = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+    # erase: sign of the plain sum of the (unmasked) deltas
+    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    erased = weights * (deltas.sign() == majority)
+    divisor = erased.sum(dim=0)
+    divisor[divisor == 0] = 1
+    return base + (deltas * erased).sum(dim=0) / divisor
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_sce_equals_a_transcription_of_fusechats_code(select_topk, scale):
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(3, 24, 16, generator=generator, dtype=torch.float64)[0]
+    deltas = torch.randn(3, 24, 16, generator=generator, dtype=torch.float64) * scale
+    deltas[1, :4] *= 5  # unequal energies, so the weights matter
+    deltas[2, 5] = 0  # exact zeros never agree with the elected sign
+    expected = fusechat_sce(base, deltas, select_topk)
+    merged = apply("sce", base.tolist(), deltas.tolist(), {"select_topk": select_topk})
+    assert torch.allclose(merged.tensor, expected.float(), rtol=1e-5, atol=1e-7 * scale)
+    moved = (merged.tensor - base.float()).abs()
+    assert float(moved.max()) > 0.5 * scale  # no select_topk erases the merge, not even 0
+
+
+def test_sce_weights_of_realistic_small_deltas_are_not_uniform():
+    # chat fine-tunes move weights by ~1e-4 (RMS): squared means ~1e-8, far below mergekit's 1e-6 threshold
+    generator = torch.Generator().manual_seed(3)
+    deltas = torch.randn(3, 4096, generator=generator, dtype=torch.float64) * torch.tensor(
+        [[1e-4], [2e-4], [5e-5]]
+    )
+    energy = deltas.square().mean(dim=1)
+    expected = (energy / energy.sum()).tolist()  # float64 reference; ≈ [0.19, 0.76, 0.05], not 1/3 each
+    for method in ("sce", "sce_mergekit", "varm"):
+        weights = apply(
+            method, [0.0] * 4096, deltas.tolist(), {"select_topk": 1.0} if "sce" in method else {}
+        ).weights
+        assert weights == pytest.approx(expected, rel=1e-5), method
+
+
+def test_sce_keeps_a_lone_agreeing_model_whatever_its_weight():
+    # entry 1: only model 1 agrees with the elected sign, and its weight (~1e-8) is below mergekit's 1e-6 clamp
+    for method in ("sce", "sce_mergekit"):
+        merged = apply(method, [0.0, 0.0], [[1.0, 0.0], [0.0, 1e-4]], {"select_topk": 1.0})
+        assert merged.tensor.tolist() == pytest.approx([1.0, 1e-4], rel=1e-6), method
+
+
+def test_defaults_keep_the_delta_that_every_target_agrees_on():
+    """With default parameters no method may erase most of a delta all targets share (a little noise apart)."""
+    generator = torch.Generator().manual_seed(1)
+    shared = torch.randn(2000, generator=generator)
+    deltas = shared + 0.05 * torch.randn(3, 2000, generator=generator)
+    for method in METHODS:
+        merged = apply(method, [0.0] * 2000, deltas.tolist())
+        share = float(merged.tensor @ shared / (shared @ shared))
+        assert share > 0.9, f"{method}: only {share:.2f} of the shared delta survives with the defaults"
 
 
 def test_varm_weights_by_mean_squared_delta():
@@ -160,7 +255,7 @@ def test_streamed_merge_equals_in_memory_merge(method, family, tmp_path):
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], expected[k]) for k in expected)
     assert report["summary"]["merged_tensors"] == len(expected)
-    assert (method in ("sce", "varm")) == ("mean_weights" in report["summary"])
+    assert (method in ("sce", "sce_mergekit", "varm")) == ("mean_weights" in report["summary"])
 
 
 def test_output_is_a_loadable_checkpoint_with_the_base_tokenizer(family, tmp_path):
@@ -316,6 +411,7 @@ def test_cli_merges_from_yaml_and_reports_bad_config(family, tmp_path, capsys):
         f"  - path: {family[2]}\nmethod: ties\noutput: out\ndtype: float32\n"
     )
     assert main(["merge", str(config)]) == 0
+    assert "delta energy kept: t1 " in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["models"][0]["parameters"]["density"] == 0.5 and report["method"]["name"] == "ties"
     assert (tmp_path / "out" / "merge_report.md").read_text().startswith("# Merge report: ties")
@@ -365,4 +461,92 @@ def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_pa
     report = json.loads((ctx.out / "merge_report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["a", "b"] and report["method"]["name"] == "varm"
     assert sum(report["summary"]["mean_weights"].values()) == pytest.approx(1.0)
-    assert (ctx.out / "merge_report.md").is_file()
+    merge_md = (ctx.out / "merge_report.md").read_text()
+    assert "| a · b |" in merge_md  # the diagnostics, which publish puts in the model card
+    from fuse.stages.publish import model_card
+
+    card = model_card(recipe, None, [], "0.0", merge_md)
+    assert "### Diagnostics" in card and "| a · b |" in card and "share of its energy surviving" in card
+
+
+# --------------------------------------------------------------------------------------------- one target, diagnostics
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_one_target_comes_through_unchanged_whatever_the_method(method, family, tmp_path):
+    # parameters that would prune or scale a delta if the method were applied to it
+    pruning = {"density": 0.3, "weight": 0.5, "gamma": 0.1}
+    spec = get_method(method)
+    config = MergeConfig(
+        base_model=str(family[0]),
+        models=[
+            {"path": str(family[1]), "parameters": {k: v for k, v in pruning.items() if k in spec.per_model}}
+        ],
+        method=method,
+        parameters={"select_topk": 0.1} if "select_topk" in spec.shared else {},
+        dtype="float32",
+    )
+    report = run_merge(config, tmp_path / "out")
+    merged, target = load_all(tmp_path / "out"), load_all(family[1])
+    assert all(torch.equal(merged[k], target[k]) for k in target)
+    assert report["summary"]["single_target"] == "t1"
+    assert report["diagnostics"]["families"]["all"]["energy_share"]["t1"] == pytest.approx(1.0)
+
+
+def test_tensor_families_from_names():
+    from fuse.merging.diagnostics import tensor_family
+
+    assert tensor_family("model.layers.0.self_attn.q_proj.weight") == "attention"
+    assert tensor_family("model.layers.0.post_attention_layernorm.weight") == "norms/other"
+    assert tensor_family("model.layers.1.mlp.down_proj.weight") == "mlp"
+    assert tensor_family("transformer.h.0.mlp.c_fc.weight") == "mlp"
+    assert tensor_family("transformer.h.0.attn.c_attn.weight") == "attention"
+    assert tensor_family("transformer.h.0.ln_1.weight") == "norms/other"
+    assert tensor_family("model.embed_tokens.weight") == tensor_family("lm_head.weight") == "embeddings/head"
+    assert tensor_family("model.norm.weight") == "norms/other"
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_diagnostics_equal_brute_force_sums_over_whole_checkpoints(method, family, tmp_path):
+    from fuse.merging.diagnostics import tensor_family
+
+    report = run_merge(config_for(method, family, dtype="float32"), tmp_path / "out")
+    base, merged = load_all(family[0]), load_all(tmp_path / "out")
+    deltas = [{k: v - base[k] for k, v in load_all(p).items()} for p in family[1:]]
+    diagnostics = report["diagnostics"]["families"]
+    for fam in ("all", "attention", "mlp", "embeddings/head", "norms/other"):
+        names = [k for k in base if fam == "all" or tensor_family(k) == fam]
+        flat = [torch.cat([d[k].double().reshape(-1) for k in names]) for d in deltas]
+        moved = torch.cat([(merged[k] - base[k]).double().reshape(-1) for k in names])
+        got = diagnostics[fam]
+        assert got["cosine"]["t1~t2"] == pytest.approx(
+            float(flat[0] @ flat[1] / flat[0].norm() / flat[1].norm()), rel=1e-4
+        )
+        for label, delta in zip(["t1", "t2"], flat, strict=True):
+            assert got["delta_norm"][label] == pytest.approx(float(delta.norm()), rel=1e-5)
+            assert got["energy_share"][label] == pytest.approx(
+                float(moved @ delta / (delta @ delta)), rel=1e-4
+            )
+    markdown = report_markdown(report)
+    assert "## Diagnostics" in markdown and "| t1 · t2 |" in markdown
+
+
+def test_verdict_flags_far_apart_families_and_dropped_targets():
+    from fuse.merging.diagnostics import summarize, tensor_record
+
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])  # orthogonal MLP deltas
+    merged = (a + b) / 2
+    stats = {
+        "layers.0.mlp.up_proj.weight": {
+            "numel": 3,
+            "weights": [0.5, 0.5],
+            **tensor_record(
+                "layers.0.mlp.up_proj.weight", torch.ones(3), [[1.0, 0.0], [0.0, 1.0]], merged, [0.5, 0.5]
+            ),
+        }
+    }
+    diagnostics = summarize(stats, ["a", "b"])
+    assert diagnostics["families"]["mlp"]["cosine"]["a~b"] == 0.0
+    assert diagnostics["families"]["all"]["energy_share"] == {"a": 0.5, "b": 0.5}
+    assert any(line.startswith("mlp: the targets' deltas are far apart") for line in diagnostics["verdict"])
+    assert diagnostics["weights"]["mlp"]["a"] == {"mean": 0.5, "min": 0.5, "max": 0.5}

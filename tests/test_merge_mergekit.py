@@ -1,5 +1,8 @@
 """Parity with mergekit 0.1.5 (the reference implementation) on tiny Llama checkpoints, method by method.
 
+Our `sce` follows FuseChat's code (selection sets the weights only) and has no mergekit counterpart; mergekit's
+SCE (selection masks the deltas) is our `sce_mergekit`, compared here.
+
 DARE draws its masks differently in the two tools (mergekit: torch's global RNG in execution order; ours: per
 tensor and model), so for dare_* mergekit is handed our masks and the comparison uses mergekit's L1 rescaling
 (`rescale: l1`); the paper's 1/density rescaling is checked by hand in test_merge.py.
@@ -24,8 +27,9 @@ CASES = {  # method: (shared parameters, per-model parameters)
     "dare_linear": ({}, [{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.4}]),
     "dare_ties": ({"normalize": True}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.7}]),
     "breadcrumbs": ({}, [{"weight": 0.5, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.7}]),
-    "sce": ({"select_topk": 0.3}, [{}, {}]),
+    "sce_mergekit": ({"select_topk": 0.3}, [{}, {}]),
 }
+MERGEKIT_NAME = {"sce_mergekit": "sce"}  # our `sce` is FuseChat's, checked against its code in test_merge.py
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def run_mergekit(method: str, paths: list[Path], out: Path) -> None:
 
     shared, per = CASES[method]
     config = {
-        "merge_method": method,
+        "merge_method": MERGEKIT_NAME.get(method, method),
         "dtype": "float32",
         "parameters": shared,
         "models": [{"model": str(p), "parameters": per[i]} for i, p in enumerate(paths[1:])],

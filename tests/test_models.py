@@ -124,9 +124,7 @@ def test_check_vocab_padded_is_fine_and_an_oversized_tokenizer_is_an_error(zoo):
         check_vocab(spec, types.SimpleNamespace(vocab_size=700), tokenizer)
     # the embedding decides when the model is given, even if the config claims more
     model.resize_token_embeddings(512)
-    with pytest.raises(
-        ModelLoadError, match=r"tokenizer has 800 tokens but the model has 512 embedding rows"
-    ):
+    with pytest.raises(ModelLoadError, match=r"tokenizer has 800 tokens but the model outputs 512"):
         check_vocab(spec, types.SimpleNamespace(vocab_size=832), tokenizer, model)
 
 
@@ -210,3 +208,32 @@ def test_generic_tokenizer_class_keeps_the_metaspace_pre_tokenizer(zoo):
         tokenizer(text, add_special_tokens=False)["input_ids"]
         == reference.encode(text, add_special_tokens=False).ids
     )
+
+
+def test_sharded_loading_with_a_device_map_gives_the_same_logits(zoo, tmp_path):
+    """A model too big for one device: a `device_map` puts some layers elsewhere (here on disk, the CPU stand-in
+    for a second GPU; "auto" does the same over the GPUs a node has) and the forward pass is unchanged."""
+    import torch
+
+    spec = ModelSpec(name="pivot", path=str(zoo.pivot))
+    whole = load_model(spec, dtype="float32")
+    layers = len(whole.model.layers)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        "model.rotary_emb": "cpu",
+    }
+    device_map.update({f"model.layers.{i}": "cpu" if i < layers // 2 else "disk" for i in range(layers)})
+    sharded = load_model(spec, dtype="float32", device_map=device_map, offload_folder=tmp_path / "offload")
+    placed = set(sharded.hf_device_map.values())
+    assert "disk" in placed and len(placed) > 1, sharded.hf_device_map  # really split
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(sharded(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+def test_attn_implementation_reaches_the_model(zoo):
+    spec = ModelSpec(name="pivot", path=str(zoo.pivot))
+    assert load_model(spec, attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_model(spec, attn_implementation="sdpa").config._attn_implementation == "sdpa"

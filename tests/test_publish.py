@@ -107,28 +107,58 @@ def test_the_folder_is_sharded_safetensors_with_config_generation_config_and_tok
     assert not [p for p in published.folder.parent.iterdir() if p.name.startswith(".")], "temp folders left"
 
 
-def test_base_model_is_written_for_a_hub_pivot(published):
+def test_base_model_lists_every_hub_model_with_the_merge_relation(published):
     from fuse.stages.publish import card_metadata
 
-    hub = published.recipe.model_copy(
-        update={"pivot": published.recipe.pivot.model_copy(update={"path": "org/pivot-7b"})}
+    recipe = published.recipe
+    sources = [recipe.sources[0].model_copy(update={"path": "org/source-a"}), *recipe.sources[1:]]
+    data = recipe.data.model_copy(
+        update={"sft": recipe.data.sft.model_copy(update={"path": "org/sft-mixture"})}
+    )
+    hub = recipe.model_copy(
+        update={
+            "pivot": recipe.pivot.model_copy(update={"path": "org/pivot-7b"}),
+            "sources": sources,
+            "data": data,
+        }
     )
     meta = card_metadata(hub, {"method": "sce", "parameters": {}})
-    assert meta["base_model"] == "org/pivot-7b" and meta["base_model_relation"] == "merge"
+    assert meta["base_model"] == [
+        "org/pivot-7b",
+        "org/source-a",
+    ]  # local sources are left out, not their paths
+    assert meta["base_model_relation"] == "merge"
+    assert meta["datasets"] == ["org/sft-mixture"]  # the local preference file is no hub dataset
+    assert meta["license"] == "other"
+    licensed = hub.model_copy(
+        update={
+            "stages": hub.stages.model_copy(
+                update={"publish": hub.stages.publish.model_copy(update={"license": "apache-2.0"})}
+            )
+        }
+    )
+    assert card_metadata(licensed, {"method": "sce", "parameters": {}})["license"] == "apache-2.0"
 
 
 def test_the_card_metadata(published):
     recipe = published.recipe
-    meta = front_matter((published.folder / "README.md").read_text())
-    assert "base_model" not in meta  # a local pivot: the Hub only takes model ids there
+    card = (published.folder / "README.md").read_text()
+    meta = front_matter(card)
+    assert "base_model" not in meta and "base_model_relation" not in meta  # every model is local here
+    assert "datasets" not in meta  # local files are not hub datasets
+    assert meta["license"] == "other"
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert [(s["name"], s["model"]) for s in meta["fuse"]["sources"]] == [
-        (s.name, s.path) for s in recipe.sources
+        (s.name, Path(s.path).name) for s in recipe.sources
     ]
     assert meta["fuse"]["merge"]["method"] == recipe.stages.merge.method == "sce"
     assert meta["fuse"]["merge"]["parameters"] == {"select_topk": 0.5}
-    assert meta["datasets"] == ["sft.jsonl", "preference.jsonl"]
+    assert meta["fuse"]["datasets"] == ["sft.jsonl", "preference.jsonl"]
     assert "merge-sce" in meta["tags"]
+    # nothing in the card says where the run was made
+    for local in (recipe.workdir, recipe.pivot.path, recipe.data.sft.path, str(Path(recipe.workdir).parent)):
+        assert local not in card, local
+    assert "https://github.com/)" not in card  # no placeholder link
 
 
 def test_the_card_has_the_evaluation_table_recipe_version_and_lineage(published):
@@ -140,9 +170,13 @@ def test_the_card_has_the_evaluation_table_recipe_version_and_lineage(published)
     assert version("fuse-llm") in body
 
     recipe_block = re.search(r"## Recipe\n\n```yaml\n(.*?)```", body, re.S)
-    assert recipe_block and yaml.safe_load(recipe_block.group(1)) == published.recipe.model_dump(
-        mode="json", by_alias=True, exclude={"executor"}
+    from fuse.stages.publish import scrub_local_paths
+
+    shown = yaml.safe_load(recipe_block.group(1))
+    assert shown == scrub_local_paths(
+        published.recipe.model_dump(mode="json", by_alias=True, exclude={"executor", "workdir"})
     )
+    assert shown["pivot"]["path"] == f"<local>/{Path(published.recipe.pivot.path).name}"
 
     expected = {
         name: fp for name, (fp, _parts) in fingerprints(published.recipe, build_dag(published.recipe)).items()

@@ -34,7 +34,7 @@ def pairs(n: int = 10) -> list[dict]:
     ]
 
 
-def score_recipe(tmp_path, models):
+def score_recipe(tmp_path, models, heldout_fraction: float = 0.0, max_length: int = 2048):
     sft = write_jsonl(
         tmp_path / "sft.jsonl",
         [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
@@ -49,9 +49,13 @@ def score_recipe(tmp_path, models):
             "data": {
                 "sft": {"path": str(sft)},
                 "preference": {"path": str(pref), "format": "preference"},
-                "heldout_fraction": 0.0,
+                "heldout_fraction": heldout_fraction,
             },
-            "stages": {**OFF, "score": {"num_shards": 2, "batch_tokens": 256}},
+            "stages": {
+                **OFF,
+                "score": {"num_shards": 2, "batch_tokens": 256, "max_length": max_length},
+                "fpo": {"max_length": max_length},
+            },
         }
     )
 
@@ -123,3 +127,24 @@ def test_target_model_comes_from_the_parent_folder(tmp_path, models):
     run(recipe, only=["score.q"], echo=lambda _: None)
     source = score.load_scores(tmp_path / "run/score.q/out").to_pylist()
     assert np.allclose([r["chosen_logp"] for r in target], [r["chosen_logp"] for r in source])
+
+
+def test_heldout_pairs_are_scored_and_truncated_sides_flagged(tmp_path, models):
+    """fpo's held-out metrics need the held-out pairs' scores (the fused reference), and a side the model's
+    tokenizer made longer than max_length is flagged, its bytes those of the scored prefix, not the whole text."""
+    from fuse.data.prepared import load_split
+
+    recipe = score_recipe(tmp_path, models, heldout_fraction=0.4, max_length=40)
+    run(recipe, only=["prepare", "score.q"], echo=lambda _: None)
+    prepared = tmp_path / "run/prepare/out"
+    rows = {r["id"]: r for split in ("train", "heldout") for r in load_split(prepared, "preference", split)}
+    heldout = {r["id"] for r in load_split(prepared, "preference", "heldout")}
+    table = score.load_scores(tmp_path / "run/score.q/out").to_pylist()
+    assert heldout and heldout <= {r["id"] for r in table} and len(table) == len(rows)
+    flagged = [(r, side) for r in table for side in ("chosen", "rejected") if r[f"{side}_truncated"]]
+    assert flagged, "max_length 40 must truncate some responses"
+    for record, side in flagged:  # (the cut may fall after the content, before the end-of-turn token)
+        assert 0 <= record[f"{side}_bytes"] <= len(rows[record["id"]][side].encode())
+    assert any(r[f"{s}_bytes"] < len(rows[r["id"]][s].encode()) for r, s in flagged)
+    whole = [(r, s) for r in table for s in ("chosen", "rejected") if not r[f"{s}_truncated"]]
+    assert all(r[f"{s}_bytes"] == len(rows[r["id"]][s].encode()) for r, s in whole)

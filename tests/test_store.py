@@ -117,7 +117,7 @@ def test_exceptions_and_unknown_targets_round_trip_exactly(tmp_path, samples):
     sample = SampleLogprobs(**{**sample.__dict__})
     sample.topk_logprobs = sample.topk_logprobs.copy()
     sample.topk_logprobs[0, 3:] = -np.inf
-    sample.topk_logprobs[1, 1:] -= 90.0  # a gap no code holds (12 bits cover 81 nats)
+    sample.topk_logprobs[1, 1:] -= 2000.0  # a gap no code holds (65534 steps of 0.0199 cover 1304 nats)
     sample.target_logprobs = sample.target_logprobs.copy()
     sample.target_logprobs[0] = np.nan  # e.g. an aligned position whose realized token has no projection
     write_shard(tmp_path / "one", [sample], K, VOCAB)
@@ -139,7 +139,7 @@ def test_bytes_per_token_at_k10(tmp_path, samples):
 def test_corrupt_partial_and_missing_shards_are_detected(tmp_path, samples):
     path = write_shard(tmp_path / shard_name(0), samples[:4], K, VOCAB)
     LogprobReader(path)[0]  # fine as written
-    gaps = path / "lp_gaps.npy"
+    gaps = path / "payload.bin"  # the log-prob codes (format version 2)
     data = bytearray(gaps.read_bytes())
     data[-1] ^= 0xFF
     gaps.write_bytes(bytes(data))

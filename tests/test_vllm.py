@@ -100,3 +100,50 @@ def test_convert_prompt_logprobs_handles_first_position_and_extra_entry():
     assert out.topk_ids.tolist() == [[5, 6], [7, 8]]
     np.testing.assert_allclose(out.topk_logprobs, [[-0.1, -2.0], [-0.5, -1.5]], rtol=1e-6)
     assert out.target_logprobs.tolist() == pytest.approx([-0.1, -9.0])
+
+
+def test_engine_arguments_take_the_recipe_settings():
+    from fuse.backends.vllm_engine import engine_arguments
+    from fuse.recipe import ExtractSettings
+
+    settings = ExtractSettings.model_validate({
+        "vllm": {"enable_chunked_prefill": True, "engine_kwargs": {"swap_space": 0}},
+        "models": {"big": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 4096}}},
+    })  # fmt: skip
+    big = settings.for_model("big")
+    args = engine_arguments(
+        "/m", 10, 2048, "bfloat16", big.tensor_parallel_size, 0.9, False, big.vllm, gpu=True
+    )
+    assert args["max_num_batched_tokens"] == 4096 and args["enable_chunked_prefill"] is True
+    assert args["tensor_parallel_size"] == 8 and args["distributed_executor_backend"] == "mp"
+    assert args["swap_space"] == 0 and args["max_model_len"] == 2049
+    assert args["enforce_eager"] is False  # CUDA graphs on GPU unless the recipe says otherwise
+    small = settings.for_model("pivot")
+    args = engine_arguments("/m", 10, 2048, "float32", small.tensor_parallel_size, 0.9, False, small.vllm)
+    assert "max_num_batched_tokens" not in args and args["enforce_eager"] is True  # on CPU
+    assert args["tensor_parallel_size"] == 1
+
+
+@pytest.mark.slow
+def test_chunked_prefill_with_a_small_step_budget_matches_transformers(models, tmp_path):
+    """The documented remedy for prompt_logprobs running out of memory on big vocabularies: sequences longer
+    than the per-step token budget are prefilled in chunks, and their log-probs stay the reference's."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse.recipe import VllmSettings
+
+    seqs = [s for s in sequences(models["llama"], 24) if len(s) > 48][:6]
+    assert seqs, "need sequences longer than the step budget"
+    reference = TransformersBackend(AutoModelForCausalLM.from_pretrained(models["llama"]), 1024).logprobs(
+        seqs, K
+    )
+    engine_settings = VllmSettings(max_num_batched_tokens=32, enable_chunked_prefill=True)
+    engine = VllmBackend(
+        models["llama"], K, 256, scratch=tmp_path / "s", name="llama", engine=engine_settings
+    )
+    try:
+        assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == 32
+        candidate = engine.logprobs(seqs, K)
+    finally:
+        engine.close()
+    assert_parity(reference, candidate)

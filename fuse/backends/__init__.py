@@ -4,11 +4,18 @@ realized next token at every position. `transformers` (the reference, the CPU de
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# A progress line at most this often (seconds), so that logs stay readable.
+PROGRESS_EVERY_S = 10.0
 
 
 class BackendError(RuntimeError):
@@ -58,3 +65,56 @@ def make_backend(kind: str, spec: Any, settings: Any, scratch: str | None = None
 
         return VllmBackend.from_spec(spec, settings, scratch)
     raise BackendError(f"unknown backend {kind!r} (transformers | vllm)")
+
+
+def track_batches(backend: Any, label: str, total: int, unit: str, logger: logging.Logger = log) -> Progress:
+    """A progress line per forward batch (tokens/s, ETA) where the backend reports its batches (transformers),
+    else per chunk of work handed to it (vLLM)."""
+    progress = Progress(label, total, unit, logger)
+    if hasattr(backend, "on_batch"):
+        backend.on_batch = progress.update
+        progress.per_batch = True
+    return progress
+
+
+class Progress:
+    """Plain progress lines for a non-TTY log: items and tokens done, tokens/s, ETA from the item rate."""
+
+    def __init__(self, label: str, total_items: int, unit: str, logger: logging.Logger = log) -> None:
+        self.label, self.total, self.unit, self.log = label, total_items, unit, logger
+        self.items = self.tokens = 0
+        self.start = time.monotonic()
+        self.last = float("-inf")  # the first batch always gets its line
+        self.per_batch = False  # True once a backend reports its batches itself
+
+    def chunk_done(self, rows: int, kept_tokens: Sequence[int]) -> None:
+        """A chunk of rows is written: count what a per-batch backend did not already count (skipped rows)."""
+        if self.per_batch:
+            self.update(rows - len(kept_tokens), 0)
+        else:
+            self.update(rows, sum(kept_tokens))
+
+    def update(self, items: int, tokens: int) -> None:
+        self.items += items
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S or self.items >= self.total:
+            self.last = now
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.monotonic()) - self.start, 1e-9)
+        rate = self.tokens / elapsed
+        left = (self.total - self.items) * elapsed / self.items if self.items else float("nan")
+        return (
+            f"{self.label}: {self.items}/{self.total} {self.unit} ({100.0 * self.items / max(self.total, 1):.1f}%), "
+            f"{self.tokens} tokens, {rate:.0f} tokens/s, elapsed {_clock(elapsed)}, ETA {_clock(left)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing measured yet
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

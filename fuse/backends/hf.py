@@ -1,21 +1,26 @@
-"""The transformers backend: sequences batched by length within a token budget, one forward per batch under
-`torch.inference_mode`, log-softmax and top-K on the model's device; only [T, K] results reach the host.
+"""The transformers backend: sequences batched by length within a token budget, the model body run once per batch
+under `torch.inference_mode`, then the output head over chunks of positions with log-softmax, top-K and the
+realized token's log-prob per chunk, so that a batch's full-vocabulary logits never exist; only [T, K] reach
+the host. The same chunked head serves score (through this backend) and evaluate's per-byte CE.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fuse.backends import BackendError, TokenLogprobs, check_request
+from fuse.backends import TokenLogprobs, check_request
 
 log = logging.getLogger(__name__)
 
-# Rows of log-softmax done at once: bounds the float32 copy of the logits to CHUNK x vocab.
-CHUNK_ROWS = 1024
+# Positions whose logits exist at once: bounds the head's working memory to about 3 x this x vocab x 4 bytes
+# (262,144 entries: 0.8 GB) whatever the batch and the vocabulary.
+HEAD_CHUNK_TOKENS = 256
 
 
 def model_max_length(config: Any) -> int:
@@ -39,16 +44,188 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-class TransformersBackend:
-    """The reference backend. `batch_tokens` bounds padded tokens per forward (the logits are that x vocab)."""
+# --------------------------------------------------------------------------------------------- the output head
 
-    def __init__(self, model: Any, batch_tokens: int = 16384, name: str = "model") -> None:
+
+@dataclass(frozen=True)
+class OutputHead:
+    """How a causal LM turns its final hidden states into logits, reproduced so that it can run on a few
+    positions at a time: `lm_head`, then what the architecture applies after it, in the model's dtype as the
+    model does (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma-2/3's `final_logit_softcapping`)."""
+
+    body: Any
+    lm_head: Any
+    scale: float | None = None
+    softcap: float | None = None
+
+    def logits(self, hidden: Any) -> Any:
+        import torch
+
+        logits = self.lm_head(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def output_head(model: Any) -> OutputHead | None:
+    """The model's output head, or None when its logits cannot be reproduced from the body's hidden states (an
+    unknown post-processing, a body without `last_hidden_state`): then the full forward is used. Checked once
+    per model on a short probe against the model's own forward."""
+    if model not in _HEADS:
+        _HEADS[model] = _probe_head(model)
+    return _HEADS[model]
+
+
+def _head_of(model: Any) -> OutputHead:
+    config = model.config
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale = 1.0 / float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(
+        body=model.base_model,
+        lm_head=model.get_output_embeddings(),
+        scale=float(scale) if scale is not None else None,
+        softcap=float(softcap) if softcap else None,
+    )
+
+
+def _probe_head(model: Any) -> OutputHead | None:
+    import torch
+
+    head = _head_of(model)
+    vocab = int(head.lm_head.weight.shape[0]) if head.lm_head is not None else 0
+    device = next(model.parameters()).device
+    ids = (torch.arange(16, device=device)[None] * 7919 + 3) % max(vocab, 1)
+    try:
+        with torch.inference_mode():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            chunked = head.logits(_hidden(head.body, ids, torch.ones_like(ids))).float()
+    except Exception as error:  # noqa: BLE001 - any failure means: do not trust the reproduction
+        log.warning(
+            "%s: output head not reproducible (%s); using the full forward", type(model).__name__, error
+        )
+        return None
+    # Same operations in the same order: only matmul blocking may differ (more so in half precision).
+    tolerance = (1e-4 if model.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
+    difference = float((full - chunked).abs().max()) if full.shape == chunked.shape else float("inf")
+    if not difference <= tolerance:
+        log.warning(
+            "%s: the output head reproduced from its config differs from the model's logits by %.3g (unknown "
+            "post-processing after lm_head); using the full forward, whose logits are batch x length x vocab",
+            type(model).__name__,
+            difference,
+        )
+        return None
+    return head
+
+
+def _hidden(body: Any, ids: Any, attention: Any) -> Any:
+    return body(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+
+
+@dataclass
+class RowLogprobs:
+    """Flat results for the scored positions of a batch, row after row: top-K (absent when K = 0) and the
+    realized next token's log-prob; `counts[b]` positions belong to batch row b."""
+
+    topk_ids: Any
+    topk_logprobs: Any
+    target_logprobs: Any
+    counts: list[int]
+
+
+def chunked_logprobs(
+    to_logits: Callable[[Any], Any], rows: Any, targets: Any, top_k: int, chunk: int
+) -> tuple[Any, Any, Any]:
+    """[N, ...] rows (hidden states, or logits with an identity `to_logits`) -> top-K ids/log-probs [N, K] and the
+    targets' log-probs [N], `chunk` rows of float32 logits at a time."""
+    import torch
+
+    ids, values, target = [], [], []
+    for start in range(0, rows.shape[0], chunk):
+        logits = to_logits(rows[start : start + chunk]).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        target.append((logits.gather(-1, targets[start : start + chunk, None]) - lse)[:, 0])
+        if top_k:
+            top = torch.topk(logits, top_k, dim=-1)
+            ids.append(top.indices)
+            values.append(top.values - lse)
+        del logits
+    cat = (lambda parts: torch.cat(parts)) if target else (lambda parts: None)
+    return (cat(ids) if top_k else None), (cat(values) if top_k else None), cat(target)
+
+
+def batch_logprobs(
+    model: Any, ids: Any, lengths: Sequence[int], top_k: int, chunk: int = HEAD_CHUNK_TOKENS
+) -> RowLogprobs:
+    """A right-padded batch [B, W] of sequences of `lengths` -> per position t < len-1 of each row: top-K next-token
+    log-probs (K = 0: none) and the log-prob of token t+1. Positions before a row's end never see its padding,
+    so each row equals its unpadded computation."""
+    import torch
+
+    width = ids.shape[1]
+    lengths_t = torch.as_tensor(list(lengths), device=ids.device)
+    positions = torch.arange(width, device=ids.device)[None]
+    attention = (positions < lengths_t[:, None]).long()
+    scored = positions < (lengths_t[:, None] - 1)
+    following = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]
+    counts = [max(int(n) - 1, 0) for n in lengths]
+    head = output_head(model)
+    with torch.inference_mode():
+        if head is not None:
+            hidden = _hidden(head.body, ids, attention)[scored]
+            top_ids, top_lp, target = chunked_logprobs(head.logits, hidden, following, top_k, chunk)
+        else:
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            parts = [
+                chunked_logprobs(lambda x: x, logits[b, : counts[b]], following_b, top_k, chunk)
+                for b, following_b in enumerate(torch.split(following, counts))
+            ]
+            top_ids, top_lp, target = (
+                (torch.cat([p[j] for p in parts]) if parts[0][j] is not None else None) for j in range(3)
+            )
+    return RowLogprobs(top_ids, top_lp, target, counts)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad: int = 0) -> Any:
+    """[B, max len] int64 tensor of the sequences, right-padded with `pad`."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- the backend
+
+
+class TransformersBackend:
+    """The reference backend. `batch_tokens` bounds padded tokens per body forward (hidden states are that x
+    hidden size); `head_chunk_tokens` bounds the logits (that x vocab)."""
+
+    def __init__(
+        self,
+        model: Any,
+        batch_tokens: int = 16384,
+        name: str = "model",
+        head_chunk_tokens: int = HEAD_CHUNK_TOKENS,
+    ) -> None:
         self.model = model.eval()
         self.batch_tokens = int(batch_tokens)
+        self.head_chunk_tokens = int(head_chunk_tokens)
         self.name = name
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_length = model_max_length(model.config)
         self.device = next(model.parameters()).device
+        self.on_batch: Callable[[int, int], None] | None = None  # (sequences, tokens) after each batch
 
     @classmethod
     def from_spec(cls, spec: Any, settings: Any) -> TransformersBackend:
@@ -58,7 +235,7 @@ class TransformersBackend:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(spec, dtype=settings.dtype, device=device)
-        return cls(model, settings.batch_tokens, spec.name or str(spec.path))
+        return cls(model, settings.batch_tokens, spec.name or str(spec.path), settings.head_chunk_tokens)
 
     def logprobs(self, sequences: Sequence[np.ndarray], top_k: int) -> list[TokenLogprobs]:
         check_request(sequences, top_k, self.vocab_size, self.max_length, self.name)
@@ -66,45 +243,28 @@ class TransformersBackend:
         for batch in length_batches([len(s) for s in sequences], self.batch_tokens):
             for i, result in zip(batch, self._forward([sequences[i] for i in batch], top_k), strict=True):
                 results[i] = result
+            if self.on_batch is not None:
+                self.on_batch(len(batch), sum(len(sequences[i]) for i in batch))
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
         self.model = None
 
     def _forward(self, sequences: list[np.ndarray], top_k: int) -> list[TokenLogprobs]:
-        import torch
-
-        width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-            attention[row, : len(seq)] = 1
-        ids, attention = ids.to(self.device), attention.to(self.device)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            # Right padding: the first len-1 positions of each row are exactly the unpadded computation.
-            return [
-                topk_rows(logits[row, : len(seq) - 1], ids[row, 1 : len(seq)], top_k)
-                for row, seq in enumerate(sequences)
-            ]
+        ids = pad_right(sequences).to(self.device)
+        rows = batch_logprobs(self.model, ids, [len(s) for s in sequences], top_k, self.head_chunk_tokens)
+        top_ids = rows.topk_ids.cpu().numpy().astype(np.int64)
+        top_lp = rows.topk_logprobs.cpu().numpy()
+        target = rows.target_logprobs.cpu().numpy()
+        bounds = np.concatenate([[0], np.cumsum(rows.counts)])
+        return [
+            TokenLogprobs(top_ids[a:b], top_lp[a:b], target[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
 
-def topk_rows(logits: Any, targets: Any, top_k: int) -> TokenLogprobs:
-    """[N, V] logits on device -> top-K ids/log-probs and the targets' log-probs, moved to the host."""
-    import torch
-
-    ids, values, target = [], [], []
-    for start in range(0, logits.shape[0], CHUNK_ROWS):
-        lp = torch.log_softmax(logits[start : start + CHUNK_ROWS].float(), dim=-1)
-        top = torch.topk(lp, top_k, dim=-1)
-        ids.append(top.indices)
-        values.append(top.values)
-        target.append(lp.gather(-1, targets[start : start + CHUNK_ROWS, None])[:, 0])
-    if not ids:
-        raise BackendError("a sequence needs at least 2 tokens")
-    return TokenLogprobs(
-        torch.cat(ids).cpu().numpy().astype(np.int64),
-        torch.cat(values).cpu().numpy(),
-        torch.cat(target).cpu().numpy(),
-    )
+def summed_nll(model: Any, sequences: Sequence[Sequence[int]], chunk: int = HEAD_CHUNK_TOKENS) -> float:
+    """Summed next-token NLL (nats) of right-padded sequences through the chunked head (evaluate's CE)."""
+    ids = pad_right(sequences).to(next(model.parameters()).device)
+    rows = batch_logprobs(model, ids, [len(s) for s in sequences], 0, chunk)
+    return -float(rows.target_logprobs.double().sum())

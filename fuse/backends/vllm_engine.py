@@ -57,6 +57,40 @@ def convert_prompt_logprobs(
     return TokenLogprobs(ids, values, target)
 
 
+def engine_arguments(
+    model_dir: str,
+    top_k: int,
+    max_length: int,
+    dtype: str,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    trust_remote_code: bool,
+    engine: Any = None,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    """The vllm.LLM arguments: fuse's fixed ones, then the recipe's engine settings (`stages.<stage>.vllm`, per
+    model under `models.<name>.vllm`). CUDA graphs are on by default on GPU (eager only where vLLM runs on CPU)."""
+    arguments: dict[str, Any] = dict(
+        model=str(model_dir),
+        dtype="float32" if dtype == "auto" else dtype,
+        max_model_len=max_length + 1,  # vLLM wants room for the one generated token
+        max_logprobs=top_k,
+        enforce_eager=not gpu,
+        seed=0,
+        tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+        gpu_memory_utilization=gpu_memory_utilization,
+        trust_remote_code=trust_remote_code,
+        skip_tokenizer_init=True,  # prompts are token ids and nothing is detokenized
+    )
+    if engine is not None:
+        for name in ("max_num_batched_tokens", "enable_chunked_prefill", "max_model_len", "enforce_eager"):
+            if getattr(engine, name) is not None:
+                arguments[name] = getattr(engine, name)
+        arguments.update(engine.engine_kwargs)
+    return arguments
+
+
 class VllmBackend:
     """A vLLM engine over one model folder; `top_k` is fixed at construction (it sets max_logprobs)."""
 
@@ -71,8 +105,10 @@ class VllmBackend:
         scratch: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
         name: str = "model",
+        engine: Any = None,
     ) -> None:
         configure_environment(scratch or Path(model_dir) / ".vllm-scratch", tensor_parallel_size)
+        import torch
         from transformers import AutoConfig
         from vllm import LLM
 
@@ -83,23 +119,18 @@ class VllmBackend:
         from fuse.backends.hf import model_max_length
 
         self.max_length = min(int(max_length), model_max_length(config) - 1)
+        if engine is not None and engine.max_model_len is not None:
+            self.max_length = min(self.max_length, engine.max_model_len - 1)
         check_request([], self.top_k, self.vocab_size, self.max_length, name)
         # No tokenizer is loaded (token-id prompts, no detokenizing), so vLLM's chat-template warm-up fails and
         # logs a traceback that is not an error for us.
         logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype="float32" if dtype == "auto" else dtype,
-            max_model_len=self.max_length + 1,  # vLLM wants room for the one generated token
-            max_logprobs=self.top_k,
-            enforce_eager=True,
-            seed=0,
-            tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            skip_tokenizer_init=True,  # prompts are token ids and nothing is detokenized
-        )
+        arguments = engine_arguments(
+            str(model_dir), self.top_k, self.max_length, dtype, tensor_parallel_size, gpu_memory_utilization,
+            trust_remote_code, engine, gpu=torch.cuda.is_available(),
+        )  # fmt: skip
+        log.info("vLLM engine for %s: %s", name, arguments)
+        self.llm = LLM(**arguments)
 
     @classmethod
     def from_spec(cls, spec: Any, settings: Any, scratch: str | None = None) -> VllmBackend:
@@ -115,6 +146,7 @@ class VllmBackend:
             scratch,
             spec.trust_remote_code,
             spec.name or str(spec.path),
+            getattr(settings, "vllm", None),
         )
 
     def logprobs(self, sequences: Sequence[np.ndarray], top_k: int) -> list[TokenLogprobs]:

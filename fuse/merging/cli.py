@@ -13,7 +13,7 @@ EXAMPLE = """example CONFIG:
   models:
     - {path: ./target-a, parameters: {weight: 1.0, density: 0.5}}
     - {path: ./target-b, parameters: {weight: 1.0, density: 0.5}}
-  method: ties            # linear task_arithmetic ties dare_linear dare_ties breadcrumbs sce varm
+  method: ties            # linear task_arithmetic ties dare_linear dare_ties breadcrumbs sce sce_mergekit varm
   parameters: {normalize: true}
   output: ./merged
   dtype: bfloat16         # or float32, float16, auto (the base's)
@@ -57,4 +57,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(
         f"merged {len(config.models)} model(s) with {config.method} into {output} in {report['seconds']:.1f} s"
     )
+    shares = report["diagnostics"]["families"]["all"]["energy_share"]
+    print("delta energy kept: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items() if v is not None))
+    for line in report["diagnostics"]["verdict"]:
+        print(f"  {line}")
+    print(f"diagnostics: {output / 'merge_report.md'}")
     return 0

@@ -1,7 +1,8 @@
 """The streaming merge: one tensor name at a time, every model read through memory maps, written as it is done.
 
-Peak memory ≈ (number of models + 2) × the largest tensor in float32. A killed merge resumes at the first
-tensor that had not reached the disk (the staging folder `.<output>.partial` keeps finished work).
+Peak memory ≈ (number of models + 3) × the largest tensor in float32 (one of them the diagnostics' re-read
+buffer). A killed merge resumes at the first tensor that had not reached the disk (the staging folder
+`.<output>.partial` keeps finished work).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from fuse.merging.checkpoint import (
     write_index,
 )
 from fuse.merging.config import MergeConfig
-from fuse.merging.methods import MergeMethod, MethodParams, get_method, resolve_params
+from fuse.merging.diagnostics import delta_gram, diagnostics_markdown, summarize, tensor_record
+from fuse.merging.methods import Merged, MergeMethod, MethodParams, get_method, resolve_params
 from fuse.merging.preflight import TensorPlan, load_config, preflight
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
 
 def read_deltas(inputs: MergeInputs, name: str, rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The base tensor and the stacked deltas of every model (first `rows` rows for padded vocab tensors)."""
-    base = inputs.base.read(name, torch.float32 if inputs.base.tensors[name].dtype != torch.float64 else None)
+    base = inputs.base.read(name, _float_dtype(inputs.base, name))
     head = base if rows is None else base[:rows]
     deltas = torch.empty((len(inputs.models), *head.shape), dtype=base.dtype)
 
@@ -88,25 +90,53 @@ def read_deltas(inputs: MergeInputs, name: str, rows: int | None) -> tuple[torch
     return base, deltas
 
 
+def _float_dtype(reader: CheckpointReader, name: str) -> torch.dtype | None:
+    """Tensors are merged in float32 (float64 ones stay float64)."""
+    return torch.float32 if reader.tensors[name].dtype != torch.float64 else None
+
+
+def merged_dots(
+    inputs: MergeInputs, name: str, head: torch.Tensor, merged_delta: torch.Tensor
+) -> list[float]:
+    """⟨Δ_merged, Δ_i⟩ per model. The method overwrote the deltas, so each is read again into one buffer (the
+    pages were just read: the page cache serves them); peak memory grows by one tensor, not by n."""
+    buffer = torch.empty_like(head)
+    flat = merged_delta.reshape(-1)
+    return [
+        float(torch.dot(r.read_into(name, buffer).sub_(head).reshape(-1), flat))
+        for r in inputs.models.values()
+    ]
+
+
 def merge_tensor(inputs: MergeInputs, plan: TensorPlan) -> torch.Tensor:
     """The merged tensor `plan.name`, in the planned output dtype; stats recorded in `inputs.stats`."""
     if plan.kind == "copy":
         return inputs.base.read(plan.name).to(plan.out.dtype)
     base, deltas = read_deltas(inputs, plan.name, plan.rows)
     head = base if plan.rows is None else base[: plan.rows]
-    merged = inputs.method.fn(plan.name, head, deltas, inputs.params)
+    gram = delta_gram(deltas)  # before a method overwrites the deltas
+    if len(inputs.models) == 1:
+        # one target merges to itself, whatever the method: pruning or re-weighting its only delta (SCE's
+        # variance is zero everywhere, TIES/DARE drop entries) could only throw its learning away
+        target = next(iter(inputs.models.values())).read(plan.name, head.dtype)
+        merged = Merged(target if plan.rows is None else target[: plan.rows], kept=1.0, weights=[1.0])
+        dots = gram[0]
+    else:
+        merged = inputs.method.fn(plan.name, head, deltas, inputs.params)
+        dots = None
     del deltas
+    merged_delta = merged.tensor - head
+    if dots is None:
+        dots = merged_dots(inputs, plan.name, head, merged_delta)
     result = merged.tensor if plan.rows is None else torch.cat([merged.tensor, base[plan.rows :]])
     inputs.stats[plan.name] = {
         "numel": head.numel(),
         "kept": merged.kept,
         "weights": merged.weights,
+        **tensor_record(plan.name, head, gram, merged_delta, dots),
         **({"rows": plan.rows, "base_rows": base.shape[0]} if plan.rows is not None else {}),
     }
     return result.to(plan.out.dtype)
-
-
-# --------------------------------------------------------------------------------------------- the run
 
 
 def _plan_key(config: MergeConfig, plans: list[TensorPlan], inputs: MergeInputs) -> str:
@@ -260,6 +290,8 @@ def build_report(
         if kept
         else None,
     }
+    if len(labels) == 1:
+        summary["single_target"] = labels[0]
     if weighted:
         weighted_total = sum(s["numel"] for s in weighted)
         summary["mean_weights"] = {
@@ -279,6 +311,7 @@ def build_report(
         "files": files,
         "seconds": round(seconds, 3),
         "summary": summary,
+        "diagnostics": summarize(stats, labels),
         "tensors": stats,
     }
 
@@ -310,6 +343,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{summary['copied_tensors']} copied from the base); share of delta entries kept: "
         f"{'-' if kept is None else f'{kept:.4f}'}",
     ]
+    if summary.get("single_target"):
+        lines.append(
+            f"- one target ({summary['single_target']}): copied unchanged, the method was not applied"
+        )
     for name, info in summary["padded_vocab_tensors"].items():
         lines.append(f"- `{name}`: merged the {info['common_rows']} common rows, kept the base's other rows")
+    if report.get("diagnostics"):
+        lines += ["", diagnostics_markdown(report["diagnostics"]).rstrip()]
     return "\n".join(lines) + "\n"

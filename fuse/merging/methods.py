@@ -3,7 +3,8 @@
 Each method sees the base tensor and Δ_i = θ_i − θ_base for every merged model (float32, shape [n, *shape]) and
 returns the merged tensor; the streaming engine (fuse.merging.engine) calls it once per tensor name.
 
-Definitions follow mergekit 0.1.5 wherever mergekit implements the method (our parity tests hold us to it):
+Definitions follow mergekit 0.1.5 wherever mergekit implements the method (our parity tests hold us to it), except
+sce, which follows FuseChat's own code (mergekit's variant is sce_mergekit):
   * linear           Σ w_i θ_i / Σ w_i (normalize) — the base takes no part (Wortsman et al. 2022).
   * task_arithmetic  θ_base + λ · Σ w_i Δ_i  (÷ Σ w_i with normalize) (Ilharco et al. 2023).
   * ties             per-model top-`density` magnitude pruning, sign election by the sign of Σ w_i Δ_i, disjoint
@@ -11,9 +12,13 @@ Definitions follow mergekit 0.1.5 wherever mergekit implements the method (our p
   * dare_linear/ties per-model Bernoulli(`density`) keep mask, then task arithmetic / TIES (Yu et al. 2024).
   * breadcrumbs      drop the top `gamma` largest and the smallest magnitudes so that `density` remains
                      (Davari & Belilovsky 2023), then task arithmetic.
-  * sce              FuseChat-2.0 (Wan et al. 2024): Select the top `select_topk` share of elements by variance of
-                     Δ across models, Calculate per-model weights = mean squared selected Δ, normalised over models,
-                     Erase entries whose sign disagrees with the sign of the summed Δ, weighted mean of the rest.
+  * sce              FuseChat-2.0 (Wan et al. 2024), as FuseChat's own code does it: Select the top `select_topk`
+                     share of entries by variance of Δ across models and Calculate per-model weights = mean
+                     squared Δ over the selected entries, normalised over models (selection decides the weights
+                     only; no delta is masked); Erase entries whose sign disagrees with the sign of Σ Δ_i;
+                     weighted mean of the rest over the agreeing models.
+  * sce_mergekit     mergekit's SCE: the same, except the unselected entries of every Δ are erased before
+                     the weights and the merge (default select_topk 1.0 = mergekit's = nothing erased).
   * varm             FuseChat-1.0 (Wan et al. 2024): per tensor, w_i ∝ mean(Δ_i²); θ = θ_base + Σ w_i Δ_i
                      (equal weights when no model moved). mergekit has no VaRM.
 
@@ -25,9 +30,14 @@ Where we differ on purpose (and document it):
     so the same seed does not give the same masks in both tools (the parity test feeds both the same masks).
   * Magnitude pruning takes the top k with torch.topk; mergekit argsorts. The kept sets differ only on exact
     ties of |Δ| at the threshold.
-  * The FuseAI release scripts differ from the papers, and we follow the papers: their VaRM script gives every
-    model the same weight (it reads one analysis file for all models), and their SCE applies the selection mask
-    only to the weight computation, not to the deltas that are summed.
+  * The FuseAI VaRM release script gives every model the same weight (it reads one analysis file for all
+    models); ours gives each model its own per-matrix weight, as the paper does.
+  * Energy weights fall back to equal weights only when no model moved at all, and an entry no model agrees
+    on keeps the base value (divisor 1), as FuseChat's code does; mergekit uses absolute thresholds (1e-6) for
+    both, which make realistic fine-tunes (Δ RMS ~1e-4) merge with equal weights. sce_mergekit follows
+    FuseChat here too, so it differs from mergekit only below those thresholds.
+  * One target: the engine copies it (fuse.merging.engine.merge_tensor), whatever the method; no method is
+    called with a single delta, since pruning or re-weighting the only delta can only throw learning away.
 """
 
 from __future__ import annotations
@@ -211,6 +221,11 @@ def combine(base: Tensor, deltas: Tensor, params: MethodParams, consensus: bool)
 
 _TA_SHARED = {"normalize": False, "lambda": 1.0}
 
+# Defaults keep every target's learning: density 1 for ties/dare/breadcrumbs (mergekit's default). The papers'
+# settings (TIES keeps the top 20%, DARE drops up to 90%) erase most of each delta; they are tuned per task and
+# on the demo TIES at density 0.3 loses most of what the targets learned (bench/results/merge_ablation.md),
+# so they are the user's explicit choice, never a silent default.
+
 
 @merge_method(
     "linear",
@@ -303,7 +318,7 @@ def breadcrumbs(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -
 
 def variance_mask(deltas: Tensor, topk: float) -> Tensor | None:
     """SCE select (bool): the `topk` share of the entries with non-zero variance across models, largest first;
-    None when everything is selected."""
+    None when everything is selected. Both FuseChat and mergekit take k = int(topk · #non-zero variances)."""
     if topk >= 1:
         return None
     variance = torch.var(deltas, dim=0, unbiased=False)
@@ -314,13 +329,39 @@ def variance_mask(deltas: Tensor, topk: float) -> Tensor | None:
     return mask.reshape(variance.shape)
 
 
-def energy_weights(deltas: Tensor) -> Tensor:
-    """Per-model mean squared delta, normalised over models (equal weights when nothing moved)."""
-    energy = torch.stack([delta.square().mean() for delta in deltas])
+def energy_weights(deltas: Tensor, selected: Tensor | None = None) -> Tensor:
+    """Per-model mean squared delta (over the `selected` entries, the others counting as zero), normalised over
+    models; equal weights only when nothing moved at all (FuseChat's `sum_weights == 0`).
+
+    The sums run in float64: fine-tunes move weights by ~1e-4, so squared means are ~1e-8 and an absolute
+    threshold such as mergekit's 1e-6 would silently turn every realistic merge into a uniform one.
+    """
+    energy = torch.stack(
+        [
+            (delta.square() if selected is None else delta.square().mul_(selected)).sum(dtype=torch.float64)
+            / max(delta.numel(), 1)
+            for delta in deltas
+        ]
+    )
     total = float(energy.sum())
-    return torch.full_like(energy, 1 / len(energy)) if abs(total) < 1e-6 else energy / total
+    weights = torch.full_like(energy, 1 / len(energy)) if total == 0 else energy / total
+    return weights.to(deltas.dtype)
 
 
+def erase_and_mix(deltas: Tensor, weights: Tensor) -> tuple[Tensor, float]:
+    """SCE erase: keep the entries whose sign agrees with the sign of Σ Δ_i, weighted mean over the agreeing
+    models. An entry no model agrees on stays at the base (divisor 1, as FuseChat: only an exact zero is
+    replaced — a clamp like mergekit's 1e-6 would shrink the update of a model whose weight is below it)."""
+    agree = sign_agreement(deltas)
+    deltas.mul_(agree)
+    divisor = weighted_sum(agree, weights)
+    divisor[divisor == 0] = 1
+    kept = float(torch.count_nonzero(agree)) / max(deltas.numel(), 1)
+    return weighted_sum(deltas, weights).div_(divisor), kept
+
+
+# select_topk 0.1 is FuseChat-2.0's published setting. In FuseChat's SCE it only picks the entries the weights
+# are measured on; every delta is still merged, so no share of any model's learning is erased by it.
 @merge_method(
     "sce",
     reference_url="https://arxiv.org/abs/2408.07990",
@@ -328,15 +369,26 @@ def energy_weights(deltas: Tensor) -> Tensor:
     shared={"select_topk": 0.1},
 )
 def sce(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    weights = energy_weights(deltas, variance_mask(deltas, params.shared["select_topk"]))
+    mixed, kept = erase_and_mix(deltas, weights)
+    return Merged(mixed.add_(base), kept=kept, weights=weights.tolist())
+
+
+# mergekit's reading of SCE erases the unselected deltas too: at select_topk 0.1, 90% of every delta is thrown
+# away. Its default (1.0, mergekit's) therefore selects everything; lower it only knowingly.
+@merge_method(
+    "sce_mergekit",
+    reference_url="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/sce.py",
+    paper="Wan et al. 2024 (SCE) as mergekit implements it: unselected deltas are erased",
+    shared={"select_topk": 1.0},
+)
+def sce_mergekit(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
     selected = variance_mask(deltas, params.shared["select_topk"])
     if selected is not None:
         deltas.mul_(selected)
-    agree = sign_agreement(deltas)
     weights = energy_weights(deltas)
-    deltas.mul_(agree)
-    merged = weighted_sum(deltas, weights).div_(weighted_sum(agree, weights).clamp_(min=1e-6))
-    kept = float(torch.count_nonzero(agree)) / max(deltas.numel(), 1)
-    return Merged(merged.add_(base), kept=kept, weights=weights.tolist())
+    mixed, kept = erase_and_mix(deltas, weights)
+    return Merged(mixed.add_(base), kept=kept, weights=weights.tolist())
 
 
 @merge_method(
@@ -345,9 +397,7 @@ def sce(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged
     paper="Wan et al. 2024, FuseChat: knowledge fusion of chat models (FuseChat-1.0, VaRM)",
 )
 def varm(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
-    energy = torch.stack([delta.square().mean() for delta in deltas])
-    total = float(energy.sum())
-    weights = torch.full_like(energy, 1 / len(energy)) if total == 0 else energy / total
+    weights = energy_weights(deltas)
     return Merged(weighted_sum(deltas, weights).add_(base), kept=1.0, weights=weights.tolist())
 
 

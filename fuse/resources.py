@@ -1,0 +1,103 @@
+"""Peak memory of each stage instance — host RSS of the process running it (and of the children it waited for),
+GPU memory where there is one — recorded per shard and summed up into the manifest, so that users size SLURM
+`--mem` and GPUs from a measured run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fuse.io import read_json, write_json_atomic
+
+FOLDER = (
+    "resources"  # <stage dir>/resources/shard-00003.json: one writer per file (array tasks run in parallel)
+)
+
+
+def _reset_host_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak is this shard's, not the process's whole life
+    (the local executor runs every stage in one process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 / scale
+
+
+def _children_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+def _cuda() -> Any:
+    torch = sys.modules.get("torch")  # only if the stage imported it: never pay torch's import for this
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[dict[str, Any]]:
+    """Measure the peaks of the enclosed work; the dict is filled on leaving (also after an error)."""
+    peaks: dict[str, Any] = {}
+    scoped = _reset_host_peak()
+    children_before = _children_peak_mb()
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    try:
+        yield peaks
+    finally:
+        peaks["host_rss_peak_mb"] = round(_host_peak_mb(), 1)
+        peaks["host_rss_scope"] = "stage" if scoped else "process lifetime"
+        children = _children_peak_mb()
+        if children > children_before:  # a child of this stage set a new high (training launchers)
+            peaks["children_rss_peak_mb"] = round(children, 1)
+        cuda = cuda or _cuda()
+        if cuda is not None:
+            peaks["gpu_peak_mb"] = round(
+                max(cuda.max_memory_allocated(d) for d in range(cuda.device_count())) / 2**20, 1
+            )
+
+
+@contextlib.contextmanager
+def recorded(stage_dir: Path, shard: int) -> Iterator[None]:
+    """Measure the enclosed shard's work and keep its peaks in <stage dir>/resources/."""
+    with measure() as peaks:
+        yield
+    write_json_atomic(stage_dir / FOLDER / f"shard-{shard:05d}.json", peaks)
+
+
+def summary(stage_dir: Path, num_shards: int) -> dict[str, Any] | None:
+    """The largest peaks over the instance's shards (what one job of it needs), or None when none was measured."""
+    files = [stage_dir / FOLDER / f"shard-{i:05d}.json" for i in range(num_shards)]
+    found = [read_json(f) for f in files if f.is_file()]
+    if not found:
+        return None
+    keys = ("host_rss_peak_mb", "children_rss_peak_mb", "gpu_peak_mb")
+    peaks = {k: max(p[k] for p in found if k in p) for k in keys if any(k in p for p in found)}
+    return peaks | {"shards_measured": len(found)}
+
+
+def describe(peaks: dict[str, Any] | None) -> str:
+    """'RSS 1.5G GPU 10.2G' for status tables; '' when unmeasured."""
+    if not peaks:
+        return ""
+    host = max(peaks.get("host_rss_peak_mb", 0.0), peaks.get("children_rss_peak_mb", 0.0))
+    text = f"RSS {host / 1024:.1f}G"
+    if "gpu_peak_mb" in peaks:
+        text += f" GPU {peaks['gpu_peak_mb'] / 1024:.1f}G"
+    return text

@@ -1,0 +1,134 @@
+"""lm-evaluation-harness through fuse/lm_eval.py, offline: tasks of our own over local JSONL (the zoo's held-out
+items) on the zoo's pivot. Multiple choice: lm-eval's accuracy equals the one computed by hand from the model's own
+log-likelihoods of each choice. Generation in the model's chat template: it scores its own skill, not another."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from fuse.lm_eval import LmEvalError, metrics_table, run_lm_eval
+from fuse.recipe import LmEvalSettings
+
+pytestmark = pytest.mark.slow
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+
+
+GENERATION_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["<|im_end|>", "\\n"]
+  do_sample: false
+  max_gen_toks: 16
+metric_list:
+  - metric: exact_match
+"""
+
+
+def write_task(folder: Path, name: str, items: list[dict], seed: int = 0) -> None:
+    """Each item's answer among three other answers of the same skill, at a random position."""
+    rng = random.Random(seed)
+    answers = sorted({i["answer"] for i in items})
+    rows = []
+    for item in items:
+        choices = rng.sample([a for a in answers if a != item["answer"]], 3) + [item["answer"]]
+        rng.shuffle(choices)
+        rows.append({"prompt": item["prompt"], "choices": choices, "gold": choices.index(item["answer"])})
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / f"{name}.yaml").write_text(TASK.format(name=name, data=data), encoding="utf-8")
+
+
+def accuracy_by_hand(model_dir: Path, rows: list[dict]) -> float:
+    """argmax over choices of log p(" " + choice | prompt + "\\nAnswer:"), as lm-eval scores multiple choice."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    right = 0
+    for row in rows:
+        context = row["prompt"] + "\nAnswer:"
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in row["choices"]:
+            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([whole])
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, len(context_ids) :]
+            scores.append(float(logprobs[len(context_ids) - 1 :].gather(-1, targets[:, None]).sum()))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == row["gold"])
+    return right / len(rows)
+
+
+def test_a_local_task_runs_offline_and_matches_the_models_own_likelihoods(zoo, tmp_path):
+    items = [json.loads(line) for line in Path(zoo.eval_items).read_text().splitlines()]
+    by_skill = {s: [i for i in items if i["skill"] == s][:12] for s in ("capital", "translate")}
+    for skill, chosen in by_skill.items():
+        write_task(tmp_path, f"zoo_{skill}", chosen)
+    settings = LmEvalSettings(
+        tasks=["zoo_capital", "zoo_translate"], include_path=str(tmp_path), batch_size=4
+    )
+    table = run_lm_eval(zoo.pivot, settings)
+    assert set(table) == {"zoo_capital", "zoo_translate"}
+    for skill in by_skill:
+        rows = [json.loads(line) for line in (tmp_path / f"zoo_{skill}.jsonl").read_text().splitlines()]
+        assert table[f"zoo_{skill}"]["acc"] == pytest.approx(accuracy_by_hand(zoo.pivot, rows))
+
+
+def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_path):
+    """Greedy answers in the pivot's own chat template, exact match: it knows capitals, not the translations (as
+    the demo's own evaluation table says)."""
+    items = [json.loads(line) for line in Path(zoo.eval_items).read_text().splitlines()]
+    for skill in ("capital", "translate"):
+        data = tmp_path / f"{skill}.jsonl"
+        chosen = [i for i in items if i["skill"] == skill][:12]
+        data.write_text("".join(json.dumps(i) + "\n" for i in chosen), encoding="utf-8")
+        (tmp_path / f"gen_{skill}.yaml").write_text(GENERATION_TASK.format(name=f"gen_{skill}", data=data))
+    settings = LmEvalSettings(
+        tasks=["gen_capital", "gen_translate"],
+        include_path=str(tmp_path),
+        batch_size=4,
+        apply_chat_template=True,
+    )
+    table = run_lm_eval(zoo.pivot, settings)
+    assert table == {"gen_capital": {"exact_match": 1.0}, "gen_translate": {"exact_match": 0.0}}
+
+
+def test_unknown_task_is_named_before_the_model_loads(tmp_path):
+    settings = LmEvalSettings(tasks=["no_such_task_xyz"], include_path=str(tmp_path))
+    with pytest.raises(
+        LmEvalError, match=r"stages\.evaluate\.lm_eval\.tasks: unknown task\(s\) no_such_task_xyz"
+    ):
+        run_lm_eval(tmp_path / "no-model", settings)
+
+
+def test_metrics_table_drops_stderr_and_filters():
+    results = {
+        "results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}}
+    }
+    assert metrics_table(results) == {"t": {"acc": 0.5, "acc_norm": 0.75}}
