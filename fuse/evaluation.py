@@ -225,9 +225,10 @@ def response_nll(
 ) -> list[float]:
     """Summed NLL (nats) of each sample's last (assistant) content given the conversation before it, in the
     model's own chat template: the tokens that overlap the response's text (the end-of-turn marker has no
-    bytes and is not counted). Right-padded batches; the padding is never attended to by a causal model."""
+    bytes and is not counted). Right-padded batches through the chunked output head, each row as if alone."""
     import torch
 
+    from fuse.backends.hf import batch_logprobs, pad_right
     from fuse.data.chat import content_spans, render_text, response_mask, tokenize_with_offsets
 
     rows = []
@@ -235,26 +236,18 @@ def response_nll(
         text = render_text(tokenizer, sample.messages)
         ids, offsets = tokenize_with_offsets(tokenizer, text)
         spans = content_spans(text, sample.messages)[-1:]
-        rows.append((ids.tolist(), response_mask(offsets, spans, end_of_turn=False).tolist()))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        rows.append((ids.tolist(), response_mask(offsets, spans, end_of_turn=False)))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     totals = [0.0] * len(rows)
+    device = next(model.parameters()).device
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
-        width = max(len(rows[i][0]) for i in batch)
-        ids = torch.tensor(
-            [rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch], device=model.device
-        )
-        attention = torch.tensor(
-            [[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in batch], device=model.device
-        )
-        counted = torch.tensor([rows[i][1] + [False] * (width - len(rows[i][1])) for i in batch])
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
-        per_row = (nll * counted[:, 1:].float()).sum(1)
-        for row, value in zip(batch, per_row.tolist(), strict=True):
-            totals[row] = value
+        sequences = [rows[i][0] for i in batch]
+        out = batch_logprobs(model, pad_right(sequences).to(device), [len(s) for s in sequences], 0)
+        logprobs = torch.split(out.target_logprobs.double().cpu(), out.counts)
+        for i, row_logprobs in zip(batch, logprobs, strict=True):
+            counted = torch.as_tensor(rows[i][1][1:], dtype=torch.bool)  # token t is predicted at t - 1
+            totals[i] = -float(row_logprobs[counted].sum())
     return totals
 
 

@@ -106,7 +106,7 @@ TURN_END = {"pivot": "<|im_end|>", "gemma": "<end_of_turn>"}
 @dataclass(frozen=True)
 class ZooSettings:
     seed: int = 0
-    hidden_size: int = 64
+    hidden_size: int = 128
     num_layers: int = 2
     head_dim: int = 32
     n_general_docs: int = 3000

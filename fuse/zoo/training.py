@@ -20,8 +20,8 @@ class PretrainSettings:
     batch_size: int = 16
     learning_rate: float = 6e-3
     warmup_steps: int = 30
-    skill_fraction: float = 0.25  # share of each batch that is skill conversations
-    domain_fraction: float = 0.25  # share of each batch that is domain conversations (the rest: general text)
+    skill_fraction: float = 0.35  # share of each batch that is skill conversations
+    domain_fraction: float = 0.3  # share of each batch that is domain conversations (the rest: general text)
     max_length: int = 96
 
 

@@ -125,10 +125,12 @@ class Splits:
     eval: dict[str, list[Example]] = field(default_factory=dict)
 
 
-def invented_words(rng: random.Random, count: int, syllables: int, capitalize: bool = False) -> list[str]:
+def invented_words(
+    rng: random.Random, count: int, syllables: int, capitalize: bool = False, pool: list[str] = SYLLABLES
+) -> list[str]:
     words: list[str] = []
     while len(words) < count:
-        word = "".join(rng.sample(SYLLABLES, syllables))
+        word = "".join(rng.sample(pool, syllables))
         if word not in words:
             words.append(word.capitalize() if capitalize else word)
     return words
@@ -247,6 +249,12 @@ def general_documents(seed: int, stream: str, count: int) -> list[str]:
 # it, and the entropy per byte no model can beat, are computed exactly.
 
 DOMAIN_TOPICS = {"pivot": "harbor", "llama": "weather", "gpt2": "market", "gemma": "garden"}
+# closed syllables, none of which the skills' invented words (open syllables, SYLLABLES) use: a model's domain and
+# its skill are separate strengths, so neither's words may teach or disturb the other's
+DOMAIN_SYLLABLES = [
+    "bar", "del", "fin", "gor", "hal", "jun", "kel", "lor", "mur", "nix",
+    "pel", "ros", "tam", "vin", "wes", "yor", "zan", "cor", "dun", "sil",
+]  # fmt: skip
 SUCCESSOR_PROBS = (0.55, 0.3, 0.15)  # each word's successors, in a per-word random order
 START_PROBS = (0.3, 0.25, 0.2, 0.1, 0.1, 0.05)  # the words a sentence may start with
 DOMAIN_PROMPTS = (  # the SFT rows use the first two, held-out rows the last (the text does not depend on it)
@@ -284,7 +292,7 @@ class Domain:
 def make_domain(owner: str, seed: int, n_words: int = 20) -> Domain:
     """A domain's lexicon and transition table, fixed by (owner, seed)."""
     rng = random.Random(f"domain-{owner}-{seed}")
-    words = tuple(w.lower() for w in invented_words(rng, n_words, rng.choice([2, 2, 3])))
+    words = tuple(invented_words(rng, n_words, 2, pool=DOMAIN_SYLLABLES))
     starts = tuple(zip(rng.sample(words, len(START_PROBS)), START_PROBS, strict=True))
     successors = {}
     for word in words:
