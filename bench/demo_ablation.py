@@ -34,7 +34,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fusion avg_ce": {"stages.distill.fusion": "avg_ce"},
     "merge linear": {"stages.merge.method": "linear", "stages.merge.parameters": {}},
     "merge task_arithmetic": {"stages.merge.method": "task_arithmetic", "stages.merge.parameters": {}},
-    "merge ties": {"stages.merge.method": "ties", "stages.merge.parameters": {"density": 0.5}},
+    "merge ties": {"stages.merge.method": "ties", "stages.merge.parameters": {}},
+    # a diagnostic, not a setting to adopt: does the teacher's signal pay off with three times the steps?
+    "diagnostic: 9 epochs": {"stages.distill.epochs": 9},
 }
 
 

@@ -224,19 +224,32 @@ def response_nll(
     model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
 ) -> list[float]:
     """Summed NLL (nats) of each sample's last (assistant) content given the conversation before it, in the
-    model's own chat template: the tokens that overlap the response's text (the end-of-turn marker has no
-    bytes and is not counted). Right-padded batches through the chunked output head, each row as if alone."""
+    model's own chat template: every token after the generation prompt up to the last one that overlaps the
+    response's text. So a separator the template puts before the content (Llama's ' ') counts whether or not
+    the tokenizer merges it into the first word, and the end-of-turn marker (no bytes) does not. Right-padded
+    batches through the chunked output head, each row as if alone."""
+    import numpy as np
     import torch
 
     from fuse.backends.hf import batch_logprobs, pad_right
-    from fuse.data.chat import content_spans, render_text, response_mask, tokenize_with_offsets
+    from fuse.data.chat import content_spans, render_text, tokenize_with_offsets
 
     rows = []
     for sample in samples:
         text = render_text(tokenizer, sample.messages)
         ids, offsets = tokenize_with_offsets(tokenizer, text)
-        spans = content_spans(text, sample.messages)[-1:]
-        rows.append((ids.tolist(), response_mask(offsets, spans, end_of_turn=False)))
+        response = content_spans(text, sample.messages)[-1]
+        prompt = tokenizer.apply_chat_template(
+            list(sample.messages[:-1]), tokenize=False, add_generation_prompt=True
+        )
+        # where the assistant's turn starts: the end of the generation prompt when it is a prefix of the text
+        start = len(prompt) if text.startswith(prompt) and len(prompt) <= response.start else response.start
+        rows.append(
+            (
+                ids.tolist(),
+                (offsets[:, 1] > start) & (offsets[:, 0] < response.end) & (np.arange(len(ids)) > 0),
+            )
+        )
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     totals = [0.0] * len(rows)
     device = next(model.parameters()).device

@@ -79,7 +79,11 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
         settings = recipe.stages.evaluate
         files = {
             k: path_digest(v)
-            for k, v in (("items", settings.items), ("heldout_text", settings.heldout_text))
+            for k, v in (
+                ("items", settings.items),
+                ("heldout_text", settings.heldout_text),
+                ("domains", settings.domains),
+            )
             if v
         }
         return {"files": files}

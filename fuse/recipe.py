@@ -674,6 +674,7 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
         update={
             "items": evaluate.items and _local(evaluate.items, base),
             "heldout_text": evaluate.heldout_text and _local(evaluate.heldout_text, base),
+            "domains": evaluate.domains and _local(evaluate.domains, base),
         }
     )
     slurm = recipe.executor.slurm
