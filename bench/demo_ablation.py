@@ -170,7 +170,7 @@ def markdown(results: dict[str, Any], owners: dict[str, str]) -> str:
     first = next(iter(results.values()))["metrics"]
     domains, limit = first["domains"], first["limit"]["domain_ce"]
     header = ["variant", *(f"fused CE {d}" for d in domains), "fused CE mean", "SFT-only CE mean"]
-    header += ["fused acc", "SFT-only acc", "fused general CE", "goals 1–5"]
+    header += ["fused acc", "SFT-only acc", "fused general CE", "goals 1–6"]
     lines = [
         "# Tiny-demo ablation (issue 15)",
         "",

@@ -106,6 +106,18 @@ def test_domain_splits_are_independent_samples_and_sft_is_small():
         assert sft != pretrain[:16]  # its own random stream
 
 
+def test_lexicon_documents_show_every_domain_word_without_its_transitions():
+    docs = world.lexicon_documents(0, per_domain=200)
+    for i, domain in enumerate(world.domains(0)):
+        words = [w.lower() for d in docs[i :: len(world.DOMAIN_TOPICS)] for w in d.replace(".", "").split()]
+        assert set(words) == set(domain.words)
+        # uniform draws: the most frequent word is no more than ~2x the rarest (the chain's own text is skewed)
+        counts = [words.count(w) for w in domain.words]
+        assert max(counts) < 2 * min(counts), counts
+    every_word = {w for d in world.domains(0) for w in d.words}
+    assert all(w.lower() in every_word for d in docs for w in d.replace(".", "").split())
+
+
 def test_models_are_heterogeneous_and_reload_offline(zoo: Zoo, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -30,7 +30,9 @@ __all__ = ["ZOO_MODELS", "PretrainSettings", "Zoo", "ZooModel", "ZooSettings", "
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 3: stochastic domains with a known entropy; a small SFT set with domain and general-text rows
+VERSION = (
+    4  # 3: stochastic domains with a known entropy, a small SFT set; 4: every domain's lexicon is shared
+)
 MARKER = "zoo.json"
 BUILD_CODE = ("__init__.py", "world.py", "vocab.py", "training.py")  # what the files depend on (not the CLI)
 
@@ -118,6 +120,9 @@ class ZooSettings:
     n_domain_sft: int = 16  # responses of each domain in the (small) fusion set
     n_domain_heldout: int = 64  # held-out responses of each domain, with their exact NLL
     n_general_sft: int = 32  # general-text rows in the fusion set (so fine-tuning keeps general text)
+    n_lexicon_docs: int = (
+        500  # per domain: uniformly drawn words of its lexicon, in every model's general text
+    )
     pretrain: PretrainSettings = PretrainSettings()
 
 
@@ -271,7 +276,8 @@ def build_model(
     config = model_config(spec, tokenizer, settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     p = settings.pretrain
-    general_ids = encode_all(tokenizer, document_texts(tokenizer, general), p.max_length)
+    shared = general + world.lexicon_documents(settings.seed, settings.n_lexicon_docs)
+    general_ids = encode_all(tokenizer, document_texts(tokenizer, shared), p.max_length)
     skill_ids = encode_all(tokenizer, skill_texts(tokenizer, splits.pretrain[spec.skill]), p.max_length)
     domain = world.make_domain(spec.name, settings.seed)
     domain_ids = encode_all(

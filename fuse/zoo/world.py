@@ -13,7 +13,11 @@ continuation does not. So:
   probability of every response, and the domain's entropy per byte (the floor no model's held-out CE/byte can
   beat in expectation), are computed exactly (`response_nll`, `entropy_per_byte`).
 - **Pre-training** (fuse.zoo): the pivot and each source pre-train on a large sample of their own domain
-  (`n_domain_pretrain` responses) plus shared general text and their own skill; nobody sees another's domain.
+  (`n_domain_pretrain` responses) plus shared general text and their own skill. The shared text includes every
+  domain's *lexicon* (`lexicon_documents`: its words in its sentence form, drawn uniformly), so every model
+  knows every domain's words but only the owner knows which follows which: what the fusion set must carry is
+  the distribution, not the vocabulary (a first version without it left the pivot learning foreign words
+  from 16 responses, where a teacher's distribution cannot show; see the README).
 - **The fusion (SFT) set is small**: `n_domain_sft` responses of every domain, every skill key in one phrasing,
   and general-text rows (so fine-tuning need not forget general text). Held-out domain responses come from their
   own random stream, with their exact NLL, asked in a phrasing no training text uses.
@@ -373,6 +377,23 @@ def entropy_per_byte(domain: Domain) -> float:
         mass = following
     n = domain.sentences
     return n * entropy / (n * length_bytes + n - 1)
+
+
+def lexicon_document(domain: Domain, rng: random.Random) -> str:
+    """The domain's words in its sentence form, each word drawn uniformly: its surface (which words exist, how a
+    sentence looks) without its knowledge (which word follows which, and how often)."""
+    sentences = []
+    for _ in range(domain.sentences):
+        length = rng.randint(domain.min_words, domain.max_words)
+        sentences.append(render_sentence([rng.choice(domain.words) for _ in range(length)]))
+    return " ".join(sentences)
+
+
+def lexicon_documents(seed: int, per_domain: int) -> list[str]:
+    """Every domain's lexicon documents, interleaved: shared pre-training text every model sees."""
+    rng = random.Random(f"lexicon-{seed}")
+    every = domains(seed)
+    return [lexicon_document(every[i % len(every)], rng) for i in range(per_domain * len(every))]
 
 
 @dataclass
