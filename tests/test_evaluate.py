@@ -242,3 +242,32 @@ def test_made_models_are_grouped_by_kind():
         "fpo.merged": "fused",
         "distill.sft_baseline": "sft_baseline",
     }
+
+
+def test_validate_reads_the_domain_samples_before_any_work(zoo: Zoo, tmp_path):
+    """A bad or missing stages.evaluate.domains file is a problem `fuse validate` names, not an evaluate failure."""
+    from fuse.recipe import load_recipe
+    from fuse.validate import check_contents, check_files
+
+    recipe = load_recipe(zoo.recipe)
+    assert Path(recipe.stages.evaluate.domains) == zoo.heldout_domains
+    assert check_contents(recipe) == []
+    bad = tmp_path / "domains.jsonl"
+    bad.write_text('{"domain": "a", "messages": [{"role": "user", "content": "q"}]}\n')
+    evaluate = recipe.stages.evaluate
+    broken = recipe.model_copy(
+        update={
+            "stages": recipe.stages.model_copy(
+                update={"evaluate": evaluate.model_copy(update={"domains": str(bad)})}
+            )
+        }
+    )
+    assert any("domains.jsonl:1" in p for p in check_contents(broken)), check_contents(broken)
+    missing = broken.model_copy(
+        update={
+            "stages": broken.stages.model_copy(
+                update={"evaluate": evaluate.model_copy(update={"domains": str(tmp_path / "nope.jsonl")})}
+            )
+        }
+    )
+    assert any(p.startswith("stages.evaluate.domains:") for p in check_files(missing)), check_files(missing)

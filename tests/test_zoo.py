@@ -182,9 +182,10 @@ def test_each_model_is_best_on_its_own_skill_and_domain(zoo: Zoo):
     for domain, owner in zoo.domains.items():
         ces = {name: m["domain_ce"][domain] for name, m in metrics["models"].items()}
         limit = metrics["limit"]["domain_ce"][domain]
-        # the owner is within a few tenths of a nat per byte of the limit, every other model far from it
+        # the owner is within a few tenths of a nat per byte of the limit; every other model knows the domain's
+        # words (the shared lexicon) but not its transitions, so it is clearly behind
         assert limit < ces[owner] < limit + 0.3, (domain, limit, ces)
-        assert all(ce > ces[owner] + 0.5 for name, ce in ces.items() if name != owner), (domain, ces)
+        assert all(ce > ces[owner] + 0.15 for name, ce in ces.items() if name != owner), (domain, ces)
 
 
 def tree(root: Path) -> dict[str, bytes]:
