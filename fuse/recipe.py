@@ -451,6 +451,12 @@ class ExecutorSpec(Frozen):
 class Recipe(Frozen):
     name: str
     workdir: str
+    cache: str | None = Field(
+        None,
+        description="A content-addressed artifact cache shared by recipes (a folder, e.g. on the cluster's shared "
+        "filesystem; default: $FUSE_ARTIFACT_CACHE): instances with the same fingerprint are linked from it, "
+        "never recomputed.",
+    )
     pivot: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
     data: DataSpec
@@ -678,6 +684,7 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
         update={
             "executor": recipe.executor.model_copy(update={"slurm": slurm}),
             "workdir": str((base / Path(recipe.workdir).expanduser()).resolve()),
+            **({"cache": str((base / Path(recipe.cache).expanduser()).resolve())} if recipe.cache else {}),
             "pivot": model(recipe.pivot.model_copy(update={"name": "pivot"})),
             "sources": [model(s) for s in recipe.sources],
             "data": data,
