@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fuse.alignment.vocab import VocabMap
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 1
+VERSION = 2  # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
 
 
 def sized(pieces: VocabPieces, size: int) -> VocabPieces:

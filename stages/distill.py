@@ -22,7 +22,7 @@ from fuse.data.response import ce_per_byte
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 1
+VERSION = 2  # 2: fusion CE per byte over content tokens only
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
 
 

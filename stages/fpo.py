@@ -17,7 +17,7 @@ from fuse.context import StageContext
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
 from fuse.recipe import FpoSettings, ModelSpec
 
-VERSION = 1
+VERSION = 2  # 2: pairs truncated by any score refused; held-out pairs against the fused reference
 POLICY_STAGES = ("distill", "merge")
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
