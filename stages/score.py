@@ -160,14 +160,13 @@ def run(ctx: StageContext) -> None:
     records: list[dict] = []
     # items: sequences (two per pair), as the backend reports them
     label = f"{ctx.instance.name} shard {ctx.shard or 0}"
-    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log)
+    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log, ctx.progress)
     try:
         for start in range(indices.start, indices.stop, CHUNK_PAIRS):
             batch = dataset[start : min(start + CHUNK_PAIRS, indices.stop)]
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             records += score_rows(backend, tokenizer, rows, max_length, counts, backend.vocab_size)
             progress.chunk_done(2 * len(rows), [0] * (2 * len(rows)))
-            ctx.progress(len(records), len(indices), "pairs")
     finally:
         backend.close()
     write_scores(ctx, records, dict(counts))
