@@ -157,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    sequences = list(np.load(args.sequences, allow_pickle=True))
+    sequences = list(np.load(args.sequences_file, allow_pickle=True))
     tokens = int(sum(len(s) for s in sequences))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.perf_counter()
@@ -215,7 +215,7 @@ def throughput(args: argparse.Namespace) -> dict:
                     continue
                 out = tmp / f"{name}-{variant}.npz"
                 command = [PYTHON, __file__, "worker", "--variant", variant, "--model", str(model)]
-                command += ["--sequences", str(tmp / f"{name}.npy"), "--out", str(out)]
+                command += ["--sequences-file", str(tmp / f"{name}.npy"), "--out", str(out)]
                 command += ["--top-k", str(args.top_k), "--batch-tokens", str(args.batch_tokens)]
                 done = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -353,14 +353,62 @@ def stage(args: argparse.Namespace) -> dict:
     } | figures
 
 
+# --------------------------------------------------------------------------------------------- evaluate's CE
+
+CE_PROBE = """
+import json, resource, sys, time
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from fuse.evaluation import ce_per_byte
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+texts = json.load(open(sys.argv[2]))
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+ce = ce_per_byte(model, tokenizer, texts)
+print(json.dumps({"ce_per_byte": ce, "seconds": time.perf_counter() - start, "rss_after_load_mb": loaded,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def evaluate_ce(args: argparse.Namespace) -> dict:
+    """evaluate's CE/byte on the 262k-vocabulary model over 28 held-out texts (the issue's measurement on
+    released models: 12.9 GB), with this code and, with --before, the code at that worktree."""
+    directory = Path(args.workdir or tempfile.mkdtemp(prefix="extract-ce-"))
+    model = directory / "model"
+    if not (model / "tokenizer.json").is_file():
+        write_stage_world(directory, 1, 10)
+    text = real_text()
+    # ~250 tokens each: the code before the chunked head holds 16 x 250 x 262,208 float32 logits twice (8 GB);
+    # at ~1,000 tokens it would need 34 GB, more than this machine has
+    texts = [text[(i * 1000) % (len(text) - 1000) :][:1000] for i in range(28)]
+    (directory / "texts.json").write_text(json.dumps(texts))
+    runs = {}
+    for label, code in {"after": None, "before": args.before}.items():
+        if label == "before" and not code:
+            continue
+        env = {**os.environ, **ENV, **({"PYTHONPATH": code} if code else {})}
+        done = subprocess.run(
+            [PYTHON, "-c", CE_PROBE, str(model), str(directory / "texts.json")],
+            env=env,
+            cwd=directory,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(label, runs[label], flush=True)
+    return {"texts": len(texts), "runs": runs}
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["throughput", "store", "stage", "worker"])
-    parser.add_argument("--sequences", type=int, default=24)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("section", choices=["throughput", "store", "stage", "evaluate", "worker"])
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--no-vllm", action="store_true")
@@ -372,6 +420,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4)
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--model")
+    parser.add_argument("--sequences-file")
     parser.add_argument("--out")
     args = parser.parse_args()
     for key, value in ENV.items():
@@ -379,10 +428,11 @@ def main() -> None:
     if args.section == "worker":
         worker(args)
         return
-    section = {"throughput": throughput, "stage": stage, "store": store}[args.section](args)
+    sections = {"throughput": throughput, "stage": stage, "store": store, "evaluate": evaluate_ce}
+    section = sections[args.section](args)
     path = RESULTS / "extract.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
-    result = {k: v for k, v in result.items() if k in ("throughput", "store", "stage", "machine")}
+    result = {k: v for k, v in result.items() if k in (*sections, "machine")}
     result[args.section] = section | {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     result["machine"] = {
         "cpus": os.cpu_count(),
