@@ -348,6 +348,7 @@ def stage(args: argparse.Namespace) -> dict:
             max(np.abs(before[k] - after[k]).max() for k in ("topk_logprobs", "target_logprobs"))
         )
         figures["topk_ids_equal_share"] = float(np.mean(before["topk_ids"] == after["topk_ids"]))
+        figures["logprobs_equal_share"] = float(np.mean(before["topk_logprobs"] == after["topk_logprobs"]))
     return {
         "setup": {"conversations": args.conversations, "tokens_each": args.tokens, "batch_tokens": 8192}
     } | figures
@@ -572,7 +573,9 @@ def markdown(result: dict) -> str:
         "# Extract benchmark: teacher top-K log-probs at real vocabulary sizes",
         "",
         f"{machine.get('cpus')} CPUs shared with other jobs (timings noisy), float32, no GPU. "
-        "Reproduce: `.venv/bin/python bench/extract_bench.py throughput|store|stage [--before WORKTREE]`.",
+        "Reproduce: `.venv/bin/python bench/extract_bench.py throughput|store|stage|evaluate [--before DIR]` "
+        "(before: a worktree of f11b568, the commit before the chunked head, with fuse/stages, fuse/alignment "
+        "and fuse/data linked to its top-level folders; after: this code).",
         "",
     ]
     if "stage" in result:
@@ -595,11 +598,30 @@ def markdown(result: dict) -> str:
         ]
         if "max_abs_diff_before_after" in st:
             lines += [
-                f"Outputs: top-K ids equal at {100 * st['topk_ids_equal_share']:.2f}% of entries; stored log-probs "
-                f"differ by at most {st['max_abs_diff_before_after']:.4f} (each side is quantized within 0.01 of its "
-                "float32 value; the float32 values themselves differ by ~1e-6, see the throughput table).",
+                f"Outputs: top-K ids equal at {100 * st['topk_ids_equal_share']:.2f}% of entries; stored top-K "
+                f"log-probs identical at {100 * st.get('logprobs_equal_share', float('nan')):.2f}% and at most "
+                f"{st['max_abs_diff_before_after']:.4f} apart (each side is quantized within 0.01 of its float32 "
+                "value, before by the v1 codec, after by v2; the float32 values themselves differ by ~1e-6, see "
+                "the throughput table).",
                 "",
             ]
+    if "evaluate" in result:
+        ev = result["evaluate"]
+        lines += [
+            f"## evaluate's CE/byte on the 262k-vocabulary model ({ev['date']})",
+            "",
+            f"`fuse.evaluation.ce_per_byte` (batches of 16) over {ev['texts']} real texts of 1,000 characters "
+            "(~250 tokens) with the model above; peak RSS of the process (ru_maxrss).",
+            "",
+            "| code | CE/byte | peak RSS | RSS after load | seconds |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {label} | {r['ce_per_byte']:.6f} | {r['peak_rss_mb'] / 1024:.2f} GB | "
+                f"{r['rss_after_load_mb'] / 1024:.2f} GB | {r['seconds']:.0f} |"
+                for label, r in ev["runs"].items()
+            ),
+            "",
+        ]
     if "throughput" in result:
         th = result["throughput"]
         setup = th["setup"]
