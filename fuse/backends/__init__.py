@@ -99,7 +99,8 @@ class Progress:
     def chunk_done(self, rows: int, kept_tokens: Sequence[int]) -> None:
         """A chunk of rows is written: count what a per-batch backend did not already count (skipped rows)."""
         if self.per_batch:
-            self.update(rows - len(kept_tokens), 0)
+            if rows > len(kept_tokens):
+                self.update(rows - len(kept_tokens), 0)
         else:
             self.update(rows, sum(kept_tokens))
 
