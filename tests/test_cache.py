@@ -11,22 +11,16 @@ import pytest
 from fuse.cache import ArtifactCache
 from fuse.cli import main
 from fuse.executor import run
-from fuse.plan import stage_module
 from fuse.recipe import load_recipe, parse_recipe
 from fuse.store import RunStore
 
 from recipes import toy_recipe, write_recipe
-from toy_stages import OVERRIDES, read_calls
+from toy_stages import read_calls
 
 UPSTREAM = ("prepare", "extract.", "score.", "align.", "distill.", "fpo.")
 
 
-@pytest.fixture(autouse=True)
-def toy(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", OVERRIDES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 def two_recipes(tmp_path) -> tuple[dict, dict]:

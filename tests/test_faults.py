@@ -58,15 +58,10 @@ class FormatStage(ToyStage):
 
 
 extract, merge, score = FormatStage("extract"), FormatStage("merge"), FormatStage("score")
-STAGES = OVERRIDES + ",extract=test_faults:extract,merge=test_faults:merge,score=test_faults:score"
+STAGE_MODULES = OVERRIDES + ",extract=test_faults:extract,merge=test_faults:merge,score=test_faults:score"
 
 
-@pytest.fixture(autouse=True)
-def stages(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", STAGES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 def _quiet(_line: str) -> None:
@@ -86,7 +81,7 @@ def _plan(recipe: dict, **kwargs) -> dict:
 def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "FUSE_STAGE_MODULES": STAGES,
+        "FUSE_STAGE_MODULES": STAGE_MODULES,
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         **extra,
     }
@@ -680,7 +675,7 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("reference")
-    os.environ["FUSE_STAGE_MODULES"] = STAGES
+    os.environ["FUSE_STAGE_MODULES"] = STAGE_MODULES
     stage_module.cache_clear()
     try:
         _run(toy_recipe(tmp))

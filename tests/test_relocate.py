@@ -9,20 +9,14 @@ import pytest
 
 from fuse.dag import build_dag
 from fuse.executor import run
-from fuse.plan import fingerprints, make_plan, stage_module
+from fuse.plan import fingerprints, make_plan
 from fuse.recipe import parse_recipe
 from fuse.store import RunStore
 
 from recipes import toy_recipe
-from toy_stages import OVERRIDES, read_calls
+from toy_stages import read_calls
 
-
-@pytest.fixture(autouse=True)
-def toy(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", OVERRIDES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 def test_a_moved_run_with_its_models_and_data_plans_as_done(tmp_path):

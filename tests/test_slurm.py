@@ -19,22 +19,16 @@ import yaml
 from fuse import slurm
 from fuse.cli import main
 from fuse.dag import build_dag
-from fuse.plan import PlanError, fingerprints, stage_module
+from fuse.plan import PlanError, fingerprints
 from fuse.recipe import RecipeError, load_recipe
 from fuse.store import RunStore
 
 from recipes import toy_recipe, write_recipe
-from toy_stages import OVERRIDES
 
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def toy(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", OVERRIDES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 class FakeSlurm(slurm.Slurm):
