@@ -195,7 +195,7 @@ def prepare_split(
 ) -> Split:
     """Load, check, encode and reference one split. Train needs every score; held-out may lack them."""
     from fuse.data.prepared import load_split
-    from fuse.preference import ScoreError
+    from fuse.data.scores import ScoreError
 
     try:
         raw = load_split(ctx.input("prepare"), "preference", split).to_list()
@@ -305,9 +305,10 @@ def save_rows(rows: list[dict], path: Path) -> Path:
 
 def run(ctx: StageContext) -> None:
     from fuse import training
+    from fuse.data.scores import read_scores
     from fuse.fpo_trainer import policy_scores
     from fuse.models import load_tokenizer
-    from fuse.preference import default_beta, read_scores
+    from fuse.preference import default_beta
 
     settings: FpoSettings = ctx.settings
     beta = settings.beta or default_beta(settings.normalization)

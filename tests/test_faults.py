@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fuse import launch
 from fuse.cli import main
 from fuse.dag import build_dag
 from fuse.executor import run
@@ -465,11 +466,11 @@ def test_multinode_launch_and_dry_run_lines_do_not_expand_paths(tmp_path):
         "fuse.training",
         job,
     ]
-    launch = slurm.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
-    assert launch[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    srun_command = launch.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
+    assert srun_command[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
     env = {"PATH": "/usr/bin:/bin", "ARGS_FILE": str(tmp_path / "args"), "SLURM_NODEID": "1"}
     env |= {"MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
-    subprocess.run(["bash", "-c", launch[-1]], cwd=tmp_path, env=env, check=True, timeout=30)
+    subprocess.run(["bash", "-c", srun_command[-1]], cwd=tmp_path, env=env, check=True, timeout=30)
     args = (tmp_path / "args").read_text().splitlines()
     assert args[-1] == job and not (tmp_path / "PWNED").exists()
     assert (

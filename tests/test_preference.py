@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from fuse.data.scores import ScoreError, read_scores
 from fuse.preference import (
     PAIR_FUSIONS,
     PairScores,
-    ScoreError,
     clip_to_pivot,
     default_beta,
     fused_reference,
@@ -22,7 +22,6 @@ from fuse.preference import (
     normalized_scores,
     pair_fusion,
     picked_histogram,
-    read_scores,
     reward_accuracy,
 )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuse import slurm
+from fuse import launch, slurm
 from fuse.cli import main
 from fuse.dag import build_dag
 from fuse.plan import PlanError, fingerprints
@@ -201,8 +201,8 @@ def test_snapshot_recipe_keeps_every_fingerprint(tmp_path):
 def test_multinode_command_runs_one_launcher_per_node(tmp_path):
     single = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "4",
               "--num_machines", "1", "--main_process_port", "1234", "-m", "fuse.training", str(tmp_path / "a b.json")]  # fmt: skip
-    assert slurm.multinode_command(single, {"SLURM_NNODES": "1"}) == single
-    command = slurm.multinode_command(single, {"SLURM_NNODES": "3"})
+    assert launch.multinode_command(single, {"SLURM_NNODES": "1"}) == single
+    command = launch.multinode_command(single, {"SLURM_NNODES": "3"})
     assert command[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     # What each node's shell makes of it (echo instead of exec'ing python):
     inner = command[-1].replace(f"exec {sys.executable}", "echo", 1)
