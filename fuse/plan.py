@@ -93,11 +93,22 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
     return {}
 
 
-def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
+def instance_settings(recipe: Recipe, instance: Instance) -> Any:
+    """The settings an instance works with: extract/score take only this model's overrides (so another model's
+    do not rerun it); a stage module's `settings_for(instance, settings)` narrows them further (the SFT-only
+    baseline trains at λ = 1, whatever `stages.distill.lambda` says, and must not go stale when it changes)."""
     settings = getattr(recipe.stages, instance.stage)
-    # extract/score: this model's overrides only, so that another model's do not rerun it.
     if hasattr(settings, "for_model"):
         settings = settings.for_model(instance.key)
+    try:
+        narrow = getattr(stage_module(instance.stage), "settings_for", None)
+    except StageNotImplemented:
+        narrow = None
+    return narrow(instance, settings) if narrow else settings
+
+
+def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
+    settings = instance_settings(recipe, instance)
     return {
         "instance": instance.name,
         "code": stage_version(instance.stage),

@@ -296,6 +296,14 @@ class DistillSettings(TrainSettings):
         False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
     )
 
+    def sft_only(self) -> DistillSettings:
+        """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
+        at their defaults, so changing them does not make the baseline stale."""
+        teacher = {
+            name: type(self).model_fields[name].default for name in ("temperature", "fusion", "divergence")
+        }
+        return self.model_copy(update={"lambda_": 1.0, **teacher})
+
 
 class FpoSettings(TrainSettings):
     placement: Literal["per_target", "after_merge"] = "per_target"
