@@ -2,7 +2,7 @@
 
 Generates a base and N fine-tuned-like random-weight Llama checkpoints (bf16, ~1 GB each) in a temp dir, runs
 both tools as child processes on warm page cache, and writes bench/results/merge.json + merge.md.
-Usage: .venv/bin/python bench/merge_bench.py [--methods ties,sce] [--layers 8] [--hidden 2048]
+Usage: .venv/bin/python bench/merge_bench.py [--methods ties,sce_mergekit] [--layers 8] [--hidden 2048]
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import yaml
 from safetensors.torch import save_file
 
 RESULTS = Path(__file__).parent / "results"
+# our `sce` is FuseChat's (selection sets weights only); mergekit's `sce` is our `sce_mergekit`
+MERGEKIT_NAME = {"sce_mergekit": "sce"}
 PARAMS = {
     "ties": ({}, {"weight": 1.0, "density": 0.3}),
-    "sce": ({"select_topk": 0.1}, {}),
+    "sce_mergekit": ({"select_topk": 0.1}, {}),
     "task_arithmetic": ({}, {"weight": 0.5}),
     "dare_ties": ({}, {"weight": 1.0, "density": 0.5}),
 }
@@ -132,7 +134,7 @@ def run_method(method: str, paths: list[Path], work: Path) -> dict:
         "output": str(work / "ours"),
     }
     theirs = {
-        "merge_method": method,
+        "merge_method": MERGEKIT_NAME.get(method, method),
         "base_model": str(paths[0]),
         "parameters": shared,
         "dtype": "float32",
@@ -197,7 +199,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", default="ties,sce")
+    parser.add_argument("--methods", default="ties,sce_mergekit")
     parser.add_argument("--models", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)

@@ -22,6 +22,7 @@ PLUGINS = {
     "cancel": "fuse.slurm",
     "merge": "fuse.merging.cli",
     "compare": "fuse.compare",
+    "cache": "fuse.cache",
     "zoo": "fuse.zoo",
 }
 

@@ -85,8 +85,8 @@ class DistillTrainer(RecordedMetrics, Trainer):
 
 
 def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
-    """The builder named in distill jobs. params: model (a ModelSpec dump), train_data (a dataset folder),
-    lambda, temperature, divergence."""
+    """The builder named in distill jobs: λ, temperature and divergence from the job's DistillSettings; params:
+    model (a ModelSpec dump), train_data (a dataset folder)."""
     from datasets import load_from_disk
 
     from fuse.models import load_model, load_tokenizer
@@ -96,7 +96,8 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
     # float32 weights: bf16 runs under autocast (the Trainer's bf16), with the recipe's attention kernel
-    model = load_model(spec, dtype="float32", attn_implementation=job.load_settings().attn_implementation)
+    settings = job.load_settings()
+    model = load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
     dataset = load_from_disk(params["train_data"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DistillTrainer(
@@ -105,7 +106,7 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
         train_dataset=dataset,
         data_collator=sparse_collator(int(pad_id or 0)),
         processing_class=tokenizer,
-        lambda_=float(params.get("lambda", 0.9)),
-        temperature=float(params.get("temperature", 1.0)),
-        divergence=str(params.get("divergence", "ce")),
+        lambda_=settings.lambda_,
+        temperature=settings.temperature,
+        divergence=settings.divergence,
     )

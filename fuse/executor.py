@@ -16,6 +16,7 @@ from types import ModuleType
 import yaml
 
 from fuse import resources
+from fuse.cache import publish_if_cached, restore_if_cached
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
@@ -103,10 +104,18 @@ def run_instance(
     except LockHeld as error:
         raise InstanceBusy(name, str(error)) from None
     try:
+        progress = progress or Progress()
+        if not force and restore_if_cached(recipe, store, step):
+            progress.start(name)
+            progress.end("done: outputs from the artifact cache")
+            return True
         _prepare(store, step, force)
         if shard is not None:
             lock.release()
-        return _work(recipe, step, store, module, shard, progress or Progress(), lock)
+        done = _work(recipe, step, store, module, shard, progress, lock)
+        if done:
+            publish_if_cached(recipe, store, step)
+        return done
     finally:
         lock.release()
 

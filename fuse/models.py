@@ -220,5 +220,5 @@ def identity(spec: ModelSpec) -> dict[str, Any]:
             # .py: a trust_remote_code model's code is part of what it computes
             and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model", ".txt", ".py"))
         )
-        return {"path": str(local), "files": files_digest(files)}
+        return {"files": files_digest(files)}  # by content: a moved or copied model is the same model
     return {"hub_id": spec.path, "revision": spec.revision or "main"}

@@ -11,6 +11,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -54,12 +55,26 @@ def stage_version(stage: str) -> str:
         return "missing"
 
 
+def by_content(value: Any) -> Any:
+    """`value` with every string that names a local file replaced by that file's digest, so a fingerprint says
+    what was read, not where it lay: a run and its inputs can move, and a cache can serve any recipe (hub ids,
+    names and other strings stay as they are)."""
+    if isinstance(value, dict):
+        return {key: by_content(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [by_content(item) for item in value]
+    if isinstance(value, str) and value.startswith(("/", "~", ".")) and Path(value).expanduser().is_file():
+        return {"file_digest": path_digest(Path(value).expanduser())}
+    return value
+
+
 def _dataset_part(spec: DatasetSpec | None) -> Any:
     if spec is None:
         return None
     part: dict[str, Any] = spec.model_dump(mode="json")
     try:
         part["digest"] = path_digest(spec.path)
+        del part["path"]  # the digest names a local file; where it lies does not matter
     except FileNotFoundError:
         part["digest"] = None  # a hub dataset: its id and revision name it
     return part
@@ -75,34 +90,34 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
                 "seed": recipe.data.seed,
             }
         }
-    if instance.stage == "evaluate":
-        settings = recipe.stages.evaluate
-        files = {
-            k: path_digest(v)
-            for k, v in (
-                ("items", settings.items),
-                ("heldout_text", settings.heldout_text),
-                ("domains", settings.domains),
-            )
-            if v
-        }
-        return {"files": files}
     return {}
 
 
-def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
+def instance_settings(recipe: Recipe, instance: Instance) -> Any:
+    """The settings an instance works with: extract/score take only this model's overrides (so another model's
+    do not rerun it); a stage module's `settings_for(instance, settings)` narrows them further (the SFT-only
+    baseline trains at λ = 1, whatever `stages.distill.lambda` says, and must not go stale when it changes)."""
     settings = getattr(recipe.stages, instance.stage)
-    # extract/score: this model's overrides only, so that another model's do not rerun it.
     if hasattr(settings, "for_model"):
         settings = settings.for_model(instance.key)
+    try:
+        narrow = getattr(stage_module(instance.stage), "settings_for", None)
+    except StageNotImplemented:
+        narrow = None
+    return narrow(instance, settings) if narrow else settings
+
+
+def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:
+    settings = instance_settings(recipe, instance)
     return {
         "instance": instance.name,
         "code": stage_version(instance.stage),
-        "settings": settings.model_dump(mode="json", exclude={"enabled"}),
+        "settings": by_content(settings.model_dump(mode="json", exclude={"enabled"})),
         "options": {k: v for k, v in instance.options},
         "models": {
             m: {
-                "spec": recipe.model(m).model_dump(mode="json", exclude={"name"}),
+                # a local folder is named by its files' digests (identity), a hub model by id and revision
+                "spec": by_content(recipe.model(m).model_dump(mode="json", exclude={"name", "path"})),
                 "identity": identity(recipe.model(m)),
             }
             for m in instance.models

@@ -9,21 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fuse.data.scores import SCORE_COLUMNS, ScoreError
 from fuse.registry import Registry
-from fuse.stages.score import COLUMNS
 
 NORMALIZATIONS = ("tokens", "bytes", "none")
-SCORE_COLUMNS = COLUMNS[1:]  # the score stage's table, less its id
-
-
-class ScoreError(ValueError):
-    """Score tables that cannot serve as a reference: missing rows, missing columns, non-finite values."""
 
 
 # --------------------------------------------------------------------------------------------- normalization
@@ -237,29 +231,6 @@ def picked_histogram(picked: np.ndarray, sources: Sequence[str]) -> dict[str, in
 
 
 # --------------------------------------------------------------------------------------------- score tables
-
-
-def read_scores(score_out: str | Path, model: str) -> dict[str, np.ndarray]:
-    """A score stage's out/ folder as arrays {id, chosen_logp, ...}: the files its report.json lists (written once
-    every shard is done), else every parquet file under it."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = Path(score_out)
-    report = root / "report.json"
-    if report.is_file():
-        files = [root / name for name in json.loads(report.read_text(encoding="utf-8"))["files"]]
-    else:
-        files = sorted(root.rglob("*.parquet"))
-    if not files:
-        raise ScoreError(f"score.{model}: no parquet files under {score_out}")
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    missing = [c for c in ("id", *SCORE_COLUMNS) if c not in table.column_names]
-    if missing:
-        raise ScoreError(f"score.{model}: {files[0]} has no column(s) {', '.join(missing)}")
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", *SCORE_COLUMNS)}
 
 
 def join_scores(

@@ -296,6 +296,14 @@ class DistillSettings(TrainSettings):
         False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
     )
 
+    def sft_only(self) -> DistillSettings:
+        """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
+        at their defaults, so changing them does not make the baseline stale."""
+        teacher = {
+            name: type(self).model_fields[name].default for name in ("temperature", "fusion", "divergence")
+        }
+        return self.model_copy(update={"lambda_": 1.0, **teacher})
+
 
 class FpoSettings(TrainSettings):
     placement: Literal["per_target", "after_merge"] = "per_target"
@@ -456,6 +464,12 @@ class ExecutorSpec(Frozen):
 class Recipe(Frozen):
     name: str
     workdir: str
+    cache: str | None = Field(
+        None,
+        description="A content-addressed artifact cache shared by recipes (a folder, e.g. on the cluster's shared "
+        "filesystem; default: $FUSE_ARTIFACT_CACHE): instances with the same fingerprint are linked from it, "
+        "never recomputed.",
+    )
     pivot: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
     data: DataSpec
@@ -684,6 +698,7 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
         update={
             "executor": recipe.executor.model_copy(update={"slurm": slurm}),
             "workdir": str((base / Path(recipe.workdir).expanduser()).resolve()),
+            **({"cache": str((base / Path(recipe.cache).expanduser()).resolve())} if recipe.cache else {}),
             "pivot": model(recipe.pivot.model_copy(update={"name": "pivot"})),
             "sources": [model(s) for s in recipe.sources],
             "data": data,

@@ -29,7 +29,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fuse.io import TMP_SUFFIX, content_digest, read_json, sha256_json, write_json_atomic, write_text_atomic
+from fuse.io import (
+    TMP_SUFFIX,
+    content_digest,
+    published_mode,
+    read_json,
+    sha256_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 MANIFEST = "manifest.json"
 INSTANCE_LOCK = "instance.lock"
@@ -429,6 +437,9 @@ class FileLock:
 
     def _try_create(self, owner: dict[str, Any]) -> bool:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+        os.fchmod(
+            fd, published_mode()
+        )  # readable by whoever shares the run store: the holder is named to them
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(owner, handle)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
 from fuse.io import atomic_dir, atomic_write, write_json_atomic
+from fuse.launch import multinode_command
 from fuse.recipe import TrainSettings
-from fuse.slurm import multinode_command
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments

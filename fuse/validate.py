@@ -328,7 +328,7 @@ def check_push(recipe: Recipe) -> list[str]:
     publish = recipe.stages.publish
     if not (publish.enabled and publish.push):
         return []
-    from fuse.stages.publish import check_push_possible
+    from fuse.hub import check_push_possible
 
     try:
         check_push_possible()

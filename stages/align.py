@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fuse.alignment.vocab import VocabMap
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 1
+VERSION = 2  # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
 
 
 def sized(pieces: VocabPieces, size: int) -> VocabPieces:
@@ -294,7 +294,11 @@ def signal_warnings(report: dict[str, Any]) -> list[str]:
         if value < floor:
             warnings.append(f"{what}: {value:.2f} (below {floor:.2f})")
     signal = report["teacher_signal"]
-    if signal["source_mean_p_gold"] < 0.5 * signal["pivot_mean_p_gold"]:
+    # compared only where the pivot predicts the responses at all (untrained models give both ~0)
+    if (
+        signal["pivot_mean_p_gold"] >= 0.05
+        and signal["source_mean_p_gold"] < 0.5 * signal["pivot_mean_p_gold"]
+    ):
         warnings.append(
             f"projected source gives the gold token p={signal['source_mean_p_gold']:.3f} on average, less than "
             f"half the pivot's own {signal['pivot_mean_p_gold']:.3f}: alignment or vocabulary map suspect"

@@ -22,7 +22,7 @@ from fuse.data.response import ce_per_byte
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 1
+VERSION = 2  # 2: fusion CE per byte over content tokens only
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
 
 
@@ -174,6 +174,11 @@ def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the stage
 
 
+def settings_for(instance: Any, settings: Any) -> Any:
+    """The settings this instance trains with (and is fingerprinted by): the SFT-only baseline's are λ = 1."""
+    return settings.sft_only() if instance.option("sft_only", False) else settings
+
+
 def check_inputs(ctx: StageContext, sft_only: bool) -> None:
     from fuse.losses import get_fusion
 
@@ -222,18 +227,16 @@ def run(ctx: StageContext) -> None:
     from fuse.io import write_json_atomic
     from fuse.training import check_settings, make_job, train
 
-    settings = ctx.settings
     sft_only = bool(ctx.instance.option("sft_only", False))
+    settings = settings_for(ctx.instance, ctx.settings)
     check_settings(settings, "stages.distill")
     check_inputs(ctx, sft_only)
     data_path, report = training_data(ctx, sft_only)
     ctx.log.info("%s: %s", ctx.instance.name, report)
-    lambda_ = 1.0 if sft_only else settings.lambda_
     job = make_job(BUILDER, settings, ctx.dir, ctx.out, "stages.distill",
-                   model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path),
-                   temperature=settings.temperature, divergence=settings.divergence, **{"lambda": lambda_})  # fmt: skip
+                   model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path))  # fmt: skip
     summary = train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
     write_json_atomic(ctx.out / "distill_report.json", {
-        "instance": ctx.instance.name, "lambda": lambda_, "fusion": None if sft_only else settings.fusion,
+        "instance": ctx.instance.name, "lambda": settings.lambda_, "fusion": None if sft_only else settings.fusion,
         "divergence": settings.divergence, "temperature": settings.temperature, "data": report, "training": summary,
     })  # fmt: skip

@@ -12,7 +12,7 @@ from fuse.context import StageContext
 from fuse.data.logprobs import LogprobWriter, SampleLogprobs, shard_name, write_index
 from fuse.io import read_json, write_json_atomic
 
-VERSION = 1
+VERSION = 2  # 2: store v2; rows a template refuses folded or skipped; ids past the output skipped
 CHUNK_ROWS = 256  # rows rendered and sent to the backend at once: bounds the uncompressed results in memory
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def run(ctx: StageContext) -> None:
         model={"name": key, **identity(spec)},
         meta={"template": settings.template, "backend": settings.backend, "max_length": max_length},
     )
-    progress = track_batches(backend, f"{ctx.instance.name} shard {shard}", len(indices), "rows", ctx.log)
+    label = f"{ctx.instance.name} shard {shard}"
+    progress = track_batches(backend, label, len(indices), "rows", ctx.log, ctx.progress)
     try:
         for start in range(indices.start, indices.stop, CHUNK_ROWS):
             rows = dataset[start : min(start + CHUNK_ROWS, indices.stop)]
@@ -114,7 +115,6 @@ def run(ctx: StageContext) -> None:
                 writer.add(to_sample(row, chat, result))
             counts["rows"] += len(rows)
             progress.chunk_done(len(rows), [chat.num_tokens for _, chat in kept])
-            ctx.progress(start + len(rows) - indices.start, len(indices), "rows")
     finally:
         backend.close()
     writer.meta["counts"] = dict(counts)

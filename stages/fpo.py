@@ -17,7 +17,7 @@ from fuse.context import StageContext
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
 from fuse.recipe import FpoSettings, ModelSpec
 
-VERSION = 1
+VERSION = 2  # 2: pairs truncated by any score refused; held-out pairs against the fused reference
 POLICY_STAGES = ("distill", "merge")
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
@@ -195,7 +195,7 @@ def prepare_split(
 ) -> Split:
     """Load, check, encode and reference one split. Train needs every score; held-out may lack them."""
     from fuse.data.prepared import load_split
-    from fuse.preference import ScoreError
+    from fuse.data.scores import ScoreError
 
     try:
         raw = load_split(ctx.input("prepare"), "preference", split).to_list()
@@ -305,9 +305,10 @@ def save_rows(rows: list[dict], path: Path) -> Path:
 
 def run(ctx: StageContext) -> None:
     from fuse import training
+    from fuse.data.scores import read_scores
     from fuse.fpo_trainer import policy_scores
     from fuse.models import load_tokenizer
-    from fuse.preference import default_beta, read_scores
+    from fuse.preference import default_beta
 
     settings: FpoSettings = ctx.settings
     beta = settings.beta or default_beta(settings.normalization)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from fuse.context import StageContext
+from fuse.hub import check_push_possible, push
 from fuse.io import atomic_dir, read_json, write_json_atomic
 from fuse.recipe import Recipe
 
@@ -239,41 +240,6 @@ def check_reload_and_generate(folder: Path, trust_remote_code: bool = False) -> 
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
     return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def check_push_possible() -> None:
-    """Fail before any work when a push cannot happen, not after minutes of copying and validating."""
-    from huggingface_hub import get_token
-
-    from fuse.models import offline
-
-    if offline():
-        raise RuntimeError(
-            "stages.publish.push is true but offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set; "
-            "`make` sets HF_HUB_OFFLINE=1 unless told otherwise)"
-        )
-    if not get_token():
-        raise RuntimeError(
-            "stages.publish.push is true but there is no Hugging Face token "
-            "(set HF_TOKEN in the environment or run `hf auth login`)"
-        )
-
-
-def push(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
-    """Upload with huggingface_hub; the token comes from the environment (HF_TOKEN) and is never logged."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        revision=revision,
-        commit_message="Upload fused model (fuse)",
-    )
-    return str(getattr(commit, "commit_url", commit))
 
 
 def run(ctx: StageContext) -> None:

@@ -11,29 +11,14 @@ from typing import Any
 import numpy as np
 
 from fuse.context import StageContext
+from fuse.data.scores import COLUMNS, scores_name
 from fuse.io import atomic_write, read_json, write_json_atomic
 
 VERSION = 2  # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix
 CHUNK_PAIRS = 256
 SPLITS = ("train", "heldout")  # held-out pairs are scored so fpo's held-out metrics use the fused reference
-# the score table's schema (fuse.preference reads it through these names)
-COLUMNS = (
-    "id",
-    "chosen_logp",
-    "chosen_tokens",
-    "chosen_bytes",
-    "chosen_truncated",
-    "rejected_logp",
-    "rejected_tokens",
-    "rejected_bytes",
-    "rejected_truncated",
-)
 
 log = logging.getLogger(__name__)
-
-
-def scores_name(shard: int) -> str:
-    return f"scores-{shard:05d}.parquet"
 
 
 def scored_spec(ctx: StageContext) -> Any:
@@ -160,14 +145,13 @@ def run(ctx: StageContext) -> None:
     records: list[dict] = []
     # items: sequences (two per pair), as the backend reports them
     label = f"{ctx.instance.name} shard {ctx.shard or 0}"
-    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log)
+    progress = track_batches(backend, label, 2 * len(indices), "sequences", ctx.log, ctx.progress)
     try:
         for start in range(indices.start, indices.stop, CHUNK_PAIRS):
             batch = dataset[start : min(start + CHUNK_PAIRS, indices.stop)]
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             records += score_rows(backend, tokenizer, rows, max_length, counts, backend.vocab_size)
             progress.chunk_done(2 * len(rows), [0] * (2 * len(rows)))
-            ctx.progress(len(records), len(indices), "pairs")
     finally:
         backend.close()
     write_scores(ctx, records, dict(counts))
@@ -197,12 +181,3 @@ def finalize(ctx: StageContext) -> None:
         ctx.out / "report.json",
         {"model": ctx.instance.key, "pairs": pairs, "counts": dict(totals), "files": files},
     )
-
-
-def load_scores(out: Any) -> Any:
-    """All shards of a score stage's output as one pandas-free pyarrow table (for fpo)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = read_json(out / "report.json")["files"]
-    return pa.concat_tables([pq.read_table(out / name) for name in files])

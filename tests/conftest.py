@@ -37,3 +37,17 @@ def real_families():
     from real_family import build_real_families
 
     return build_real_families()
+
+
+@pytest.fixture
+def toy_stage_modules(monkeypatch, request):
+    """Run the toy stages (tests/toy_stages.py) in place of the real ones; a test module may name its own
+    `STAGE_MODULES` ("stage=module:attr,…") instead."""
+    from fuse.plan import stage_module
+
+    from toy_stages import OVERRIDES
+
+    monkeypatch.setenv("FUSE_STAGE_MODULES", getattr(request.module, "STAGE_MODULES", OVERRIDES))
+    stage_module.cache_clear()
+    yield
+    stage_module.cache_clear()

@@ -9,10 +9,13 @@ lock, published atomically; `python tests/real_family.py [DIR]` builds them from
 Quirks these fixtures carry (found by building and rendering them; each is kept, not worked around):
 
 - llama31 (Llama-3.1-8B-Instruct geometry): 128,256 ids = 128,256 rows, untied head. Byte-level BPE (`Ġ`). The
-  package's template is the Llama-3 one (no "Cutting Knowledge Date" system header of the released 3.1 template):
-  it writes `<|begin_of_text|>` itself and `| trim`s every content; turns end with `<|eot_id|>` (tokenizer eos)
-  while the model's config and generation_config stop at [128001 <|end_of_text|>, 128008 <|eom_id|>, 128009];
-  the tokenizer also adds `<|begin_of_text|>` when asked for special tokens (double BOS if both are used). No pad.
+  package is the Llama-3 tokenizer with eos `<|eot_id|>`: 128008 is `<|reserved_special_token_4|>` (the released
+  3.1 tokenizer names it `<|eom_id|>`), and its template is Llama-3-Instruct's (no "Cutting Knowledge Date" system
+  header of the released 3.1 template). The template writes `<|begin_of_text|>` itself and `| trim`s every
+  content; turns end with `<|eot_id|>` (tokenizer eos) while config and generation_config stop at [128001
+  <|end_of_text|>, 128008, 128009] and generation_config samples (do_sample, temperature 0.6). The tokenizer also
+  adds `<|begin_of_text|>` when asked for special tokens (double BOS if both are used). No pad token.
+  `clean_up_tokenization_spaces: true` is ignored by transformers 5 for BPE (with a warning).
 - qwen3 (Qwen3-0.6B geometry): tokenizer 151,669 ids, embedding padded to 151,936 rows, tied. Byte-level BPE, no
   BOS at all; eos `<|im_end|>` (turn end), pad `<|endoftext|>` = config bos 151643; generation stops at both. The
   template does not trim user/system contents but `lstrip('\\n')`s the last assistant turn's content (after the
@@ -347,15 +350,20 @@ def build_real_families(root: Path | None = None) -> dict[str, Path]:
                 built["total_seconds"] = round(time.monotonic() - started, 1)
                 write_json_atomic(tmp / MARKER, {"key": key, "version": VERSION, "families": built})
             prune(root, key)
+        os.utime(target / MARKER)  # last use, which prune() goes by
     return {f.name: target / f.name for f in FAMILIES}
 
 
-def prune(root: Path, key: str) -> None:
-    """Drop fixture folders of other keys (each is ~300 MB; an older key is never read again by this code)."""
+def prune(root: Path, key: str, idle_seconds: float = 3600.0) -> None:
+    """Drop fixture folders of other keys last used over an hour ago (each is ~300 MB). Not recent ones: in a
+    shared work tree another session, with another version of this file, may be running tests on them now."""
     import shutil
 
     for old in root.iterdir():
-        if old.is_dir() and old.name != key and len(old.name) == len(key) and (old / MARKER).is_file():
+        marker = old / MARKER
+        if old.name == key or len(old.name) != len(key) or not marker.is_file():
+            continue
+        if time.time() - marker.stat().st_mtime > idle_seconds:
             shutil.rmtree(old, ignore_errors=True)
             old.with_suffix(".lock").unlink(missing_ok=True)
 

@@ -69,10 +69,10 @@ def train_data(pivot_dir, tmp_path_factory) -> Path:
 
 def distill_job(tmp: Path, pivot_dir: Path, train_data: Path, **settings) -> TrainingJob:
     values = dict(max_steps=6, save_steps=2, save_total_limit=5, logging_steps=1, per_device_batch_size=2,
-                  learning_rate=3e-3, lr_scheduler="constant", seed=7)  # fmt: skip
+                  learning_rate=3e-3, lr_scheduler="constant", seed=7, lambda_=0.5)  # fmt: skip
     values.update(settings)
     spec = ModelSpec(name="pivot", path=str(pivot_dir))
-    params = {"model": spec.model_dump(mode="json"), "train_data": str(train_data), "lambda": 0.5}
+    params = {"model": spec.model_dump(mode="json"), "train_data": str(train_data)}
     return make_job(BUILDER, DistillSettings(**values), tmp, tmp / "out", "stages.distill", **params)
 
 
@@ -201,8 +201,7 @@ def test_sft_only_rows_without_targets_train(tmp_path, pivot_dir, train_data):
     load_from_disk(str(train_data)).remove_columns(
         ["target_ids", "target_probs", "target_width"]
     ).save_to_disk(str(plain))
-    job = distill_job(tmp_path, pivot_dir, plain, max_steps=2)
-    job = TrainingJob(**{**job.__dict__, "params": {**job.params, "lambda": 1.0}})
+    job = distill_job(tmp_path, pivot_dir, plain, max_steps=2, lambda_=1.0)
     summary = training.train(job)
     assert summary["global_step"] == 2
     entries = [json.loads(line) for line in (Path(job.log_dir) / training.LOG_FILE).read_text().splitlines()]
@@ -341,3 +340,23 @@ def test_ce_per_byte_by_hand():
     # rows 2..3 predict the content tokens 3..4 (the -inf is counted at the floor); row 4 predicts the end-of-turn
     # token, which spells no byte of the response and is left out
     assert ce_per_byte(sample) == pytest.approx((1.0 - LOGPROB_FLOOR) / 6)
+
+
+def test_the_sft_baseline_does_not_go_stale_when_the_teachers_settings_change(tmp_path):
+    """It trains at λ = 1 whatever stages.distill.lambda (or fusion, temperature) says: changing them reruns the
+    targets, never the baseline (a full training run at real scale)."""
+    from fuse.dag import build_dag
+    from fuse.plan import fingerprints
+    from fuse.recipe import parse_recipe
+
+    from recipes import toy_recipe
+
+    def prints(**distill):
+        recipe = parse_recipe(toy_recipe(tmp_path, stages={"distill": {"sft_baseline": True, **distill}}))
+        return {name: fp for name, (fp, _) in fingerprints(recipe, build_dag(recipe)).items()}
+
+    base, ablation = prints(), prints(**{"lambda": 0.5, "fusion": "avg_ce", "temperature": 2.0})
+    assert ablation["distill.sft_baseline"] == base["distill.sft_baseline"]
+    assert ablation["distill.a"] != base["distill.a"]
+    assert prints(learning_rate=3e-4)["distill.sft_baseline"] != base["distill.sft_baseline"]
+    assert DistillSettings(lambda_=0.5, fusion="avg_ce").sft_only().lambda_ == 1.0

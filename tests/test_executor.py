@@ -13,7 +13,7 @@ import pytest
 
 from fuse.dag import build_dag
 from fuse.executor import StageFailed, run
-from fuse.plan import PlanError, fingerprints, make_plan, stage_module
+from fuse.plan import PlanError, fingerprints, make_plan
 from fuse.recipe import load_recipe, parse_recipe
 from fuse.store import RunStore
 
@@ -24,12 +24,7 @@ from toy_stages import OVERRIDES, read_calls
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def toy(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", OVERRIDES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 def _quiet(_line: str) -> None:

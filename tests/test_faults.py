@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fuse import launch
 from fuse.cli import main
 from fuse.dag import build_dag
 from fuse.executor import run
@@ -58,15 +59,10 @@ class FormatStage(ToyStage):
 
 
 extract, merge, score = FormatStage("extract"), FormatStage("merge"), FormatStage("score")
-STAGES = OVERRIDES + ",extract=test_faults:extract,merge=test_faults:merge,score=test_faults:score"
+STAGE_MODULES = OVERRIDES + ",extract=test_faults:extract,merge=test_faults:merge,score=test_faults:score"
 
 
-@pytest.fixture(autouse=True)
-def stages(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", STAGES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 def _quiet(_line: str) -> None:
@@ -86,7 +82,7 @@ def _plan(recipe: dict, **kwargs) -> dict:
 def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "FUSE_STAGE_MODULES": STAGES,
+        "FUSE_STAGE_MODULES": STAGE_MODULES,
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         **extra,
     }
@@ -470,11 +466,11 @@ def test_multinode_launch_and_dry_run_lines_do_not_expand_paths(tmp_path):
         "fuse.training",
         job,
     ]
-    launch = slurm.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
-    assert launch[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    srun_command = launch.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
+    assert srun_command[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
     env = {"PATH": "/usr/bin:/bin", "ARGS_FILE": str(tmp_path / "args"), "SLURM_NODEID": "1"}
     env |= {"MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
-    subprocess.run(["bash", "-c", launch[-1]], cwd=tmp_path, env=env, check=True, timeout=30)
+    subprocess.run(["bash", "-c", srun_command[-1]], cwd=tmp_path, env=env, check=True, timeout=30)
     args = (tmp_path / "args").read_text().splitlines()
     assert args[-1] == job and not (tmp_path / "PWNED").exists()
     assert (
@@ -680,7 +676,7 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("reference")
-    os.environ["FUSE_STAGE_MODULES"] = STAGES
+    os.environ["FUSE_STAGE_MODULES"] = STAGE_MODULES
     stage_module.cache_clear()
     try:
         _run(toy_recipe(tmp))

@@ -158,8 +158,9 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_policy_at_step_zero_equals_score_target(world):
+    from fuse.data.scores import read_scores
     from fuse.models import load_tokenizer
-    from fuse.preference import join_scores, normalized_scores, read_scores
+    from fuse.preference import join_scores, normalized_scores
     from fuse.recipe import ModelSpec
     from fuse.stages.fpo import encode_split, init_check, load_scoring_model
 
@@ -187,9 +188,10 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
     from datasets import Dataset
     from trl import DPOTrainer
 
+    from fuse.data.scores import read_scores
     from fuse.fpo_trainer import build_fpo_trainer, dpo_config, pair_collator
     from fuse.models import load_model, load_tokenizer
-    from fuse.preference import join_scores, read_scores
+    from fuse.preference import join_scores
     from fuse.recipe import ModelSpec
     from fuse.stages.fpo import encode_split, save_rows
 
@@ -307,7 +309,7 @@ def test_missing_source_scores_name_the_source_and_the_row_count(world, tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fuse.preference import ScoreError, read_scores
+    from fuse.data.scores import ScoreError, read_scores
     from fuse.stages import fpo
 
     table = read_scores(world.scores["a"], "a")

@@ -124,8 +124,8 @@ def test_sce_selection_sets_the_weights_only_and_every_delta_is_merged():
 
 
 def fusechat_sce(base: torch.Tensor, deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
-    """Direct transcription of FuseChat's SCE (FuseAI/FuseChat, FuseChat-2.0 merge code,
-    mergekit/merge_methods/sce_merging.py: get_sce_mask, get_sce_weight, get_erase_mask, SCETask.execute)."""
+    """Direct transcription of FuseChat's SCE: the FuseChat-2.0 release (FuseAI, FuseChat/mergekit/mergekit/
+    merge_methods/sce_merging.py: get_sce_mask, get_sce_weight, get_erase_mask, SCETask.execute)."""
     # select & calculate: the mask touches the weight computation only
     masked = list(deltas)
     if select_topk < 1:

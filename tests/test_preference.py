@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from fuse.data.scores import ScoreError, read_scores
 from fuse.preference import (
     PAIR_FUSIONS,
     PairScores,
-    ScoreError,
     clip_to_pivot,
     default_beta,
     fused_reference,
@@ -22,7 +22,6 @@ from fuse.preference import (
     normalized_scores,
     pair_fusion,
     picked_histogram,
-    read_scores,
     reward_accuracy,
 )
 
@@ -34,6 +33,7 @@ def table(chosen_logp, chosen_tokens, chosen_bytes, rejected_logp, rejected_toke
         "chosen_logp": np.array(chosen_logp, float), "chosen_tokens": np.array(chosen_tokens),
         "chosen_bytes": np.array(chosen_bytes), "rejected_logp": np.array(rejected_logp, float),
         "rejected_tokens": np.array(rejected_tokens), "rejected_bytes": np.array(rejected_bytes),
+        "chosen_truncated": np.zeros(n, bool), "rejected_truncated": np.zeros(n, bool),
     }  # fmt: skip
 
 

@@ -44,7 +44,7 @@ def publish_run(zoo, root: Path, **settings) -> tuple[Recipe, Path]:
     recipe = load_recipe(path)
     dag = build_dag(recipe)
     store = RunStore(recipe.workdir)
-    maker, evaluate = dag["publish"].parents
+    maker, evaluate = dag["publish"].parents[:2]  # then the align instances (teacher-signal reports)
     shutil.copytree(zoo.pivot, store.out(maker) / "model")
     store.out(evaluate).mkdir(parents=True)
     (store.out(evaluate) / "metrics.md").write_text(METRICS_MD, encoding="utf-8")

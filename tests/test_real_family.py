@@ -10,6 +10,7 @@ import math
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from real_family import BY_NAME, FAMILIES, MISTRAL_V01_ORIGINAL
@@ -63,13 +64,15 @@ def test_fixture_reloads_with_the_real_geometry(real_families, name):
 
 def test_vocabulary_quirks(real_families):
     """The geometry a fusion must handle: padded embeddings (Qwen3, DeepSeek-V3) and a tokenizer one entry
-    larger than Gemma-3's embedding, whose extra id is a special token no text produces."""
+    larger than Gemma-3's embedding, whose extra id is an added token that only text spelling it out produces."""
     gemma = tokenizer_of(real_families["gemma3"])
     assert gemma.convert_ids_to_tokens(262144) == "<image_soft_token>"
-    assert 262144 not in gemma(TEXT + " <image_soft_token>", add_special_tokens=True)["input_ids"][:-1]
+    assert max(gemma(TEXT, add_special_tokens=True)["input_ids"]) < 262144
+    assert gemma(TEXT + "<image_soft_token>", add_special_tokens=False)["input_ids"][-1] == 262144
+    qwen = tokenizer_of(real_families["qwen3"])
+    assert len(qwen("<image_soft_token>", add_special_tokens=False)["input_ids"]) > 1  # plain text elsewhere
     for name in ("qwen3", "deepseek_v3"):
         assert BY_NAME[name].embedding_rows > len(tokenizer_of(real_families[name]))
-    qwen = tokenizer_of(real_families["qwen3"])
     assert qwen.bos_token is None and qwen.eos_token == "<|im_end|>" and qwen.pad_token == "<|endoftext|>"
 
 
@@ -102,10 +105,44 @@ def test_fuse_tokenizes_as_tokenizer_json_says(real_families, name):
     (Without config.json beside it, transformers 5 would load the Mistral and DeepSeek-V3 files as a Metaspace
     `LlamaTokenizer`, following tokenizer_config's class, and tokenize differently.)"""
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
     folder = real_families[name]
     reference = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False)
     assert tokenizer_of(folder)(TEXT, add_special_tokens=False)["input_ids"] == reference.ids
+    plain = AutoTokenizer.from_pretrained(folder, local_files_only=True)  # as a user would load the folder
+    assert plain(TEXT, add_special_tokens=False)["input_ids"] == reference.ids
+    assert plain.decode(reference.ids) == TEXT  # the round trip keeps every space, newline and tab
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extract_backend_on_every_family(real_families, name):
+    """fuse's transformers backend on each real architecture (MLA + MoE, sliding windows, tied and untied heads,
+    padded and short output rows) gives the model's own log-probs: checked against a direct forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fuse.backends import make_backend
+    from fuse.data.chat import render_chat
+    from fuse.recipe import ExtractSettings, ModelSpec
+
+    folder, rows = real_families[name], BY_NAME[name].embedding_rows
+    chat = render_chat(tokenizer_of(folder), SYSTEM_CHAT)
+    assert [s.role for s in chat.spans] == [m["role"] for m in SYSTEM_CHAT]
+    backend = make_backend("transformers", ModelSpec(name=name, path=str(folder)), ExtractSettings(top_k=8))
+    try:
+        assert backend.vocab_size == rows
+        (result,) = backend.logprobs([chat.input_ids], 8)
+    finally:
+        backend.close()
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    with torch.inference_mode():
+        logprobs = model(torch.as_tensor(chat.input_ids)[None]).logits[0, :-1].log_softmax(-1)
+    targets = torch.as_tensor(chat.input_ids[1:])
+    expected = logprobs.gather(1, targets[:, None])[:, 0].numpy()
+    assert result.topk_ids.shape == (chat.num_tokens - 1, 8) and int(result.topk_ids.max()) < rows
+    np.testing.assert_allclose(result.target_logprobs, expected, atol=2e-3)
+    np.testing.assert_allclose(result.topk_logprobs[:, 0], logprobs.max(-1).values.numpy(), atol=2e-3)
 
 
 def validate_recipe(tmp_path: Path, pivot: Path, sources: dict[str, Path]) -> Path:
@@ -123,14 +160,15 @@ def validate_recipe(tmp_path: Path, pivot: Path, sources: dict[str, Path]) -> Pa
     return write_recipe(tmp_path, recipe)
 
 
-def test_validate_accepts_gemma3_oversized_tokenizer(real_families, tmp_path):
-    """Gemma-3's tokenizer has one entry (`<image_soft_token>`, 262144) past its 262,144 embedding rows; no text
-    produces it, so `fuse validate` must accept the model (issue 13)."""
+def test_validate_accepts_every_real_family(real_families, tmp_path):
+    """`fuse validate` loads, renders and checks every fixture. Gemma-3's tokenizer has one entry
+    (`<image_soft_token>`, 262144) past its 262,144 embedding rows; no text produces it, so the model is accepted
+    (issue 13: it was rejected outright)."""
     from fuse.recipe import load_recipe
     from fuse.validate import validate
 
-    path = validate_recipe(tmp_path, real_families["qwen3"], {"gemma3": real_families["gemma3"]})
-    validate(load_recipe(path))
+    sources = {name: real_families[name] for name in NAMES if name != "qwen3"}
+    validate(load_recipe(validate_recipe(tmp_path, real_families["qwen3"], sources)))
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -156,6 +194,7 @@ QA = (
     ("Who wrote Faust?", "Johann Wolfgang von Goethe wrote Faust."),
     ("Spell 'naïve' backwards.", "evïan"),
 )
+HELDOUT_FRACTION = 0.15
 PADS = ("{}", " {}", "\n{}", "{}\n", "  {}  ", "\n\n{} ", "{}\t", " \n{}\n ")
 
 
@@ -164,7 +203,8 @@ def pad(text: str, i: int) -> str:
 
 
 def sft_rows() -> list[dict]:
-    """24 conversations: system turns (3 in 4), one or two exchanges, contents padded with spaces, newlines, tabs."""
+    """24 conversations: system turns (3 in 4), one or two exchanges, contents padded with spaces, newlines, tabs;
+    and SPELLED."""
     rows = []
     for i in range(24):
         messages = [{"role": "system", "content": SYSTEMS[i % 4]}] if i % 4 != 3 else []
@@ -175,7 +215,15 @@ def sft_rows() -> list[dict]:
                 {"role": "assistant", "content": pad(answer, i + turn + 3)},
             ]
         rows.append({"id": f"chat-{i:02d}", "messages": messages})
-    return rows
+    return rows + [{"id": "spells-gemma-image-token", "messages": SPELLED}]
+
+
+# A conversation about Gemma-3 that spells out `<image_soft_token>`: Gemma's tokenizer reads it as id 262144, which
+# has no embedding row, so extract.gemma3 must skip it by name while every other model reads it as plain text.
+SPELLED = [
+    {"role": "user", "content": "What is <image_soft_token> in a Gemma-3 prompt?"},
+    {"role": "assistant", "content": " It marks an image slot: <image_soft_token>\n"},
+]
 
 
 def preference_rows() -> list[dict]:
@@ -196,7 +244,14 @@ def real_recipe(tmp_path: Path, families: dict[str, Path]) -> Path:
     data = tmp_path / "data"
     items = [{"skill": "facts", "prompt": q, "answer": a.split()[0]} for q, a in QA[:6]]
     heldout = [{"text": f"{q} {a}\n"} for q, a in QA[6:]]
-    train = {"max_length": 160, "save_steps": 50, "logging_steps": 5, "epochs": 1, "per_device_batch_size": 4}
+    # a few steps per training stage: the test is about the DAG running on real families, not about learning
+    train = {
+        "max_length": 160,
+        "save_steps": 50,
+        "logging_steps": 1,
+        "max_steps": 3,
+        "per_device_batch_size": 4,
+    }
     recipe = {
         "name": "real-family",
         "workdir": str(tmp_path / "run"),
@@ -208,7 +263,7 @@ def real_recipe(tmp_path: Path, families: dict[str, Path]) -> Path:
                 "path": str(write_jsonl(data / "preference.jsonl", preference_rows())),
                 "format": "preference",
             },
-            "heldout_fraction": 0.15,
+            "heldout_fraction": HELDOUT_FRACTION,
         },
         "stages": {
             "extract": {"backend": "transformers", "top_k": 8, "max_length": 160},
@@ -230,9 +285,12 @@ def real_recipe(tmp_path: Path, families: dict[str, Path]) -> Path:
 
 
 def test_sft_rows_exercise_the_quirks():
+    from fuse.data.prepared import is_heldout, row_id
+
     rows = sft_rows()
     contents = [m["content"] for r in rows for m in r["messages"]]
-    assert len(rows) == 24 and sum(r["messages"][0]["role"] == "system" for r in rows) == 18
+    assert len(rows) == 25 and sum(r["messages"][0]["role"] == "system" for r in rows) == 18
+    assert not is_heldout(row_id({"messages": SPELLED}), HELDOUT_FRACTION, 0)  # extract sees it
     assert any(len(r["messages"]) == 5 for r in rows)  # multi-turn
     assert sum(c != c.strip() for c in contents) > len(contents) / 2
     assert any(c.startswith("\n") for c in contents) and any(c.endswith(" ") for c in contents)
@@ -259,11 +317,14 @@ def check_real_run(recipe: Path, families: dict[str, Path]) -> None:
     for source in SOURCES:
         report = json.loads((run / f"align.{source}" / "out" / "report.json").read_text())
         shares = report["content_shares"]
-        assert report["samples"] > 0 and report["samples_missing_in_source"] == 0, source
+        # every pivot sample has the source's, but for the one row Gemma-3 cannot read
+        assert report["samples"] > 0 and report["samples_missing_in_source"] == (source == "gemma3"), source
         assert shares["1:1"] + shares["many:1"] > 0.5, (source, shares)
         # end-of-turn tokens are paired by role, not by spelling (issue 13)
         assert report["end_of_turn"] == {"pivot": "<|im_end|>", "source": BY_NAME[source].end_of_turn}
         assert report["teacher_signal"]["projected_response_rows"] > 0, source
+    skipped = json.loads((run / "extract.gemma3" / "out" / "report.json").read_text())["counts"]
+    assert skipped["skipped: token past the model's output"] == 1, skipped
     metrics = json.loads((run / "evaluate" / "out" / "metrics.json").read_text())
     assert set(metrics["models"]) >= {"pivot", *SOURCES}, sorted(metrics["models"])
     assert all(0 < row["ce_per_byte"] < math.inf for row in metrics["models"].values())

@@ -11,6 +11,7 @@ import pytest
 
 from fuse.context import StageContext
 from fuse.dag import build_dag
+from fuse.data.scores import COLUMNS, load_table
 from fuse.executor import run
 from fuse.recipe import parse_recipe
 from fuse.stages import score
@@ -85,12 +86,12 @@ def test_score_sums_equal_a_direct_computation(tmp_path, models):
     recipe = score_recipe(tmp_path, models)
     run(recipe, only=["prepare", "score.q"], echo=lambda _: None)
     out = tmp_path / "run/score.q/out"
-    table = score.load_scores(out).to_pylist()
+    table = load_table(out).to_pylist()
     assert len(table) == 10 and sorted(p.name for p in out.glob("scores-*.parquet")) == [
         "scores-00000.parquet",
         "scores-00001.parquet",
     ]
-    assert pq.read_table(out / "scores-00000.parquet").column_names == list(score.COLUMNS)
+    assert pq.read_table(out / "scores-00000.parquet").column_names == list(COLUMNS)
     from fuse.data.prepared import load_split
 
     rows = {r["id"]: r for r in load_split(tmp_path / "run/prepare/out", "preference", "train")}
@@ -123,9 +124,9 @@ def test_target_model_comes_from_the_parent_folder(tmp_path, models):
         score.run(ctx)
     ctx.shard = None
     score.finalize(ctx)
-    target = score.load_scores(ctx.out).to_pylist()
+    target = load_table(ctx.out).to_pylist()
     run(recipe, only=["score.q"], echo=lambda _: None)
-    source = score.load_scores(tmp_path / "run/score.q/out").to_pylist()
+    source = load_table(tmp_path / "run/score.q/out").to_pylist()
     assert np.allclose([r["chosen_logp"] for r in target], [r["chosen_logp"] for r in source])
 
 
@@ -139,7 +140,7 @@ def test_heldout_pairs_are_scored_and_truncated_sides_flagged(tmp_path, models):
     prepared = tmp_path / "run/prepare/out"
     rows = {r["id"]: r for split in ("train", "heldout") for r in load_split(prepared, "preference", split)}
     heldout = {r["id"] for r in load_split(prepared, "preference", "heldout")}
-    table = score.load_scores(tmp_path / "run/score.q/out").to_pylist()
+    table = load_table(tmp_path / "run/score.q/out").to_pylist()
     assert heldout and heldout <= {r["id"] for r in table} and len(table) == len(rows)
     flagged = [(r, side) for r in table for side in ("chosen", "rejected") if r[f"{side}_truncated"]]
     assert flagged, "max_length 40 must truncate some responses"

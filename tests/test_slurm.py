@@ -16,25 +16,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuse import slurm
+from fuse import launch, slurm
 from fuse.cli import main
 from fuse.dag import build_dag
-from fuse.plan import PlanError, fingerprints, stage_module
+from fuse.plan import PlanError, fingerprints
 from fuse.recipe import RecipeError, load_recipe
 from fuse.store import RunStore
 
 from recipes import toy_recipe, write_recipe
-from toy_stages import OVERRIDES
 
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def toy(monkeypatch):
-    monkeypatch.setenv("FUSE_STAGE_MODULES", OVERRIDES)
-    stage_module.cache_clear()
-    yield
-    stage_module.cache_clear()
+pytestmark = pytest.mark.usefixtures("toy_stage_modules")
 
 
 class FakeSlurm(slurm.Slurm):
@@ -207,8 +201,8 @@ def test_snapshot_recipe_keeps_every_fingerprint(tmp_path):
 def test_multinode_command_runs_one_launcher_per_node(tmp_path):
     single = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "4",
               "--num_machines", "1", "--main_process_port", "1234", "-m", "fuse.training", str(tmp_path / "a b.json")]  # fmt: skip
-    assert slurm.multinode_command(single, {"SLURM_NNODES": "1"}) == single
-    command = slurm.multinode_command(single, {"SLURM_NNODES": "3"})
+    assert launch.multinode_command(single, {"SLURM_NNODES": "1"}) == single
+    command = launch.multinode_command(single, {"SLURM_NNODES": "3"})
     assert command[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     # What each node's shell makes of it (echo instead of exec'ing python):
     inner = command[-1].replace(f"exec {sys.executable}", "echo", 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +67,18 @@ def make_backend(kind: str, spec: Any, settings: Any, scratch: str | None = None
     raise BackendError(f"unknown backend {kind!r} (transformers | vllm)")
 
 
-def track_batches(backend: Any, label: str, total: int, unit: str, logger: logging.Logger = log) -> Progress:
+def track_batches(
+    backend: Any,
+    label: str,
+    total: int,
+    unit: str,
+    logger: logging.Logger = log,
+    report: Callable[..., None] | None = None,
+) -> Progress:
     """A progress line per forward batch (tokens/s, ETA) where the backend reports its batches (transformers),
-    else per chunk of work handed to it (vLLM)."""
+    else per chunk of work handed to it (vLLM); `report` (the stage context's progress) gets every update too."""
     progress = Progress(label, total, unit, logger)
+    progress.report = report
     if hasattr(backend, "on_batch"):
         backend.on_batch = progress.update
         progress.per_batch = True
@@ -86,11 +94,13 @@ class Progress:
         self.start = time.monotonic()
         self.last = float("-inf")  # the first batch always gets its line
         self.per_batch = False  # True once a backend reports its batches itself
+        self.report: Callable[..., None] | None = None  # e.g. StageContext.progress: the console's line
 
     def chunk_done(self, rows: int, kept_tokens: Sequence[int]) -> None:
         """A chunk of rows is written: count what a per-batch backend did not already count (skipped rows)."""
         if self.per_batch:
-            self.update(rows - len(kept_tokens), 0)
+            if rows > len(kept_tokens):
+                self.update(rows - len(kept_tokens), 0)
         else:
             self.update(rows, sum(kept_tokens))
 
@@ -98,6 +108,10 @@ class Progress:
         self.items += items
         self.tokens += tokens
         now = time.monotonic()
+        if self.report is not None:
+            self.report(
+                self.items, self.total, self.unit, tokens_s=round(self.tokens / max(now - self.start, 1e-9))
+            )
         if now - self.last >= PROGRESS_EVERY_S or self.items >= self.total:
             self.last = now
             self.log.info("%s", self.line(now))

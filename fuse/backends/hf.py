@@ -143,8 +143,8 @@ class RowLogprobs:
 def chunked_logprobs(
     to_logits: Callable[[Any], Any], rows: Any, targets: Any, top_k: int, chunk: int
 ) -> tuple[Any, Any, Any]:
-    """[N, ...] rows (hidden states, or logits with an identity `to_logits`) -> top-K ids/log-probs [N, K] and the
-    targets' log-probs [N], `chunk` rows of float32 logits at a time."""
+    """[N, ...] rows (hidden states, or indices of logits rows) -> top-K ids/log-probs [N, K] (None when K = 0)
+    and the targets' log-probs [N], with `chunk` rows of float32 logits at a time."""
     import torch
 
     ids, values, target = [], [], []
@@ -157,8 +157,7 @@ def chunked_logprobs(
             ids.append(top.indices)
             values.append(top.values - lse)
         del logits
-    cat = (lambda parts: torch.cat(parts)) if target else (lambda parts: None)
-    return (cat(ids) if top_k else None), (cat(values) if top_k else None), cat(target)
+    return (torch.cat(ids) if ids else None), (torch.cat(values) if values else None), torch.cat(target)
 
 
 def batch_logprobs(
@@ -179,18 +178,11 @@ def batch_logprobs(
     head = output_head(model)
     with torch.inference_mode():
         if head is not None:
-            hidden = _hidden(head.body, ids, attention)[scored]
-            top_ids, top_lp, target = chunked_logprobs(head.logits, hidden, following, top_k, chunk)
-        else:
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            parts = [
-                chunked_logprobs(lambda x: x, logits[b, : counts[b]], following_b, top_k, chunk)
-                for b, following_b in enumerate(torch.split(following, counts))
-            ]
-            top_ids, top_lp, target = (
-                (torch.cat([p[j] for p in parts]) if parts[0][j] is not None else None) for j in range(3)
-            )
-    return RowLogprobs(top_ids, top_lp, target, counts)
+            rows, to_logits = _hidden(head.body, ids, attention)[scored], head.logits
+        else:  # the model's own [B, W, V] logits, taken a chunk of scored positions at a time
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.flatten(0, 1)
+            rows, to_logits = torch.nonzero(scored.flatten())[:, 0], logits.__getitem__
+        return RowLogprobs(*chunked_logprobs(to_logits, rows, following, top_k, chunk), counts)
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad: int = 0) -> Any:
