@@ -116,7 +116,9 @@ def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_p
         apply_chat_template=True,
     )
     table = run_lm_eval(zoo.pivot, settings)
-    assert table == {"gen_capital": {"exact_match": 1.0}, "gen_translate": {"exact_match": 0.0}}
+    # the zoo's contract (tests/test_zoo.py): the owner answers at least 3 in 4 of its skill, the others none
+    assert set(table) == {"gen_capital", "gen_translate"} and table["gen_translate"] == {"exact_match": 0.0}
+    assert table["gen_capital"]["exact_match"] >= 0.75
 
 
 def test_unknown_task_is_named_before_the_model_loads(tmp_path):

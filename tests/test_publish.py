@@ -152,7 +152,7 @@ def test_the_card_metadata(published):
         (s.name, Path(s.path).name) for s in recipe.sources
     ]
     assert meta["fuse"]["merge"]["method"] == recipe.stages.merge.method == "sce"
-    assert meta["fuse"]["merge"]["parameters"] == {"select_topk": 0.5}
+    assert meta["fuse"]["merge"]["parameters"] == recipe.stages.merge.parameters == {"select_topk": 1.0}
     assert meta["fuse"]["datasets"] == ["sft.jsonl", "preference.jsonl"]
     assert "merge-sce" in meta["tags"]
     # nothing in the card says where the run was made
