@@ -286,15 +286,21 @@ def evaluate_model(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     domains: list[DomainSample] | None = None,
+    lm_eval: Any = None,
 ) -> dict[str, Any]:
+    """One model's metrics; `lm_eval` (LmEvalSettings with tasks) adds lm-evaluation-harness results."""
     import torch
 
     from fuse.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec, require_chat_template=bool(items or domains))
-    # float32 on CPU (tiny models, exact numbers); the model's own dtype where a GPU is there for real ones
+    # float32 on CPU (tiny models, exact numbers); the model's own dtype where a GPU is there for real ones, and
+    # spread over every GPU when there are several (a 72B source does not fit on one)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(spec, dtype="float32" if device == "cpu" else None, device=device).eval()
+    shard = "auto" if torch.cuda.device_count() > 1 else None
+    model = load_model(
+        spec, dtype="float32" if device == "cpu" else None, device=device, device_map=shard
+    ).eval()
     result: dict[str, Any] = {"path": spec.path}
     if items:
         completions = generate_greedy(model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size)
@@ -307,6 +313,11 @@ def evaluate_model(
     if domains:
         result["domain_ce"] = domain_ce_per_byte(model, tokenizer, domains)
         result["mean_domain_ce"] = sum(result["domain_ce"].values()) / len(result["domain_ce"])
+    if lm_eval is not None and lm_eval.tasks:
+        from fuse.lm_eval import run_lm_eval
+
+        del model  # lm-eval loads the model itself
+        result["lm_eval"] = run_lm_eval(spec.path, lm_eval, spec.trust_remote_code)
     return result
 
 

@@ -328,27 +328,6 @@ class MergeSettings(StageSettings):
     seed: int = 0
 
 
-class EvaluateSettings(StageSettings):
-    items: str | None = Field(
-        None,
-        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy.",
-    )
-    heldout_text: str | None = Field(
-        None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
-    )
-    domains: str | None = Field(
-        None,
-        description="JSONL of {domain, messages, nll}: held-out responses of domains with a known generator "
-        "(the zoo writes data/domains.jsonl); per-domain response CE/byte next to the limit (nll per byte).",
-    )
-    max_new_tokens: int = Field(32, ge=1)
-    max_items_per_skill: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
-    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
-        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
-    )
-
-
 class LmEvalSettings(Frozen):
     """lm-evaluation-harness tasks run on every evaluated model (fuse/lm_eval.py); no tasks: not run."""
 
@@ -374,6 +353,31 @@ class LmEvalSettings(Frozen):
         if value is None or Path(value).expanduser().is_absolute():
             return value and str(Path(value).expanduser())
         return str((Path((info.context or {}).get("base_dir") or Path.cwd()) / value).resolve())
+
+
+class EvaluateSettings(StageSettings):
+    items: str | None = Field(
+        None,
+        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy.",
+    )
+    heldout_text: str | None = Field(
+        None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
+    )
+    domains: str | None = Field(
+        None,
+        description="JSONL of {domain, messages, nll}: held-out responses of domains with a known generator "
+        "(the zoo writes data/domains.jsonl); per-domain response CE/byte next to the limit (nll per byte).",
+    )
+    max_new_tokens: int = Field(32, ge=1)
+    max_items_per_skill: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
+    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
+        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
+    )
+    lm_eval: LmEvalSettings = Field(
+        default_factory=LmEvalSettings,
+        description="lm-evaluation-harness tasks run on every evaluated model, reported beside the table.",
+    )
 
 
 class PublishSettings(StageSettings):

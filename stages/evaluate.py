@@ -92,12 +92,26 @@ def run(ctx: StageContext) -> None:
     for done, (name, spec) in enumerate(models.items()):
         ctx.log.info("evaluating %s (%s)", name, spec.path)
         results[name] = evaluation.evaluate_model(
-            spec, items, texts, settings.max_new_tokens, settings.batch_size, domains
+            spec, items, texts, settings.max_new_tokens, settings.batch_size, domains, settings.lm_eval
         )
         ctx.progress(done + 1, len(models), "model")
     metrics = evaluation.collect_metrics(results, items, texts, domains)
     write_outputs(ctx.out, metrics, settings)
     ctx.log.info("evaluation:\n%s", evaluation.markdown_table(metrics))
+
+
+def lm_eval_markdown(metrics: dict[str, Any]) -> list[str]:
+    """lm-evaluation-harness results, one row per model, one column per task metric (empty without tasks)."""
+    rows = {name: r["lm_eval"] for name, r in metrics["models"].items() if r.get("lm_eval")}
+    columns = sorted({(task, m) for table in rows.values() for task, values in table.items() for m in values})
+    if not columns:
+        return []
+    lines = ["## lm-evaluation-harness", "", "| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for name, table in rows.items():
+        cells = [f"{table[t][m]:.3f}" if m in table.get(t, {}) else "–" for t, m in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
@@ -113,6 +127,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
         "limit: the domain generator's own NLL per byte of those responses, the floor no model beats in "
         "expectation.\n"
     )
+    lines += lm_eval_markdown(metrics)
     tmp_png = out / ".accuracy.png.tmp.png"
     if plot_accuracy(metrics, tmp_png):
         tmp_png.replace(out / "accuracy.png")

@@ -134,3 +134,18 @@ def test_metrics_table_drops_stderr_and_filters():
         "results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}}
     }
     assert metrics_table(results) == {"t": {"acc": 0.5, "acc_norm": 0.75}}
+
+
+def test_the_evaluate_stage_reports_lm_eval_beside_its_table(zoo, tmp_path):
+    """stages.evaluate.lm_eval runs the tasks on every evaluated model; metrics.md gets their table."""
+    from fuse.evaluation import collect_metrics, evaluate_model
+    from fuse.recipe import ModelSpec
+    from fuse.stages.evaluate import lm_eval_markdown
+
+    items = [json.loads(line) for line in Path(zoo.eval_items).read_text().splitlines()]
+    write_task(tmp_path, "zoo_capital", [i for i in items if i["skill"] == "capital"][:6])
+    settings = LmEvalSettings(tasks=["zoo_capital"], include_path=str(tmp_path), batch_size=4)
+    result = evaluate_model(ModelSpec(name="pivot", path=str(zoo.pivot)), [], [], lm_eval=settings)
+    assert 0.0 <= result["lm_eval"]["zoo_capital"]["acc"] <= 1.0
+    lines = lm_eval_markdown(collect_metrics({"pivot": result}, [], []))
+    assert lines[0] == "## lm-evaluation-harness" and lines[4].startswith("| pivot | ")
