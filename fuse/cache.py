@@ -194,6 +194,15 @@ def restore_if_cached(recipe: Any, store: RunStore, step: Any) -> bool:
     return True
 
 
+def cached_count(recipe: Any, steps: list[Any]) -> int:
+    """How many of `steps` have an entry in the recipe's cache (not yet verified: that happens at use)."""
+    root = cache_root(recipe)
+    if root is None:
+        return 0
+    cache = ArtifactCache(root)
+    return sum((cache.entry(s.instance.stage, s.fingerprint) / ENTRY).is_file() for s in steps)
+
+
 def publish_if_cached(recipe: Any, store: RunStore, step: Any) -> None:
     """After an instance ends done: store it for other runs (a cache that cannot be written only warns)."""
     root = cache_root(recipe)

@@ -390,7 +390,9 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
     best = {}
     for column in columns:
         values = [v for r in rows.values() if (v := value(r, column)) is not None]
-        best[column] = (min if column in lower_is_better else max)(values) if values else None
+        # a column where every model scores the same (all 0.00) has no best
+        distinct = len(set(values)) > 1
+        best[column] = (min if column in lower_is_better else max)(values) if distinct else None
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, result in rows.items():
         cells = []

@@ -16,7 +16,7 @@ from types import ModuleType
 import yaml
 
 from fuse import resources
-from fuse.cache import publish_if_cached, restore_if_cached
+from fuse.cache import cached_count, publish_if_cached, restore_if_cached
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
@@ -257,7 +257,11 @@ def _run_locked(
     if not todo:
         echo(f"nothing to do: all {len(steps)} stage instances are done ({store.root})")
         return steps
-    echo(f"{len(todo)} of {len(steps)} stage instances to run in {store.root}")
+    cached = cached_count(recipe, todo)
+    echo(
+        f"{len(todo)} of {len(steps)} stage instances to run in {store.root}"
+        + (f" ({cached} of them in the artifact cache)" if cached else "")
+    )
     progress = progress or Progress()
     for number, step in enumerate(todo, 1):
         forced = step.why == "forced" or (from_stage is not None and step.instance.stage == from_stage)
