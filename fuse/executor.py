@@ -27,6 +27,9 @@ from fuse.store import FileLock, LockHeld, RunStore
 log = logging.getLogger("fuse")
 
 
+JOB_LOCK_WAIT_S = 90.0
+
+
 class StageFailed(RuntimeError):
     def __init__(self, instance: str, message: str):
         super().__init__(f"stage {instance} failed: {message}")
@@ -85,6 +88,7 @@ def run_instance(
     shard: int | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    wait: float | None = None,
 ) -> bool:
     """Run one instance (all its missing shards, or just `shard`). Returns True when the instance is done, or —
     with `shard` — when that shard is done and the instance is done, waits for other shards or is being
@@ -98,7 +102,7 @@ def run_instance(
     module = stage_module(instance.stage)
     # A whole-instance run holds the instance lock to the end; array tasks hold it only to set up (waiting for
     # each other) and to finalize, and each holds its own shard's lock while it works.
-    lock = store.lock(name, wait=0 if shard is None else 120)
+    lock = store.lock(name, wait=(0 if shard is None else 120) if wait is None else wait)
     try:
         lock.acquire()
     except LockHeld as error:
@@ -346,6 +350,9 @@ def run_stage(recipe: Recipe, name: str, shard: int | None = None, force: bool =
         return True
     if force:
         check_not_busy(store, dag, dag.children(name))
-    if not run_instance(recipe, dag, step, store, shard=shard, force=force):
+    # In a SLURM job that replaces a cancelled or preempted one, the old process may still be exiting (SLURM gives
+    # it KillWait, 30 s by default) and hold the instance lock: wait for it rather than fail the new job.
+    wait = JOB_LOCK_WAIT_S if os.environ.get("SLURM_JOB_ID") and shard is None else None
+    if not run_instance(recipe, dag, step, store, shard=shard, force=force, wait=wait):
         raise NotDone(name, "did not end done")
     return True

@@ -712,3 +712,30 @@ def test_kill_9_in_any_stage_then_resume_gives_the_same_outputs(tmp_path, instan
     assert not finished_before & set(after)  # nothing finished is redone
     assert after[0].split("#")[0] == instance
     assert _outputs(Path(recipe["workdir"])) == uninterrupted
+
+
+def test_a_job_replacing_a_cancelled_one_waits_for_it_to_exit(tmp_path, monkeypatch):
+    """scancel ends a job, but its process may hold the instance lock for a few more seconds (SLURM's KillWait):
+    the resubmitted job waits for it instead of failing, while outside a job a live holder is refused at once."""
+    import threading
+
+    from fuse.executor import InstanceBusy, run_stage
+
+    recipe = toy_recipe(tmp_path)
+    _run(recipe, only=["prepare", "extract.pivot", "extract.a"])
+    holder = _hold(recipe["workdir"], "align.a")
+    with pytest.raises(InstanceBusy):
+        run_stage(parse_recipe(recipe), "align.a")
+
+    def exit_late() -> None:  # the cancelled job's process exits (and is reaped) two seconds later
+        holder.kill()
+        holder.wait()
+
+    threading.Timer(2.0, exit_late).start()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    try:
+        assert run_stage(parse_recipe(recipe), "align.a")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunStore(recipe["workdir"]).manifest("align.a")["status"] == "done"
