@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fuse.logs import setup_logging
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 log = logging.getLogger("distill_bench")
@@ -239,7 +241,7 @@ def main() -> None:
         else:
             print(child_loss_memory(args.child[1], int(args.child[2]), args.loss_positions, 10))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(logging.INFO, "%(message)s")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "batch", "seq")]
     step = step_times(args)

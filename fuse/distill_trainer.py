@@ -89,7 +89,7 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     model (a ModelSpec dump), train_data (a dataset folder)."""
     from datasets import load_from_disk
 
-    from fuse.models import load_model, load_tokenizer
+    from fuse.models import load_model, load_tokenizer, pad_id
     from fuse.recipe import ModelSpec
 
     params = job.params
@@ -99,12 +99,11 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     settings = job.load_settings()
     model = load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
     dataset = load_from_disk(params["train_data"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DistillTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=sparse_collator(int(pad_id or 0)),
+        data_collator=sparse_collator(pad_id(tokenizer)),
         processing_class=tokenizer,
         lambda_=settings.lambda_,
         temperature=settings.temperature,

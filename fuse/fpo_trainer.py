@@ -120,7 +120,7 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
     label_smoothing, sources (names, index = picked), terms_per_pair."""
     from datasets import load_from_disk
 
-    from fuse.models import load_model, load_tokenizer
+    from fuse.models import load_model, load_tokenizer, pad_id
     from fuse.recipe import ModelSpec
 
     params = job.params
@@ -131,12 +131,11 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
     config = dpo_config(
         args, beta=float(params["beta"]), label_smoothing=float(params.get("label_smoothing", 0.0))
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return InfiFpoTrainer(
         model=model,
         args=config,
         train_dataset=load_from_disk(params["train_data"]),
-        data_collator=pair_collator(int(pad_id or 0)),
+        data_collator=pair_collator(pad_id(tokenizer)),
         processing_class=tokenizer,
         sources=params.get("sources", ()),
         terms_per_pair=int(params.get("terms_per_pair", 0)),

@@ -244,9 +244,11 @@ class DeepSpeedSettings(Frozen):
             if (config.get(key) or {}).get("enabled", "auto") != "auto":
                 raise ValueError(f"config.{key}.enabled: precision comes from the stage's bf16 setting")
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs ZeRO stage 3")
+            raise ValueError(
+                f"offload_params needs ZeRO stage 3: set stage: 3 (the stage in force is {self.zero_stage})"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3: set stage (it is 0)")
         return self
 
 
