@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fuse.dag import Dag, Instance
+from fuse.dag import Dag, Instance, instance_settings
 from fuse.fingerprint import fingerprint, path_digest
 from fuse.models import identity
 from fuse.recipe import DatasetSpec, Recipe
@@ -91,20 +91,6 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
             }
         }
     return {}
-
-
-def instance_settings(recipe: Recipe, instance: Instance) -> Any:
-    """The settings an instance works with: extract/score take only this model's overrides (so another model's
-    do not rerun it); a stage module's `settings_for(instance, settings)` narrows them further (the SFT-only
-    baseline trains at λ = 1, whatever `stages.distill.lambda` says, and must not go stale when it changes)."""
-    settings = getattr(recipe.stages, instance.stage)
-    if hasattr(settings, "for_model"):
-        settings = settings.for_model(instance.key)
-    try:
-        narrow = getattr(stage_module(instance.stage), "settings_for", None)
-    except StageNotImplemented:
-        narrow = None
-    return narrow(instance, settings) if narrow else settings
 
 
 def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:

@@ -353,8 +353,8 @@ def run(ctx: StageContext) -> None:
     from fuse.models import load_tokenizer
 
     settings, source_name = ctx.settings, ctx.instance.key
-    source_store = LogprobReader(ctx.input(f"extract.{source_name}"))
-    pivot_store = LogprobReader(ctx.input("extract.pivot"))
+    source_store = LogprobReader(ctx.input("source_logprobs"))
+    pivot_store = LogprobReader(ctx.input("pivot_logprobs"))
     p_vocab = sized(vocab_pieces(load_tokenizer(ctx.model_spec("pivot"))), pivot_store.vocab_size)
     source_tokenizer = load_tokenizer(ctx.model_spec(source_name))
     s_vocab = sized(vocab_pieces(source_tokenizer), source_store.vocab_size)

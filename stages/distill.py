@@ -115,11 +115,12 @@ def distill_rows(
 def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
     """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
     from fuse.data.chat import ChatRenderError, render_chat
+    from fuse.data.prepared import load_split
     from fuse.models import load_tokenizer
     from fuse.recipe import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
-    for number, row in enumerate(_sft_split(prepare_out)):
+    for number, row in enumerate(load_split(prepare_out, "sft", "train")):
         try:
             chat = render_chat(
                 tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
@@ -132,17 +133,6 @@ def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterat
             "input_ids": chat.input_ids.tolist(),
             "labels": labels_for(chat.input_ids, chat.mask).tolist(),
         }
-
-
-def _sft_split(prepare_out: str) -> Any:
-    try:
-        from fuse.data.prepared import load_split
-
-        return load_split(prepare_out, "sft", "train")
-    except ImportError:  # the helper is not there yet: the folder layout is the contract
-        from datasets import load_from_disk
-
-        return load_from_disk(str(Path(prepare_out) / "sft" / "train"))
 
 
 def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
@@ -174,11 +164,6 @@ def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def settings_for(instance: Any, settings: Any) -> Any:
-    """The settings this instance trains with (and is fingerprinted by): the SFT-only baseline's are λ = 1."""
-    return settings.sft_only() if instance.option("sft_only", False) else settings
-
-
 def check_inputs(ctx: StageContext, sft_only: bool) -> None:
     from fuse.losses import get_fusion
 
@@ -188,17 +173,17 @@ def check_inputs(ctx: StageContext, sft_only: bool) -> None:
     except ValueError as error:
         raise DistillInputError(f"stages.distill.fusion: {error}") from None
     if not sft_only:
-        for name in ("extract.pivot", f"align.{ctx.instance.key}"):
-            if not any(ctx.input(name).glob("shard-*")) and not (ctx.input(name) / "index.json").is_file():
+        for role in ("pivot_logprobs", "alignment"):
+            folder = ctx.input(role)
+            if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
                 raise DistillInputError(
-                    f"{ctx.instance.name}: input {name} ({ctx.input(name)}) holds no log-prob store"
+                    f"{ctx.instance.name}: input {ctx.parent(role)} ({folder}) holds no log-prob store"
                 )
 
 
 def own_extract(ctx: StageContext) -> str | None:
     """The source's own extract, when the DAG makes it an input (for CE in the source's own tokenization)."""
-    name = f"extract.{ctx.instance.key}"
-    return str(ctx.input(name)) if name in ctx.inputs else None
+    return str(ctx.input("source_logprobs")) if ctx.has_input("source_logprobs") else None
 
 
 def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, Any]]:
@@ -211,11 +196,11 @@ def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, An
         dataset = load_from_disk(str(path))
     elif sft_only:
         model = ctx.model_spec("pivot").model_dump(mode="json")
-        dataset = write_rows(sft_rows, {"prepare_out": str(ctx.input("prepare")), "model": model,
+        dataset = write_rows(sft_rows, {"prepare_out": str(ctx.input("data")), "model": model,
                                         "max_length": settings.max_length}, path)  # fmt: skip
     else:
-        dataset = write_rows(distill_rows, {"pivot_path": str(ctx.input("extract.pivot")),
-                                            "aligned_path": str(ctx.input(f"align.{ctx.instance.key}")),
+        dataset = write_rows(distill_rows, {"pivot_path": str(ctx.input("pivot_logprobs")),
+                                            "aligned_path": str(ctx.input("alignment")),
                                             "fusion": settings.fusion, "max_length": settings.max_length,
                                             "source_path": own_extract(ctx)}, path)  # fmt: skip
     if len(dataset) == 0:
@@ -228,7 +213,7 @@ def run(ctx: StageContext) -> None:
     from fuse.training import check_settings, make_job, train
 
     sft_only = bool(ctx.instance.option("sft_only", False))
-    settings = settings_for(ctx.instance, ctx.settings)
+    settings = ctx.settings
     check_settings(settings, "stages.distill")
     check_inputs(ctx, sft_only)
     data_path, report = training_data(ctx, sft_only)

@@ -87,9 +87,9 @@ def run(ctx: StageContext) -> None:
     spec = ctx.model_spec(key)
     tokenizer = load_tokenizer(spec, require_chat_template=settings.template == "own")
     template = chat_template_for(ctx, tokenizer)
-    dataset = load_split(ctx.input("prepare"), "sft", "train")
+    dataset = load_split(ctx.input("data"), "sft", "train")
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings.for_model(key), str(ctx.dir / "scratch"))
+    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
     check_tokenizer_fits(spec, tokenizer, backend.vocab_size)  # ordinary ids past the output: an error now
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()

@@ -18,7 +18,6 @@ from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
 from fuse.recipe import FpoSettings, ModelSpec
 
 VERSION = 2  # 2: pairs truncated by any score refused; held-out pairs against the fused reference
-POLICY_STAGES = ("distill", "merge")
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
 # more than this means the two renderings differ (template, special tokens, mask) and the reference is skewed.
@@ -32,36 +31,23 @@ class FpoInputError(ValueError):
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def policy_parent(ctx: StageContext) -> str:
-    """The parent whose out/model is the policy's starting point (distill.<s> or merge)."""
-    found = [name for name in ctx.inputs if name.split(".")[0] in POLICY_STAGES]
-    if len(found) != 1:
+def score_tables(ctx: StageContext) -> tuple[str, dict[str, Path]]:
+    """(p, model -> score table folder): p names the policy's own scores (the pivot of the sequence-level
+    fusion, "target-<s>" or "merged"); the other entries are the fused sources'."""
+    policy_scores = ctx.instance.in_role("policy_scores")
+    if len(policy_scores) != 1 or not ctx.has_input("source_scores"):
         raise FpoInputError(
-            f"{ctx.instance.name}: expected one distill.* or merge parent, got {sorted(ctx.inputs)}"
+            f"{ctx.instance.name}: expected one policy_scores input and at least one source_scores input, "
+            f"got {[(e.role, e.parent) for e in ctx.instance.edges]}"
         )
-    return found[0]
+    pivot = policy_scores[0].label or policy_scores[0].parent
+    return pivot, {pivot: ctx.input("policy_scores"), **ctx.inputs_of("source_scores")}
 
 
-def score_parents(ctx: StageContext) -> tuple[str, list[str]]:
-    """(p, sources): the model names behind the score.* parents; p is the target-<s> or merged one."""
-    scored = [name.removeprefix("score.") for name in ctx.inputs if name.startswith("score.")]
-    pivot = [m for m in scored if m.startswith("target-") or m == "merged"]
-    if len(pivot) != 1:
-        raise FpoInputError(
-            f"{ctx.instance.name}: expected one score.target-* or score.merged parent, got {scored}"
-        )
-    return pivot[0], [m for m in scored if m != pivot[0]]
-
-
-def policy_spec(ctx: StageContext, parent: str) -> ModelSpec:
-    """The policy's folder with the pivot's loading options (chat template override, remote code), exactly as the
-    score stage builds score.target-<s> / score.merged, so both render the pairs the same way."""
-    update = {
-        "name": ctx.instance.key or "policy",
-        "path": str(ctx.input(parent) / "model"),
-        "revision": None,
-    }
-    return ctx.model_spec("pivot").model_copy(update=update)
+def policy_spec(ctx: StageContext) -> ModelSpec:
+    """The policy's folder with the pivot's loading options, exactly as the score stage builds score.target-<s> /
+    score.merged (both through StageContext.made_model_spec), so both render the pairs the same way."""
+    return ctx.made_model_spec(ctx.made_model("policy"), ctx.instance.key or "policy")
 
 
 def unusable(row: dict[str, Any]) -> str | None:
@@ -198,7 +184,7 @@ def prepare_split(
     from fuse.data.scores import ScoreError
 
     try:
-        raw = load_split(ctx.input("prepare"), "preference", split).to_list()
+        raw = load_split(ctx.input("data"), "preference", split).to_list()
     except FileNotFoundError:
         if split == "train":
             raise
@@ -312,14 +298,15 @@ def run(ctx: StageContext) -> None:
 
     settings: FpoSettings = ctx.settings
     beta = settings.beta or default_beta(settings.normalization)
-    parent, (pivot, sources) = policy_parent(ctx), score_parents(ctx)
+    parent, (pivot, folders) = ctx.parent("policy"), score_tables(ctx)
+    sources = [m for m in folders if m != pivot]
     check_weights(settings, sources)
-    spec = policy_spec(ctx, parent)
+    spec = policy_spec(ctx)
     tokenizer = load_tokenizer(spec, require_chat_template=True)
     pad_id = int(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     )
-    tables = {m: read_scores(ctx.input(f"score.{m}"), m) for m in [pivot, *sources]}
+    tables = {m: read_scores(folder, m) for m, folder in folders.items()}
 
     train = prepare_split(ctx, tokenizer, "train", tables, (pivot, sources))
     if not train.rows:
@@ -370,7 +357,7 @@ def stage_summary(
     ref = train.reference
     terms = ref.terms_per_pair * len(train.rows)
     return {
-        "instance": ctx.instance.name, "policy": parent, "reference_pivot": f"score.{pivot}", "sources": sources,
+        "instance": ctx.instance.name, "policy": parent, "reference_pivot": ctx.parent("policy_scores"), "sources": sources,
         "fusion": s.fusion, "normalization": s.normalization, "clip": s.clip, "beta": beta,
         "label_smoothing": s.label_smoothing,
         "pairs": {"train": len(train.rows), "heldout": len(heldout.rows),

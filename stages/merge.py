@@ -22,23 +22,20 @@ def merge_config(ctx: StageContext):  # -> fuse.merging.MergeConfig (imported la
     from fuse.models import resolve_model_dir
 
     settings = ctx.settings
-    unknown = sorted(set(settings.model_parameters) - {p.split(".", 1)[1] for p in ctx.instance.parents})
+    targets = ctx.made_models("targets")  # source -> the folder of its target
+    unknown = sorted(set(settings.model_parameters) - set(targets))
     if unknown:
         raise ValueError(f"stages.merge.model_parameters: no merged target named {unknown}")
     models = [
-        {
-            "path": str(ctx.input(parent) / "model"),
-            "name": parent.split(".", 1)[1],
-            "parameters": settings.model_parameters.get(parent.split(".", 1)[1], {}),
-        }
-        for parent in ctx.instance.parents
+        {"path": str(folder), "name": name, "parameters": settings.model_parameters.get(name, {})}
+        for name, folder in targets.items()
     ]
     return MergeConfig(
         base_model=str(resolve_model_dir(ctx.model_spec("pivot"))),
         models=models,
         method=settings.method,
         parameters=settings.parameters,
-        output=str(ctx.out / "model"),
+        output=str(ctx.model_out),
         dtype=settings.dtype,
         max_shard_size=settings.max_shard_size,
         seed=settings.seed,
@@ -62,7 +59,7 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("merging %s into the pivot with %s", [m.label for m in config.models], config.method)
     report = run_merge(
         config,
-        ctx.out / "model",
+        ctx.model_out,
         tokenizer_vocab=len(tokenizer),
         finish_folder=lambda folder: _pivot_files(tokenizer, folder, Path(config.base_model)),
         progress=lambda done, total: ctx.progress(done, total, "tensor"),

@@ -21,15 +21,6 @@ VERSION = 3
 log = logging.getLogger(__name__)
 
 
-def final_model_parent(ctx: StageContext) -> str:
-    """The parent that made the fused model (merge, or fpo.merged when fpo runs after the merge)."""
-    # evaluate and the align instances (whose reports go in the card) are parents that make no model
-    makers = [p for p in ctx.instance.parents if p != "evaluate" and not p.startswith("align.")]
-    if len(makers) != 1:
-        raise RuntimeError(f"publish expects one model-making parent, got {makers}")
-    return makers[0]
-
-
 def lineage(recipe: Recipe) -> list[dict[str, str]]:
     """Every stage instance of the run with its fingerprint, parents first."""
     from fuse.dag import build_dag
@@ -248,23 +239,23 @@ def run(ctx: StageContext) -> None:
     settings = ctx.settings
     if settings.push:
         check_push_possible()
-    source = ctx.input(final_model_parent(ctx)) / "model"
+    source = ctx.made_model("model")
     metrics_md = None
-    if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
-        metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
-    merge_report = ctx.input(final_model_parent(ctx)) / "merge_report.md"  # absent when fpo ran after merge
+    if ctx.has_input("evaluation") and (ctx.input("evaluation") / "metrics.md").is_file():
+        metrics_md = (ctx.input("evaluation") / "metrics.md").read_text(encoding="utf-8")
+    merge_report = ctx.input("model") / "merge_report.md"  # absent when fpo ran after merge
     merge_md = merge_report.read_text(encoding="utf-8") if merge_report.is_file() else None
     align_reports = {
-        name: read_json(ctx.input(f"align.{name}") / "report.json")
-        for name in ctx.recipe.source_names
-        if f"align.{name}" in ctx.inputs and (ctx.input(f"align.{name}") / "report.json").is_file()
+        name: read_json(out / "report.json")
+        for name, out in ctx.inputs_of("teacher_signal").items()
+        if (out / "report.json").is_file()
     }
     try:
         fuse_version = version("fuse-llm")
     except PackageNotFoundError:
         fuse_version = "unknown"
     rows = lineage(ctx.recipe)
-    target = ctx.out / "model"
+    target = ctx.model_out
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(

@@ -22,16 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def scored_spec(ctx: StageContext) -> Any:
-    """score.<model>: that recipe model. score.target-<s> / score.merged: the parent's out/model folder, which
+    """score.<model>: that recipe model. score.target-<s> / score.merged: the model its `model` input made, which
     inherits the pivot's settings (chat template override, remote code) since it was trained from the pivot."""
-    key = ctx.instance.key
-    if key == "pivot" or key in ctx.recipe.source_names:
-        return ctx.model_spec(key)
-    parents = [p for p in ctx.instance.parents if p != "prepare"]
-    if len(parents) != 1:
-        raise RuntimeError(f"{ctx.instance.name}: expected one model parent besides prepare, got {parents}")
-    folder = ctx.input(parents[0]) / "model"
-    return ctx.model_spec("pivot").model_copy(update={"name": key, "path": str(folder), "revision": None})
+    if ctx.has_input("model"):
+        return ctx.made_model_spec(ctx.made_model("model"), ctx.instance.key)
+    return ctx.model_spec(ctx.instance.key)
 
 
 def response_sum(chat: Any, logprobs: Any) -> tuple[float, int]:
@@ -133,13 +128,12 @@ def run(ctx: StageContext) -> None:
     from fuse.backends import make_backend, track_batches
     from fuse.models import load_tokenizer
 
-    settings = ctx.settings
+    settings = ctx.settings  # stages.score.models.<name> over the stage's
     spec = scored_spec(ctx)
     tokenizer = load_tokenizer(spec, require_chat_template=True)
-    dataset = preference_rows(ctx.input("prepare"))
+    dataset = preference_rows(ctx.input("data"))
     indices = ctx.shard_range(len(dataset))
-    model_settings = settings.for_model(ctx.instance.key)  # stages.score.models.<name> over the stage's
-    backend = make_backend(settings.backend, spec, model_settings, str(ctx.dir / "scratch"))
+    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     records: list[dict] = []
