@@ -296,8 +296,15 @@ def _expected(error: BaseException) -> bool:
     from fuse.executor import StageFailed
     from fuse.plan import PlanError
 
-    names = {"SlurmError", "ModelLoadError", "BackendError", "TrainingError", "CheckpointError",
-             "MergeConfigError", "PreflightError"}  # fmt: skip
+    names = {
+        "SlurmError",
+        "ModelLoadError",
+        "BackendError",
+        "TrainingError",
+        "CheckpointError",
+        "MergeConfigError",
+        "PreflightError",
+    }
     return isinstance(error, StageFailed | PlanError | KeyError) or type(error).__name__ in names
 
 

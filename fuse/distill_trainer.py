@@ -48,10 +48,15 @@ def sparse_collator(pad_token_id: int):
         if "target_ids" in rows[0]:
             targets = [_targets(r) for r in rows]
             width = max(t[0].shape[1] for t in targets)
-            batch["target_ids"] = _pad([np.pad(t[0], ((0, 0), (0, width - t[0].shape[1])), constant_values=PAD_ID)
-                                        for t in targets], PAD_ID, np.int64, width)  # fmt: skip
-            batch["target_probs"] = _pad([np.pad(t[1], ((0, 0), (0, width - t[1].shape[1]))) for t in targets],
-                                         0.0, np.float32, width)  # fmt: skip
+            batch["target_ids"] = _pad(
+                [np.pad(t[0], ((0, 0), (0, width - t[0].shape[1])), constant_values=PAD_ID) for t in targets],
+                PAD_ID,
+                np.int64,
+                width,
+            )
+            batch["target_probs"] = _pad(
+                [np.pad(t[1], ((0, 0), (0, width - t[1].shape[1]))) for t in targets], 0.0, np.float32, width
+            )
         return batch
 
     return collate

@@ -56,9 +56,12 @@ def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the response tokens' log-probs per sequence [2B], through TRL's fused LM head (no [B, T, V] logits)."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-        fused_lm_head=True, use_cache=False,
-    )  # fmt: skip
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
     return outputs.log_probs.sum(dim=1)
 
 

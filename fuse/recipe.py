@@ -188,8 +188,11 @@ class AlignSettings(StageSettings):
 
 # DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
 DEEPSPEED_AUTO_KEYS = (
-    "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
-)  # fmt: skip
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 
 
 class DeepSpeedSettings(Frozen):
@@ -254,9 +257,20 @@ class DeepSpeedSettings(Frozen):
 
 # What the HF Trainer's report_to takes (transformers.integrations), "none" aside.
 Tracker = Literal[
-    "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive", "swanlab", "trackio",
-    "azure_ml", "codecarbon", "dagshub", "flyte",
-]  # fmt: skip
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "clearml",
+    "neptune",
+    "dvclive",
+    "swanlab",
+    "trackio",
+    "azure_ml",
+    "codecarbon",
+    "dagshub",
+    "flyte",
+]
 
 
 class TrainSettings(StageSettings):

@@ -428,7 +428,7 @@ def free_port() -> int:
 
 def launch_command(job_path: Path, settings: TrainSettings) -> list[str]:
     """`accelerate launch` with DeepSpeed (ZeRO stage from the recipe, 0 included) on `num_processes` ranks."""
-    return [
+    return [  # one option and its value a line
         sys.executable, "-m", "accelerate.commands.launch",
         "--use_deepspeed",
         "--num_processes", str(settings.num_processes),
