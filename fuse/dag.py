@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fuse.recipe import Recipe, RecipeError
-
-STAGES = ("prepare", "extract", "score", "align", "distill", "fpo", "merge", "evaluate", "publish")
+from fuse.stage_table import STAGES  # noqa: F401 — re-exported: the DAG's stages, in run order
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import io
 from pathlib import Path
 from typing import Any
 
+from fuse import evaluation
 from fuse.context import StageContext
+from fuse.data.prepared import load_split
+from fuse.evaluation import load_texts, markdown_table, plot_accuracy
 from fuse.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fuse.recipe import ModelSpec
-
-VERSION = 2  # 2: per-domain CE/byte and the limit row
-
 
 MADE = ("targets", "fused", "sft_baseline")  # `include` groups whose models the run made (input roles)
 
@@ -35,13 +35,10 @@ def models_to_evaluate(ctx: StageContext) -> dict[str, ModelSpec]:
 
 def heldout_texts(ctx: StageContext) -> list[str]:
     """settings.heldout_text, else the contents of the prepared held-out SFT conversations."""
-    from fuse.evaluation import load_texts
-
     if ctx.settings.heldout_text:
         return load_texts(ctx.settings.heldout_text)
     if not ctx.has_input("data"):
         return []
-    from fuse.data.prepared import load_split
 
     try:
         rows = load_split(ctx.input("data"), "sft", "heldout")
@@ -64,8 +61,6 @@ def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse import evaluation
-
     settings = ctx.settings
     models = models_to_evaluate(ctx)
     check_inputs(ctx, models)
@@ -105,8 +100,6 @@ def lm_eval_markdown(metrics: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
-    from fuse.evaluation import markdown_table, plot_accuracy
-
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics | {"settings": settings.model_dump(mode="json")})
     lines = ["# Evaluation", "", markdown_table(metrics)]

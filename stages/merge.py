@@ -12,15 +12,14 @@ import shutil
 from pathlib import Path
 
 from fuse.context import StageContext
+from fuse.io import write_json_atomic, write_text_atomic
+from fuse.merging import MergeConfig
+from fuse.merging.engine import report_markdown, run_merge
+from fuse.models import load_tokenizer, resolve_model_dir
 
-VERSION = 2  # 2: sce = FuseChat's SCE, one target copied, diagnostics
 
-
-def merge_config(ctx: StageContext):  # -> fuse.merging.MergeConfig (imported lazily: `fuse plan` stays fast)
+def merge_config(ctx: StageContext) -> MergeConfig:
     """The stage settings as a standalone merge config: the pivot as base, one entry per target."""
-    from fuse.merging import MergeConfig
-    from fuse.models import resolve_model_dir
-
     settings = ctx.settings
     targets = ctx.made_models("targets")  # source -> the folder of its target
     unknown = sorted(set(settings.model_parameters) - set(targets))
@@ -50,10 +49,6 @@ def _pivot_files(tokenizer, folder: Path, base_dir: Path) -> None:  # noqa: ANN0
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.io import write_json_atomic, write_text_atomic
-    from fuse.merging.engine import report_markdown, run_merge
-    from fuse.models import load_tokenizer
-
     config = merge_config(ctx)
     tokenizer = load_tokenizer(ctx.model_spec("pivot"))
     ctx.log.info("merging %s into the pivot with %s", [m.label for m in config.models], config.method)
