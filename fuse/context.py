@@ -59,7 +59,9 @@ class StageContext:
         if len(found) != 1:
             named = [e.parent for e in found]
             roles = sorted({e.role for e in self.instance.edges})
-            raise KeyError(f"{self.instance.name}: expected one {role!r} input, got {named} (its roles: {roles})")
+            raise KeyError(
+                f"{self.instance.name}: expected one {role!r} input, got {named} (its roles: {roles})"
+            )
         return found[0].parent
 
     def has_input(self, role: str) -> bool:
