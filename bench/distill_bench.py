@@ -88,7 +88,7 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], lambda_: float 
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
         loss = distill_loss(
-            logits, batch["labels"], batch.get("target_ids"), batch.get("target_probs"), lambda_
+            logits, batch["labels"], batch.get("target_ids"), batch.get("target_probs"), lambda_=lambda_
         ).loss
     loss.backward()
     optimizer.step()

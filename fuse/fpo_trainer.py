@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import load_from_disk
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from fuse.models import load_model, load_tokenizer, pad_id
 from fuse.preference import infifpo_loss, reward_accuracy
+from fuse.recipe import ModelSpec
 from fuse.training import RecordedMetrics, TrainingJob
 
 PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps", "picked", "clipped_terms")
@@ -121,11 +124,6 @@ def dpo_config(args: TrainingArguments, **dpo: Any) -> DPOConfig:
 def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrainer:
     """The builder named in fpo jobs. params: model (a ModelSpec dump), train_data (a dataset folder), beta,
     label_smoothing, sources (names, index = picked), terms_per_pair."""
-    from datasets import load_from_disk
-
-    from fuse.models import load_model, load_tokenizer, pad_id
-    from fuse.recipe import ModelSpec
-
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)

@@ -27,6 +27,7 @@ from fuse.io import atomic_write, publish_dir, write_json_atomic
 from fuse.launch import multinode_command
 from fuse.logs import setup_logging
 from fuse.recipe import TrainSettings
+from fuse.store import MODEL_FOLDER
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -85,7 +86,7 @@ def make_job(
         settings_class=f"{cls.__module__}:{cls.__name__}",
         settings=settings.model_dump(by_alias=True, mode="json"),
         checkpoint_dir=str(stage_dir / "checkpoints"),
-        model_dir=str(out / "model"),
+        model_dir=str(out / MODEL_FOLDER),
         log_dir=str(stage_dir / "logs"),
         settings_key=settings_key,
         params=params,
