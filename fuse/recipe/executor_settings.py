@@ -1,0 +1,58 @@
+"""Where the stages run (`executor:`): local or SLURM, with per-stage resources. Strings here end up in job
+scripts, so each is checked for control characters (fuse/slurm renders them)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from fuse.recipe.base import Frozen, no_control_characters
+
+
+class Resources(Frozen):
+    nodes: int = Field(1, ge=1)
+    tasks_per_node: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra: list[str] = Field(default_factory=list, description="Extra '#SBATCH' lines, e.g. '--exclusive'.")
+
+    @field_validator("mem", "time", "partition", "account", "qos", "constraint", "extra")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        return no_control_characters(value)
+
+
+class SlurmSettings(Frozen):
+    site_config: str | None = Field(None, description="YAML with defaults for resources and env_setup.")
+    env_setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before each job, as written (the one field that is shell by design); the job "
+        "scripts and recipe snapshots that carry them are written owner-only (0600).",
+    )
+    signal_grace_seconds: int = Field(120, ge=0)
+    python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
+    template: str | None = Field(
+        None,
+        description="A Jinja template for the job scripts (relative to the recipe); default: fuse's own.",
+    )
+
+    @field_validator("python")
+    @classmethod
+    def _plain_python(cls, value: str | None) -> str | None:
+        return no_control_characters(value)
+
+
+class ExecutorSpec(Frozen):
+    kind: Literal["local", "slurm"] = "local"
+    resources: dict[str, Resources] = Field(
+        default_factory=dict,
+        description="Keyed by stage (e.g. 'distill') or instance (e.g. 'distill.llama').",
+    )
+    slurm: SlurmSettings = SlurmSettings()

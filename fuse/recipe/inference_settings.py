@@ -1,0 +1,95 @@
+"""Settings of the stages that run models forward without training them (extract, score): backend, batch
+budget and vLLM engine, each overridable per model (a 72B source gets its own tensor parallelism)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from fuse.recipe.base import Frozen, StageSettings
+
+
+class VllmSettings(Frozen):
+    """vLLM engine settings (backend: vllm); unset ones keep vLLM's defaults."""
+
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per engine step. prompt_logprobs materializes log-probs over the whole vocabulary for "
+        "every prompt token of a step: lower this (with chunked prefill) when a 150k-256k vocabulary runs out of memory.",
+    )
+    enable_chunked_prefill: bool | None = None
+    max_model_len: int | None = Field(None, ge=9, description="Default: max_length + 1.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs. Default: on on CPU, off on GPU.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm.LLM arguments, passed as given (e.g. quantization)."
+    )
+
+
+class ModelOverrides(Frozen):
+    """One model's extract/score settings over the stage's (`stages.extract.models.<name>`): a 72B source gets
+    its own tensor_parallel_size, dtype, batch budget and engine settings; the others keep the stage's."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    batch_tokens: int | None = Field(None, ge=64)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    vllm: VllmSettings | None = None
+
+
+class PerModel:
+    """Mixin of the extract and score settings: `for_model(name)` resolves the overrides of one model."""
+
+    def for_model(self, name: str | None) -> Any:
+        override = self.models.get(name) if name else None  # type: ignore[attr-defined]
+        if override is None:
+            return self.model_copy(update={"models": {}})  # type: ignore[attr-defined]
+        values = override.model_dump(exclude_none=True, exclude={"vllm"})
+        if override.vllm is not None:
+            base = self.vllm  # type: ignore[attr-defined]
+            mine = override.vllm.model_dump(exclude_unset=True)
+            mine["engine_kwargs"] = {**base.engine_kwargs, **override.vllm.engine_kwargs}
+            values["vllm"] = base.model_copy(update=mine)
+        return self.model_copy(update={**values, "models": {}})  # type: ignore[attr-defined]
+
+
+class ExtractSettings(PerModel, StageSettings):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    top_k: int = Field(10, ge=1, le=256)
+    max_length: int = Field(2048, ge=8)
+    overlength: Literal["truncate", "skip"] = "truncate"
+    template: Literal["own", "pivot"] = Field(
+        "own", description="'pivot': every model uses the pivot's template."
+    )
+    batch_tokens: int = Field(
+        16384, ge=64, description="Token budget per forward batch (transformers backend)."
+    )
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
+    num_shards: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )
+
+
+class ScoreSettings(PerModel, StageSettings):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_length: int = Field(2048, ge=8)
+    batch_tokens: int = Field(16384, ge=64)
+    head_chunk_tokens: int = Field(
+        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+    )
+    num_shards: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm: VllmSettings = VllmSettings()
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
+    )

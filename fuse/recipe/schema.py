@@ -1,0 +1,80 @@
+"""The recipe as a whole: names, models, data, stages and executor, and the checks that span them (source
+names unique and not reserved, per-model overrides naming models of this recipe, fpo against score)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from fuse.recipe.base import NAME_RE, Frozen, no_control_characters
+from fuse.recipe.executor_settings import ExecutorSpec
+from fuse.recipe.settings import Stages
+from fuse.recipe.specs import DataSpec, ModelSpec
+
+
+class Recipe(Frozen):
+    name: str
+    workdir: str
+    cache: str | None = Field(
+        None,
+        description="A content-addressed artifact cache shared by recipes (a folder, e.g. on the cluster's shared "
+        "filesystem; default: $FUSE_ARTIFACT_CACHE): instances with the same fingerprint are linked from it, "
+        "never recomputed.",
+    )
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec
+    stages: Stages = Stages()
+    executor: ExecutorSpec = ExecutorSpec()
+    seed: int = 0
+
+    @field_validator("workdir")
+    @classmethod
+    def _plain_workdir(cls, value: str) -> str:
+        return no_control_characters(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be letters, digits, '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if not name:
+                raise ValueError(f"sources[{i}].name is required")
+            if name in ("pivot", "merged", "sft_baseline") or name.startswith("target-"):
+                raise ValueError(f"sources[{i}].name {name!r} is reserved")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate source names: {', '.join(dups)}")
+        for stage, extra in (("extract", ()), ("score", (*(f"target-{n}" for n in names), "merged"))):
+            for name in getattr(self.stages, stage).models:
+                if name not in ("pivot", *names, *extra):
+                    raise ValueError(
+                        f"stages.{stage}.models.{name}: not a model of this recipe ({', '.join(['pivot', *names])})"
+                    )
+        fpo = self.stages.fpo
+        unknown = sorted(set(fpo.weights) - set(names) - ({"pivot"} if fpo.include_pivot else set()))
+        if fpo.enabled and unknown:
+            raise ValueError(f"stages.fpo.weights names unknown sources: {', '.join(unknown)}")
+        if fpo.enabled and self.stages.score.max_length < fpo.max_length:
+            raise ValueError(
+                f"stages.score.max_length ({self.stages.score.max_length}) must be at least stages.fpo.max_length "
+                f"({fpo.max_length}): the reference must score every token the policy sees"
+            )
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def model(self, name: str) -> ModelSpec:
+        if name == "pivot":
+            return self.pivot.model_copy(update={"name": "pivot"})
+        for spec in self.sources:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no model named {name!r} in the recipe")

@@ -1,0 +1,135 @@
+"""Every stage's settings under `stages:` (Stages), and those of the stages that neither run models forward
+in bulk nor train (prepare, align, merge, evaluate, publish); extract/score and distill/fpo settings live in
+inference_settings.py and training_settings.py.
+
+Every stage's settings are a frozen model, so a stage instance's fingerprint is computed from the settings object
+itself and a bad key is reported with its YAML path before anything runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fuse.recipe.base import Frozen, StageSettings
+from fuse.recipe.inference_settings import ExtractSettings, ScoreSettings
+from fuse.recipe.training_settings import DistillSettings, FpoSettings
+
+
+class PrepareSettings(StageSettings):
+    min_response_chars: int = 1
+
+
+class AlignSettings(StageSettings):
+    method: Literal["offsets", "dtw"] = "offsets"
+    vocab_map: Literal["exact+stats+mined", "exact+mined", "exact"] = "exact+stats+mined"
+    min_stat_count: int = Field(
+        1, ge=1, description="Fewest aligned co-occurrences for a statistics-based mapping."
+    )
+    stats_pairs: Literal["same_start", "one_to_one"] = Field(
+        "same_start",
+        description="Pairs counted for the statistics-based map: tokens starting at the same byte (1:1 and many:1), "
+        "or 1:1 only (byte-exact 1:1 pairs always spell the same bytes, so they rarely add to the exact map).",
+    )
+    project: Literal["same_start", "one_to_one"] = Field(
+        "same_start",
+        description="Pivot positions projected from the source: where a source step predicts text from the same "
+        "byte (1:1 and many:1), or only where both next tokens cover the same text (1:1); others get the gold one-hot.",
+    )
+
+
+class MergeSettings(StageSettings):
+    method: str = "sce"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    model_parameters: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per-target parameters keyed by source name, e.g. {llama: {weight: 0.5}}.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    max_shard_size: str = "2GB"
+    seed: int = 0
+
+
+class LmEvalSettings(Frozen):
+    """lm-evaluation-harness tasks run on every evaluated model (fuse/lm_eval.py); no tasks: not run."""
+
+    tasks: list[str] = Field(default_factory=list, description="Task or group names: mmlu, gsm8k, ifeval.")
+    include_path: str | None = Field(
+        None, description="A folder of your own task YAMLs (relative to the recipe), e.g. on local JSONL."
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers (sharded over GPUs with `parallelize`); vllm: tensor parallel."
+    )
+    parallelize: bool = Field(False, description="hf: spread a model too big for one GPU over all of them.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0, description="Examples per task (a fraction when < 1).")
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = Field(False, description="Prompt through each model's chat template.")
+    seed: int = 0
+
+    @field_validator("include_path")
+    @classmethod
+    def _relative_to_recipe(cls, value: str | None, info: Any) -> str | None:
+        if value is None or Path(value).expanduser().is_absolute():
+            return value and str(Path(value).expanduser())
+        return str((Path((info.context or {}).get("base_dir") or Path.cwd()) / value).resolve())
+
+
+class EvaluateSettings(StageSettings):
+    items: str | None = Field(
+        None,
+        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy.",
+    )
+    heldout_text: str | None = Field(
+        None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
+    )
+    domains: str | None = Field(
+        None,
+        description="JSONL of {domain, messages, nll}: held-out responses of domains with a known generator "
+        "(the zoo writes data/domains.jsonl); per-domain response CE/byte next to the limit (nll per byte).",
+    )
+    max_new_tokens: int = Field(32, ge=1)
+    max_items_per_skill: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
+    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
+        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
+    )
+    lm_eval: LmEvalSettings = Field(
+        default_factory=LmEvalSettings,
+        description="lm-evaluation-harness tasks run on every evaluated model, reported beside the table.",
+    )
+
+
+class PublishSettings(StageSettings):
+    license: str | None = Field(
+        None,
+        description="The card's Hub license id (apache-2.0, llama3.1, gemma, ...); default 'other': a fused model "
+        "inherits its base models' terms, which only you can reconcile.",
+    )
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    revision: str | None = None
+    max_shard_size: str = "2GB"
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self) -> PublishSettings:
+        if self.push and not self.repo_id:
+            raise ValueError("push: true needs repo_id")
+        return self
+
+
+class Stages(Frozen):
+    prepare: PrepareSettings = PrepareSettings()
+    extract: ExtractSettings = ExtractSettings()
+    score: ScoreSettings = ScoreSettings()
+    align: AlignSettings = AlignSettings()
+    distill: DistillSettings = DistillSettings()
+    fpo: FpoSettings = FpoSettings()
+    merge: MergeSettings = MergeSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    publish: PublishSettings = PublishSettings()

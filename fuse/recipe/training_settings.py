@@ -1,0 +1,160 @@
+"""Settings of the stages that train (distill, fpo): the HF Trainer's knobs, DeepSpeed and trackers.
+
+TrainingJob records a settings class as "module:Class" (fuse/training.py); jobs written before the recipe became a
+package say "fuse.recipe:DistillSettings", which still resolves through fuse/recipe/__init__.py's re-export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fuse.recipe.base import Frozen, StageSettings
+
+# DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
+DEEPSPEED_AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
+
+
+class DeepSpeedSettings(Frozen):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Your own DeepSpeed config: a mapping, or a JSON file (relative to the recipe; its content is "
+        "what the run records). Merged over fuse's; batch sizes, clipping and precision stay the Trainer's ('auto').",
+    )
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read_config_file(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path((info.context or {}).get("base_dir") or Path.cwd()) / path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"cannot read the DeepSpeed config {path}: {error.strerror}") from None
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return loaded
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage in force: the config's zero_optimization.stage when it has one, else `stage`."""
+        zero = (self.config or {}).get("zero_optimization") or {}
+        return int(zero.get("stage", self.stage))
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSettings:
+        config = self.config or {}
+        zero = config.get("zero_optimization") or {}
+        if "stage" in zero and "stage" in self.model_fields_set and zero["stage"] != self.stage:
+            raise ValueError(
+                f"stage is {self.stage} but config.zero_optimization.stage is {zero['stage']}: set one of them"
+            )
+        for key in DEEPSPEED_AUTO_KEYS:
+            if config.get(key, "auto") != "auto":
+                raise ValueError(
+                    f"config.{key}: the Trainer sets it from the recipe (per_device_batch_size, "
+                    f"gradient_accumulation_steps, num_processes; max_grad_norm): leave it out or 'auto'"
+                )
+        for key in ("bf16", "fp16"):
+            if (config.get(key) or {}).get("enabled", "auto") != "auto":
+                raise ValueError(f"config.{key}.enabled: precision comes from the stage's bf16 setting")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_params needs ZeRO stage 3: set stage: 3 (the stage in force is {self.zero_stage})"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3: set stage (it is 0)")
+        return self
+
+
+# What the HF Trainer's report_to takes (transformers.integrations), "none" aside.
+Tracker = Literal[
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "clearml",
+    "neptune",
+    "dvclive",
+    "swanlab",
+    "trackio",
+    "azure_ml",
+    "codecarbon",
+    "dagshub",
+    "flyte",
+]
+
+
+class TrainSettings(StageSettings):
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: run `epochs`.")
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=8)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1, description="Processes per node (accelerate launch).")
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Trackers, as the HF Trainer takes them; tensorboard writes to <instance>/logs/tensorboard.",
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None, description="Attention kernel of the trained model; default: transformers' choice (sdpa)."
+    )
+    liger: bool = Field(False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel.")
+
+
+class DistillSettings(TrainSettings):
+    lambda_: float = Field(0.9, alias="lambda", ge=0, le=1, description="Weight of CE(gold).")
+    temperature: float = Field(1.0, gt=0)
+    fusion: Literal["min_ce", "avg_ce", "source_only"] = "min_ce"
+    divergence: Literal["ce", "kl"] = "ce"
+    sft_baseline: bool = Field(
+        False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
+    )
+
+    def sft_only(self) -> DistillSettings:
+        """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
+        at their defaults, so changing them does not make the baseline stale."""
+        teacher = {
+            name: type(self).model_fields[name].default for name in ("temperature", "fusion", "divergence")
+        }
+        return self.model_copy(update={"lambda_": 1.0, **teacher})
+
+
+class FpoSettings(TrainSettings):
+    placement: Literal["per_target", "after_merge"] = "per_target"
+    fusion: Literal["max_margin", "mean", "none"] = "max_margin"
+    normalization: Literal["tokens", "bytes", "none"] = "tokens"
+    beta: float | None = Field(None, gt=0, description="Default: 2.5 with length normalization, 0.1 without.")
+    clip: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
+    include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
