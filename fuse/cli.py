@@ -17,9 +17,9 @@ from fuse.recipe import RecipeError, load_recipe
 # `handler` default. A module is imported only when one of its commands is used (or for --help), so that
 # `fuse plan` never pays for torch.
 PLUGINS = {
-    "submit": "fuse.slurm",
-    "status": "fuse.slurm",
-    "cancel": "fuse.slurm",
+    "submit": "fuse.slurm.cli",
+    "status": "fuse.slurm.cli",
+    "cancel": "fuse.slurm.cli",
     "merge": "fuse.merging.cli",
     "compare": "fuse.compare",
     "cache": "fuse.cache",
