@@ -1,6 +1,5 @@
 """The sbatch script of one stage instance: the settings all jobs of a submission share, and the sandboxed Jinja
-template (fuse/slurm/templates/job.sbatch.j2 or the recipe's own) rendered with recipe strings quoted for sbatch
-and bash."""
+template (fuse/slurm/job.sbatch.j2 or the recipe's own), rendered with recipe strings quoted for sbatch and bash."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ class JobSettings:
     python: str
     env_setup: tuple[str, ...]
     grace: int
-    template: str | None = None  # a custom Jinja template file; default: fuse/slurm/templates/job.sbatch.j2
+    template: str | None = None  # a custom Jinja template file; default: fuse/slurm/job.sbatch.j2
 
 
 def job_settings(
@@ -90,7 +89,7 @@ def _template(path: str | None) -> Any:
         except OSError as error:
             raise RecipeError(f"executor.slurm.template: cannot read {path}: {error}") from None
     else:
-        source = (package_files.files("fuse.slurm") / "templates" / TEMPLATE).read_text(encoding="utf-8")
+        source = (package_files.files("fuse.slurm") / TEMPLATE).read_text(encoding="utf-8")
     # Sandboxed: a template is a recipe input, and `fuse submit --dry-run` must not run code from it
     environment = SandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
