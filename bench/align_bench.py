@@ -31,6 +31,7 @@ from fuse.alignment.sequence import (  # noqa: E402
     dtw_path,
 )
 from fuse.alignment.vocab import build_vocab_map, pair_counts  # noqa: E402
+from fuse.logs import setup_logging  # noqa: E402
 
 from real_tokenizers import load  # noqa: E402
 
@@ -204,7 +205,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(logging.INFO, "%(message)s")
     text = corpus_text()
     results = []
     for pivot, source in PAIRS:

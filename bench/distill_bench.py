@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fuse.logs import setup_logging
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 log = logging.getLogger("distill_bench")
@@ -44,9 +46,17 @@ def build_model(vocab: int, hidden: int, layers: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=1, head_dim=64,
-                         max_position_embeddings=4096, tie_word_embeddings=True)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(config).to(device())
 
 
@@ -78,7 +88,7 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], lambda_: float 
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
         loss = distill_loss(
-            logits, batch["labels"], batch.get("target_ids"), batch.get("target_probs"), lambda_
+            logits, batch["labels"], batch.get("target_ids"), batch.get("target_probs"), lambda_=lambda_
         ).loss
     loss.backward()
     optimizer.step()
@@ -190,25 +200,33 @@ def run_child(argv: list[str]) -> float:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
-        "# distill benchmark", "",
+        "# distill benchmark",
+        "",
         f"Model: Qwen2-style, vocab {cfg['vocab']}, hidden {cfg['hidden']}, {cfg['layers']} layers; batch "
         f"{cfg['batch']} x {cfg['seq']} tokens (3/4 response). Device: {report['device']}. {cfg['steps']} timed steps "
-        "per variant, interleaved, median.", "",
-        "| variant | step time (s) | x sft_lambda1 | peak step memory (MiB) |", "|---|---|---|---|",
-    ]  # fmt: skip
+        "per variant, interleaved, median.",
+        "",
+        "| variant | step time (s) | x sft_lambda1 | peak step memory (MiB) |",
+        "|---|---|---|---|",
+    ]
     base = report["step"]["sft_lambda1"]["median_s"]
     for name, row in report["step"].items():
         lines.append(
             f"| {name} | {row['median_s']:.3f} | {row['median_s'] / base:.3f} | {row['peak_mib']:.0f} |"
         )
-    lines += ["", f"Goal: distill <= 1.15x plain SFT step time: **{'met' if report['goal_met'] else 'NOT met'}** "
-              f"(min_ce K=10: {report['ratio_min_ce']:.3f}x, avg_ce J=20: {report['ratio_avg_ce']:.3f}x; "
-              f"vs HF's own loss: {report['ratio_vs_hf']:.3f}x).", "",
-              f"Loss alone (0.9·CE(gold) + 0.1·CE(teacher), forward + backward, {report['loss_memory']['positions']} "
-              f"positions, K={report['loss_memory']['k']}): peak memory above the logits; one [N, V] fp32 buffer is "
-              f"{report['loss_memory']['positions'] * 4 / 2**20:.4f} MiB per vocab entry.", "",
-              "| vocab | [N, V] buffer (MiB) | sparse fused (MiB) | sparse autograd (MiB) | dense target (MiB) | dense / fused |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Goal: distill <= 1.15x plain SFT step time: **{'met' if report['goal_met'] else 'NOT met'}** "
+        f"(min_ce K=10: {report['ratio_min_ce']:.3f}x, avg_ce J=20: {report['ratio_avg_ce']:.3f}x; "
+        f"vs HF's own loss: {report['ratio_vs_hf']:.3f}x).",
+        "",
+        f"Loss alone (0.9·CE(gold) + 0.1·CE(teacher), forward + backward, {report['loss_memory']['positions']} "
+        f"positions, K={report['loss_memory']['k']}): peak memory above the logits; one [N, V] fp32 buffer is "
+        f"{report['loss_memory']['positions'] * 4 / 2**20:.4f} MiB per vocab entry.",
+        "",
+        "| vocab | [N, V] buffer (MiB) | sparse fused (MiB) | sparse autograd (MiB) | dense target (MiB) | dense / fused |",
+        "|---|---|---|---|---|---|",
+    ]
     for vocab, row in report["loss_memory"]["by_vocab"].items():
         buffer = report["loss_memory"]["positions"] * int(vocab) * 4 / 2**20
         lines.append(
@@ -239,7 +257,7 @@ def main() -> None:
         else:
             print(child_loss_memory(args.child[1], int(args.child[2]), args.loss_positions, 10))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(logging.INFO, "%(message)s")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     common = [f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "batch", "seq")]
     step = step_times(args)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from fuse import evaluation
+from fuse.logs import setup_logging
 from fuse.merging import MergeConfig, run_merge
 from fuse.merging.engine import report_markdown
 from fuse.recipe import ModelSpec, Recipe, parse_recipe
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-items-per-skill", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "merge_ablation")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING, logging.BASIC_FORMAT)
 
     run_dir = args.run_dir.resolve()
     recipe = load_run(run_dir)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fuse.logs import setup_logging
 from fuse.recipe import RecipeError, load_recipe
 
 # Subcommands that live in other modules: each module has add_parser(subparsers), adding its commands with a
@@ -250,11 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = recipe_first(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     # The console shows progress lines and warnings; each instance's log file gets everything (see executor).
-    console = logging.StreamHandler()
-    console.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    full = logging.Formatter("%(levelname)s %(name)s: %(message)s")
-    console.setFormatter(full if args.verbose else FirstLine())
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console])
+    if args.verbose:
+        setup_logging(logging.DEBUG, "%(levelname)s %(name)s: %(message)s")
+    else:
+        setup_logging(logging.WARNING, FirstLine())
     try:
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's final flush
@@ -296,8 +296,15 @@ def _expected(error: BaseException) -> bool:
     from fuse.executor import StageFailed
     from fuse.plan import PlanError
 
-    names = {"SlurmError", "ModelLoadError", "BackendError", "TrainingError", "CheckpointError",
-             "MergeConfigError", "PreflightError"}  # fmt: skip
+    names = {
+        "SlurmError",
+        "ModelLoadError",
+        "BackendError",
+        "TrainingError",
+        "CheckpointError",
+        "MergeConfigError",
+        "PreflightError",
+    }
     return isinstance(error, StageFailed | PlanError | KeyError) or type(error).__name__ in names
 
 

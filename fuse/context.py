@@ -1,4 +1,8 @@
-"""What a stage sees: its instance, its settings, its directory, and the output folders of its parents."""
+"""What a stage sees: its instance, its settings, its directory, and its parents' output folders, by role.
+
+A stage never parses instance names: it asks for the parent in a role (`ctx.input("policy")`), for every parent of
+a role by label (`ctx.inputs_of("targets")`), or for the model a parent made (`ctx.made_model("policy")`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuse.dag import Instance
+from fuse.dag import Instance, instance_settings
 from fuse.recipe import ModelSpec, Recipe
+from fuse.store import MODEL_FOLDER
 
 
 @dataclass
@@ -30,20 +35,59 @@ class StageContext:
 
     @property
     def settings(self) -> Any:
-        return getattr(self.recipe.stages, self.instance.stage)
+        """The stage's settings as this instance uses them (see fuse.dag.instance_settings)."""
+        return instance_settings(self.recipe, self.instance)
+
+    @property
+    def model_out(self) -> Path:
+        """Where a stage that makes a model writes it, and where its children find it."""
+        return self.out / MODEL_FOLDER
 
     @property
     def num_shards(self) -> int:
         return self.instance.num_shards
 
-    def input(self, name: str) -> Path:
-        """The out/ folder of parent `name`; a stage reads other stages' files only through this."""
+    def _out(self, parent: str) -> Path:
         try:
-            return self.inputs[name]
+            return self.inputs[parent]
         except KeyError:
+            raise KeyError(f"{self.instance.name}: parent {parent} has no output folder given") from None
+
+    def parent(self, role: str) -> str:
+        """The one parent instance in `role`."""
+        found = self.instance.in_role(role)
+        if len(found) != 1:
+            named = [e.parent for e in found]
+            roles = sorted({e.role for e in self.instance.edges})
             raise KeyError(
-                f"{self.instance.name} has no input {name!r}; its inputs are {sorted(self.inputs)}"
-            ) from None
+                f"{self.instance.name}: expected one {role!r} input, got {named} (its roles: {roles})"
+            )
+        return found[0].parent
+
+    def has_input(self, role: str) -> bool:
+        return bool(self.instance.in_role(role))
+
+    def input(self, role: str) -> Path:
+        """The out/ folder of the parent in `role`; a stage reads other stages' files only through these."""
+        return self._out(self.parent(role))
+
+    def inputs_of(self, role: str) -> dict[str, Path]:
+        """label -> out/ folder of every parent in `role`, in DAG order (unlabelled edges go by parent name)."""
+        return {e.label or e.parent: self._out(e.parent) for e in self.instance.in_role(role)}
+
+    def made_model(self, role: str) -> Path:
+        """The model folder the parent in `role` made."""
+        return self.input(role) / MODEL_FOLDER
+
+    def made_models(self, role: str) -> dict[str, Path]:
+        """label -> the model folder of every parent in `role`."""
+        return {label: out / MODEL_FOLDER for label, out in self.inputs_of(role).items()}
+
+    def made_model_spec(self, folder: Path, name: str) -> ModelSpec:
+        """A model a stage of this run made from the pivot (target, fused model, baseline): its folder, loaded with
+        the pivot's options (chat template override, remote code), since it carries the pivot's tokenizer."""
+        update = {"name": name, "path": str(folder), "revision": None}
+        return self.model_spec("pivot").model_copy(update=update)
 
     def model_spec(self, name: str) -> ModelSpec:
         return self.recipe.model(name)

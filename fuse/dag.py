@@ -7,10 +7,38 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fuse.recipe import Recipe, RecipeError
+from fuse.stage_table import STAGES  # noqa: F401 — re-exported: the DAG's stages, in run order
 
-STAGES = ("prepare", "extract", "score", "align", "distill", "fpo", "merge", "evaluate", "publish")
+
+@dataclass(frozen=True)
+class Edge:
+    """A parent feeding an instance in a role: the instance asks for "its policy" or "its targets", never for a
+    parent by name. `label` tells apart the parents of a role that has several (the source a target came from)."""
+
+    role: str
+    parent: str
+    label: str | None = None
+
+
+# The roles an edge can have, and what the parent's out/ folder holds for the child.
+ROLES = {
+    "data": "prepare's splits (SFT conversations, preference pairs)",
+    "pivot_logprobs": "the pivot's top-K log-prob store (extract.pivot)",
+    "source_logprobs": "the source's own top-K log-prob store, in its own tokenization (extract.<source>)",
+    "alignment": "the source's store projected onto the pivot's tokens (align.<source>)",
+    "model": "the model to score or to publish (its out/model)",
+    "policy": "the model fpo starts from (its out/model)",
+    "policy_scores": "the score table of the policy (the pivot of the sequence-level fusion)",
+    "source_scores": "the score table of one fused source, labelled by that model",
+    "targets": "target models, labelled by source (merge) or by instance (evaluate)",
+    "fused": "the fused model (merge, and fpo.merged when fpo runs after it)",
+    "sft_baseline": "the SFT-only baseline model",
+    "evaluation": "the evaluate stage's metrics",
+    "teacher_signal": "an align stage's teacher-signal report, labelled by source",
+}
 
 
 @dataclass(frozen=True)
@@ -18,15 +46,45 @@ class Instance:
     name: str  # "extract.llama"
     stage: str  # "extract": the module fuse.stages.<stage> runs it
     key: str | None = None  # the model/source it is about, if any
-    parents: tuple[str, ...] = ()
+    edges: tuple[Edge, ...] = ()
     models: tuple[str, ...] = ()  # recipe models (pivot/sources) whose weights it reads directly
     num_shards: int = 1
     options: tuple[
         tuple[str, object], ...
     ] = ()  # per-instance settings beyond the stage's (e.g. sft baseline)
 
+    def __post_init__(self) -> None:
+        unknown = sorted({e.role for e in self.edges} - ROLES.keys())
+        if unknown:
+            raise ValueError(f"{self.name}: unknown input roles {unknown}")
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        """The parent instances, each once, in the order their edges were declared."""
+        return tuple(dict.fromkeys(e.parent for e in self.edges))
+
+    def in_role(self, role: str) -> tuple[Edge, ...]:
+        return tuple(e for e in self.edges if e.role == role)
+
     def option(self, name: str, default: object = None) -> object:
         return dict(self.options).get(name, default)
+
+
+def edges(role: str, *parents: str, labels: Iterable[str | None] | None = None) -> tuple[Edge, ...]:
+    labels = list(labels) if labels is not None else [None] * len(parents)
+    return tuple(Edge(role, p, label) for p, label in zip(parents, labels, strict=True))
+
+
+def instance_settings(recipe: Recipe, instance: Instance) -> Any:
+    """The settings an instance works with, and is fingerprinted by: extract/score take only this model's
+    overrides (so another model's do not rerun it); the SFT-only baseline trains at λ = 1 with the teacher's knobs
+    at their defaults, whatever `stages.distill` says, so changing them does not make it stale."""
+    settings = getattr(recipe.stages, instance.stage)
+    if hasattr(settings, "for_model"):
+        settings = settings.for_model(instance.key)
+    if instance.option("sft_only", False):
+        settings = settings.sft_only()
+    return settings
 
 
 @dataclass
@@ -106,78 +164,94 @@ def build_dag(recipe: Recipe) -> Dag:
 
     dag = Dag()
     sources = recipe.source_names
+    data = edges("data", "prepare")
     dag.add(Instance("prepare", "prepare"))
 
     if s.extract.enabled:
         for model in ["pivot", *sources]:
-            dag.add(
-                Instance(f"extract.{model}", "extract", model, ("prepare",), (model,), s.extract.num_shards)
-            )
+            dag.add(Instance(f"extract.{model}", "extract", model, data, (model,), s.extract.num_shards))
     for source in sources if s.align.enabled else []:
-        dag.add(Instance(f"align.{source}", "align", source, (f"extract.{source}", "extract.pivot")))
+        logprobs = Edge("source_logprobs", f"extract.{source}"), Edge("pivot_logprobs", "extract.pivot")
+        dag.add(Instance(f"align.{source}", "align", source, logprobs))
 
     if s.distill.enabled:
         for source in sources:
-            dag.add(
-                Instance(
-                    f"distill.{source}",
-                    "distill",
-                    source,
-                    # the source's own extract: its CE against gold, in its own tokenization, for min_ce/avg_ce
-                    ("prepare", "extract.pivot", f"extract.{source}", f"align.{source}"),
-                    ("pivot",),
-                )
+            teachers = (
+                Edge("pivot_logprobs", "extract.pivot"),
+                # the source's own store: its CE against gold, in its own tokenization, for min_ce/avg_ce
+                Edge("source_logprobs", f"extract.{source}"),
+                Edge("alignment", f"align.{source}"),
             )
+            dag.add(Instance(f"distill.{source}", "distill", source, data + teachers, ("pivot",)))
         if s.distill.sft_baseline:
-            dag.add(
-                Instance(
-                    "distill.sft_baseline",
-                    "distill",
-                    "sft_baseline",
-                    ("prepare",),
-                    ("pivot",),
-                    options=(("sft_only", True),),
-                )
+            baseline = Instance(
+                "distill.sft_baseline",
+                "distill",
+                "sft_baseline",
+                data,
+                ("pivot",),
+                options=(("sft_only", True),),
             )
+            dag.add(baseline)
 
     fpo_on = s.fpo.enabled
     scored = [*sources, "pivot"] if s.fpo.include_pivot else list(sources)
     if fpo_on:
         for model in scored:
-            dag.add(Instance(f"score.{model}", "score", model, ("prepare",), (model,), s.score.num_shards))
+            dag.add(Instance(f"score.{model}", "score", model, data, (model,), s.score.num_shards))
 
-    def fpo_parents(policy: str, policy_parent: str) -> tuple[str, ...]:
-        return (policy_parent, f"score.{policy}", *(f"score.{m}" for m in scored))
-
-    targets = []
-    for source in sources if s.distill.enabled else []:
-        made_by = f"distill.{source}"
-        if fpo_on and s.fpo.placement == "per_target":
-            target = f"target-{source}"
-            dag.add(
-                Instance(f"score.{target}", "score", target, ("prepare", made_by), (), s.score.num_shards)
+    def add_fpo(key: str, scored_as: str, policy: str) -> str:
+        """score.<scored_as> of the policy's model, then fpo.<key> against it and the sources' scores."""
+        dag.add(
+            Instance(
+                f"score.{scored_as}",
+                "score",
+                scored_as,
+                data + edges("model", policy),
+                (),
+                s.score.num_shards,
             )
-            dag.add(Instance(f"fpo.{source}", "fpo", source, ("prepare", *fpo_parents(target, made_by))))
-            made_by = f"fpo.{source}"
-        targets.append(made_by)
+        )
+        inputs = (
+            *data,
+            Edge("policy", policy),
+            Edge("policy_scores", f"score.{scored_as}", scored_as),
+            *edges("source_scores", *(f"score.{m}" for m in scored), labels=scored),
+        )
+        dag.add(Instance(f"fpo.{key}", "fpo", key, inputs))
+        return f"fpo.{key}"
+
+    targets: dict[str, str] = {}  # source -> the instance that made its target
+    for source in sources if s.distill.enabled else []:
+        targets[source] = f"distill.{source}"
+        if fpo_on and s.fpo.placement == "per_target":
+            targets[source] = add_fpo(source, f"target-{source}", targets[source])
 
     final = None
     if s.merge.enabled:
-        dag.add(Instance("merge", "merge", None, tuple(targets), ("pivot",)))
+        dag.add(
+            Instance("merge", "merge", None, edges("targets", *targets.values(), labels=targets), ("pivot",))
+        )
         final = "merge"
         if fpo_on and s.fpo.placement == "after_merge":
-            dag.add(Instance("score.merged", "score", "merged", ("prepare", "merge"), (), s.score.num_shards))
-            dag.add(Instance("fpo.merged", "fpo", "merged", ("prepare", *fpo_parents("merged", "merge"))))
-            final = "fpo.merged"
+            final = add_fpo("merged", "merged", "merge")
 
     if s.evaluate.enabled:
-        parents = ["prepare"]
-        parents += [i.name for i in dag if i.stage in ("distill", "fpo", "merge")]
-        dag.add(Instance("evaluate", "evaluate", None, tuple(parents), ("pivot", *sources)))
+        made = [*data]
+        for instance in dag:
+            if instance.name == "distill.sft_baseline":
+                made.append(Edge("sft_baseline", instance.name, instance.name))
+            elif instance.stage == "merge" or instance.name == "fpo.merged":
+                made.append(Edge("fused", instance.name, instance.name))
+            elif instance.stage in ("distill", "fpo"):
+                made.append(Edge("targets", instance.name, instance.name))
+        dag.add(Instance("evaluate", "evaluate", None, tuple(made), ("pivot", *sources)))
     if s.publish.enabled and final:
-        parents = (final, "evaluate") if s.evaluate.enabled else (final,)
-        parents += tuple(
-            i.name for i in dag if i.stage == "align"
-        )  # their teacher-signal reports go in the card
-        dag.add(Instance("publish", "publish", None, parents, ("pivot", *sources)))
+        inputs = edges("model", final)
+        if s.evaluate.enabled:
+            inputs += edges("evaluation", "evaluate")
+        # the align stages' teacher-signal reports go in the model card
+        aligned = [i.key for i in dag.of_stage("align")]
+        inputs += edges("teacher_signal", *(f"align.{a}" for a in aligned), labels=aligned)
+        dag.add(Instance("publish", "publish", None, inputs, ("pivot", *sources)))
     return dag

@@ -11,9 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments
 
 from fuse.losses import IGNORE_INDEX, PAD_ID, distill_loss
+from fuse.models import load_model, load_tokenizer, pad_id
+from fuse.recipe import DistillSettings, ModelSpec
 from fuse.training import RecordedMetrics, TrainingJob
 
 TARGET_COLUMNS = ("target_ids", "target_probs", "target_width")
@@ -48,10 +51,15 @@ def sparse_collator(pad_token_id: int):
         if "target_ids" in rows[0]:
             targets = [_targets(r) for r in rows]
             width = max(t[0].shape[1] for t in targets)
-            batch["target_ids"] = _pad([np.pad(t[0], ((0, 0), (0, width - t[0].shape[1])), constant_values=PAD_ID)
-                                        for t in targets], PAD_ID, np.int64, width)  # fmt: skip
-            batch["target_probs"] = _pad([np.pad(t[1], ((0, 0), (0, width - t[1].shape[1]))) for t in targets],
-                                         0.0, np.float32, width)  # fmt: skip
+            batch["target_ids"] = _pad(
+                [np.pad(t[0], ((0, 0), (0, width - t[0].shape[1])), constant_values=PAD_ID) for t in targets],
+                PAD_ID,
+                np.int64,
+                width,
+            )
+            batch["target_probs"] = _pad(
+                [np.pad(t[1], ((0, 0), (0, width - t[1].shape[1]))) for t in targets], 0.0, np.float32, width
+            )
         return batch
 
     return collate
@@ -62,11 +70,9 @@ class DistillTrainer(RecordedMetrics, Trainer):
 
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
 
-    def __init__(
-        self, *args: Any, lambda_: float = 0.9, temperature: float = 1.0, divergence: str = "ce", **kw
-    ):
+    def __init__(self, *args: Any, settings: DistillSettings, **kw: Any):
         super().__init__(*args, **kw)
-        self.lambda_, self.temperature, self.divergence = lambda_, temperature, divergence
+        self.settings = settings  # λ, temperature and divergence reach the loss from here, and only from here
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -74,8 +80,15 @@ class DistillTrainer(RecordedMetrics, Trainer):
         outputs = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
         )
+        s = self.settings
         parts = distill_loss(
-            outputs.logits, labels, target_ids, target_probs, self.lambda_, self.temperature, self.divergence
+            outputs.logits,
+            labels,
+            target_ids,
+            target_probs,
+            lambda_=s.lambda_,
+            temperature=s.temperature,
+            kind=s.divergence,
         )
         if model.training:
             self.record("gold_ce", parts.gold_ce.item())
@@ -87,11 +100,6 @@ class DistillTrainer(RecordedMetrics, Trainer):
 def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     """The builder named in distill jobs: λ, temperature and divergence from the job's DistillSettings; params:
     model (a ModelSpec dump), train_data (a dataset folder)."""
-    from datasets import load_from_disk
-
-    from fuse.models import load_model, load_tokenizer
-    from fuse.recipe import ModelSpec
-
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
@@ -99,14 +107,11 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     settings = job.load_settings()
     model = load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
     dataset = load_from_disk(params["train_data"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DistillTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=sparse_collator(int(pad_id or 0)),
+        data_collator=sparse_collator(pad_id(tokenizer)),
         processing_class=tokenizer,
-        lambda_=settings.lambda_,
-        temperature=settings.temperature,
-        divergence=settings.divergence,
+        settings=settings,
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fuse.models import pad_id
 from fuse.recipe import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,12 @@ def generate_greedy(
     """Greedy completions (left-padded batches), decoded without special tokens."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(model, tokenizer)[0]
+    pad = pad_id(tokenizer)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
         with torch.inference_mode():
             out = model.generate(
@@ -110,7 +111,7 @@ def generate_greedy(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=stop_ids(model, tokenizer),
-                pad_token_id=pad_id,
+                pad_token_id=pad,
             )
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return outputs

@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import load_from_disk
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from fuse.models import load_model, load_tokenizer, pad_id
 from fuse.preference import infifpo_loss, reward_accuracy
+from fuse.recipe import ModelSpec
 from fuse.training import RecordedMetrics, TrainingJob
 
 PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps", "picked", "clipped_terms")
@@ -56,9 +59,12 @@ def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the response tokens' log-probs per sequence [2B], through TRL's fused LM head (no [B, T, V] logits)."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-        fused_lm_head=True, use_cache=False,
-    )  # fmt: skip
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
     return outputs.log_probs.sum(dim=1)
 
 
@@ -118,11 +124,6 @@ def dpo_config(args: TrainingArguments, **dpo: Any) -> DPOConfig:
 def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrainer:
     """The builder named in fpo jobs. params: model (a ModelSpec dump), train_data (a dataset folder), beta,
     label_smoothing, sources (names, index = picked), terms_per_pair."""
-    from datasets import load_from_disk
-
-    from fuse.models import load_model, load_tokenizer
-    from fuse.recipe import ModelSpec
-
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
@@ -131,12 +132,11 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
     config = dpo_config(
         args, beta=float(params["beta"]), label_smoothing=float(params.get("label_smoothing", 0.0))
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return InfiFpoTrainer(
         model=model,
         args=config,
         train_dataset=load_from_disk(params["train_data"]),
-        data_collator=pair_collator(int(pad_id or 0)),
+        data_collator=pair_collator(pad_id(tokenizer)),
         processing_class=tokenizer,
         sources=params.get("sources", ()),
         terms_per_pair=int(params.get("terms_per_pair", 0)),

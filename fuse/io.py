@@ -93,6 +93,30 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder `staging` (a sibling of `final`) to `final`, replacing any folder there.
+
+    Why one place: every byte is fsynced before the rename, and an old `final` is first moved aside, so a reader
+    sees the old folder, then the new one, never a mix; a kill mid-swap leaves only "*.tmp" debris beside it."""
+    staging, final = Path(staging), Path(final)
+    _fsync_tree(staging)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}{TMP_SUFFIX}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; rename it to `path` only when the block succeeds.
@@ -106,18 +130,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, published_mode(directory=True))
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}{TMP_SUFFIX}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,10 +37,14 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
         "--rdzv_backend",
     ):
         _pop_option(rest, name)
-    launch = [
-        "--num_machines", str(nodes), "--num_processes", str(nodes * per_node),
-        "--machine_rank", "$SLURM_NODEID", "--main_process_ip", "$MASTER_ADDR",
-        "--main_process_port", "$MASTER_PORT", "--rdzv_backend", "c10d", "--same_network",
+    launch = [  # one option and its value a line
+        "--num_machines", str(nodes),
+        "--num_processes", str(nodes * per_node),
+        "--machine_rank", "$SLURM_NODEID",
+        "--main_process_ip", "$MASTER_ADDR",
+        "--main_process_port", "$MASTER_PORT",
+        "--rdzv_backend", "c10d",
+        "--same_network",
     ]  # fmt: skip
     inner = " ".join(shell_word(a) for a in [*head, *launch, *rest])
     return [

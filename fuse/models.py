@@ -110,6 +110,19 @@ def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreT
     return tokenizer
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS, else 0.
+
+    Padded positions are masked out of attention and loss, and generate() fills finished rows with it before
+    decoding with skip_special_tokens, so any special id works; what matters is that every collator, generate()
+    call and saved config picks the same one. `is not None`, not `or`: id 0 is a real pad token in many vocabularies.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 

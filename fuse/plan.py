@@ -15,10 +15,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fuse.dag import Dag, Instance
+from fuse.dag import Dag, Instance, instance_settings
 from fuse.fingerprint import fingerprint, path_digest
 from fuse.models import identity
 from fuse.recipe import DatasetSpec, Recipe
+from fuse.stage_table import STAGE_TABLE
 from fuse.store import RunStore, State
 
 
@@ -33,26 +34,28 @@ def _overrides() -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
+def _override(stage: str) -> Any:
+    module_name, _, attr = _overrides()[stage].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
 @cache
 def stage_module(stage: str) -> ModuleType:
-    override = _overrides().get(stage)
-    if override:
-        module_name, _, attr = override.partition(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, attr) if attr else module
-    try:
-        return importlib.import_module(f"fuse.stages.{stage}")
-    except ModuleNotFoundError as error:
-        if error.name == f"fuse.stages.{stage}":
-            raise StageNotImplemented(f"stage {stage!r} has no module fuse.stages.{stage}") from None
-        raise
+    """The code that runs `stage`: imported only when an instance of it runs, never to plan."""
+    if stage in _overrides():
+        return _override(stage)
+    if stage not in STAGE_TABLE:
+        raise StageNotImplemented(f"stage {stage!r} is not in the stage table (fuse.stage_table)")
+    return importlib.import_module(STAGE_TABLE[stage].module)
 
 
 def stage_version(stage: str) -> str:
-    try:
-        return str(getattr(stage_module(stage), "VERSION", 0))
-    except StageNotImplemented:
-        return "missing"
+    """The code version that goes into the fingerprint, from the stage table (an override's own VERSION)."""
+    if stage in _overrides():
+        return str(getattr(_override(stage), "VERSION", 0))
+    info = STAGE_TABLE.get(stage)
+    return str(info.version) if info else "missing"
 
 
 def by_content(value: Any) -> Any:
@@ -91,20 +94,6 @@ def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
             }
         }
     return {}
-
-
-def instance_settings(recipe: Recipe, instance: Instance) -> Any:
-    """The settings an instance works with: extract/score take only this model's overrides (so another model's
-    do not rerun it); a stage module's `settings_for(instance, settings)` narrows them further (the SFT-only
-    baseline trains at λ = 1, whatever `stages.distill.lambda` says, and must not go stale when it changes)."""
-    settings = getattr(recipe.stages, instance.stage)
-    if hasattr(settings, "for_model"):
-        settings = settings.for_model(instance.key)
-    try:
-        narrow = getattr(stage_module(instance.stage), "settings_for", None)
-    except StageNotImplemented:
-        narrow = None
-    return narrow(instance, settings) if narrow else settings
 
 
 def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str]) -> dict[str, Any]:

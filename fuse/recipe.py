@@ -188,8 +188,11 @@ class AlignSettings(StageSettings):
 
 # DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
 DEEPSPEED_AUTO_KEYS = (
-    "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
-)  # fmt: skip
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 
 
 class DeepSpeedSettings(Frozen):
@@ -244,17 +247,30 @@ class DeepSpeedSettings(Frozen):
             if (config.get(key) or {}).get("enabled", "auto") != "auto":
                 raise ValueError(f"config.{key}.enabled: precision comes from the stage's bf16 setting")
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs ZeRO stage 3")
+            raise ValueError(
+                f"offload_params needs ZeRO stage 3: set stage: 3 (the stage in force is {self.zero_stage})"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3: set stage (it is 0)")
         return self
 
 
 # What the HF Trainer's report_to takes (transformers.integrations), "none" aside.
 Tracker = Literal[
-    "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive", "swanlab", "trackio",
-    "azure_ml", "codecarbon", "dagshub", "flyte",
-]  # fmt: skip
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "clearml",
+    "neptune",
+    "dvclive",
+    "swanlab",
+    "trackio",
+    "azure_ml",
+    "codecarbon",
+    "dagshub",
+    "flyte",
+]
 
 
 class TrainSettings(StageSettings):

@@ -42,6 +42,7 @@ from fuse.io import (
 MANIFEST = "manifest.json"
 INSTANCE_LOCK = "instance.lock"
 RUN_LOCK = "run.lock"
+MODEL_FOLDER = "model"  # where a stage that makes a model writes it, under its out/
 
 
 @dataclass(frozen=True)

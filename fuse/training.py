@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
-from fuse.io import atomic_dir, atomic_write, write_json_atomic
+from fuse.io import atomic_write, publish_dir, write_json_atomic
 from fuse.launch import multinode_command
+from fuse.logs import setup_logging
 from fuse.recipe import TrainSettings
+from fuse.store import MODEL_FOLDER
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -84,7 +86,7 @@ def make_job(
         settings_class=f"{cls.__module__}:{cls.__name__}",
         settings=settings.model_dump(by_alias=True, mode="json"),
         checkpoint_dir=str(stage_dir / "checkpoints"),
-        model_dir=str(out / "model"),
+        model_dir=str(out / MODEL_FOLDER),
         log_dir=str(stage_dir / "logs"),
         settings_key=settings_key,
         params=params,
@@ -116,17 +118,10 @@ TRACKER_MODULES = {
 
 
 def check_settings(settings: TrainSettings, key: str) -> None:
-    """Combinations DeepSpeed would reject mid-launch, and optional packages the recipe asks for that are not
-    installed, reported up front with their YAML key."""
+    """Optional packages the recipe asks for that are not installed, reported up front with their YAML key.
+    (DeepSpeed combinations it would reject mid-launch are refused when the recipe loads: DeepSpeedSettings.)"""
     from importlib.util import find_spec
 
-    ds = settings.deepspeed
-    if ds.offload_params and ds.zero_stage != 3:
-        raise TrainingError(
-            f"{key}.deepspeed.offload_params needs deepspeed.stage: 3 (it is {ds.zero_stage})"
-        )
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise TrainingError(f"{key}.deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3 (it is 0)")
     for tracker in settings.report_to:
         if not any(find_spec(m) for m in TRACKER_MODULES.get(tracker, (tracker,))):
             raise TrainingError(f"{key}.report_to: {tracker} is not installed (pip install {tracker})")
@@ -361,10 +356,7 @@ def save_final_model(trainer: Trainer, model_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         (staging / "training_args.bin").unlink(missing_ok=True)
-        with atomic_dir(model_dir) as tmp:
-            for item in staging.iterdir():
-                os.replace(item, tmp / item.name)
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_dir(staging, model_dir)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -437,7 +429,7 @@ def free_port() -> int:
 
 def launch_command(job_path: Path, settings: TrainSettings) -> list[str]:
     """`accelerate launch` with DeepSpeed (ZeRO stage from the recipe, 0 included) on `num_processes` ranks."""
-    return [
+    return [  # one option and its value a line
         sys.executable, "-m", "accelerate.commands.launch",
         "--use_deepspeed",
         "--num_processes", str(settings.num_processes),
@@ -486,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m fuse.training JOB.json")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     init_distributed_state()
     run_job(TrainingJob.load(argv[0]), launched=True)
 

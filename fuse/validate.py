@@ -188,10 +188,7 @@ def check_registries(recipe: Recipe) -> list[str]:
     for key, settings, field, module_name, registry_name in checks:
         if not settings.enabled:
             continue
-        try:
-            registry = getattr(importlib.import_module(module_name), registry_name)
-        except (ImportError, AttributeError):
-            continue  # that stage is not installed in this build; running it will say so
+        registry = getattr(importlib.import_module(module_name), registry_name)
         value = getattr(settings, field)
         if value not in registry:
             problems.append(f"{key}: unknown {field} {value!r} (known: {', '.join(sorted(registry))})")
@@ -200,12 +197,10 @@ def check_registries(recipe: Recipe) -> list[str]:
 
 
 def _merge_parameter_problems(recipe: Recipe) -> list[str]:
+    from fuse.merging.methods import METHODS, MergeConfigError, resolve_params
+
     merge = recipe.stages.merge
     if not merge.enabled:
-        return []
-    try:
-        from fuse.merging.methods import METHODS, MergeConfigError, resolve_params
-    except ImportError:
         return []
     if merge.method not in METHODS:
         return []  # reported above

@@ -10,9 +10,19 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from fuse.alignment.content import ContentAlignment, Rendered, align_content
+from fuse.alignment.pieces import VocabPieces, vocab_pieces
+from fuse.alignment.project import CASE_NAMES, project
+from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, SequenceAlignment
+from fuse.alignment.vocab import build_vocab_map, pair_counts
 from fuse.context import StageContext
+from fuse.data.logprobs import LogprobReader, LogprobWriter, SampleLogprobs, write_index
 from fuse.data.response import ce_per_byte
+from fuse.io import atomic_write, write_json_atomic, write_text_atomic
+from fuse.losses import FUSIONS
+from fuse.models import load_tokenizer
 
 if TYPE_CHECKING:
     from fuse.alignment.pieces import VocabPieces
@@ -20,14 +30,10 @@ if TYPE_CHECKING:
     from fuse.alignment.vocab import VocabMap
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 2  # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
-
 
 def sized(pieces: VocabPieces, size: int) -> VocabPieces:
     """Pieces cut or padded (empty, unmappable) to a store's vocab size, i.e. the model's output size: models pad
     their embeddings past the tokenizer, and some tokenizers hold ids past the embedding."""
-    from fuse.alignment.pieces import VocabPieces
-
     if size < len(pieces):  # a tokenizer larger than the model's output (Gemma-3): those ids never occur here
         return VocabPieces.from_pieces(
             list(pieces.pieces[:size]), pieces.special[:size], pieces.byte_fallback[:size]
@@ -43,8 +49,6 @@ def sized(pieces: VocabPieces, size: int) -> VocabPieces:
 
 
 def rendered(sample: SampleLogprobs) -> Any:
-    from fuse.alignment.content import Rendered
-
     spans = np.array([[s.start, s.end] for s in sample.spans], np.int64).reshape(-1, 2)
     return Rendered(sample.input_ids, spans, sample.text, sample.offsets)
 
@@ -57,9 +61,6 @@ def align_sample(
     end_of_turn: tuple[int, int] | None = None,
 ) -> Any:
     """The content alignment of one sample (all TEMPLATE when the source lacks it)."""
-    from fuse.alignment.content import ContentAlignment, align_content
-    from fuse.alignment.sequence import SequenceAlignment
-
     if source is None:
         return ContentAlignment(SequenceAlignment.empty(pivot.num_tokens))
     return align_content(rendered(pivot), rendered(source), vocabs[0], vocabs[1], method, end_of_turn)
@@ -73,9 +74,6 @@ def count_pairs(
     end_of_turn: tuple[int, int] | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Pass 1: aligned (source id, pivot id) pairs for the statistics-based map, and the source ids in top-K."""
-    from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE
-    from fuse.alignment.vocab import pair_counts
-
     settings = ctx.settings
     kinds = (ONE_TO_ONE,) if settings.stats_pairs == "one_to_one" else (ONE_TO_ONE, MANY_TO_ONE)
     src_pairs, piv_pairs, needed = [], [], []
@@ -107,8 +105,6 @@ def project_sample(
     allow: tuple[int, ...],
 ) -> Projection:
     """Row j of the projection predicts pivot token j; store row t predicts token t+1, hence the one-row shifts."""
-    from fuse.alignment.project import project
-
     if source is None:
         ids, lps = np.full((1, top_k), -1, np.int64), np.full((1, top_k), -np.inf)
     else:
@@ -118,8 +114,6 @@ def project_sample(
 
 
 def projected_sample(pivot: SampleLogprobs, projection: Projection) -> SampleLogprobs:
-    from fuse.data.logprobs import SampleLogprobs
-
     ids, lps = projection.ids[1:], projection.logprobs[1:]
     return SampleLogprobs(
         id=pivot.id,
@@ -190,8 +184,6 @@ class Tally:
     def add(
         self, pivot: SampleLogprobs, source: SampleLogprobs | None, projection: Projection, regions: Counter
     ) -> None:
-        from fuse.alignment.project import CASE_NAMES
-
         self.samples += 1
         self.missing += int(source is None)
         self.cases.update(projection.counts())
@@ -224,10 +216,6 @@ class Tally:
     def teacher_signal(self) -> dict[str, Any]:
         """The source's signal where it is projected, and how each fusion function would weigh the two teachers
         (mean weight per teacher over sequences; for min_ce, the share of sequences each teacher wins)."""
-        import torch
-
-        from fuse.losses import FUSIONS
-
         rows = max(self.signal["rows"], 1)
         ce = torch.tensor(self.ce or [[0.0, 0.0]], dtype=torch.float64)
         weights = {
@@ -277,13 +265,21 @@ class Tally:
 
 
 # Where a source's signal is doubtful enough to say so before any GPU hour goes into training on it.
+def _projected_share(report: dict[str, Any]) -> float:
+    shares = report["response_position_shares"]
+    return shares.get("projected_1:1", 0.0) + shares.get("projected_many:1", 0.0)
+
+
+def _mapped_share(report: dict[str, Any]) -> float:
+    coverage = report["vocab_map_coverage_topk_ids"]
+    return coverage.get("exact", 1.0) + coverage.get("role", 0.0)
+
+
 SIGNAL_CHECKS = (
-    ("response rows projected", lambda r: r["response_position_shares"].get("projected_1:1", 0.0)
-     + r["response_position_shares"].get("projected_many:1", 0.0), 0.5),
+    ("response rows projected", _projected_share, 0.5),
     ("top-K mass kept by the vocabulary map", lambda r: r["topk_mass_kept"]["mean"] or 0.0, 0.8),
-    ("top-K ids mapped exactly or by role", lambda r: r["vocab_map_coverage_topk_ids"].get("exact", 1.0)
-     + r["vocab_map_coverage_topk_ids"].get("role", 0.0), 0.8),
-)  # fmt: skip
+    ("top-K ids mapped exactly or by role", _mapped_share, 0.8),
+)
 
 
 def signal_warnings(report: dict[str, Any]) -> list[str]:
@@ -345,16 +341,9 @@ def teacher_signal_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.alignment.pieces import vocab_pieces
-    from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE
-    from fuse.alignment.vocab import build_vocab_map
-    from fuse.data.logprobs import LogprobReader, LogprobWriter, write_index
-    from fuse.io import atomic_write, write_json_atomic, write_text_atomic
-    from fuse.models import load_tokenizer
-
     settings, source_name = ctx.settings, ctx.instance.key
-    source_store = LogprobReader(ctx.input(f"extract.{source_name}"))
-    pivot_store = LogprobReader(ctx.input("extract.pivot"))
+    source_store = LogprobReader(ctx.input("source_logprobs"))
+    pivot_store = LogprobReader(ctx.input("pivot_logprobs"))
     p_vocab = sized(vocab_pieces(load_tokenizer(ctx.model_spec("pivot"))), pivot_store.vocab_size)
     source_tokenizer = load_tokenizer(ctx.model_spec(source_name))
     s_vocab = sized(vocab_pieces(source_tokenizer), source_store.vocab_size)

@@ -15,14 +15,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from datasets import Dataset, load_from_disk
 
 from fuse.context import StageContext
+from fuse.data.chat import ChatRenderError, render_chat
+from fuse.data.logprobs import LogprobReader
+from fuse.data.prepared import load_split
 from fuse.data.response import ce_per_byte
+from fuse.io import atomic_dir, write_json_atomic
+from fuse.losses import fuse_sparse, get_fusion
+from fuse.models import load_tokenizer
+from fuse.recipe import ModelSpec
+from fuse.training import check_settings, make_job, train
 
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
 
-VERSION = 2  # 2: fusion CE per byte over content tokens only
 BUILDER = "fuse.distill_trainer:build_distill_trainer"
 
 
@@ -49,10 +58,6 @@ def fused_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused sparse distribution per position, aligned with the tokens: position t+1 holds row t; position 0
     and positions outside the response get no teacher (-1 / 0)."""
-    import torch
-
-    from fuse.losses import fuse_sparse
-
     candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in (pivot, aligned)]
     ids, probs = (t.numpy() for t in fuse_sparse(candidates, torch.from_numpy(weights)))
     train_rows = pivot.mask[1:]
@@ -83,11 +88,6 @@ def distill_rows(
 
     The source's CE comes from its own extract (its own tokenization, as FuseChat does) when `source_path` is
     given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
-    import torch
-
-    from fuse.data.logprobs import LogprobReader
-    from fuse.losses import get_fusion
-
     fuse_weights = get_fusion(fusion).fn
     aligned_store = LogprobReader(aligned_path)
     source_store = LogprobReader(source_path) if source_path else None
@@ -114,12 +114,8 @@ def distill_rows(
 
 def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
     """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
-    from fuse.data.chat import ChatRenderError, render_chat
-    from fuse.models import load_tokenizer
-    from fuse.recipe import ModelSpec
-
     tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
-    for number, row in enumerate(_sft_split(prepare_out)):
+    for number, row in enumerate(load_split(prepare_out, "sft", "train")):
         try:
             chat = render_chat(
                 tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
@@ -134,23 +130,8 @@ def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterat
         }
 
 
-def _sft_split(prepare_out: str) -> Any:
-    try:
-        from fuse.data.prepared import load_split
-
-        return load_split(prepare_out, "sft", "train")
-    except ImportError:  # the helper is not there yet: the folder layout is the contract
-        from datasets import load_from_disk
-
-        return load_from_disk(str(Path(prepare_out) / "sft" / "train"))
-
-
 def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
     """Materialize the rows as an Arrow dataset at `path` (atomically), for this process and every rank."""
-    from datasets import Dataset
-
-    from fuse.io import atomic_dir
-
     dataset = Dataset.from_generator(generator, gen_kwargs=gen_kwargs, cache_dir=str(path.parent / ".cache"))
     dataset = dataset.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
     with atomic_dir(path) as tmp:
@@ -159,84 +140,101 @@ def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
 
 
 def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
-    report: dict[str, Any] = {"samples": len(dataset),
-                              "response_tokens": int(sum(sum(1 for x in r[1:] if x != -100) for r in dataset["labels"]))}  # fmt: skip
+    report: dict[str, Any] = {
+        "samples": len(dataset),
+        "response_tokens": int(sum(sum(1 for x in r[1:] if x != -100) for r in dataset["labels"])),
+    }
     if not sft_only and len(dataset):
         ce = np.asarray(dataset["ce_per_byte"])
         weights = np.asarray(dataset["weights"])
         winners = Counter(("pivot", "source")[int(i)] for i in weights.argmax(axis=1))
-        report.update(ce_per_byte={"pivot": float(ce[:, 0].mean()), "source": float(ce[:, 1].mean())},
-                      mean_weight={"pivot": float(weights[:, 0].mean()), "source": float(weights[:, 1].mean())},
-                      sequences_won=dict(winners))  # fmt: skip
+        report.update(
+            ce_per_byte={"pivot": float(ce[:, 0].mean()), "source": float(ce[:, 1].mean())},
+            mean_weight={"pivot": float(weights[:, 0].mean()), "source": float(weights[:, 1].mean())},
+            sequences_won=dict(winners),
+        )
     return report
 
 
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def settings_for(instance: Any, settings: Any) -> Any:
-    """The settings this instance trains with (and is fingerprinted by): the SFT-only baseline's are λ = 1."""
-    return settings.sft_only() if instance.option("sft_only", False) else settings
-
-
 def check_inputs(ctx: StageContext, sft_only: bool) -> None:
-    from fuse.losses import get_fusion
-
     settings = ctx.settings
     try:
         get_fusion(settings.fusion)
     except ValueError as error:
         raise DistillInputError(f"stages.distill.fusion: {error}") from None
     if not sft_only:
-        for name in ("extract.pivot", f"align.{ctx.instance.key}"):
-            if not any(ctx.input(name).glob("shard-*")) and not (ctx.input(name) / "index.json").is_file():
+        for role in ("pivot_logprobs", "alignment"):
+            folder = ctx.input(role)
+            if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
                 raise DistillInputError(
-                    f"{ctx.instance.name}: input {name} ({ctx.input(name)}) holds no log-prob store"
+                    f"{ctx.instance.name}: input {ctx.parent(role)} ({folder}) holds no log-prob store"
                 )
 
 
 def own_extract(ctx: StageContext) -> str | None:
     """The source's own extract, when the DAG makes it an input (for CE in the source's own tokenization)."""
-    name = f"extract.{ctx.instance.key}"
-    return str(ctx.input(name)) if name in ctx.inputs else None
+    return str(ctx.input("source_logprobs")) if ctx.has_input("source_logprobs") else None
 
 
 def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, Any]]:
     """Build (or, on a resumed run, reuse) the training rows under <stage>/checkpoints/train_data."""
-    from datasets import load_from_disk
-
     path = ctx.dir / "checkpoints" / "train_data"
     settings = ctx.settings
     if (path / "dataset_info.json").is_file():
         dataset = load_from_disk(str(path))
     elif sft_only:
         model = ctx.model_spec("pivot").model_dump(mode="json")
-        dataset = write_rows(sft_rows, {"prepare_out": str(ctx.input("prepare")), "model": model,
-                                        "max_length": settings.max_length}, path)  # fmt: skip
+        dataset = write_rows(
+            sft_rows,
+            {"prepare_out": str(ctx.input("data")), "model": model, "max_length": settings.max_length},
+            path,
+        )
     else:
-        dataset = write_rows(distill_rows, {"pivot_path": str(ctx.input("extract.pivot")),
-                                            "aligned_path": str(ctx.input(f"align.{ctx.instance.key}")),
-                                            "fusion": settings.fusion, "max_length": settings.max_length,
-                                            "source_path": own_extract(ctx)}, path)  # fmt: skip
+        dataset = write_rows(
+            distill_rows,
+            {
+                "pivot_path": str(ctx.input("pivot_logprobs")),
+                "aligned_path": str(ctx.input("alignment")),
+                "fusion": settings.fusion,
+                "max_length": settings.max_length,
+                "source_path": own_extract(ctx),
+            },
+            path,
+        )
     if len(dataset) == 0:
         raise DistillInputError(f"{ctx.instance.name}: no training sample has a response token")
     return path, data_report(dataset, sft_only)
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.io import write_json_atomic
-    from fuse.training import check_settings, make_job, train
-
     sft_only = bool(ctx.instance.option("sft_only", False))
-    settings = settings_for(ctx.instance, ctx.settings)
+    settings = ctx.settings
     check_settings(settings, "stages.distill")
     check_inputs(ctx, sft_only)
     data_path, report = training_data(ctx, sft_only)
     ctx.log.info("%s: %s", ctx.instance.name, report)
-    job = make_job(BUILDER, settings, ctx.dir, ctx.out, "stages.distill",
-                   model=ctx.model_spec("pivot").model_dump(mode="json"), train_data=str(data_path))  # fmt: skip
+    job = make_job(
+        BUILDER,
+        settings,
+        ctx.dir,
+        ctx.out,
+        "stages.distill",
+        model=ctx.model_spec("pivot").model_dump(mode="json"),
+        train_data=str(data_path),
+    )
     summary = train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
-    write_json_atomic(ctx.out / "distill_report.json", {
-        "instance": ctx.instance.name, "lambda": settings.lambda_, "fusion": None if sft_only else settings.fusion,
-        "divergence": settings.divergence, "temperature": settings.temperature, "data": report, "training": summary,
-    })  # fmt: skip
+    write_json_atomic(
+        ctx.out / "distill_report.json",
+        {
+            "instance": ctx.instance.name,
+            "lambda": settings.lambda_,
+            "fusion": None if sft_only else settings.fusion,
+            "divergence": settings.divergence,
+            "temperature": settings.temperature,
+            "data": report,
+            "training": summary,
+        },
+    )

@@ -7,55 +7,41 @@ baseline); the math lives in fuse.evaluation so it can be used outside a run.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+from fuse import evaluation
 from fuse.context import StageContext
-from fuse.io import write_json_atomic, write_text_atomic
+from fuse.data.prepared import load_split
+from fuse.evaluation import load_texts, markdown_table, plot_accuracy
+from fuse.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fuse.recipe import ModelSpec
 
-VERSION = 2  # 2: per-domain CE/byte and the limit row
-
-
-def made_model_kind(instance_name: str) -> str | None:
-    """Which `include` group a parent's model belongs to: targets, fused or sft_baseline (None: no model)."""
-    stage = instance_name.partition(".")[0]
-    if stage == "merge" or instance_name == "fpo.merged":
-        return "fused"
-    if instance_name == "distill.sft_baseline":
-        return "sft_baseline"
-    if stage in ("distill", "fpo"):
-        return "targets"
-    return None
+MADE = ("targets", "fused", "sft_baseline")  # `include` groups whose models the run made (input roles)
 
 
 def models_to_evaluate(ctx: StageContext) -> dict[str, ModelSpec]:
     """Recipe models under their recipe names, made models under their instance names (e.g. 'distill.llama')."""
     include = set(ctx.settings.include)
-    pivot = ctx.model_spec("pivot")
-    models: dict[str, ModelSpec] = {"pivot": pivot} if "pivot" in include else {}
+    models: dict[str, ModelSpec] = {"pivot": ctx.model_spec("pivot")} if "pivot" in include else {}
     if "sources" in include:
         models |= {name: ctx.model_spec(name) for name in ctx.recipe.source_names}
-    for parent in ctx.instance.parents:
-        if made_model_kind(parent) in include:
-            folder = ctx.input(parent) / "model"
-            # made models carry the pivot's tokenizer, so they inherit the recipe's template override for it
-            models[parent] = pivot.model_copy(update={"name": parent.replace(".", "-"), "path": str(folder)})
+    for role in (r for r in MADE if r in include):
+        for name, folder in ctx.made_models(role).items():
+            models[name] = ctx.made_model_spec(folder, name.replace(".", "-"))
     return models
 
 
 def heldout_texts(ctx: StageContext) -> list[str]:
     """settings.heldout_text, else the contents of the prepared held-out SFT conversations."""
-    from fuse.evaluation import load_texts
-
     if ctx.settings.heldout_text:
         return load_texts(ctx.settings.heldout_text)
-    if "prepare" not in ctx.inputs:
+    if not ctx.has_input("data"):
         return []
-    from fuse.data.prepared import load_split
 
     try:
-        rows = load_split(ctx.input("prepare"), "sft", "heldout")
+        rows = load_split(ctx.input("data"), "sft", "heldout")
     except FileNotFoundError:
         return []
     return ["\n".join(m["content"] for m in row["messages"]) for row in rows]
@@ -68,14 +54,13 @@ def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
         value = getattr(settings, key)
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"stages.evaluate.{key}: {value} does not exist")
+    made = {name for role in MADE for name in ctx.inputs_of(role)}
     for name, spec in models.items():
-        if made_model_kind(name) and not Path(spec.path).is_dir():
+        if name in made and not Path(spec.path).is_dir():
             raise FileNotFoundError(f"evaluate: {name} has no model folder at {spec.path}")
 
 
 def run(ctx: StageContext) -> None:
-    from fuse import evaluation
-
     settings = ctx.settings
     models = models_to_evaluate(ctx)
     check_inputs(ctx, models)
@@ -115,8 +100,6 @@ def lm_eval_markdown(metrics: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
-    from fuse.evaluation import markdown_table, plot_accuracy
-
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics | {"settings": settings.model_dump(mode="json")})
     lines = ["# Evaluation", "", markdown_table(metrics)]
@@ -128,8 +111,8 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
         "expectation.\n"
     )
     lines += lm_eval_markdown(metrics)
-    tmp_png = out / ".accuracy.png.tmp.png"
-    if plot_accuracy(metrics, tmp_png):
-        tmp_png.replace(out / "accuracy.png")
+    png = io.BytesIO()
+    if plot_accuracy(metrics, png):
+        write_bytes_atomic(out / "accuracy.png", png.getvalue())
         lines.append("![accuracy per skill](accuracy.png)\n")
     write_text_atomic(out / "metrics.md", "\n".join(lines))

@@ -8,11 +8,14 @@ import logging
 from collections import Counter
 from typing import Any
 
+from fuse.backends import make_backend, track_batches
 from fuse.context import StageContext
+from fuse.data.chat import ChatRenderError, render_chat, truncate
 from fuse.data.logprobs import LogprobWriter, SampleLogprobs, shard_name, write_index
+from fuse.data.prepared import load_split
 from fuse.io import read_json, write_json_atomic
+from fuse.models import check_tokenizer_fits, identity, load_tokenizer
 
-VERSION = 2  # 2: store v2; rows a template refuses folded or skipped; ids past the output skipped
 CHUNK_ROWS = 256  # rows rendered and sent to the backend at once: bounds the uncompressed results in memory
 
 log = logging.getLogger(__name__)
@@ -22,7 +25,6 @@ def chat_template_for(ctx: StageContext, tokenizer: Any) -> str | None:
     """None: the model's own template. 'pivot': the pivot's, for every model (FuseChat's choice)."""
     if ctx.settings.template == "own":
         return None
-    from fuse.models import load_tokenizer
 
     return load_tokenizer(ctx.model_spec("pivot"), require_chat_template=True).chat_template
 
@@ -37,8 +39,6 @@ def render_rows(
     vocab_size: int | None = None,
 ) -> list:
     """(row, RenderedChat) for each usable row; skips and truncations counted in `counts`."""
-    from fuse.data.chat import ChatRenderError, render_chat, truncate
-
     kept = []
     for row in rows:
         where = f"row {row['id']}: "
@@ -79,17 +79,13 @@ def to_sample(row: dict, chat: Any, result: Any) -> SampleLogprobs:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend, track_batches
-    from fuse.data.prepared import load_split
-    from fuse.models import check_tokenizer_fits, identity, load_tokenizer
-
     settings, key = ctx.settings, ctx.instance.key
     spec = ctx.model_spec(key)
     tokenizer = load_tokenizer(spec, require_chat_template=settings.template == "own")
     template = chat_template_for(ctx, tokenizer)
-    dataset = load_split(ctx.input("prepare"), "sft", "train")
+    dataset = load_split(ctx.input("data"), "sft", "train")
     indices = ctx.shard_range(len(dataset))
-    backend = make_backend(settings.backend, spec, settings.for_model(key), str(ctx.dir / "scratch"))
+    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
     check_tokenizer_fits(spec, tokenizer, backend.vocab_size)  # ordinary ids past the output: an error now
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()

@@ -13,12 +13,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from datasets import Dataset
+from trl.trainer.utils import add_fused_lm_head
+
+from fuse import training
 from fuse.context import StageContext
+from fuse.data.chat import ChatRenderError, render_chat, response_mask
+from fuse.data.prepared import load_split
+from fuse.data.scores import ScoreError, read_scores
+from fuse.fpo_trainer import policy_scores
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
+from fuse.models import load_model, load_tokenizer, pad_id
+from fuse.preference import (
+    default_beta,
+    fused_reference,
+    get_pair_fusion,
+    join_scores,
+    normalized_scores,
+    normalizer,
+    picked_histogram,
+    reward_accuracy,
+)
 from fuse.recipe import FpoSettings, ModelSpec
 
-VERSION = 2  # 2: pairs truncated by any score refused; held-out pairs against the fused reference
-POLICY_STAGES = ("distill", "merge")
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
 # more than this means the two renderings differ (template, special tokens, mask) and the reference is skewed.
@@ -32,36 +51,23 @@ class FpoInputError(ValueError):
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def policy_parent(ctx: StageContext) -> str:
-    """The parent whose out/model is the policy's starting point (distill.<s> or merge)."""
-    found = [name for name in ctx.inputs if name.split(".")[0] in POLICY_STAGES]
-    if len(found) != 1:
+def score_tables(ctx: StageContext) -> tuple[str, dict[str, Path]]:
+    """(p, model -> score table folder): p names the policy's own scores (the pivot of the sequence-level
+    fusion, "target-<s>" or "merged"); the other entries are the fused sources'."""
+    policy_scores = ctx.instance.in_role("policy_scores")
+    if len(policy_scores) != 1 or not ctx.has_input("source_scores"):
         raise FpoInputError(
-            f"{ctx.instance.name}: expected one distill.* or merge parent, got {sorted(ctx.inputs)}"
+            f"{ctx.instance.name}: expected one policy_scores input and at least one source_scores input, "
+            f"got {[(e.role, e.parent) for e in ctx.instance.edges]}"
         )
-    return found[0]
+    pivot = policy_scores[0].label or policy_scores[0].parent
+    return pivot, {pivot: ctx.input("policy_scores"), **ctx.inputs_of("source_scores")}
 
 
-def score_parents(ctx: StageContext) -> tuple[str, list[str]]:
-    """(p, sources): the model names behind the score.* parents; p is the target-<s> or merged one."""
-    scored = [name.removeprefix("score.") for name in ctx.inputs if name.startswith("score.")]
-    pivot = [m for m in scored if m.startswith("target-") or m == "merged"]
-    if len(pivot) != 1:
-        raise FpoInputError(
-            f"{ctx.instance.name}: expected one score.target-* or score.merged parent, got {scored}"
-        )
-    return pivot[0], [m for m in scored if m != pivot[0]]
-
-
-def policy_spec(ctx: StageContext, parent: str) -> ModelSpec:
-    """The policy's folder with the pivot's loading options (chat template override, remote code), exactly as the
-    score stage builds score.target-<s> / score.merged, so both render the pairs the same way."""
-    update = {
-        "name": ctx.instance.key or "policy",
-        "path": str(ctx.input(parent) / "model"),
-        "revision": None,
-    }
-    return ctx.model_spec("pivot").model_copy(update=update)
+def policy_spec(ctx: StageContext) -> ModelSpec:
+    """The policy's folder with the pivot's loading options, exactly as the score stage builds score.target-<s> /
+    score.merged (both through StageContext.made_model_spec), so both render the pairs the same way."""
+    return ctx.made_model_spec(ctx.made_model("policy"), ctx.instance.key or "policy")
 
 
 def unusable(row: dict[str, Any]) -> str | None:
@@ -79,10 +85,6 @@ def unusable(row: dict[str, Any]) -> str | None:
 def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template: str | None, where: str):
     """(ids, mask) of prompt + response in the policy's chat template, cut after the last response token; the
     mask is the score stage's: tokens of the final assistant content plus the end-of-turn token after it."""
-    import numpy as np
-
-    from fuse.data.chat import render_chat, response_mask
-
     chat = render_chat(
         tokenizer, [*prompt, {"role": "assistant", "content": response}], template, where=where
     )
@@ -93,9 +95,6 @@ def response_tokens(tokenizer: Any, prompt: list[dict], response: str, template:
 
 def encode_pair(tokenizer: Any, row: dict[str, Any], settings: FpoSettings) -> dict | str:
     """The pair as training columns (ids, masks, the policy's normalizers), or why it is skipped."""
-    from fuse.data.chat import ChatRenderError
-    from fuse.preference import normalizer
-
     encoded: dict[str, Any] = {"id": row["id"]}
     for side in ("chosen", "rejected"):
         try:
@@ -145,8 +144,6 @@ def reference_for(
     rows: list[dict], tables: dict, pivot: str, sources: list[str], settings: FpoSettings, split: str
 ):
     """(p's normalized scores, the fused Reference) for `rows`, joined on id; missing scores raise ScoreError."""
-    from fuse.preference import fused_reference, get_pair_fusion, join_scores, normalized_scores
-
     ids = [r["id"] for r in rows]
     pivot_scores = normalized_scores(join_scores(tables[pivot], ids, pivot, split), settings.normalization)
     used = sources if get_pair_fusion(settings.fusion).uses_sources else []
@@ -163,8 +160,6 @@ def drop_truncated(rows: list[dict], tables: dict, skipped: Counter, logger: Any
     """Pairs some model scored only a prefix of (its tokenizer made a side longer than score's max_length) are
     refused: that model's log-prob is of another, shorter text, so a fused reference over it compares unlike
     things. Each is counted per model and logged with its id."""
-    import numpy as np
-
     truncated: dict[str, str] = {}
     for model, table in tables.items():
         flags = np.asarray(table["chosen_truncated"], bool) | np.asarray(table["rejected_truncated"], bool)
@@ -183,22 +178,23 @@ def drop_truncated(rows: list[dict], tables: dict, skipped: Counter, logger: Any
 
 def with_reference(rows: list[dict], reference: Any) -> list[dict]:
     return [
-        {**row, "ref_chosen_logps": float(reference.scores.chosen[k]),
-         "ref_rejected_logps": float(reference.scores.rejected[k]),
-         "picked": int(reference.picked[k]), "clipped_terms": int(reference.clipped_terms[k])}
+        {
+            **row,
+            "ref_chosen_logps": float(reference.scores.chosen[k]),
+            "ref_rejected_logps": float(reference.scores.rejected[k]),
+            "picked": int(reference.picked[k]),
+            "clipped_terms": int(reference.clipped_terms[k]),
+        }
         for k, row in enumerate(rows)
-    ]  # fmt: skip
+    ]
 
 
 def prepare_split(
     ctx: StageContext, tokenizer: Any, split: str, tables: dict, names: tuple[str, list[str]]
 ) -> Split:
     """Load, check, encode and reference one split. Train needs every score; held-out may lack them."""
-    from fuse.data.prepared import load_split
-    from fuse.data.scores import ScoreError
-
     try:
-        raw = load_split(ctx.input("prepare"), "preference", split).to_list()
+        raw = load_split(ctx.input("data"), "preference", split).to_list()
     except FileNotFoundError:
         if split == "train":
             raise
@@ -224,11 +220,6 @@ def prepare_split(
 
 def load_scoring_model(spec: ModelSpec):
     """The model in float32 with TRL's fused LM head, on the GPU when there is one."""
-    import torch
-    from trl.trainer.utils import add_fused_lm_head
-
-    from fuse.models import load_model
-
     model = load_model(spec, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu").eval()
     add_fused_lm_head(model)
     return model
@@ -238,10 +229,6 @@ def heldout_metrics(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> 
     """reward_accuracy: the share of pairs whose implicit reward margin
     beta * [(l_theta(y_w) - l_ref(y_w)) - (l_theta(y_l) - l_ref(y_l))] is > 0 (ties count as wrong);
     preference_accuracy: the share with l_theta(y_w) > l_theta(y_l), the policy alone preferring y_w."""
-    import numpy as np
-
-    from fuse.preference import reward_accuracy
-
     margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return {
         "reward_accuracy": reward_accuracy(margins),
@@ -270,10 +257,6 @@ def heldout_summary(heldout: Split, before, after, beta: float) -> dict[str, Any
 
 def init_check(model: Any, rows: list[dict], pivot_scores: Any, pad_id: int) -> dict[str, float]:
     """The policy's normalized log-probs at step 0 against p's score-stage numbers on the first rows."""
-    import numpy as np
-
-    from fuse.fpo_trainer import policy_scores
-
     n = min(INIT_CHECK_ROWS, len(rows))
     chosen, rejected = policy_scores(model, rows[:n], pad_id)
     diff = np.concatenate(
@@ -296,30 +279,21 @@ def check_weights(settings: FpoSettings, sources: list[str]) -> None:
 
 
 def save_rows(rows: list[dict], path: Path) -> Path:
-    from datasets import Dataset
-
     with atomic_dir(path) as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp))
     return path
 
 
 def run(ctx: StageContext) -> None:
-    from fuse import training
-    from fuse.data.scores import read_scores
-    from fuse.fpo_trainer import policy_scores
-    from fuse.models import load_tokenizer
-    from fuse.preference import default_beta
-
     settings: FpoSettings = ctx.settings
     beta = settings.beta or default_beta(settings.normalization)
-    parent, (pivot, sources) = policy_parent(ctx), score_parents(ctx)
+    parent, (pivot, folders) = ctx.parent("policy"), score_tables(ctx)
+    sources = [m for m in folders if m != pivot]
     check_weights(settings, sources)
-    spec = policy_spec(ctx, parent)
+    spec = policy_spec(ctx)
     tokenizer = load_tokenizer(spec, require_chat_template=True)
-    pad_id = int(
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    )
-    tables = {m: read_scores(ctx.input(f"score.{m}"), m) for m in [pivot, *sources]}
+    pad = pad_id(tokenizer)
+    tables = {m: read_scores(folder, m) for m, folder in folders.items()}
 
     train = prepare_split(ctx, tokenizer, "train", tables, (pivot, sources))
     if not train.rows:
@@ -331,20 +305,27 @@ def run(ctx: StageContext) -> None:
     heldout = prepare_split(ctx, tokenizer, "heldout", tables, (pivot, sources))
 
     model = load_scoring_model(spec)
-    check = init_check(model, train.rows, train.pivot, pad_id)
+    check = init_check(model, train.rows, train.pivot, pad)
     if check["max_abs_diff"] > INIT_TOLERANCE:
-        ctx.log.warning("the policy at step 0 differs from score.%s by %.2e (normalized log-prob): do the "
-                        "renderings differ?", pivot, check["max_abs_diff"])  # fmt: skip
-    before = policy_scores(model, heldout.rows, pad_id) if heldout.rows else None
+        ctx.log.warning(
+            "the policy at step 0 differs from score.%s by %.2e (normalized log-prob): do the "
+            "renderings differ?",
+            pivot,
+            check["max_abs_diff"],
+        )
+    before = policy_scores(model, heldout.rows, pad) if heldout.rows else None
     del model
 
     data = save_rows(train.rows, ctx.dir / "data" / "train")
     reference = train.reference
     params = {
-        "model": spec.model_dump(mode="json"), "train_data": str(data), "beta": beta,
-        "label_smoothing": settings.label_smoothing, "sources": list(reference.sources),
+        "model": spec.model_dump(mode="json"),
+        "train_data": str(data),
+        "beta": beta,
+        "label_smoothing": settings.label_smoothing,
+        "sources": list(reference.sources),
         "terms_per_pair": reference.terms_per_pair if settings.clip else 0,
-    }  # fmt: skip
+    }
     job = training.make_job(
         "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
     )
@@ -353,7 +334,7 @@ def run(ctx: StageContext) -> None:
     after = None
     if heldout.rows:
         model = load_scoring_model(spec.model_copy(update={"path": job.model_dir}))
-        after = policy_scores(model, heldout.rows, pad_id)
+        after = policy_scores(model, heldout.rows, pad)
         del model
     summary = stage_summary(ctx, parent, pivot, sources, beta, train, heldout, check, trained)
     summary["heldout"] = heldout_summary(heldout, before, after, beta)
@@ -364,22 +345,32 @@ def run(ctx: StageContext) -> None:
 def stage_summary(
     ctx, parent, pivot, sources, beta, train: Split, heldout: Split, check, trained
 ) -> dict[str, Any]:
-    from fuse.preference import picked_histogram
-
     s: FpoSettings = ctx.settings
     ref = train.reference
     terms = ref.terms_per_pair * len(train.rows)
     return {
-        "instance": ctx.instance.name, "policy": parent, "reference_pivot": f"score.{pivot}", "sources": sources,
-        "fusion": s.fusion, "normalization": s.normalization, "clip": s.clip, "beta": beta,
+        "instance": ctx.instance.name,
+        "policy": parent,
+        "reference_pivot": ctx.parent("policy_scores"),
+        "sources": sources,
+        "fusion": s.fusion,
+        "normalization": s.normalization,
+        "clip": s.clip,
+        "beta": beta,
         "label_smoothing": s.label_smoothing,
-        "pairs": {"train": len(train.rows), "heldout": len(heldout.rows),
-                  "skipped_train": dict(train.skipped), "skipped_heldout": dict(heldout.skipped)},
-        "train_reference": {"picked": picked_histogram(ref.picked, ref.sources),
-                            "clipped_share": float(ref.clipped_terms.sum() / terms) if terms else 0.0},
+        "pairs": {
+            "train": len(train.rows),
+            "heldout": len(heldout.rows),
+            "skipped_train": dict(train.skipped),
+            "skipped_heldout": dict(heldout.skipped),
+        },
+        "train_reference": {
+            "picked": picked_histogram(ref.picked, ref.sources),
+            "clipped_share": float(ref.clipped_terms.sum() / terms) if terms else 0.0,
+        },
         "init_check": check,
         "training": trained,
-    }  # fmt: skip
+    }
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

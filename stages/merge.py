@@ -12,33 +12,29 @@ import shutil
 from pathlib import Path
 
 from fuse.context import StageContext
+from fuse.io import write_json_atomic, write_text_atomic
+from fuse.merging import MergeConfig
+from fuse.merging.engine import report_markdown, run_merge
+from fuse.models import load_tokenizer, resolve_model_dir
 
-VERSION = 2  # 2: sce = FuseChat's SCE, one target copied, diagnostics
 
-
-def merge_config(ctx: StageContext):  # -> fuse.merging.MergeConfig (imported lazily: `fuse plan` stays fast)
+def merge_config(ctx: StageContext) -> MergeConfig:
     """The stage settings as a standalone merge config: the pivot as base, one entry per target."""
-    from fuse.merging import MergeConfig
-    from fuse.models import resolve_model_dir
-
     settings = ctx.settings
-    unknown = sorted(set(settings.model_parameters) - {p.split(".", 1)[1] for p in ctx.instance.parents})
+    targets = ctx.made_models("targets")  # source -> the folder of its target
+    unknown = sorted(set(settings.model_parameters) - set(targets))
     if unknown:
         raise ValueError(f"stages.merge.model_parameters: no merged target named {unknown}")
     models = [
-        {
-            "path": str(ctx.input(parent) / "model"),
-            "name": parent.split(".", 1)[1],
-            "parameters": settings.model_parameters.get(parent.split(".", 1)[1], {}),
-        }
-        for parent in ctx.instance.parents
+        {"path": str(folder), "name": name, "parameters": settings.model_parameters.get(name, {})}
+        for name, folder in targets.items()
     ]
     return MergeConfig(
         base_model=str(resolve_model_dir(ctx.model_spec("pivot"))),
         models=models,
         method=settings.method,
         parameters=settings.parameters,
-        output=str(ctx.out / "model"),
+        output=str(ctx.model_out),
         dtype=settings.dtype,
         max_shard_size=settings.max_shard_size,
         seed=settings.seed,
@@ -53,16 +49,12 @@ def _pivot_files(tokenizer, folder: Path, base_dir: Path) -> None:  # noqa: ANN0
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.io import write_json_atomic, write_text_atomic
-    from fuse.merging.engine import report_markdown, run_merge
-    from fuse.models import load_tokenizer
-
     config = merge_config(ctx)
     tokenizer = load_tokenizer(ctx.model_spec("pivot"))
     ctx.log.info("merging %s into the pivot with %s", [m.label for m in config.models], config.method)
     report = run_merge(
         config,
-        ctx.out / "model",
+        ctx.model_out,
         tokenizer_vocab=len(tokenizer),
         finish_folder=lambda folder: _pivot_files(tokenizer, folder, Path(config.base_model)),
         progress=lambda done, total: ctx.progress(done, total, "tensor"),

@@ -7,20 +7,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset, Features, Value, load_dataset
+from datasets.utils.logging import disable_progress_bar
+
 from fuse.context import StageContext
 from fuse.data.prepared import Dropped, is_heldout, preference_row, row_id, sft_messages
 from fuse.io import atomic_dir, write_json_atomic
 from fuse.recipe import DatasetSpec, RecipeError
 
-VERSION = 1
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 MAX_EXAMPLES = 20
 
 
 def load_raw(spec: DatasetSpec, key: str):
     """A local JSONL/JSON/Parquet file or folder of them, or a hub dataset, as a `datasets.Dataset`."""
-    from datasets import load_dataset
-
     path = Path(spec.path)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
@@ -76,8 +76,6 @@ def normalize(
 
 
 def features(kind: str):
-    from datasets import Features, Value
-
     message = {"role": Value("string"), "content": Value("string")}
     if kind == "sft":
         return Features({"id": Value("string"), "messages": [message]})
@@ -87,8 +85,6 @@ def features(kind: str):
 
 
 def write_splits(rows: list[dict], out: Path, kind: str, fraction: float, seed: int) -> dict[str, int]:
-    from datasets import Dataset
-
     counts = {}
     for split in ("train", "heldout"):
         chosen = [r for r in rows if is_heldout(r["id"], fraction, seed) == (split == "heldout")]
@@ -101,8 +97,6 @@ def write_splits(rows: list[dict], out: Path, kind: str, fraction: float, seed: 
 
 
 def run(ctx: StageContext) -> None:
-    from datasets.utils.logging import disable_progress_bar
-
     disable_progress_bar()  # the executor shows progress; per-split bars only clutter the log
     data = ctx.recipe.data
     min_chars = ctx.settings.min_response_chars

@@ -7,34 +7,27 @@ import json
 import logging
 import os
 import re
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fuse.context import StageContext
+from fuse.dag import build_dag
 from fuse.hub import check_push_possible, push
 from fuse.io import atomic_dir, read_json, write_json_atomic
-from fuse.recipe import Recipe
+from fuse.models import load_model, load_tokenizer_dir, pad_id
+from fuse.plan import fingerprints
+from fuse.recipe import ModelSpec, Recipe
 
-VERSION = 3
 log = logging.getLogger(__name__)
-
-
-def final_model_parent(ctx: StageContext) -> str:
-    """The parent that made the fused model (merge, or fpo.merged when fpo runs after the merge)."""
-    # evaluate and the align instances (whose reports go in the card) are parents that make no model
-    makers = [p for p in ctx.instance.parents if p != "evaluate" and not p.startswith("align.")]
-    if len(makers) != 1:
-        raise RuntimeError(f"publish expects one model-making parent, got {makers}")
-    return makers[0]
 
 
 def lineage(recipe: Recipe) -> list[dict[str, str]]:
     """Every stage instance of the run with its fingerprint, parents first."""
-    from fuse.dag import build_dag
-    from fuse.plan import fingerprints
-
     dag = build_dag(recipe)
     prints = fingerprints(recipe, dag)
     return [
@@ -209,9 +202,6 @@ model identities and code version).
 
 def copy_model(source: Path, target: Path, max_shard_size: str, trust_remote_code: bool = False) -> None:
     """Re-save through transformers: sharded safetensors with an index, config, generation config, tokenizer."""
-    from fuse.models import load_model, load_tokenizer_dir
-    from fuse.recipe import ModelSpec
-
     spec = ModelSpec(name="fused", path=str(source), trust_remote_code=trust_remote_code)
     model = load_model(spec, dtype="auto")
     model.save_pretrained(target, max_shard_size=max_shard_size, safe_serialization=True)
@@ -220,9 +210,6 @@ def copy_model(source: Path, target: Path, max_shard_size: str, trust_remote_cod
 
 def check_reload_and_generate(folder: Path, trust_remote_code: bool = False) -> str:
     """The folder must load with the Auto classes and generate with its chat template; returns the sample."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     # the fused model has the pivot's architecture: its code is trusted exactly when the pivot's is
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -237,34 +224,32 @@ def check_reload_and_generate(folder: Path, trust_remote_code: bool = False) -> 
             **ids,
             max_new_tokens=8,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=pad_id(tokenizer),
         )
     return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def run(ctx: StageContext) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
     settings = ctx.settings
     if settings.push:
         check_push_possible()
-    source = ctx.input(final_model_parent(ctx)) / "model"
+    source = ctx.made_model("model")
     metrics_md = None
-    if "evaluate" in ctx.inputs and (ctx.input("evaluate") / "metrics.md").is_file():
-        metrics_md = (ctx.input("evaluate") / "metrics.md").read_text(encoding="utf-8")
-    merge_report = ctx.input(final_model_parent(ctx)) / "merge_report.md"  # absent when fpo ran after merge
+    if ctx.has_input("evaluation") and (ctx.input("evaluation") / "metrics.md").is_file():
+        metrics_md = (ctx.input("evaluation") / "metrics.md").read_text(encoding="utf-8")
+    merge_report = ctx.input("model") / "merge_report.md"  # absent when fpo ran after merge
     merge_md = merge_report.read_text(encoding="utf-8") if merge_report.is_file() else None
     align_reports = {
-        name: read_json(ctx.input(f"align.{name}") / "report.json")
-        for name in ctx.recipe.source_names
-        if f"align.{name}" in ctx.inputs and (ctx.input(f"align.{name}") / "report.json").is_file()
+        name: read_json(out / "report.json")
+        for name, out in ctx.inputs_of("teacher_signal").items()
+        if (out / "report.json").is_file()
     }
     try:
         fuse_version = version("fuse-llm")
     except PackageNotFoundError:
         fuse_version = "unknown"
     rows = lineage(ctx.recipe)
-    target = ctx.out / "model"
+    target = ctx.model_out
     with atomic_dir(target) as tmp:
         copy_model(source, tmp, settings.max_shard_size, ctx.recipe.pivot.trust_remote_code)
         (tmp / "README.md").write_text(

@@ -9,12 +9,18 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import concatenate_datasets
 
+from fuse.backends import make_backend, track_batches
 from fuse.context import StageContext
+from fuse.data.chat import ChatRenderError, render_chat, response_mask, truncate
+from fuse.data.prepared import load_split
 from fuse.data.scores import COLUMNS, scores_name
 from fuse.io import atomic_write, read_json, write_json_atomic
+from fuse.models import load_tokenizer
 
-VERSION = 2  # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix
 CHUNK_PAIRS = 256
 SPLITS = ("train", "heldout")  # held-out pairs are scored so fpo's held-out metrics use the fused reference
 
@@ -22,16 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def scored_spec(ctx: StageContext) -> Any:
-    """score.<model>: that recipe model. score.target-<s> / score.merged: the parent's out/model folder, which
+    """score.<model>: that recipe model. score.target-<s> / score.merged: the model its `model` input made, which
     inherits the pivot's settings (chat template override, remote code) since it was trained from the pivot."""
-    key = ctx.instance.key
-    if key == "pivot" or key in ctx.recipe.source_names:
-        return ctx.model_spec(key)
-    parents = [p for p in ctx.instance.parents if p != "prepare"]
-    if len(parents) != 1:
-        raise RuntimeError(f"{ctx.instance.name}: expected one model parent besides prepare, got {parents}")
-    folder = ctx.input(parents[0]) / "model"
-    return ctx.model_spec("pivot").model_copy(update={"name": key, "path": str(folder), "revision": None})
+    if ctx.has_input("model"):
+        return ctx.made_model_spec(ctx.made_model("model"), ctx.instance.key)
+    return ctx.model_spec(ctx.instance.key)
 
 
 def response_sum(chat: Any, logprobs: Any) -> tuple[float, int]:
@@ -44,8 +45,6 @@ def render_pair_side(
     tokenizer: Any, row: dict, side: str, max_length: int, counts: Counter, vocab_size: int | None = None
 ) -> Any:
     """The prompt + one response, masked on that response's content (and its end-of-turn token) only."""
-    from fuse.data.chat import render_chat, response_mask, truncate
-
     messages = [*row["prompt"], {"role": "assistant", "content": row[side]}]
     chat = render_chat(tokenizer, messages, where=f"pair {row['id']} ({side}): ", vocab_size=vocab_size)
     chat.mask = response_mask(chat.offsets, chat.spans[-1:])
@@ -68,8 +67,6 @@ def renderable_pairs(
     tokenizer: Any, rows: list[dict], max_length: int, counts: Counter, vocab_size: int | None
 ) -> list[tuple[dict, list]]:
     """(row, [chosen chat, rejected chat]) for each pair both sides of which render; bad pairs counted, skipped."""
-    from fuse.data.chat import ChatRenderError
-
     kept = []
     for row in rows:
         try:
@@ -112,10 +109,6 @@ def score_rows(
 
 def preference_rows(prepare_out: Any) -> Any:
     """The train pairs, then the held-out ones (when prepare made that split), as one dataset to shard."""
-    from datasets import concatenate_datasets
-
-    from fuse.data.prepared import load_split
-
     parts = []
     for split in SPLITS:
         try:
@@ -130,16 +123,12 @@ def preference_rows(prepare_out: Any) -> Any:
 
 
 def run(ctx: StageContext) -> None:
-    from fuse.backends import make_backend, track_batches
-    from fuse.models import load_tokenizer
-
-    settings = ctx.settings
+    settings = ctx.settings  # stages.score.models.<name> over the stage's
     spec = scored_spec(ctx)
     tokenizer = load_tokenizer(spec, require_chat_template=True)
-    dataset = preference_rows(ctx.input("prepare"))
+    dataset = preference_rows(ctx.input("data"))
     indices = ctx.shard_range(len(dataset))
-    model_settings = settings.for_model(ctx.instance.key)  # stages.score.models.<name> over the stage's
-    backend = make_backend(settings.backend, spec, model_settings, str(ctx.dir / "scratch"))
+    backend = make_backend(settings.backend, spec, settings, str(ctx.dir / "scratch"))
     max_length = min(settings.max_length, backend.max_length)
     counts: Counter = Counter()
     records: list[dict] = []
@@ -158,9 +147,6 @@ def run(ctx: StageContext) -> None:
 
 
 def write_scores(ctx: StageContext, records: list[dict], counts: dict[str, int]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     shard = ctx.shard or 0
     table = pa.table({name: [r[name] for r in records] for name in COLUMNS})
     with atomic_write(ctx.out / scores_name(shard)) as handle:

@@ -96,19 +96,33 @@ def test_run_stage_one_shard_and_parents_check(tmp_path):
     assert out_of_range.returncode == 1 and "out of range" in out_of_range.stderr
 
 
-def test_plan_does_not_import_torch(tmp_path):
-    """`fuse plan` and a no-op `fuse run` must stay fast: no stage module may import torch at top level."""
+def test_plan_imports_no_stage_module_and_no_torch(tmp_path):
+    """`fuse plan` and a no-op `fuse run` must stay fast: stage versions come from the stage table, so planning
+    imports no stage module (which import torch, transformers, TRL at their top)."""
     path = str(write_recipe(tmp_path, toy_recipe(tmp_path)))
     code = (
         "import sys; from fuse.cli import main; main(['plan', sys.argv[1]]);"
-        "import fuse.plan as p; [p.stage_version(s) for s in "
-        "('prepare','extract','score','align','distill','fpo','merge','evaluate','publish')];"
+        "import fuse.plan as p; from fuse.stage_table import STAGES; [p.stage_version(s) for s in STAGES];"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'vllm') if m in sys.modules];"
-        "print('HEAVY', heavy)"
+        "stages = [m for m in sys.modules if m.startswith('fuse.stages.')];"
+        "print('HEAVY', heavy, 'STAGES', stages)"
     )
     result = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "HEAVY []" in result.stdout
+    assert "HEAVY [] STAGES []" in result.stdout
+
+
+def test_the_stage_table_names_every_stage_module():
+    """Each stage in the table has a module with run(ctx), and no module keeps a VERSION of its own (the table's
+    is the one fingerprints use)."""
+    import importlib
+
+    from fuse.stage_table import STAGE_TABLE
+
+    for info in STAGE_TABLE.values():
+        module = importlib.import_module(info.module)
+        assert callable(module.run), info.name
+        assert not hasattr(module, "VERSION"), info.name
 
 
 @pytest.mark.parametrize(
@@ -199,9 +213,13 @@ def test_closed_pipe_is_quiet(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(TESTS), "FUSE_STAGE_MODULES": OVERRIDES}
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "fuse", "plan", path], stdout=write, stderr=subprocess.PIPE, text=True,
-            env=environment, timeout=120,
-        )  # fmt: skip
+            [sys.executable, "-m", "fuse", "plan", path],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

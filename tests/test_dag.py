@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fuse.dag import build_dag
+import pytest
+
+from fuse.context import StageContext
+from fuse.dag import Edge, Instance, build_dag
 from fuse.recipe import parse_recipe
 
 from recipes import toy_recipe
@@ -68,3 +71,71 @@ def test_descendants(tmp_path):
     dag = _dag(tmp_path)
     below = dag.descendants(["align.a"])
     assert {"align.a", "distill.a", "score.target-a", "fpo.a", "merge", "evaluate", "publish"} == below
+
+
+def _roles(instance):
+    return {(e.role, e.parent, e.label) for e in instance.edges if e.role != "data"}
+
+
+def test_made_models_reach_evaluate_grouped_by_kind(tmp_path):
+    per_target = _dag(tmp_path, distill={"sft_baseline": True})
+    after_merge = _dag(tmp_path, fpo={"placement": "after_merge"})
+    kinds = {
+        parent: role for role, parent, _ in _roles(per_target["evaluate"]) | _roles(after_merge["evaluate"])
+    }
+    assert kinds == {
+        "distill.a": "targets",
+        "distill.b": "targets",
+        "fpo.a": "targets",
+        "fpo.b": "targets",
+        "merge": "fused",
+        "fpo.merged": "fused",
+        "distill.sft_baseline": "sft_baseline",
+    }
+
+
+def test_stages_get_their_inputs_by_role(tmp_path):
+    dag = _dag(tmp_path, fpo={"include_pivot": True})
+    assert _roles(dag["fpo.a"]) == {
+        ("policy", "distill.a", None),
+        ("policy_scores", "score.target-a", "target-a"),
+        ("source_scores", "score.a", "a"),
+        ("source_scores", "score.b", "b"),
+        ("source_scores", "score.pivot", "pivot"),
+    }
+    assert _roles(dag["merge"]) == {("targets", "fpo.a", "a"), ("targets", "fpo.b", "b")}
+    assert _roles(dag["score.target-a"]) == {("model", "distill.a", None)}
+    assert _roles(dag["publish"]) == {
+        ("model", "merge", None),
+        ("evaluation", "evaluate", None),
+        ("teacher_signal", "align.a", "a"),
+        ("teacher_signal", "align.b", "b"),
+    }
+    assert _roles(dag["distill.a"]) == {
+        ("pivot_logprobs", "extract.pivot", None),
+        ("source_logprobs", "extract.a", None),
+        ("alignment", "align.a", None),
+    }
+
+
+def test_the_context_resolves_roles_and_names_what_is_missing(tmp_path):
+    recipe = parse_recipe(toy_recipe(tmp_path, ("a", "b")))
+    dag = build_dag(recipe)
+    instance = dag["merge"]
+    ctx = StageContext(
+        recipe, instance, tmp_path / "merge", {p: tmp_path / p / "out" for p in instance.parents}
+    )
+    assert ctx.made_models("targets") == {
+        "a": tmp_path / "fpo.a" / "out" / "model",
+        "b": tmp_path / "fpo.b" / "out" / "model",
+    }
+    with pytest.raises(KeyError, match="expected one 'targets' input, got \\['fpo.a', 'fpo.b'\\]"):
+        ctx.input("targets")
+    with pytest.raises(KeyError, match="expected one 'policy' input, got \\[\\]"):
+        ctx.made_model("policy")
+    assert not ctx.has_input("evaluation")
+
+
+def test_an_unknown_role_is_refused():
+    with pytest.raises(ValueError, match="unknown input roles \\['teachers'\\]"):
+        Instance("distill.x", "distill", "x", (Edge("teachers", "extract.x"),))

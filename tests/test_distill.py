@@ -34,8 +34,9 @@ def synthetic_rows(tokenizer, n: int = 16, k: int = 4, seed: int = 0) -> list[di
     vocab = len(tokenizer)
     rows = []
     for i in range(n):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": texts[2 * i]}], tokenize=False,
-                                               add_generation_prompt=True)  # fmt: skip
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": texts[2 * i]}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(texts[2 * i + 1] + "<|im_end|>", add_special_tokens=False)["input_ids"]
         input_ids = prompt_ids + answer_ids
@@ -51,8 +52,15 @@ def synthetic_rows(tokenizer, n: int = 16, k: int = 4, seed: int = 0) -> list[di
             weights = [rng.random() for _ in range(k)]
             probs += [0.6, *(0.3 * w / sum(weights) for w in weights[1:])]
             del position
-        rows.append({"input_ids": input_ids, "labels": labels, "target_ids": ids, "target_probs": probs,
-                     "target_width": k})  # fmt: skip
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "labels": labels,
+                "target_ids": ids,
+                "target_probs": probs,
+                "target_width": k,
+            }
+        )
     return rows
 
 
@@ -68,8 +76,17 @@ def train_data(pivot_dir, tmp_path_factory) -> Path:
 
 
 def distill_job(tmp: Path, pivot_dir: Path, train_data: Path, **settings) -> TrainingJob:
-    values = dict(max_steps=6, save_steps=2, save_total_limit=5, logging_steps=1, per_device_batch_size=2,
-                  learning_rate=3e-3, lr_scheduler="constant", seed=7, lambda_=0.5)  # fmt: skip
+    values = dict(
+        max_steps=6,
+        save_steps=2,
+        save_total_limit=5,
+        logging_steps=1,
+        per_device_batch_size=2,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        seed=7,
+        lambda_=0.5,
+    )
     values.update(settings)
     spec = ModelSpec(name="pivot", path=str(pivot_dir))
     params = {"model": spec.model_dump(mode="json"), "train_data": str(train_data)}
@@ -101,16 +118,27 @@ def test_deepspeed_config_from_recipe():
 def test_bad_deepspeed_combination_names_the_key(tmp_path):
     from fuse.recipe import RecipeError, parse_recipe
 
-    recipe = {"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
-              "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
-              "stages": {"distill": {"deepspeed": {"stage": 2, "offload_params": True}}}}  # fmt: skip
+    recipe = {
+        "name": "x",
+        "workdir": str(tmp_path),
+        "pivot": {"path": str(tmp_path)},
+        "sources": [{"name": "s", "path": str(tmp_path)}],
+        "data": {"sft": {"path": "x.jsonl"}},
+        "stages": {"distill": {"deepspeed": {"stage": 2, "offload_params": True}}},
+    }
     with pytest.raises(RecipeError, match=r"stages\.distill\.deepspeed: offload_params needs ZeRO stage 3"):
         parse_recipe(recipe)
 
 
 def test_training_arguments_follow_the_recipe(tmp_path):
-    settings = DistillSettings(learning_rate=2e-4, gradient_accumulation_steps=3, save_steps=5, bf16=True,
-                               gradient_checkpointing=True, deepspeed=DeepSpeedSettings(stage=2))  # fmt: skip
+    settings = DistillSettings(
+        learning_rate=2e-4,
+        gradient_accumulation_steps=3,
+        save_steps=5,
+        bf16=True,
+        gradient_checkpointing=True,
+        deepspeed=DeepSpeedSettings(stage=2),
+    )
     args = training.training_arguments(settings, str(tmp_path), launched=False)
     assert args.learning_rate == 2e-4 and args.gradient_accumulation_steps == 3 and args.save_steps == 5
     assert args.gradient_checkpointing and not args.bf16  # bf16 only on GPU
@@ -214,8 +242,15 @@ def test_sft_only_rows_without_targets_train(tmp_path, pivot_dir, train_data):
 def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
     from transformers import AutoModelForCausalLM
 
-    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=3, save_steps=2, num_processes=2,
-                      deepspeed=DeepSpeedSettings(stage=stage))  # fmt: skip
+    job = distill_job(
+        tmp_path,
+        pivot_dir,
+        train_data,
+        max_steps=3,
+        save_steps=2,
+        num_processes=2,
+        deepspeed=DeepSpeedSettings(stage=stage),
+    )
     summary = training.train(job)
     assert summary["global_step"] == 3
     assert summary["train_samples_per_second"] > 0
@@ -245,18 +280,32 @@ def distill_run(tmp_path_factory, pivot_dir):
     source_dir = build(tmp / "src", arch="llama", seed=1)
     sft = tmp / "sft.jsonl"
     sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in conversations(12)))
-    recipe = parse_recipe({
-        "name": "distill-test", "workdir": str(tmp / "run"),
-        "pivot": {"path": str(pivot_dir)}, "sources": [{"name": "src", "path": str(source_dir)}],
-        "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.0},
-        "stages": {
-            "extract": {"top_k": 4, "max_length": 96},
-            "distill": {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "per_device_batch_size": 2,
-                        "learning_rate": 1e-3, "sft_baseline": True, "max_length": 96},
-            "fpo": {"enabled": False}, "score": {"enabled": False}, "merge": {"enabled": False},
-            "evaluate": {"enabled": False}, "publish": {"enabled": False},
-        },
-    })  # fmt: skip
+    recipe = parse_recipe(
+        {
+            "name": "distill-test",
+            "workdir": str(tmp / "run"),
+            "pivot": {"path": str(pivot_dir)},
+            "sources": [{"name": "src", "path": str(source_dir)}],
+            "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.0},
+            "stages": {
+                "extract": {"top_k": 4, "max_length": 96},
+                "distill": {
+                    "max_steps": 3,
+                    "save_steps": 2,
+                    "logging_steps": 1,
+                    "per_device_batch_size": 2,
+                    "learning_rate": 1e-3,
+                    "sft_baseline": True,
+                    "max_length": 96,
+                },
+                "fpo": {"enabled": False},
+                "score": {"enabled": False},
+                "merge": {"enabled": False},
+                "evaluate": {"enabled": False},
+                "publish": {"enabled": False},
+            },
+        }
+    )
     for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
         run_stage(recipe, name)
     return recipe
@@ -316,9 +365,14 @@ def test_unknown_fusion_in_the_recipe_is_reported_with_its_key(tmp_path):
     from fuse.losses import FUSIONS
     from fuse.recipe import DistillSettings, RecipeError, parse_recipe
 
-    recipe = {"name": "x", "workdir": str(tmp_path), "pivot": {"path": str(tmp_path)},
-              "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"sft": {"path": "x.jsonl"}},
-              "stages": {"distill": {"fusion": "best_of"}}}  # fmt: skip
+    recipe = {
+        "name": "x",
+        "workdir": str(tmp_path),
+        "pivot": {"path": str(tmp_path)},
+        "sources": [{"name": "s", "path": str(tmp_path)}],
+        "data": {"sft": {"path": "x.jsonl"}},
+        "stages": {"distill": {"fusion": "best_of"}},
+    }
     with pytest.raises(RecipeError, match=r"stages\.distill\.fusion: Input should be 'min_ce'"):
         parse_recipe(recipe)
     # the schema's choices are exactly the registry's names
@@ -331,12 +385,16 @@ def test_ce_per_byte_by_hand():
 
     text = "Q: hi A: héllo<eot>"  # the assistant content "héllo" is 6 bytes, then the end-of-turn token
     sample = SampleLogprobs(
-        id="s", text=text, spans=[ContentSpan("user", 3, 5), ContentSpan("assistant", 9, 14)],
-        input_ids=np.arange(6), offsets=np.array([[0, 3], [3, 5], [5, 9], [9, 11], [11, 14], [14, 19]]),
+        id="s",
+        text=text,
+        spans=[ContentSpan("user", 3, 5), ContentSpan("assistant", 9, 14)],
+        input_ids=np.arange(6),
+        offsets=np.array([[0, 3], [3, 5], [5, 9], [9, 11], [11, 14], [14, 19]]),
         mask=np.array([False, False, False, True, True, True]),
-        topk_ids=np.zeros((5, 1), np.int64), topk_logprobs=np.zeros((5, 1), np.float32),
+        topk_ids=np.zeros((5, 1), np.int64),
+        topk_logprobs=np.zeros((5, 1), np.float32),
         target_logprobs=np.array([-9.0, -9.0, -1.0, -np.inf, -7.0], np.float32),
-    )  # fmt: skip
+    )
     # rows 2..3 predict the content tokens 3..4 (the -inf is counted at the floor); row 4 predicts the end-of-turn
     # token, which spells no byte of the response and is left out
     assert ce_per_byte(sample) == pytest.approx((1.0 - LOGPROB_FLOOR) / 6)

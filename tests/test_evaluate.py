@@ -227,23 +227,6 @@ def test_evaluate_stage_fails_early_on_a_missing_items_file(zoo: Zoo, tmp_path):
     assert not (ctx.out / "metrics.json").exists()
 
 
-def test_made_models_are_grouped_by_kind():
-    from fuse.stages.evaluate import made_model_kind
-
-    kinds = {
-        n: made_model_kind(n)
-        for n in ["prepare", "distill.llama", "fpo.llama", "merge", "fpo.merged", "distill.sft_baseline"]
-    }
-    assert kinds == {
-        "prepare": None,
-        "distill.llama": "targets",
-        "fpo.llama": "targets",
-        "merge": "fused",
-        "fpo.merged": "fused",
-        "distill.sft_baseline": "sft_baseline",
-    }
-
-
 def test_validate_reads_the_domain_samples_before_any_work(zoo: Zoo, tmp_path):
     """A bad or missing stages.evaluate.domains file is a problem `fuse validate` names, not an evaluate failure."""
     from fuse.recipe import load_recipe

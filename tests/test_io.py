@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fuse.io import atomic_dir, atomic_write, read_json, write_json_atomic
+from fuse.io import atomic_dir, atomic_write, publish_dir, read_json, write_json_atomic
 
 WRITER = """
 import sys, time
@@ -62,6 +62,17 @@ def test_atomic_dir_replaces_existing(tmp_path):
         (tmp / "v").write_text("2")
     assert (target / "v").read_text() == "2"
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_publish_dir_moves_a_staged_folder_into_place_and_replaces_the_old_one(tmp_path):
+    target = tmp_path / "model"
+    for version in ("1", "2"):
+        staging = tmp_path / ".model.partial"
+        (staging / "sub").mkdir(parents=True)
+        (staging / "sub" / "v").write_text(version)
+        publish_dir(staging, target)
+        assert (target / "sub" / "v").read_text() == version
+        assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
 def test_json_round_trip(tmp_path):

@@ -20,6 +20,7 @@ from fuse.models import (
     load_model,
     load_tokenizer,
     load_tokenizer_dir,
+    pad_id,
     resolve_model_dir,
 )
 from fuse.recipe import ModelSpec
@@ -237,3 +238,16 @@ def test_attn_implementation_reaches_the_model(zoo):
     spec = ModelSpec(name="pivot", path=str(zoo.pivot))
     assert load_model(spec, attn_implementation="eager").config._attn_implementation == "eager"
     assert load_model(spec, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("pad", "eos", "expected"), [(3, 7, 3), (0, 7, 0), (None, 7, 7), (None, 0, 0), (None, None, 0)]
+)
+def test_pad_id_is_pad_then_eos_then_zero_and_id_zero_counts_as_set(pad, eos, expected):
+    tokenizer = types.SimpleNamespace(pad_token_id=pad, eos_token_id=eos)
+    assert pad_id(tokenizer) == expected
+
+
+def test_pad_id_of_a_zoo_tokenizer_is_its_pad_token(zoo):
+    tokenizer = load_tokenizer(ModelSpec(path=str(zoo.pivot)))
+    assert tokenizer.pad_token_id is not None and pad_id(tokenizer) == tokenizer.pad_token_id

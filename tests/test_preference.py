@@ -30,11 +30,15 @@ def table(chosen_logp, chosen_tokens, chosen_bytes, rejected_logp, rejected_toke
     n = len(chosen_logp)
     return {
         "id": np.array(ids or [f"r{i}" for i in range(n)], dtype=object),
-        "chosen_logp": np.array(chosen_logp, float), "chosen_tokens": np.array(chosen_tokens),
-        "chosen_bytes": np.array(chosen_bytes), "rejected_logp": np.array(rejected_logp, float),
-        "rejected_tokens": np.array(rejected_tokens), "rejected_bytes": np.array(rejected_bytes),
-        "chosen_truncated": np.zeros(n, bool), "rejected_truncated": np.zeros(n, bool),
-    }  # fmt: skip
+        "chosen_logp": np.array(chosen_logp, float),
+        "chosen_tokens": np.array(chosen_tokens),
+        "chosen_bytes": np.array(chosen_bytes),
+        "rejected_logp": np.array(rejected_logp, float),
+        "rejected_tokens": np.array(rejected_tokens),
+        "rejected_bytes": np.array(rejected_bytes),
+        "chosen_truncated": np.zeros(n, bool),
+        "rejected_truncated": np.zeros(n, bool),
+    }
 
 
 def test_length_normalization_per_token_per_byte_or_none():

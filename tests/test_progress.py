@@ -150,9 +150,14 @@ def test_launched_ranks_report_progress_from_rank_zero_only(
 ):
     monkeypatch.setenv("FUSE_PROGRESS_INTERVAL", "0")
     job = distill_job(
-        tmp_path / "distill.x", pivot_dir, train_data, max_steps=2, num_processes=2,
-        deepspeed=DeepSpeedSettings(stage=2), report_to=["tensorboard"],
-    )  # fmt: skip
+        tmp_path / "distill.x",
+        pivot_dir,
+        train_data,
+        max_steps=2,
+        num_processes=2,
+        deepspeed=DeepSpeedSettings(stage=2),
+        report_to=["tensorboard"],
+    )
     training.train(job)
     err = capfd.readouterr().err
     steps = [line for line in err.splitlines() if re.search(r"distill\.x step \d/2", line)]

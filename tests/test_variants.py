@@ -36,9 +36,11 @@ def base_and_variant(tmp_path, variant: dict) -> tuple:
 def test_a_variant_is_its_base_with_a_few_keys_changed(tmp_path):
     base_path, child_path = base_and_variant(
         tmp_path,
-        {"name": "ties", "stages": {"merge": {"method": "ties", "parameters": {"density": 0.5}},
-                                    "distill": {"epochs": 2}}},
-    )  # fmt: skip
+        {
+            "name": "ties",
+            "stages": {"merge": {"method": "ties", "parameters": {"density": 0.5}}, "distill": {"epochs": 2}},
+        },
+    )
     base, child = load_recipe(base_path), load_recipe(child_path)
     assert child.name == "ties" and child.workdir == str(tmp_path / "ties")  # its own run directory
     assert child.pivot.path == base.pivot.path and child.data.sft.path == base.data.sft.path  # base's folder

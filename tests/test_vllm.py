@@ -106,10 +106,12 @@ def test_engine_arguments_take_the_recipe_settings():
     from fuse.backends.vllm_engine import engine_arguments
     from fuse.recipe import ExtractSettings
 
-    settings = ExtractSettings.model_validate({
-        "vllm": {"enable_chunked_prefill": True, "engine_kwargs": {"swap_space": 0}},
-        "models": {"big": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 4096}}},
-    })  # fmt: skip
+    settings = ExtractSettings.model_validate(
+        {
+            "vllm": {"enable_chunked_prefill": True, "engine_kwargs": {"swap_space": 0}},
+            "models": {"big": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 4096}}},
+        }
+    )
     big = settings.for_model("big")
     args = engine_arguments(
         "/m", 10, 2048, "bfloat16", big.tensor_parallel_size, 0.9, False, big.vllm, gpu=True

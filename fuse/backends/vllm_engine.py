@@ -126,9 +126,16 @@ class VllmBackend:
         # logs a traceback that is not an error for us.
         logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
         arguments = engine_arguments(
-            str(model_dir), self.top_k, self.max_length, dtype, tensor_parallel_size, gpu_memory_utilization,
-            trust_remote_code, engine, gpu=torch.cuda.is_available(),
-        )  # fmt: skip
+            str(model_dir),
+            self.top_k,
+            self.max_length,
+            dtype,
+            tensor_parallel_size,
+            gpu_memory_utilization,
+            trust_remote_code,
+            engine,
+            gpu=torch.cuda.is_available(),
+        )
         log.info("vLLM engine for %s: %s", name, arguments)
         self.llm = LLM(**arguments)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fuse.io import read_json, sha256_json, write_json_atomic
+from fuse.io import publish_dir, read_json, sha256_json, write_json_atomic
 from fuse.merging.checkpoint import (
     CheckpointReader,
     ShardWriter,
@@ -261,9 +261,7 @@ def run_merge(
     )
     for name in ("merge-plan.json", "tensor-stats.jsonl"):
         (staging / name).unlink(missing_ok=True)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
+    publish_dir(staging, output)
     return report
 
 

@@ -222,6 +222,8 @@ def document_texts(tokenizer: Any, docs: list[str]) -> list[str]:
 def model_config(spec: ZooModel, tokenizer: Any, settings: ZooSettings) -> Any:
     from transformers import AutoConfig
 
+    from fuse.models import pad_id
+
     extra = dict(spec.config)
     pad_to = extra.pop("pad_vocab_to", 1)
     vocab_size = -(-len(tokenizer) // pad_to) * pad_to
@@ -231,9 +233,7 @@ def model_config(spec: ZooModel, tokenizer: Any, settings: ZooSettings) -> Any:
         if tokenizer.bos_token_id is not None
         else tokenizer.eos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        "pad_token_id": pad_id(tokenizer),
     }
     if spec.arch == "gpt2":
         shape = {

@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from fuse.logs import setup_logging
+
 
 def cmd_build(args: argparse.Namespace) -> int:
     from fuse.zoo import ZooSettings, build_zoo
@@ -62,5 +64,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuse.zoo", description="the tiny model zoo")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["zoo", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(logging.INFO, "%(asctime)s %(name)s: %(message)s")
     return args.handler(args)

@@ -1,0 +1,50 @@
+"""The table of stages: what `plan` needs to know about a stage without importing it.
+
+A stage's code version is part of every fingerprint, so `fuse plan` reads it here rather than from the stage module:
+planning stays fast (no stage module, no torch) and stage modules import what they use at the top. Bump a stage's
+`version` whenever a change to its code changes what it writes: every output made by the old code becomes stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    version: int
+    per: Literal["run", "model", "source", "target"]  # one instance per …
+    sharded: bool = False  # its instances split their rows over shards (job arrays on SLURM)
+    trains: bool = False  # runs a training job (multi-node capable, checkpoints)
+
+    @property
+    def module(self) -> str:
+        """The module whose `run(ctx)` does the work."""
+        return f"fuse.stages.{self.name}"
+
+
+STAGE_TABLE: dict[str, StageInfo] = {
+    info.name: info
+    for info in (
+        StageInfo("prepare", 1, "run"),
+        # 2: store v2; rows a template refuses folded or skipped; ids past the output skipped
+        StageInfo("extract", 2, "model", sharded=True),
+        # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix
+        StageInfo("score", 2, "model", sharded=True),
+        # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
+        StageInfo("align", 2, "source"),
+        # 2: fusion CE per byte over content tokens only
+        StageInfo("distill", 2, "source", trains=True),
+        # 2: pairs truncated by any score refused; held-out pairs against the fused reference
+        StageInfo("fpo", 2, "target", trains=True),
+        # 2: sce = FuseChat's SCE, one target copied, diagnostics
+        StageInfo("merge", 2, "run"),
+        # 2: per-domain CE/byte and the limit row
+        StageInfo("evaluate", 2, "run"),
+        # 3: the merge diagnostics in the model card
+        StageInfo("publish", 3, "run"),
+    )
+}
+STAGES = tuple(STAGE_TABLE)  # in the order a run does them
