@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from fuse.logs import setup_logging
@@ -209,15 +208,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_logs)
 
     for module_name in _plugins_for(sys.argv[1:] if argv is None else argv):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue  # that part of fuse is not there
-            raise
-        add: Callable | None = getattr(module, "add_parser", None)
-        if add is not None:
-            add(sub)
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

@@ -17,11 +17,12 @@ from fuse import resources
 from fuse.cache import cached_count, publish_if_cached, restore_if_cached
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
+from fuse.logs import LOG_FORMAT
 from fuse.plan import PlanError, Step, fingerprints, stage_module
 from fuse.progress import Progress
 from fuse.recipe import Recipe
 from fuse.start import RunStart, start_run, write_resolved_recipe
-from fuse.store import FileLock, LockHeld, RunStore
+from fuse.store import MODEL_FOLDER, FileLock, LockHeld, RunStore
 
 log = logging.getLogger("fuse")
 
@@ -49,7 +50,7 @@ def instance_log(store: RunStore, name: str) -> Iterator[logging.Logger]:
     path = store.logs(name) / "stage.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     previous_level = root.level
     root.addHandler(handler)
@@ -275,9 +276,10 @@ def results(steps: list[Step], store: RunStore) -> list[str]:
     done = {s.instance.stage: s.instance.name for s in steps if _done_now(store, s)}
     lines = []
     model_stage = next((stage for stage in ("publish", "merge") if stage in done), None)
-    if model_stage and (store.out(done[model_stage]) / "model").is_dir():
+    folder = store.out(done[model_stage]) / MODEL_FOLDER if model_stage else None
+    if folder and folder.is_dir():
         label = "published model" if model_stage == "publish" else "fused model"
-        lines.append(f"{label}: {(store.out(done[model_stage]) / 'model').resolve()}")
+        lines.append(f"{label}: {folder.resolve()}")
     table = store.out(done["evaluate"]) / "metrics.md" if "evaluate" in done else None
     if table and table.is_file():
         rows = [line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("|")]

@@ -14,11 +14,11 @@ from typing import Any
 from fuse.dag import Instance
 from fuse.recipe import Recipe, RecipeError, Resources
 from fuse.slurm.site import SiteConfig
+from fuse.stage_table import STAGE_TABLE
 from fuse.store import RunStore
 
 TEMPLATE = "job.sbatch.j2"
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-TRAINING_STAGES = ("distill", "fpo")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def render_job(recipe: Recipe, instance: Instance, resources: Resources, setting
             grace=settings.grace,
             r=resources,
             env_setup=settings.env_setup,
-            multinode=instance.stage in TRAINING_STAGES and resources.nodes > 1,
+            multinode=STAGE_TABLE[instance.stage].trains and resources.nodes > 1,
             command=stage_command(settings, instance),
         )
     except jinja2.TemplateError as error:  # SecurityError (the sandbox), undefined names, filters' refusals

@@ -9,8 +9,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from fuse.dag import STAGES, Dag, Instance
+from fuse.dag import Dag, Instance, stage_of
 from fuse.recipe import Frozen, Recipe, RecipeError, Resources, _format_error
+from fuse.stage_table import STAGES
 
 
 class SiteConfig(Frozen):
@@ -63,7 +64,7 @@ def check_resource_keys(recipe: Recipe, dag: Dag, site: SiteConfig, site_name: s
                 f"recipe ({', '.join(dag.instances)})"
             )
     for key in site.resources:
-        if key != "default" and key.split(".", 1)[0] not in STAGES:
+        if key != "default" and stage_of(key) not in STAGES:
             raise RecipeError(f"{site_name}: resources.{key}: not 'default', a stage or a stage instance")
 
 
