@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from fuse.logs import setup_logging
@@ -18,9 +17,9 @@ from fuse.recipe import RecipeError, load_recipe
 # `handler` default. A module is imported only when one of its commands is used (or for --help), so that
 # `fuse plan` never pays for torch.
 PLUGINS = {
-    "submit": "fuse.slurm",
-    "status": "fuse.slurm",
-    "cancel": "fuse.slurm",
+    "submit": "fuse.slurm.cli",
+    "status": "fuse.slurm.cli",
+    "cancel": "fuse.slurm.cli",
     "merge": "fuse.merging.cli",
     "compare": "fuse.compare",
     "cache": "fuse.cache",
@@ -209,15 +208,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_logs)
 
     for module_name in _plugins_for(sys.argv[1:] if argv is None else argv):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue  # that part of fuse is not there
-            raise
-        add: Callable | None = getattr(module, "add_parser", None)
-        if add is not None:
-            add(sub)
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

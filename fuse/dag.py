@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fuse.recipe import Recipe, RecipeError
-from fuse.stage_table import STAGES  # noqa: F401 — re-exported: the DAG's stages, in run order
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,11 @@ class Instance:
 
     def option(self, name: str, default: object = None) -> object:
         return dict(self.options).get(name, default)
+
+
+def stage_of(name: str) -> str:
+    """The stage an instance name belongs to: names are "<stage>" or "<stage>.<key>" (the DAG names them so)."""
+    return name.partition(".")[0]
 
 
 def edges(role: str, *parents: str, labels: Iterable[str | None] | None = None) -> tuple[Edge, ...]:

@@ -13,16 +13,16 @@ import traceback
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
-import yaml
-
 from fuse import resources
 from fuse.cache import cached_count, publish_if_cached, restore_if_cached
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
-from fuse.plan import PlanError, Step, fingerprints, make_plan, stage_module
+from fuse.logs import LOG_FORMAT
+from fuse.plan import PlanError, Step, fingerprints, stage_module
 from fuse.progress import Progress
 from fuse.recipe import Recipe
-from fuse.store import FileLock, LockHeld, RunStore
+from fuse.start import RunStart, start_run, write_resolved_recipe
+from fuse.store import MODEL_FOLDER, FileLock, LockHeld, RunStore
 
 log = logging.getLogger("fuse")
 
@@ -50,7 +50,7 @@ def instance_log(store: RunStore, name: str) -> Iterator[logging.Logger]:
     path = store.logs(name) / "stage.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     previous_level = root.level
     root.addHandler(handler)
@@ -73,11 +73,6 @@ def quiet_libraries() -> None:
     except ImportError:
         return
     transformers_logging.disable_progress_bar()
-
-
-def write_resolved_recipe(store: RunStore, recipe: Recipe) -> None:
-    text = yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
-    store.write_resolved_recipe(text)
 
 
 def run_instance(
@@ -229,33 +224,14 @@ def run(
 ) -> list[Step]:
     """Run the DAG under the run lock; raise StageFailed naming the first instance that fails or does not end
     done, PlanError when another run holds the store or a live process works on what this run would redo."""
-    dag = build_dag(recipe)
-    store = RunStore(recipe.workdir)
-    try:
-        lock = store.run_lock().acquire()
-    except LockHeld as error:
-        raise PlanError(str(error)) from None
-    try:
-        return _run_locked(recipe, dag, store, from_stage, only, force, progress, echo)
-    finally:
-        lock.release()
+    with start_run(recipe, build_dag(recipe), from_stage, only, force) as start:
+        return _run_started(start, from_stage, progress, echo)
 
 
-def _run_locked(
-    recipe: Recipe,
-    dag: Dag,
-    store: RunStore,
-    from_stage: str | None,
-    only: list[str] | None,
-    force: bool,
-    progress: Progress | None,
-    echo: Callable[[str], None],
+def _run_started(
+    start: RunStart, from_stage: str | None, progress: Progress | None, echo: Callable[[str], None]
 ) -> list[Step]:
-    steps = make_plan(recipe, dag, store, from_stage, only, force)
-    blocked = [s for s in steps if s.action == "blocked"]
-    if blocked:
-        raise PlanError("; ".join(f"{s.instance.name}: {s.why}" for s in blocked))
-    todo = [s for s in steps if s.action == "run"]
+    recipe, dag, store, steps, todo = start.recipe, start.dag, start.store, start.steps, start.todo
     check_not_busy(store, dag, [s.instance.name for s in todo])
     write_resolved_recipe(store, recipe)
     if not todo:
@@ -300,9 +276,10 @@ def results(steps: list[Step], store: RunStore) -> list[str]:
     done = {s.instance.stage: s.instance.name for s in steps if _done_now(store, s)}
     lines = []
     model_stage = next((stage for stage in ("publish", "merge") if stage in done), None)
-    if model_stage and (store.out(done[model_stage]) / "model").is_dir():
+    folder = store.out(done[model_stage]) / MODEL_FOLDER if model_stage else None
+    if folder and folder.is_dir():
         label = "published model" if model_stage == "publish" else "fused model"
-        lines.append(f"{label}: {(store.out(done[model_stage]) / 'model').resolve()}")
+        lines.append(f"{label}: {folder.resolve()}")
     table = store.out(done["evaluate"]) / "metrics.md" if "evaluate" in done else None
     if table and table.is_file():
         rows = [line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("|")]

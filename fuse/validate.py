@@ -215,7 +215,7 @@ def _merge_parameter_problems(recipe: Recipe) -> list[str]:
 def check_executor(recipe: Recipe) -> list[str]:
     """The SLURM site config exists and parses, and every `resources` key (recipe's and site's) names a stage or an
     instance: a misspelt key would silently not apply. Needs neither weights nor data (part of --no-load)."""
-    from fuse.slurm import check_resource_keys, load_site
+    from fuse.slurm.site import check_resource_keys, load_site
 
     problems = []
     site_config = recipe.executor.slurm.site_config
@@ -237,7 +237,7 @@ def check_executor(recipe: Recipe) -> list[str]:
 def check_tensor_parallel_gpus(recipe: Recipe, dag, site) -> list[str]:
     """A vLLM engine over N GPUs needs a job with at least N GPUs: each extract/score instance's resources against
     its model's tensor_parallel_size (after stages.<stage>.models overrides)."""
-    from fuse.slurm import resources_for
+    from fuse.slurm.site import resources_for
 
     problems = []
     for instance in dag.order():

@@ -122,9 +122,17 @@ def test_resources_are_layered_site_then_recipe(tmp_path):
 
     settings = slurm.job_settings(recipe, config, tmp_path / "snapshot.yaml")
     script = slurm.render_job(recipe, dag["distill.b"], b, settings)
-    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --exclusive",
-                 "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 "#SBATCH --time=24:00:00", "#SBATCH --nodes=2", "export MASTER_ADDR="):  # fmt: skip
+    for line in (
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --exclusive",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --nodes=2",
+        "export MASTER_ADDR=",
+    ):
         assert line in script
     assert script.index("module load cuda/12.4") < script.index("source /venv/bin/activate")
     assert f"{sys.executable} -m fuse run-stage {tmp_path / 'snapshot.yaml'} distill.b &" in script
@@ -199,8 +207,21 @@ def test_snapshot_recipe_keeps_every_fingerprint(tmp_path):
 
 
 def test_multinode_command_runs_one_launcher_per_node(tmp_path):
-    single = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "4",
-              "--num_machines", "1", "--main_process_port", "1234", "-m", "fuse.training", str(tmp_path / "a b.json")]  # fmt: skip
+    single = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--num_processes",
+        "4",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "1234",
+        "-m",
+        "fuse.training",
+        str(tmp_path / "a b.json"),
+    ]
     assert launch.multinode_command(single, {"SLURM_NNODES": "1"}) == single
     command = launch.multinode_command(single, {"SLURM_NNODES": "3"})
     assert command[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
@@ -210,8 +231,15 @@ def test_multinode_command_runs_one_launcher_per_node(tmp_path):
     out = subprocess.run(
         ["bash", "-c", inner], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
-    for option in ("--num_machines 3", "--num_processes 12", "--machine_rank 2", "--main_process_ip node01",
-                   "--main_process_port 29555", "--rdzv_backend c10d", "--use_deepspeed"):  # fmt: skip
+    for option in (
+        "--num_machines 3",
+        "--num_processes 12",
+        "--machine_rank 2",
+        "--main_process_ip node01",
+        "--main_process_port 29555",
+        "--rdzv_backend c10d",
+        "--use_deepspeed",
+    ):
         assert option in out
     assert "1234" not in out and out.endswith(f"-m fuse.training {tmp_path / 'a b.json'}")
 
@@ -232,8 +260,14 @@ def _job_script(tmp_path: Path, stage_code: str) -> tuple[Path, Path, dict]:
     settings = slurm.JobSettings(tmp_path / "r.yaml", str(bin_dir / "python"), (), 60)
     dag = build_dag(recipe)
     script = tmp_path / "job.sbatch"
-    script.write_text(slurm.render_job(recipe, dag["distill.a"], slurm.resources_for(recipe, dag["distill.a"],
-                                                                                     slurm.SiteConfig()), settings))  # fmt: skip
+    script.write_text(
+        slurm.render_job(
+            recipe,
+            dag["distill.a"],
+            slurm.resources_for(recipe, dag["distill.a"], slurm.SiteConfig()),
+            settings,
+        )
+    )
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
     return script, tmp_path / "scontrol.log", env
 
@@ -341,9 +375,12 @@ def test_summaries_of_array_jobs():
     assert status.state == "COMPLETED 1, RUNNING 1" and status.active and status.elapsed == "1-00:00:01"
     assert status.restarts == 1
     assert slurm.summarize("6", []).state == "UNKNOWN" and not slurm.summarize("6", []).active
-    assert slurm._ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
-    assert slurm.sbatch_options([0, 2], ["4", "5"]) == ["--array=0,2", "--dependency=afterok:4:5",
-                                                        "--kill-on-invalid-dep=yes"]  # fmt: skip
+    assert slurm.array_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert slurm.sbatch_options([0, 2], ["4", "5"]) == [
+        "--array=0,2",
+        "--dependency=afterok:4:5",
+        "--kill-on-invalid-dep=yes",
+    ]
 
 
 def test_preemption_flag_inside_checkpointing_and_immediate_stop_outside():

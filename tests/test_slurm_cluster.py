@@ -16,6 +16,7 @@ import pytest
 
 from fuse import slurm
 from fuse.cli import main
+from fuse.dag import build_dag
 from fuse.executor import run_stage
 from fuse.plan import stage_module
 from fuse.recipe import load_recipe
@@ -92,7 +93,7 @@ def test_whole_dag_end_to_end_then_nothing_to_submit(tmp_path, capsys):
     calls = read_calls(workdir)
     assert len(calls) == len(set(calls)) == 20  # 17 instances, 3 of them with 2 shards: each exactly once
     recipe = load_recipe(path)
-    dag = slurm.build_dag(recipe)
+    dag = build_dag(recipe)
     for instance in dag:  # afterok held every job until its parents were done
         first = min(i for i, c in enumerate(calls) if _call_name(c) == instance.name)
         for parent in instance.parents:
@@ -245,8 +246,17 @@ def test_array_runs_only_the_missing_shards(tmp_path):
     assert jobs["extract.a"].shards == [0, 1, 2] and jobs["extract.a"].dependencies == []
     assert {s.state for s in _wait(jobs).values()} == {"COMPLETED"}
     calls = read_calls(tmp_path / "run")
-    assert sorted(calls) == sorted(["prepare", "extract.pivot#1", "extract.pivot#0", "extract.pivot#2",
-                                    "extract.a#0", "extract.a#1", "extract.a#2"])  # fmt: skip
+    assert sorted(calls) == sorted(
+        [
+            "prepare",
+            "extract.pivot#1",
+            "extract.pivot#0",
+            "extract.pivot#2",
+            "extract.a#0",
+            "extract.a#1",
+            "extract.a#2",
+        ]
+    )
     logs = sorted(p.name for p in (tmp_path / "run" / "extract.pivot" / "logs").glob("slurm-*"))
     assert logs == [
         f"slurm-{jobs['extract.pivot'].job_id}_0.out",

@@ -1,0 +1,79 @@
+"""Where a recipe runs on SLURM: the site config (slurm/sites/*.yaml) and each instance's resources, layered from
+the site's defaults and the recipe's `executor.resources`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from fuse.dag import Dag, Instance, stage_of
+from fuse.recipe import Frozen, Recipe, RecipeError, Resources, _format_error
+from fuse.stage_table import STAGES
+
+
+class SiteConfig(Frozen):
+    """Where recipes run (slurm/sites/*.yaml): defaults that a recipe's `executor` section overrides."""
+
+    env_setup: list[str] = Field(default_factory=list, description="Shell lines run first in every job.")
+    python: str | None = Field(
+        None, description="Interpreter inside jobs (e.g. the venv's python on the nodes)."
+    )
+    signal_grace_seconds: int | None = Field(None, ge=0)
+    resources: dict[str, Resources] = Field(
+        default_factory=dict, description="Keyed by 'default', a stage (e.g. 'distill') or an instance."
+    )
+
+
+def site_path(recipe: Recipe, recipe_path: str | Path, override: str | None = None) -> Path | None:
+    """The site config: `--site` wins over executor.slurm.site_config, which is relative to the recipe's folder."""
+    value = override or recipe.executor.slurm.site_config
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or override else Path(recipe_path).resolve().parent / path
+
+
+def load_site(path: str | Path | None) -> SiteConfig:
+    if path is None:
+        return SiteConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such SLURM site config (executor.slurm.site_config or --site)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as error:
+        message = _format_error(error, str(path)).replace(
+            "the recipe is not", "the SLURM site config is not", 1
+        )
+        raise RecipeError(message) from None
+
+
+def check_resource_keys(recipe: Recipe, dag: Dag, site: SiteConfig, site_name: str = "site config") -> None:
+    """A misspelt key would silently not apply: the recipe's must name this DAG's instances, the site's stages."""
+    for key in recipe.executor.resources:
+        if key != "default" and key not in STAGES and key not in dag.instances:
+            raise RecipeError(
+                f"executor.resources.{key}: not 'default', a stage ({', '.join(STAGES)}) or an instance of this "
+                f"recipe ({', '.join(dag.instances)})"
+            )
+    for key in site.resources:
+        if key != "default" and stage_of(key) not in STAGES:
+            raise RecipeError(f"{site_name}: resources.{key}: not 'default', a stage or a stage instance")
+
+
+def resources_for(recipe: Recipe, instance: Instance, site: SiteConfig) -> Resources:
+    """Layered, later wins: site default < site stage < site instance < recipe default < stage < instance.
+    Only the keys a layer sets override (an `extra` list replaces the one below it)."""
+    merged: dict[str, Any] = {}
+    for table in (site.resources, recipe.executor.resources):
+        for key in ("default", instance.stage, instance.name):
+            if key in table:
+                merged.update(table[key].model_dump(exclude_unset=True))
+    return Resources.model_validate(merged)
