@@ -51,7 +51,7 @@ class TrainingJob:
     """Everything a rank needs to build and run one training: plain data, written to job.json for launches."""
 
     builder: str  # "module:function", called as function(job, args) -> Trainer
-    settings_class: str  # "fuse.recipe:DistillSettings"
+    settings_class: str  # "fuse.recipe.training_settings:DistillSettings"
     settings: dict[str, Any]  # settings.model_dump(by_alias=True)
     checkpoint_dir: str  # Trainer output_dir: checkpoint-N folders
     model_dir: str  # the final HF checkpoint

@@ -20,12 +20,9 @@ from fuse.recipe.inference_settings import (
     VllmSettings,
 )
 from fuse.recipe.load import (
-    _absolutize,
-    _format_error,
-    _local,
-    _merged,
     apply_overrides,
     extend,
+    format_error,
     load_recipe,
     parse_recipe,
 )
@@ -80,10 +77,7 @@ __all__ = [
     "Tracker",
     "TrainSettings",
     "VllmSettings",
-    "_absolutize",
-    "_format_error",
-    "_local",
-    "_merged",
+    "format_error",
     "apply_overrides",
     "extend",
     "load_recipe",

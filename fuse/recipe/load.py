@@ -14,7 +14,7 @@ from fuse.recipe.schema import Recipe
 from fuse.recipe.specs import ModelSpec
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def format_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: the recipe is not valid:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -36,7 +36,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path 
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as error:
-        raise RecipeError(_format_error(error, source)) from None
+        raise RecipeError(format_error(error, source)) from None
     return _absolutize(recipe, base_dir or Path.cwd())
 
 

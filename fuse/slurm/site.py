@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from fuse.dag import Dag, Instance, stage_of
-from fuse.recipe import Frozen, Recipe, RecipeError, Resources, _format_error
+from fuse.recipe import Frozen, Recipe, RecipeError, Resources, format_error
 from fuse.stage_table import STAGES
 
 
@@ -49,7 +49,7 @@ def load_site(path: str | Path | None) -> SiteConfig:
     try:
         return SiteConfig.model_validate(data)
     except ValidationError as error:
-        message = _format_error(error, str(path)).replace(
+        message = format_error(error, str(path)).replace(
             "the recipe is not", "the SLURM site config is not", 1
         )
         raise RecipeError(message) from None
