@@ -115,17 +115,22 @@ def test_deepspeed_config_from_recipe():
     assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
 
 
-def test_bad_deepspeed_combination_names_the_key(tmp_path):
-    from fuse.recipe import RecipeError, parse_recipe
-
-    recipe = {
+def bare_recipe(tmp_path, distill: dict) -> dict:
+    """A recipe that parses (no file is read): only its stages.distill matters to the test."""
+    return {
         "name": "x",
         "workdir": str(tmp_path),
         "pivot": {"path": str(tmp_path)},
         "sources": [{"name": "s", "path": str(tmp_path)}],
         "data": {"sft": {"path": "x.jsonl"}},
-        "stages": {"distill": {"deepspeed": {"stage": 2, "offload_params": True}}},
+        "stages": {"distill": distill},
     }
+
+
+def test_bad_deepspeed_combination_names_the_key(tmp_path):
+    from fuse.recipe import RecipeError, parse_recipe
+
+    recipe = bare_recipe(tmp_path, {"deepspeed": {"stage": 2, "offload_params": True}})
     with pytest.raises(RecipeError, match=r"stages\.distill\.deepspeed: offload_params needs ZeRO stage 3"):
         parse_recipe(recipe)
 
@@ -365,14 +370,7 @@ def test_unknown_fusion_in_the_recipe_is_reported_with_its_key(tmp_path):
     from fuse.losses import FUSIONS
     from fuse.recipe import DistillSettings, RecipeError, parse_recipe
 
-    recipe = {
-        "name": "x",
-        "workdir": str(tmp_path),
-        "pivot": {"path": str(tmp_path)},
-        "sources": [{"name": "s", "path": str(tmp_path)}],
-        "data": {"sft": {"path": "x.jsonl"}},
-        "stages": {"distill": {"fusion": "best_of"}},
-    }
+    recipe = bare_recipe(tmp_path, {"fusion": "best_of"})
     with pytest.raises(RecipeError, match=r"stages\.distill\.fusion: Input should be 'min_ce'"):
         parse_recipe(recipe)
     # the schema's choices are exactly the registry's names

@@ -14,8 +14,8 @@ from fuse.recipe.base import CONTROL_RE, NAME_RE, Frozen, RecipeError, StageSett
 from fuse.recipe.executor_settings import ExecutorSpec, Resources, SlurmSettings
 from fuse.recipe.inference_settings import (
     ExtractSettings,
+    ForwardSettings,
     ModelOverrides,
-    PerModel,
     ScoreSettings,
     VllmSettings,
 )
@@ -64,7 +64,7 @@ __all__ = [
     "MergeSettings",
     "ModelOverrides",
     "ModelSpec",
-    "PerModel",
+    "ForwardSettings",
     "PrepareSettings",
     "PublishSettings",
     "Recipe",

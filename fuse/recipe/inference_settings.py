@@ -38,30 +38,12 @@ class ModelOverrides(Frozen):
     vllm: VllmSettings | None = None
 
 
-class PerModel:
-    """Mixin of the extract and score settings: `for_model(name)` resolves the overrides of one model."""
+class ForwardSettings(StageSettings):
+    """What extract and score share: backend, batch budget, shards, precision and engine, overridable per model;
+    `for_model(name)` resolves one model's overrides."""
 
-    def for_model(self, name: str | None) -> Any:
-        override = self.models.get(name) if name else None  # type: ignore[attr-defined]
-        if override is None:
-            return self.model_copy(update={"models": {}})  # type: ignore[attr-defined]
-        values = override.model_dump(exclude_none=True, exclude={"vllm"})
-        if override.vllm is not None:
-            base = self.vllm  # type: ignore[attr-defined]
-            mine = override.vllm.model_dump(exclude_unset=True)
-            mine["engine_kwargs"] = {**base.engine_kwargs, **override.vllm.engine_kwargs}
-            values["vllm"] = base.model_copy(update=mine)
-        return self.model_copy(update={**values, "models": {}})  # type: ignore[attr-defined]
-
-
-class ExtractSettings(PerModel, StageSettings):
     backend: Literal["transformers", "vllm"] = "transformers"
-    top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
-    overlength: Literal["truncate", "skip"] = "truncate"
-    template: Literal["own", "pivot"] = Field(
-        "own", description="'pivot': every model uses the pivot's template."
-    )
     batch_tokens: int = Field(
         16384, ge=64, description="Token budget per forward batch (transformers backend)."
     )
@@ -77,19 +59,25 @@ class ExtractSettings(PerModel, StageSettings):
         default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
     )
 
+    def for_model(self, name: str | None) -> Any:
+        override = self.models.get(name) if name else None
+        if override is None:
+            return self.model_copy(update={"models": {}})
+        values = override.model_dump(exclude_none=True, exclude={"vllm"})
+        if override.vllm is not None:
+            mine = override.vllm.model_dump(exclude_unset=True)
+            mine["engine_kwargs"] = {**self.vllm.engine_kwargs, **override.vllm.engine_kwargs}
+            values["vllm"] = self.vllm.model_copy(update=mine)
+        return self.model_copy(update={**values, "models": {}})
 
-class ScoreSettings(PerModel, StageSettings):
-    backend: Literal["transformers", "vllm"] = "transformers"
-    max_length: int = Field(2048, ge=8)
-    batch_tokens: int = Field(16384, ge=64)
-    head_chunk_tokens: int = Field(
-        256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
+
+class ExtractSettings(ForwardSettings):
+    top_k: int = Field(10, ge=1, le=256)
+    overlength: Literal["truncate", "skip"] = "truncate"
+    template: Literal["own", "pivot"] = Field(
+        "own", description="'pivot': every model uses the pivot's template."
     )
-    num_shards: int = Field(1, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    vllm: VllmSettings = VllmSettings()
-    models: dict[str, ModelOverrides] = Field(
-        default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."
-    )
+
+
+class ScoreSettings(ForwardSettings):
+    """Per-sequence scores of the preference pairs, each model in its own chat template."""
