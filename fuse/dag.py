@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fuse.recipe import Recipe, RecipeError
+from fuse.stage_table import STAGE_TABLE
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class Dag:
         missing = [p for p in instance.parents if p not in self.instances]
         if missing:
             raise ValueError(f"{instance.name}: unknown parents {missing}")
+        if instance.stage not in STAGE_TABLE:
+            raise ValueError(f"{instance.name}: stage {instance.stage!r} is not in the stage table")
+        if instance.num_shards > 1 and not STAGE_TABLE[instance.stage].sharded:
+            raise ValueError(f"{instance.name}: stage {instance.stage} does not shard")
         self.instances[instance.name] = instance
 
     def __getitem__(self, name: str) -> Instance:

@@ -31,8 +31,9 @@ STAGE_TABLE: dict[str, StageInfo] = {
         StageInfo("prepare", 1, "run"),
         # 2: store v2; rows a template refuses folded or skipped; ids past the output skipped
         StageInfo("extract", 2, "model", sharded=True),
-        # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix
-        StageInfo("score", 2, "model", sharded=True),
+        # 2: held-out pairs scored too; truncated sides flagged, their bytes those of the scored prefix.
+        # Per fused source, plus the pivot when fpo.include_pivot, plus each policy fpo starts from.
+        StageInfo("score", 2, "source", sharded=True),
         # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
         StageInfo("align", 2, "source"),
         # 2: fusion CE per byte over content tokens only

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fuse.context import StageContext
-from fuse.dag import Edge, Instance, build_dag
+from fuse.dag import Dag, Edge, Instance, build_dag
 from fuse.recipe import parse_recipe
 
 from recipes import toy_recipe
@@ -139,3 +139,21 @@ def test_the_context_resolves_roles_and_names_what_is_missing(tmp_path):
 def test_an_unknown_role_is_refused():
     with pytest.raises(ValueError, match="unknown input roles \\['teachers'\\]"):
         Instance("distill.x", "distill", "x", (Edge("teachers", "extract.x"),))
+
+
+def test_the_dag_matches_the_stage_table(tmp_path):
+    """One instance per run / model / source / target, as the table says; only sharded stages get shards."""
+    from fuse.stage_table import STAGE_TABLE
+
+    dag = _dag(tmp_path, ("a", "b", "c"))
+    count = {"run": 1, "model": 4, "source": 3, "target": 3}  # model: pivot + 3 sources; per_target fpo
+    for stage, info in STAGE_TABLE.items():
+        instances = dag.of_stage(stage)
+        if stage == "score":  # score also scores each fpo policy at its initial weights
+            instances = [i for i in instances if not i.in_role("model")]
+        assert len(instances) == count[info.per], stage
+    assert {i.stage for i in dag if i.num_shards > 1} <= {
+        s for s, info in STAGE_TABLE.items() if info.sharded
+    }
+    with pytest.raises(ValueError, match="stage align does not shard"):
+        Dag().add(Instance("align.x", "align", "x", num_shards=2))
