@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fuse.logs import setup_logging
 from fuse.recipe import RecipeError, load_recipe
@@ -98,12 +99,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = recipe_of(args)
     require_files(recipe)
+    if getattr(args, "seeds", None):
+        from fuse.seeds import parse_seeds
+
+        recipe = recipe.model_copy(update={"seeds": parse_seeds(args.seeds)})
+    if recipe.seeds:
+        return run_seeds(args, recipe)
     started = time.monotonic()
     steps = run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
     print(f"finished in {time.monotonic() - started:.1f} s — run store: {recipe.workdir}")
     lines = results(steps, RunStore(recipe.workdir))  # the fused model and the table, when this run has them
     if lines:
         print("\n".join(lines))
+    return 0
+
+
+def run_seeds(args: argparse.Namespace, base: Any) -> int:
+    """The recipe once per seed (fuse.seeds), then the evaluations pooled over the seeds."""
+    from fuse.executor import run
+    from fuse.seeds import REPORT, seed_recipes, seed_report
+
+    started = time.monotonic()
+    for seed, recipe in seed_recipes(args.recipe, args.overrides, base):
+        print(f"seed {seed}: run store {recipe.workdir}", flush=True)
+        run(recipe, from_stage=args.from_stage, only=args.only, force=args.force)
+    print(f"finished {len(base.seeds)} seeds in {time.monotonic() - started:.1f} s")
+    if base.stages.evaluate.enabled and not args.only:
+        print(seed_report(base), end="")
+        print(f"(also in {Path(base.workdir) / REPORT})")
     return 0
 
 
@@ -189,6 +212,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             "--only", nargs="+", metavar="INSTANCE", help="run only these instances (parents must be done)"
         )
         p.add_argument("--force", action="store_true", help="rerun selected instances even if done")
+        if name == "run":
+            p.add_argument(
+                "--seeds",
+                metavar="LIST",
+                help="train every arm once per seed (e.g. 1,2,3): a run store per seed under the workdir, "
+                "seed-independent instances shared, the evaluations pooled in <workdir>/seeds.md",
+            )
         p.set_defaults(handler=handler)
 
     p = sub.add_parser(

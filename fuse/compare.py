@@ -13,6 +13,12 @@ from typing import Any
 from fuse.recipe import RecipeError, load_recipe
 
 METRICS = Path("evaluate") / "out" / "metrics.json"
+RESAMPLES = 10_000  # enough for Holm over ~100 tests: the smallest bootstrap p is 1/(resamples + 1)
+SFT_BASELINE = "sft_baseline"
+SIGNIFICANCE_NOTE = (
+    "\nBold: best in its column and better than every other model on the same items (paired bootstrap 95% CI, "
+    "Holm-corrected over the table's tests); no bold where no model is significantly best.\n"
+)
 
 
 def run_metrics(run: str | Path) -> tuple[str, dict[str, Any]]:
@@ -58,24 +64,229 @@ def side_by_side(
     return joined
 
 
-def compare(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> str:
+def run_scores(run: str | Path) -> Any:
+    """The run's per-item scores (evaluate's scores.parquet) as a DataFrame, or None for a run evaluated before
+    they were kept."""
+    from fuse.item_scores import FILE, read_scores
+
+    path = Path(run)
+    workdir = path if path.is_dir() else Path(load_recipe(path).workdir)
+    scores = workdir / METRICS.parent / FILE
+    return read_scores(scores) if scores.is_file() else None
+
+
+def best_models(
+    frame: Any, models: Sequence[str], resamples: int = RESAMPLES, level: float = 0.95
+) -> dict[str, str | None]:
+    """Per column label: the model that is best and significantly better than every other model (paired bootstrap
+    on the same items, Holm-corrected over every test of the table), else None."""
+    from fuse.item_scores import column_value, columns_of, item_values
+    from fuse.stats import holm, paired_bootstrap
+
+    leaders: dict[str, str] = {}
+    p_values: dict[tuple[str, str], float] = {}
+    for column in columns_of(frame):
+        scored = {m: v for m in models if (v := column_value(frame, m, column)) is not None}
+        if len(scored) < 2 or len(set(scored.values())) < 2:
+            continue
+        pick = min if column.lower_is_better else max
+        leader = pick(scored, key=scored.__getitem__)
+        leaders[column.label] = leader
+        values, size = item_values(frame, leader, column)
+        for other in scored.keys() - {leader}:
+            difference = paired_bootstrap(
+                values, item_values(frame, other, column)[0], size, resamples=resamples, level=level
+            )
+            p_values[(column.label, other)] = difference.p_value
+    adjusted = holm(p_values)  # keyed by (column, model): any hashable key works
+    alpha = 1 - level
+    return {
+        label: leader if all(adjusted[key] < alpha for key in p_values if key[0] == label) else None
+        for label, leader in leaders.items()
+    }
+
+
+def differences(
+    frame: Any, models: Sequence[str], baseline: str, resamples: int = RESAMPLES, level: float = 0.95
+) -> dict[tuple[str, str], tuple[Any, float]]:
+    """{(model, column label): (its paired difference to the baseline, Holm-adjusted p over the table)}."""
+    from fuse.item_scores import columns_of, item_values
+    from fuse.stats import holm, paired_bootstrap
+
+    found: dict[tuple[str, str], Any] = {}
+    for column in columns_of(frame):
+        base, size = item_values(frame, baseline, column)
+        for model in (m for m in models if m != baseline):
+            values = item_values(frame, model, column)[0]
+            if len(base) >= 2 and len(values) == len(base):
+                found[(model, column.label)] = paired_bootstrap(
+                    values, base, size, resamples=resamples, level=level
+                )
+    adjusted = holm({key: d.p_value for key, d in found.items()})
+    return {key: (d, adjusted[key]) for key, d in found.items()}
+
+
+def differences_markdown(
+    found: Mapping[tuple[str, str], tuple[Any, float]], baseline: str, level: float = 0.95, pooled: str = ""
+) -> str:
+    """Model rows, one column per metric: 'difference [CI]', with † where the Holm-adjusted p < 1 − level."""
+    if not found:
+        return ""
+    labels = list(dict.fromkeys(label for _, label in found))
+    models = list(dict.fromkeys(model for model, _ in found))
+    lines = [
+        f"Paired differences to **{baseline}** (model − {baseline}; {round(level * 100)}% bootstrap CI{pooled}; "
+        f"† significant after Holm's correction over the {len(found)} tests of this table):",
+        "",
+        "| model | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    for model in models:
+        cells = []
+        for label in labels:
+            if (model, label) not in found:
+                cells.append("–")
+                continue
+            difference, adjusted = found[(model, label)]
+            mark = " †" if adjusted < 1 - level and difference.significant else ""
+            cells.append(difference.format() + mark)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def default_baseline(models: Sequence[str]) -> str | None:
+    """What a fusion is judged against: the SFT-only baseline (same data, same budget), else the pivot."""
+    for name in models:
+        if name.endswith(SFT_BASELINE):
+            return name
+    return next((name for name in models if name.endswith("pivot")), None)
+
+
+def compare(
+    paths: Sequence[str | Path],
+    models: Sequence[str] | None = None,
+    baseline: str | None = None,
+    resamples: int = RESAMPLES,
+) -> str:
     from fuse.evaluation import markdown_table
 
     runs: dict[str, dict[str, Any]] = {}
+    frames: dict[str, Any] = {}
     for path in paths:
         name, metrics = run_metrics(path)
         if name in runs:
             name = f"{name}@{path}"
         runs[name] = metrics
+        frames[name] = run_scores(path)
     joined = side_by_side(runs, models)
     if not joined["models"]:
         raise RecipeError(f"no model named {', '.join(models or [])} in the runs' evaluations")
-    return markdown_table(joined)
+    if any(frame is None for frame in frames.values()):
+        note = "(no per-item scores in some run: no significance tests; bold = best value)\n"
+        return markdown_table(joined) + note
+    frame = joined_scores(frames, list(joined["models"]))
+    names = list(joined["models"])
+    text = markdown_table(joined, best=best_models(frame, names, resamples))
+    text += SIGNIFICANCE_NOTE
+    if baseline is not None:
+        matches = [n for n in names if n == baseline or n.endswith(f"/{baseline}")]
+        if len(matches) != 1:
+            raise RecipeError(
+                f"--baseline {baseline}: matches {matches or 'no model'} (models: {', '.join(names)})"
+            )
+        text += "\n" + differences_markdown(differences(frame, names, matches[0], resamples), matches[0])
+    return text
+
+
+def joined_scores(frames: Mapping[str, Any], names: Sequence[str]) -> Any:
+    """Every run's per-item rows with models named `<run>/<model>`, only the named ones."""
+    import pandas as pd
+
+    parts = []
+    for run, frame in frames.items():
+        frame = frame.assign(model=run + "/" + frame["model"])
+        parts.append(frame[frame["model"].isin(names)])
+    return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------- seeds
+
+
+def seed_units(paths: Sequence[str | Path]) -> list[tuple[dict[str, Any], Any]]:
+    """(metrics, per-item scores) of each run, runs of one experiment under different seeds."""
+    units = []
+    for path in paths:
+        _, metrics = run_metrics(path)
+        frame = run_scores(path)
+        if frame is None:
+            raise RecipeError(f"{path}: its evaluation kept no per-item scores (rerun evaluate)")
+        units.append((metrics, frame))
+    if len(units) < 2:
+        raise RecipeError("pooling over seeds needs at least two runs")
+    return units
+
+
+def pooled_over_seeds(
+    frames: Sequence[Any], models: Sequence[str], baseline: str | None, resamples: int = RESAMPLES
+) -> str:
+    """Each model's value per column as mean ± SD over the seed units, and its difference to the baseline pooled
+    over seeds (the mean of per-seed paired differences, with a seed-then-item bootstrap CI)."""
+    from fuse.item_scores import column_value, columns_of, item_values
+    from fuse.stats import clustered_bootstrap, holm, seed_summary
+
+    columns = columns_of(frames[0])
+    lines = [
+        f"Over {len(frames)} seeds (mean ± SD of each seed's value):",
+        "",
+        "| model | " + " | ".join(c.label for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for model in models:
+        cells = []
+        for column in columns:
+            values = [v for frame in frames if (v := column_value(frame, model, column)) is not None]
+            cells.append(_mean_sd(seed_summary(values)) if values else "–")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if baseline is None:
+        return text
+    found = {}
+    for column in columns:
+        for model in (m for m in models if m != baseline):
+            units = []
+            for frame in frames:
+                base, size = item_values(frame, baseline, column)
+                values = item_values(frame, model, column)[0]
+                if len(base) and len(values) == len(base):
+                    units.append((values, base, size))
+            if len(units) >= 2:
+                found[(model, column.label)] = clustered_bootstrap(units, resamples=resamples)
+    adjusted = holm({key: d.p_value for key, d in found.items()})
+    table = {key: (d, adjusted[key]) for key, d in found.items()}
+    return text + "\n" + differences_markdown(table, baseline, pooled=", seeds then items resampled")
+
+
+def _mean_sd(summary: Any) -> str:
+    return f"{summary.mean:.3f}" if summary.n < 2 else f"{summary.mean:.3f} ± {summary.sd:.3f}"
+
+
+def compare_seeds(paths: Sequence[str | Path], models: Sequence[str] | None, baseline: str | None) -> str:
+    units = seed_units(paths)
+    names = [n for n in units[0][0]["models"] if not models or n in models]
+    if not names:
+        raise RecipeError(f"no model named {', '.join(models or [])} in the runs' evaluations")
+    baseline = baseline or default_baseline(names)
+    if baseline is not None and baseline not in names:
+        raise RecipeError(f"--baseline {baseline}: no such model (models: {', '.join(names)})")
+    return pooled_over_seeds([frame for _, frame in units], names, baseline)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     models = [m for item in args.models for m in item.split(",") if m] if args.models else None
-    print(compare(args.runs, models), end="")
+    if args.seeds:
+        print(compare_seeds(args.runs, models, args.baseline), end="")
+    else:
+        print(compare(args.runs, models, args.baseline), end="")
     return 0
 
 
@@ -86,5 +297,15 @@ def add_parser(sub: Any) -> None:
         "--models",
         action="append",
         help="only these models of each run, e.g. --models merge,distill.sft_baseline (repeatable)",
+    )
+    p.add_argument(
+        "--baseline",
+        help="also give every model's paired difference to this one, with its CI (with --seeds: default the "
+        "SFT-only baseline, else the pivot)",
+    )
+    p.add_argument(
+        "--seeds",
+        action="store_true",
+        help="the runs are one experiment under different seeds: mean ± SD per model, differences pooled over seeds",
     )
     p.set_defaults(handler=cmd_compare)

@@ -36,6 +36,7 @@ ROLES = {
     "targets": "target models, labelled by source (merge) or by instance (evaluate)",
     "fused": "the fused model (merge, and fpo.merged when fpo runs after it)",
     "sft_baseline": "the SFT-only baseline model",
+    "controls": "a control arm's model (distill.self_distill, distill.label_smoothing, distill.oracle)",
     "evaluation": "the evaluate stage's metrics",
     "teacher_signal": "an align stage's teacher-signal report, labelled by source",
 }
@@ -88,7 +89,11 @@ def instance_settings(recipe: Recipe, instance: Instance) -> Any:
     if hasattr(settings, "for_model"):
         settings = settings.for_model(instance.key)
     if instance.option("sft_only", False):
-        settings = settings.sft_only()
+        return settings.sft_only()
+    if instance.option("control"):
+        return settings.for_control(str(instance.option("control")))
+    if instance.stage == "distill":
+        return settings.for_arm()
     return settings
 
 
@@ -202,6 +207,13 @@ def build_dag(recipe: Recipe) -> Dag:
                 options=(("sft_only", True),),
             )
             dag.add(baseline)
+        for control in s.distill.controls:
+            # the pivot's own store: self_distill's teacher, and the oracle's tokens are checked against it
+            teacher = (
+                data if control == "label_smoothing" else data + edges("pivot_logprobs", "extract.pivot")
+            )
+            options = (("control", control),)
+            dag.add(Instance(f"distill.{control}", "distill", control, teacher, ("pivot",), options=options))
 
     fpo_on = s.fpo.enabled
     scored = [*sources, "pivot"] if s.fpo.include_pivot else list(sources)
@@ -250,6 +262,8 @@ def build_dag(recipe: Recipe) -> Dag:
         for instance in dag:
             if instance.name == "distill.sft_baseline":
                 made.append(Edge("sft_baseline", instance.name, instance.name))
+            elif instance.option("control"):
+                made.append(Edge("controls", instance.name, instance.name))
             elif instance.stage == "merge" or instance.name == "fpo.merged":
                 made.append(Edge("fused", instance.name, instance.name))
             elif instance.stage in ("distill", "fpo"):

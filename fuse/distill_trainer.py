@@ -89,6 +89,7 @@ class DistillTrainer(RecordedMetrics, Trainer):
             lambda_=s.lambda_,
             temperature=s.temperature,
             kind=s.divergence,
+            label_smoothing=s.label_smoothing if model.training else 0.0,  # validation scores plain gold CE
         )
         if model.training:
             self.record("gold_ce", parts.gold_ce.item())
@@ -99,7 +100,7 @@ class DistillTrainer(RecordedMetrics, Trainer):
 
 def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     """The builder named in distill jobs: λ, temperature and divergence from the job's DistillSettings; params:
-    model (a ModelSpec dump), train_data (a dataset folder)."""
+    model (a ModelSpec dump), train_data and validation_data (dataset folders; validation optional)."""
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
@@ -107,10 +108,12 @@ def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     settings = job.load_settings()
     model = load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
     dataset = load_from_disk(params["train_data"])
+    validation = params.get("validation_data")
     return DistillTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=load_from_disk(validation) if validation else None,
         data_collator=sparse_collator(pad_id(tokenizer)),
         processing_class=tokenizer,
         settings=settings,

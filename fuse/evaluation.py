@@ -145,29 +145,44 @@ def text_start_id(tokenizer: Any) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def ce_per_byte(
+def text_nll(
     model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024, batch_size: int = 16
-) -> float:
-    """Summed next-token NLL (nats) over all tokens of all texts / their UTF-8 bytes: comparable across vocabularies.
+) -> tuple[list[float], list[int]]:
+    """Per text: summed next-token NLL (nats) of all its tokens given the document start, and its UTF-8 bytes.
 
-    Texts go in length-sorted, right-padded batches; padded positions are masked out of the loss, so the sum is
-    the same as one forward per text (a causal model never attends to the padding after a token).
+    Texts go in length-sorted, right-padded batches; padded positions are masked out, so each row is the same as
+    one forward per text (a causal model never attends to the padding after a token).
     """
-    from fuse.backends.hf import summed_nll
+    import torch
+
+    from fuse.backends.hf import batch_logprobs, pad_right
 
     start = text_start_id(tokenizer)
     if start is None:
         raise EvaluationError("per-byte CE needs a BOS or EOS token to condition the first token on")
-    encoded = sorted(
-        ([start, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1]] for t in texts),
-        key=len,
-    )
-    # Through the chunked output head: never a batch's full-vocabulary logits (262k vocabularies).
-    total_nll = sum(
-        summed_nll(model, encoded[first : first + batch_size]) for first in range(0, len(encoded), batch_size)
-    )
-    total_bytes = sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in encoded)
-    return total_nll / max(1, total_bytes)
+    encoded = [[start, *tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1]] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    nll = [0.0] * len(encoded)
+    device = next(model.parameters()).device
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        rows = [encoded[i] for i in batch]
+        # through the chunked output head: never a batch's full-vocabulary logits (262k vocabularies)
+        out = batch_logprobs(model, pad_right(rows).to(device), [len(r) for r in rows], 0)
+        for i, logprobs in zip(
+            batch, torch.split(out.target_logprobs.double().cpu(), out.counts), strict=True
+        ):
+            nll[i] = -float(logprobs.sum())
+    size = [len(tokenizer.decode(row[1:]).encode("utf-8")) for row in encoded]
+    return nll, size
+
+
+def ce_per_byte(
+    model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024, batch_size: int = 16
+) -> float:
+    """Summed next-token NLL (nats) over all tokens of all texts / their UTF-8 bytes: comparable across vocabularies."""
+    nll, size = text_nll(model, tokenizer, texts, max_length, batch_size)
+    return sum(nll) / max(1, sum(size))
 
 
 @dataclass(frozen=True)
@@ -303,23 +318,40 @@ def evaluate_model(
         spec, dtype="float32" if device == "cpu" else None, device=device, device_map=shard
     ).eval()
     result: dict[str, Any] = {"path": spec.path}
+    per_item: dict[str, Any] = {}  # every item's score, for paired comparisons (fuse.item_scores)
     if items:
         completions = generate_greedy(model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size)
+        per_item["skill"] = [
+            int(normalize_answer(c) == normalize_answer(i.answer))
+            for i, c in zip(items, completions, strict=True)
+        ]
         result["skills"] = skill_accuracy(items, completions)
         result["mean_accuracy"] = sum(result["skills"].values()) / len(result["skills"])
         result["samples"] = example_outputs(items, completions, per_skill=2)
     if texts:
-        result["ce_per_byte"] = ce_per_byte(model, tokenizer, texts)
+        nll, size = text_nll(model, tokenizer, texts)
+        per_item["text"] = {"nll": nll, "bytes": size}
+        result["ce_per_byte"] = sum(nll) / max(1, sum(size))
         result["bits_per_byte"] = result["ce_per_byte"] / math.log(2)
     if domains:
-        result["domain_ce"] = domain_ce_per_byte(model, tokenizer, domains)
+        nll = response_nll(model, tokenizer, domains)
+        per_item["domain"] = {"nll": nll, "bytes": [s.response_bytes for s in domains]}
+        result["domain_ce"] = domain_limits(
+            [DomainSample(s.domain, s.messages, value) for s, value in zip(domains, nll, strict=True)]
+        )
         result["mean_domain_ce"] = sum(result["domain_ce"].values()) / len(result["domain_ce"])
     if lm_eval is not None and lm_eval.tasks:
         from fuse.lm_eval import run_lm_eval
 
         del model  # lm-eval loads the model itself
-        result["lm_eval"] = run_lm_eval(spec.path, lm_eval, spec.trust_remote_code)
+        lm = run_lm_eval(spec.path, lm_eval, spec.trust_remote_code)
+        result["lm_eval"], result["lm_eval_stderr"] = lm.metrics, lm.stderr
+        per_item["lm_eval"] = lm.per_sample
+    result[ITEMS] = per_item
     return result
+
+
+ITEMS = "per_item"  # the key of a result's per-item scores: written to scores.parquet, not to metrics.json
 
 
 def collect_metrics(
@@ -366,9 +398,10 @@ DOMAIN_PREFIX = "CE "  # a domain's column: "CE harbor"
 MEAN_DOMAIN = "CE mean"
 
 
-def markdown_table(metrics: Mapping[str, Any]) -> str:
+def markdown_table(metrics: Mapping[str, Any], best: Mapping[str, str | None] | None = None) -> str:
     """Rows = models (+ a `limit` row with domains), columns = skills + mean accuracy + CE/byte of general text
-    + CE/byte per domain and their mean; the best model value in each column in bold (never the limit)."""
+    + CE/byte per domain and their mean. Bold: `best[column]` when given (the significantly best model, from
+    paired tests: fuse.compare.best_models), else the best value in each column (never the limit)."""
     skills = list(metrics["skills"])
     domains = list(metrics.get("domains", []))
     rows = metrics["models"]
@@ -388,19 +421,22 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
             return result.get("domain_ce", {}).get(column.removeprefix(DOMAIN_PREFIX))
         return result.get("skills", {}).get(column)
 
-    best = {}
+    bold: dict[str, float | None] = {}
     for column in columns:
         values = [v for r in rows.values() if (v := value(r, column)) is not None]
         # a column where every model scores the same (all 0.00) has no best
         distinct = len(set(values)) > 1
-        best[column] = (min if column in lower_is_better else max)(values) if distinct else None
+        bold[column] = (min if column in lower_is_better else max)(values) if distinct else None
+        if best is not None:
+            leader = best.get(column)
+            bold[column] = value(rows[leader], column) if leader in rows else None
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, result in rows.items():
         cells = []
         for column in columns:
             v = value(result, column)
             text = "–" if v is None else (f"{v:.3f}" if column in lower_is_better else f"{v:.2f}")
-            cells.append(f"**{text}**" if v is not None and v == best[column] and len(rows) > 1 else text)
+            cells.append(f"**{text}**" if v is not None and v == bold[column] and len(rows) > 1 else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "limit" in metrics:
         cells = [value(metrics["limit"], c) for c in columns]

@@ -250,12 +250,14 @@ def distill_loss(
     temperature: float = 1.0,
     kind: str = "ce",
     fused: bool = True,
+    label_smoothing: float = 0.0,
 ) -> LossParts:
     """L = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ), averaged over response tokens (labels != -100).
 
     `logits` [B, T, V]; `labels` [B, T] are the input ids with prompts masked (HF convention: shifted here);
     `target_ids`/`target_probs` [B, T, J] are the teacher's distribution for the token AT each position.
     `fused` uses FusedSparseCE at temperature 1 (same values and gradients as the autograd path, less memory).
+    `label_smoothing` ε smooths the gold term: (1 − ε)·CE(gold) + ε·mean over the vocabulary of −log q.
     """
     # Shift the labels and targets, not the logits (as HF's causal-LM loss does): logits stay a view, so the
     # only [B·T, V] buffers are the logits and their gradient.
@@ -264,15 +266,22 @@ def distill_loss(
     gold = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     mask = gold != IGNORE_INDEX
     tokens = int(mask.sum())
+
+    def gold_term() -> torch.Tensor:
+        summed = F.cross_entropy(
+            flat, gold, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+        )
+        return summed / max(tokens, 1)
+
     if target_ids is None or lambda_ >= 1.0:
-        gold_mean = F.cross_entropy(flat, gold, ignore_index=IGNORE_INDEX, reduction="sum") / max(tokens, 1)
+        gold_mean = gold_term()
         return LossParts(gold_mean, gold_mean.detach(), None, tokens)
     ids = F.pad(target_ids[:, 1:], (0, 0, 0, 1), value=PAD_ID).reshape(-1, target_ids.shape[-1])
     probs = F.pad(target_probs[:, 1:], (0, 0, 0, 1), value=0.0).reshape(-1, target_ids.shape[-1])
     # Positions without a teacher (no stored ids, or outside the response) get the gold term only.
     has_teacher = (ids >= 0).any(dim=-1) & mask
     n_teacher = max(int(has_teacher.sum()), 1)
-    if fused and temperature == 1.0 and kind in DIVERGENCES:
+    if fused and temperature == 1.0 and kind in DIVERGENCES and label_smoothing == 0.0:
         p, p_tail = teacher_buckets(probs.float(), 1.0)
         p, p_tail = p * has_teacher.unsqueeze(-1), p_tail * has_teacher
         gold_ce, teacher = FusedSparseCE.apply(flat, gold.clamp(min=0), ids, p, p_tail)
@@ -281,7 +290,7 @@ def distill_loss(
         gold_mean = (gold_ce * mask).sum() / max(tokens, 1)
         distill_mean = (teacher * has_teacher).sum() / n_teacher
     else:
-        gold_mean = F.cross_entropy(flat, gold, ignore_index=IGNORE_INDEX, reduction="sum") / max(tokens, 1)
+        gold_mean = gold_term()
         sel = has_teacher
         distill_mean = sparse_divergence(flat[sel], ids[sel], probs[sel], temperature, kind).sum() / n_teacher
     loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean

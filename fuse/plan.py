@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from fuse.dag import Dag, Instance, instance_settings
-from fuse.fingerprint import fingerprint, path_digest
+from fuse.fingerprint import file_digest, fingerprint, path_digest
 from fuse.models import identity
 from fuse.recipe import DatasetSpec, Recipe
 from fuse.stage_table import STAGE_TABLE
@@ -83,7 +83,15 @@ def _dataset_part(spec: DatasetSpec | None) -> Any:
     return part
 
 
+def _store_digests(index: str) -> dict[str, str]:
+    """A log-prob store named by its shards' headers, which carry every data file's sha256: its content."""
+    root = Path(index).expanduser().parent
+    return {p.parent.name: file_digest(p) for p in sorted(root.glob("shard-*/header.json"))}
+
+
 def _extra_parts(recipe: Recipe, instance: Instance) -> dict[str, Any]:
+    if instance.option("control") == "oracle":
+        return {"oracle_store": _store_digests(recipe.stages.distill.oracle_teacher or "")}
     if instance.stage == "prepare":
         return {
             "data": {

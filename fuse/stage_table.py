@@ -36,14 +36,14 @@ STAGE_TABLE: dict[str, StageInfo] = {
         StageInfo("score", 2, "source", sharded=True),
         # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal
         StageInfo("align", 2, "source"),
-        # 2: fusion CE per byte over content tokens only
-        StageInfo("distill", 2, "source", trains=True),
+        # 2: fusion CE per byte over content tokens only; 3: control arms, validation with the best checkpoint kept
+        StageInfo("distill", 3, "source", trains=True),
         # 2: pairs truncated by any score refused; held-out pairs against the fused reference
         StageInfo("fpo", 2, "target", trains=True),
         # 2: sce = FuseChat's SCE, one target copied, diagnostics
         StageInfo("merge", 2, "run"),
-        # 2: per-domain CE/byte and the limit row
-        StageInfo("evaluate", 2, "run"),
+        # 2: per-domain CE/byte and the limit row; 3: every item's score (scores.parquet), paired differences
+        StageInfo("evaluate", 3, "run"),
         # 3: the merge diagnostics in the model card
         StageInfo("publish", 3, "run"),
     )

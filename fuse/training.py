@@ -209,6 +209,16 @@ def training_arguments(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if getattr(settings, "validation", False):
+        # one selection rule for every arm: the validation loss at every checkpoint, the best one kept
+        values.update(
+            eval_strategy="steps",
+            eval_steps=settings.save_steps,
+            per_device_eval_batch_size=settings.per_device_batch_size,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+        )
     if launched:
         values["deepspeed"] = deepspeed_config(settings, gpu)
         values["accelerator_config"] = {"use_configured_state": True}
@@ -412,6 +422,7 @@ def run_job(
         "resumed_from": resume and resume.name,
         "global_step": trainer.state.global_step,
         **result.metrics,
+        **best_checkpoint(trainer.state),
     }
     if trainer.is_world_process_zero():
         plot_loss_curves(
@@ -419,6 +430,18 @@ def run_job(
         )
         write_json_atomic(Path(job.log_dir) / "summary.json", summary)
     return summary
+
+
+def best_checkpoint(state: Any) -> dict[str, Any]:
+    """With validation: the kept checkpoint's step and validation loss, and the validation curve."""
+    if state.best_model_checkpoint is None:
+        return {}
+    curve = [(e["step"], e["eval_loss"]) for e in state.log_history if "eval_loss" in e]
+    return {
+        "best_step": checkpoint_step(Path(state.best_model_checkpoint)),
+        "best_validation_loss": state.best_metric,
+        "validation_curve": curve,
+    }
 
 
 def free_port() -> int:

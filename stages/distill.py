@@ -2,7 +2,8 @@
 where P_fused fuses, per sequence, the pivot's own top-K and the source's top-K projected onto the pivot's vocab.
 
 Reads extract.pivot and align.<source> (same store format, same samples, the pivot's tokens); distill.sft_baseline
-(option sft_only) reads the prepared SFT split only and trains with λ = 1. Writes out/model (a full HF checkpoint)
+(option sft_only) reads the prepared SFT split only and trains with λ = 1; the control arms (distill.self_distill,
+distill.label_smoothing, distill.oracle) train the same way with one teacher, or none. Writes out/model (a full HF checkpoint)
 and out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the loss plot to <stage>/logs.
 """
 
@@ -112,13 +113,37 @@ def distill_rows(
         }
 
 
-def sft_rows(prepare_out: str, model: dict[str, Any], max_length: int) -> Iterator[dict[str, Any]]:
-    """The SFT baseline's rows: the prepared split rendered with the pivot's template, tokens as extract makes them."""
+def single_teacher_rows(pivot_path: str, teacher_path: str, max_length: int) -> Iterator[dict[str, Any]]:
+    """Control arms' rows: one teacher's distribution as the target, no fusion (the pivot's own store for
+    self-distillation, an oracle's store on the pivot's tokens). A sample the teacher lacks gets gold labels only."""
+    teacher_store = LogprobReader(teacher_path)
+    for pivot in LogprobReader(pivot_path):
+        if pivot.id in teacher_store:
+            teacher = check_pair(pivot, teacher_store.get(pivot.id), teacher_path)
+            ids, probs = fused_targets(teacher, teacher, np.array([1.0, 0.0]))  # one teacher, as it is
+        else:
+            ids, probs = np.full((len(pivot.input_ids), 1), -1), np.zeros((len(pivot.input_ids), 1))
+        n = min(len(pivot.input_ids), max_length)
+        yield {
+            "id": pivot.id,
+            "input_ids": pivot.input_ids[:n].tolist(),
+            "labels": labels_for(pivot.input_ids, pivot.mask)[:n].tolist(),
+            "target_ids": ids[:n].reshape(-1).tolist(),
+            "target_probs": probs[:n].reshape(-1).astype(np.float32).tolist(),
+            "target_width": int(ids.shape[1]),
+        }
+
+
+def sft_rows(
+    prepare_out: str, model: dict[str, Any], max_length: int, split: str = "train"
+) -> Iterator[dict[str, Any]]:
+    """Gold rows of a prepared SFT split rendered with the pivot's template, tokens as extract makes them: the
+    SFT-only arms' training rows, and every arm's validation rows (split "heldout")."""
     tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
-    for number, row in enumerate(load_split(prepare_out, "sft", "train")):
+    for number, row in enumerate(load_split(prepare_out, "sft", split)):
         try:
             chat = render_chat(
-                tokenizer, row["messages"], max_length=max_length, where=f"sft/train row {number}: "
+                tokenizer, row["messages"], max_length=max_length, where=f"sft/{split} row {number}: "
             )
         except ChatRenderError as error:  # extract skips the same rows for the targets
             logging.getLogger(__name__).warning("skipped: %s", error)
@@ -159,19 +184,21 @@ def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def check_inputs(ctx: StageContext, sft_only: bool) -> None:
+def check_inputs(ctx: StageContext, arm: str) -> None:
     settings = ctx.settings
     try:
         get_fusion(settings.fusion)
     except ValueError as error:
         raise DistillInputError(f"stages.distill.fusion: {error}") from None
-    if not sft_only:
-        for role in ("pivot_logprobs", "alignment"):
-            folder = ctx.input(role)
-            if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
-                raise DistillInputError(
-                    f"{ctx.instance.name}: input {ctx.parent(role)} ({folder}) holds no log-prob store"
-                )
+    roles = {"target": ("pivot_logprobs", "alignment"), "self_distill": ("pivot_logprobs",)}.get(arm, ())
+    for role in roles:
+        folder = ctx.input(role)
+        if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
+            raise DistillInputError(
+                f"{ctx.instance.name}: input {ctx.parent(role)} ({folder}) holds no log-prob store"
+            )
+    if arm == "oracle" and not Path(settings.oracle_teacher).is_file():
+        raise DistillInputError(f"stages.distill.oracle_teacher: {settings.oracle_teacher} does not exist")
 
 
 def own_extract(ctx: StageContext) -> str | None:
@@ -179,42 +206,76 @@ def own_extract(ctx: StageContext) -> str | None:
     return str(ctx.input("source_logprobs")) if ctx.has_input("source_logprobs") else None
 
 
-def training_data(ctx: StageContext, sft_only: bool) -> tuple[Path, dict[str, Any]]:
+def arm_of(ctx: StageContext) -> str:
+    """What this instance trains: a target (fused teachers), the SFT-only baseline or a control arm."""
+    if ctx.instance.option("sft_only", False):
+        return "sft_only"
+    control = ctx.instance.option("control")
+    return "sft_only" if control == "label_smoothing" else str(control or "target")
+
+
+def rows_of(ctx: StageContext, arm: str) -> tuple[Any, dict[str, Any]]:
+    """The row generator of an arm and its arguments (plain values: datasets hashes them)."""
+    settings = ctx.settings
+    if arm == "sft_only":
+        model = ctx.model_spec("pivot").model_dump(mode="json")
+        return sft_rows, {
+            "prepare_out": str(ctx.input("data")),
+            "model": model,
+            "max_length": settings.max_length,
+        }
+    pivot = str(ctx.input("pivot_logprobs"))
+    if arm in ("self_distill", "oracle"):
+        teacher = pivot if arm == "self_distill" else str(Path(settings.oracle_teacher).parent)
+        return single_teacher_rows, {
+            "pivot_path": pivot,
+            "teacher_path": teacher,
+            "max_length": settings.max_length,
+        }
+    return distill_rows, {
+        "pivot_path": pivot,
+        "aligned_path": str(ctx.input("alignment")),
+        "fusion": settings.fusion,
+        "max_length": settings.max_length,
+        "source_path": own_extract(ctx),
+    }
+
+
+def training_data(ctx: StageContext, arm: str) -> tuple[Path, dict[str, Any]]:
     """Build (or, on a resumed run, reuse) the training rows under <stage>/checkpoints/train_data."""
     path = ctx.dir / "checkpoints" / "train_data"
-    settings = ctx.settings
     if (path / "dataset_info.json").is_file():
         dataset = load_from_disk(str(path))
-    elif sft_only:
-        model = ctx.model_spec("pivot").model_dump(mode="json")
-        dataset = write_rows(
-            sft_rows,
-            {"prepare_out": str(ctx.input("data")), "model": model, "max_length": settings.max_length},
-            path,
-        )
     else:
-        dataset = write_rows(
-            distill_rows,
-            {
-                "pivot_path": str(ctx.input("pivot_logprobs")),
-                "aligned_path": str(ctx.input("alignment")),
-                "fusion": settings.fusion,
-                "max_length": settings.max_length,
-                "source_path": own_extract(ctx),
-            },
-            path,
-        )
+        dataset = write_rows(*rows_of(ctx, arm), path)
     if len(dataset) == 0:
         raise DistillInputError(f"{ctx.instance.name}: no training sample has a response token")
-    return path, data_report(dataset, sft_only)
+    return path, data_report(dataset, arm != "target")
+
+
+def validation_data(ctx: StageContext) -> Path | None:
+    """With stages.distill.validation: the prepared held-out SFT split's gold rows, the same for every arm."""
+    if not ctx.settings.validation:
+        return None
+    path = ctx.dir / "checkpoints" / "validation_data"
+    if (path / "dataset_info.json").is_file():
+        return path
+    model = ctx.model_spec("pivot").model_dump(mode="json")
+    arguments = {"prepare_out": str(ctx.input("data")), "model": model, "max_length": ctx.settings.max_length}
+    if len(write_rows(sft_rows, arguments | {"split": "heldout"}, path)) == 0:
+        raise DistillInputError(
+            "stages.distill.validation: the prepared SFT held-out split is empty (set data.heldout_fraction > 0)"
+        )
+    return path
 
 
 def run(ctx: StageContext) -> None:
-    sft_only = bool(ctx.instance.option("sft_only", False))
+    arm = arm_of(ctx)
     settings = ctx.settings
     check_settings(settings, "stages.distill")
-    check_inputs(ctx, sft_only)
-    data_path, report = training_data(ctx, sft_only)
+    check_inputs(ctx, arm)
+    data_path, report = training_data(ctx, arm)
+    validation = validation_data(ctx)
     ctx.log.info("%s: %s", ctx.instance.name, report)
     job = make_job(
         BUILDER,
@@ -224,16 +285,21 @@ def run(ctx: StageContext) -> None:
         "stages.distill",
         model=ctx.model_spec("pivot").model_dump(mode="json"),
         train_data=str(data_path),
+        validation_data=validation and str(validation),
     )
     summary = train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
     write_json_atomic(
         ctx.out / "distill_report.json",
         {
             "instance": ctx.instance.name,
+            "arm": arm
+            if not ctx.instance.option("control")
+            else f"control: {ctx.instance.option('control')}",
             "lambda": settings.lambda_,
-            "fusion": None if sft_only else settings.fusion,
+            "fusion": settings.fusion if arm == "target" else None,
             "divergence": settings.divergence,
             "temperature": settings.temperature,
+            "label_smoothing": settings.label_smoothing,
             "data": report,
             "training": summary,
         },

@@ -11,14 +11,19 @@ import io
 from pathlib import Path
 from typing import Any
 
-from fuse import evaluation
+from fuse import compare, evaluation, item_scores
 from fuse.context import StageContext
 from fuse.data.prepared import load_split
 from fuse.evaluation import load_texts, markdown_table, plot_accuracy
 from fuse.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fuse.recipe import ModelSpec
 
-MADE = ("targets", "fused", "sft_baseline")  # `include` groups whose models the run made (input roles)
+MADE = (
+    "targets",
+    "fused",
+    "sft_baseline",
+    "controls",
+)  # `include` groups whose models the run made (input roles)
 
 
 def models_to_evaluate(ctx: StageContext) -> dict[str, ModelSpec]:
@@ -80,8 +85,13 @@ def run(ctx: StageContext) -> None:
             spec, items, texts, settings.max_new_tokens, settings.batch_size, domains, settings.lm_eval
         )
         ctx.progress(done + 1, len(models), "model")
+    scores = item_scores.scores_table(
+        results, [i.skill for i in items], [d.domain for d in domains], evaluation.ITEMS
+    )
+    for result in results.values():
+        result.pop(evaluation.ITEMS, None)
     metrics = evaluation.collect_metrics(results, items, texts, domains)
-    write_outputs(ctx.out, metrics, settings)
+    write_outputs(ctx.out, metrics, settings, scores)
     ctx.log.info("evaluation:\n%s", evaluation.markdown_table(metrics))
 
 
@@ -94,15 +104,36 @@ def lm_eval_markdown(metrics: dict[str, Any]) -> list[str]:
     lines = ["## lm-evaluation-harness", "", "| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |"]
     lines.append("|---" * (len(columns) + 1) + "|")
     for name, table in rows.items():
-        cells = [f"{table[t][m]:.3f}" if m in table.get(t, {}) else "–" for t, m in columns]
+        errors = metrics["models"][name].get("lm_eval_stderr", {})
+        cells = [_with_stderr(table, errors, t, m) for t, m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
+def _with_stderr(table: dict, errors: dict, task: str, metric: str) -> str:
+    if metric not in table.get(task, {}):
+        return "–"
+    error = errors.get(task, {}).get(metric)
+    return f"{table[task][metric]:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+
+
+def significance(scores: Any, names: list[str]) -> tuple[dict[str, str | None] | None, str]:
+    """The significantly best model per column, and every model's paired difference to the SFT-only baseline (else
+    the pivot), from the per-item scores; (None, "") when there is nothing to pair."""
+    frame = scores.to_pandas()
+    if frame.empty or len(names) < 2:
+        return None, ""
+    baseline = compare.default_baseline(names)
+    found = compare.differences(frame, names, baseline) if baseline else {}
+    return compare.best_models(frame, names), compare.differences_markdown(found, baseline or "")
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], settings: Any, scores: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics | {"settings": settings.model_dump(mode="json")})
-    lines = ["# Evaluation", "", markdown_table(metrics)]
+    item_scores.write_scores(out / item_scores.FILE, scores)
+    best, paired = significance(scores, list(metrics["models"]))
+    lines = ["# Evaluation", "", markdown_table(metrics, best)]
     lines.append(
         "Accuracy: exact match of the greedy answer (own chat template) on held-out items; "
         "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better); "
@@ -110,6 +141,10 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any) -> None:
         "limit: the domain generator's own NLL per byte of those responses, the floor no model beats in "
         "expectation.\n"
     )
+    if best is not None:
+        lines.append(compare.SIGNIFICANCE_NOTE.strip() + f" Every item's score: {item_scores.FILE}.\n")
+    if paired:
+        lines.append(paired)
     lines += lm_eval_markdown(metrics)
     png = io.BytesIO()
     if plot_accuracy(metrics, png):

@@ -22,6 +22,7 @@ TABLE_ROWS = (  # the models the demo's result table must show
     *(f"fpo.{s}" for s in SOURCES),
     "merge",
     "distill.sft_baseline",
+    *(f"distill.{c}" for c in ("self_distill", "label_smoothing", "oracle")),
 )
 
 

@@ -62,6 +62,45 @@ def test_sft_baseline_and_three_sources(tmp_path):
     assert len(dag.of_stage("extract")) == 4
 
 
+def test_control_arms_are_evaluated_but_never_merged(tmp_path):
+    oracle = tmp_path / "oracle" / "index.json"
+    oracle.parent.mkdir()
+    oracle.write_text("{}")
+    controls = ["self_distill", "label_smoothing", "oracle"]
+    dag = _dag(tmp_path, distill={"controls": controls, "oracle_teacher": str(oracle)})
+    for control in controls:
+        arm = dag[f"distill.{control}"]
+        assert arm.option("control") == control and arm.models == ("pivot",)
+        assert ("controls", arm.name, arm.name) in _roles(dag["evaluate"])
+        assert arm.name not in dag["merge"].parents
+    assert dag["distill.label_smoothing"].parents == ("prepare",)  # no teacher at all
+    assert (
+        dag["distill.self_distill"].parents == dag["distill.oracle"].parents == ("prepare", "extract.pivot")
+    )
+
+
+def test_controls_and_the_baseline_do_not_make_the_targets_stale(tmp_path):
+    """Which arms exist is the DAG's shape, not a target's setting: adding a control reruns no target."""
+    from fuse.plan import fingerprints
+    from fuse.recipe import DistillSettings, RecipeError
+
+    def prints(**distill):
+        recipe = parse_recipe(toy_recipe(tmp_path, stages={"distill": distill}))
+        return {name: fp for name, (fp, _) in fingerprints(recipe, build_dag(recipe)).items()}
+
+    base = prints()
+    more = prints(controls=["self_distill", "label_smoothing"], sft_baseline=True)
+    assert more["distill.a"] == base["distill.a"] and more["merge"] == base["merge"]
+    assert more["distill.label_smoothing"] != more["distill.sft_baseline"]
+    smoothing = DistillSettings(controls=["label_smoothing"]).for_control("label_smoothing")
+    assert smoothing.lambda_ == 1.0 and smoothing.label_smoothing == 0.1
+    assert DistillSettings(lambda_=0.5).for_control("self_distill").lambda_ == 0.5
+    with pytest.raises(RecipeError, match="controls has oracle but oracle_teacher"):
+        parse_recipe(toy_recipe(tmp_path, stages={"distill": {"controls": ["oracle"]}}))
+    with pytest.raises(RecipeError, match="reserved"):
+        parse_recipe(toy_recipe(tmp_path, sources=("oracle", "b")))
+
+
 def test_pivot_among_fused_sources(tmp_path):
     dag = _dag(tmp_path, fpo={"include_pivot": True})
     assert "score.pivot" in dag["fpo.a"].parents

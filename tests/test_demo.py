@@ -1,4 +1,4 @@
-"""The shipped demo (examples/tiny-demo.yaml) end to end on the zoo, as `make demo` runs it: all 24 instances,
+"""The shipped demo (examples/tiny-demo.yaml) end to end on the zoo, as `make demo` runs it: all 27 instances,
 the published model, the result table; then a no-op rerun, and a changed setting rerunning only what it feeds.
 """
 
@@ -47,6 +47,21 @@ def finished_at(recipe: Path) -> dict[str, float]:
     return {name: m["finished_at"] for name, m in manifests.items()}
 
 
+def check_item_scores(metrics: dict, out: Path) -> None:
+    """scores.parquet holds every model's every item, and reproduces every aggregate of metrics.json."""
+    from fuse.item_scores import FILE, Column, column_value, read_scores
+
+    frame = read_scores(out / FILE)
+    assert set(frame["model"]) == set(metrics["models"])
+    for name, row in metrics["models"].items():
+        for domain, ce in row["domain_ce"].items():
+            assert column_value(frame, name, Column("domain", domain, "nll")) == pytest.approx(ce, rel=1e-12)
+        for skill, accuracy in row["skills"].items():
+            assert column_value(frame, name, Column("skill", skill, "correct")) == pytest.approx(accuracy)
+        assert column_value(frame, name, Column("text", "text", "nll")) == pytest.approx(row["ce_per_byte"])
+    assert "Paired differences to **distill.sft_baseline**" in (out / "metrics.md").read_text()
+
+
 def check_published(model: Path, merged: Path) -> None:
     """The published folder reloads, holds the merged weights, and generates."""
     import torch
@@ -72,14 +87,16 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     workdir = tmp_path / "run"
     recipe = demo_recipe(zoo.root, workdir, tmp_path / "tiny-demo.yaml")
     first = fuse_run(recipe)
-    assert "24 of 24 stage instances to run" in first.stdout
+    assert "27 of 27 stage instances to run" in first.stdout
     finished = finished_at(recipe)
-    assert len(finished) == 24
+    assert len(finished) == 27
 
     model = workdir / "publish" / "out" / "model"
     table = workdir / "evaluate" / "out" / "metrics.md"
     check_published(model, workdir / "merge" / "out" / "model")
-    check_metrics(json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text()))
+    metrics = json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text())
+    check_metrics(metrics)
+    check_item_scores(metrics, workdir / "evaluate" / "out")
     ending = first.stdout[first.stdout.index("finished in") :]
     assert f"published model: {model.resolve()}" in ending and f"results ({table.resolve()})" in ending
     printed = [line.split("|")[1].strip() for line in ending.splitlines() if line.startswith("| ")]
@@ -88,7 +105,7 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     assert all(f"| CE {domain} |" in header for domain in DOMAINS) and "| CE mean |" in header, header
 
     again = fuse_run(recipe)
-    assert "nothing to do: all 24 stage instances are done" in again.stdout
+    assert "nothing to do: all 27 stage instances are done" in again.stdout
     assert "HEAVY []" in again.stdout  # the no-op path stays light
     assert f"published model: {model.resolve()}" in again.stdout  # and still says where the result is
     assert finished_at(recipe) == finished
@@ -97,7 +114,7 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
         zoo.root, workdir, tmp_path / "tiny-demo.yaml", stages__merge__parameters__select_topk=0.7
     )
     third = fuse_run(changed)
-    assert "3 of 24 stage instances to run" in third.stdout
+    assert "3 of 27 stage instances to run" in third.stdout
     now = finished_at(changed)
     assert {name for name in now if now[name] != finished[name]} == {"merge", "evaluate", "publish"}
     assert f"published model: {model.resolve()}" in third.stdout

@@ -416,3 +416,91 @@ def test_the_sft_baseline_does_not_go_stale_when_the_teachers_settings_change(tm
     assert ablation["distill.a"] != base["distill.a"]
     assert prints(learning_rate=3e-4)["distill.sft_baseline"] != base["distill.sft_baseline"]
     assert DistillSettings(lambda_=0.5, fusion="avg_ce").sft_only().lambda_ == 1.0
+
+
+@pytest.fixture(scope="module")
+def arms_run(tmp_path_factory, pivot_dir):
+    """The distill_run world with a held-out split, validation on, and the teacher-free and self-teacher controls."""
+    from fuse.executor import run_stage
+    from fuse.recipe import parse_recipe
+
+    from tiny_lm import build, conversations
+
+    tmp = tmp_path_factory.mktemp("arms")
+    source_dir = build(tmp / "src", arch="llama", seed=1)
+    sft = tmp / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in conversations(16)))
+    distill = {
+        "max_steps": 4,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "per_device_batch_size": 2,
+        "learning_rate": 1e-3,
+        "max_length": 96,
+        "validation": True,
+        "controls": ["self_distill", "label_smoothing"],
+    }
+    off = {"enabled": False}
+    recipe = parse_recipe(
+        {
+            "name": "arms-test",
+            "workdir": str(tmp / "run"),
+            "pivot": {"path": str(pivot_dir)},
+            "sources": [{"name": "src", "path": str(source_dir)}],
+            "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.25},
+            "stages": {
+                "extract": {"top_k": 4, "max_length": 96},
+                "distill": distill,
+                **{stage: off for stage in ("fpo", "score", "merge", "evaluate", "publish")},
+            },
+        }
+    )
+    for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
+        run_stage(recipe, name)
+    return recipe
+
+
+@pytest.mark.slow
+def test_validation_keeps_the_best_checkpoint(arms_run):
+    """Every checkpoint is scored on the held-out split's gold CE; the saved model is the best one's weights."""
+    from fuse.executor import run_stage
+    from fuse.io import read_json
+    from fuse.store import RunStore
+
+    assert run_stage(arms_run, "distill.src")
+    store = RunStore(arms_run.workdir)
+    training = read_json(store.out("distill.src") / "distill_report.json")["training"]
+    curve = dict(training["validation_curve"])
+    assert sorted(curve) == [2, 4] and training["best_validation_loss"] == min(curve.values())
+    assert curve[training["best_step"]] == training["best_validation_loss"]
+    best = store.dir("distill.src") / "checkpoints" / f"checkpoint-{training['best_step']}"
+    saved = weights(store.out("distill.src") / "model")
+    kept = weights(best)
+    assert all(torch.equal(saved[name], kept[name]) for name in saved)
+
+
+@pytest.mark.slow
+def test_control_arms_train_on_one_teacher_or_none(arms_run):
+    from datasets import load_from_disk
+
+    from fuse.data.logprobs import LogprobReader
+    from fuse.executor import run_stage
+    from fuse.io import read_json
+    from fuse.store import RunStore
+
+    store = RunStore(arms_run.workdir)
+    for control in ("self_distill", "label_smoothing"):
+        assert run_stage(arms_run, f"distill.{control}")
+        report = read_json(store.out(f"distill.{control}") / "distill_report.json")
+        assert report["arm"] == f"control: {control}" and "best_step" in report["training"]
+    assert read_json(store.out("distill.label_smoothing") / "distill_report.json")["label_smoothing"] == 0.1
+    assert read_json(store.out("distill.label_smoothing") / "distill_report.json")["lambda"] == 1.0
+    # self-distillation: each row's targets are the pivot's own stored top-K, shifted by one position
+    data = load_from_disk(str(store.dir("distill.self_distill") / "checkpoints" / "train_data"))
+    pivot = LogprobReader(store.out("extract.pivot"))
+    row = data[0]
+    sample = pivot.get(row["id"])
+    ids = np.asarray(row["target_ids"]).reshape(-1, row["target_width"])
+    t = int(np.flatnonzero(sample.mask[1:])[0])
+    finite = np.isfinite(sample.topk_logprobs[t])
+    assert ids[t + 1][finite].tolist() == sample.topk_ids[t][finite].tolist()

@@ -159,11 +159,12 @@ def test_random_weights_score_zero_and_trained_pivot_does_not(zoo: Zoo, tmp_path
     random_dir = tmp_path / "random"
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo.pivot)).save_pretrained(random_dir)
     AutoTokenizer.from_pretrained(zoo.pivot).save_pretrained(random_dir)
-    items = load_items(zoo.eval_items, max_per_skill=8)
+    # every capital item: on 8, one AVX-512 CPU's float kernels gave 5/8 where this one gives 6/8
+    items = [item for item in load_items(zoo.eval_items) if item.skill == "capital"]
     texts = load_texts(zoo.heldout_text)[:8]
     metrics = evaluate_models({"pivot": zoo.pivot, "random": random_dir}, items, texts, max_new_tokens=8)
     pivot, random = metrics["models"]["pivot"], metrics["models"]["random"]
-    assert random["mean_accuracy"] == 0.0 and pivot["skills"]["capital"] >= 0.75
+    assert random["mean_accuracy"] == 0.0 and pivot["skills"]["capital"] >= 0.6
     assert random["ce_per_byte"] > 2 * pivot["ce_per_byte"]
     # a random model's CE is about that of a uniform guess over the vocabulary, per token
     assert random["ce_per_byte"] > 0.5 * math.log(len(AutoTokenizer.from_pretrained(zoo.pivot))) / 6

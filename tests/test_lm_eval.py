@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse.lm_eval import LmEvalError, metrics_table, run_lm_eval
+from fuse.lm_eval import LmEvalError, metrics_table, per_sample_table, run_lm_eval, stderr_table
 from fuse.recipe import LmEvalSettings
 
 pytestmark = pytest.mark.slow
@@ -93,11 +93,17 @@ def test_a_local_task_runs_offline_and_matches_the_models_own_likelihoods(zoo, t
     settings = LmEvalSettings(
         tasks=["zoo_capital", "zoo_translate"], include_path=str(tmp_path), batch_size=4
     )
-    table = run_lm_eval(zoo.pivot, settings)
+    result = run_lm_eval(zoo.pivot, settings)
+    table = result.metrics
     assert set(table) == {"zoo_capital", "zoo_translate"}
     for skill in by_skill:
         rows = [json.loads(line) for line in (tmp_path / f"zoo_{skill}.jsonl").read_text().splitlines()]
         assert table[f"zoo_{skill}"]["acc"] == pytest.approx(accuracy_by_hand(zoo.pivot, rows))
+        # every sample's score, in doc order, for paired comparisons; and the harness's standard error
+        per_sample = result.per_sample[f"zoo_{skill}"]["acc"]
+        assert len(per_sample) == len(rows) and set(per_sample) <= {0.0, 1.0}
+        assert sum(per_sample) / len(rows) == pytest.approx(table[f"zoo_{skill}"]["acc"])
+        assert result.stderr[f"zoo_{skill}"]["acc"] >= 0.0
 
 
 def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_path):
@@ -106,7 +112,7 @@ def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_p
     items = [json.loads(line) for line in Path(zoo.eval_items).read_text().splitlines()]
     for skill in ("capital", "translate"):
         data = tmp_path / f"{skill}.jsonl"
-        chosen = [i for i in items if i["skill"] == skill][:12]
+        chosen = [i for i in items if i["skill"] == skill]  # every item: a floor with a margin across CPUs
         data.write_text("".join(json.dumps(i) + "\n" for i in chosen), encoding="utf-8")
         (tmp_path / f"gen_{skill}.yaml").write_text(GENERATION_TASK.format(name=f"gen_{skill}", data=data))
     settings = LmEvalSettings(
@@ -115,10 +121,10 @@ def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_p
         batch_size=4,
         apply_chat_template=True,
     )
-    table = run_lm_eval(zoo.pivot, settings)
-    # the zoo's contract (tests/test_zoo.py): the owner answers at least 3 in 4 of its skill, the others none
+    table = run_lm_eval(zoo.pivot, settings).metrics
+    # the zoo's contract (tests/test_zoo.py): the owner answers at least 6 in 10 of its skill, the others none
     assert set(table) == {"gen_capital", "gen_translate"} and table["gen_translate"] == {"exact_match": 0.0}
-    assert table["gen_capital"]["exact_match"] >= 0.75
+    assert table["gen_capital"]["exact_match"] >= 0.6
 
 
 def test_unknown_task_is_named_before_the_model_loads(tmp_path):
@@ -134,6 +140,16 @@ def test_metrics_table_drops_stderr_and_filters():
         "results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}}
     }
     assert metrics_table(results) == {"t": {"acc": 0.5, "acc_norm": 0.75}}
+    assert stderr_table(results) == {"t": {"acc": 0.1}}
+
+
+def test_per_sample_scores_follow_doc_order_and_skip_corpus_metrics():
+    samples = [
+        {"doc_id": 1, "acc": 0.0, "bleu": ("ref", "out")},
+        {"doc_id": 0, "acc": 1.0, "bleu": ("r", "o")},
+    ]
+    table = per_sample_table({"samples": {"t": samples}}, {"t": {"acc": 0.5, "bleu": 12.0}})
+    assert table == {"t": {"acc": [1.0, 0.0]}}
 
 
 def test_the_evaluate_stage_reports_lm_eval_beside_its_table(zoo, tmp_path):

@@ -139,6 +139,24 @@ def test_lambda_one_is_plain_shifted_cross_entropy():
     assert parts.tokens == 2 * 4  # positions 3..6 of each row are response tokens
 
 
+@pytest.mark.parametrize("lambda_", [1.0, 0.6])
+def test_label_smoothing_matches_torch_on_the_gold_term(lambda_):
+    """The label_smoothing control's gold term is torch's smoothed CE; with a teacher the mix still holds."""
+    logits, labels, ids, probs = _batch()
+    parts = distill_loss(logits, labels, ids, probs, lambda_=lambda_, label_smoothing=0.1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    selected = logits[:, :-1][mask]
+    gold = F.cross_entropy(selected, labels[:, 1:][mask], label_smoothing=0.1)
+    # by hand: (1 − ε)·CE + ε·mean over the vocabulary of −log q
+    logq = torch.log_softmax(selected, dim=-1)
+    by_hand = (0.9 * -logq.gather(-1, labels[:, 1:][mask][:, None])[:, 0] - 0.1 * logq.mean(-1)).mean()
+    torch.testing.assert_close(gold, by_hand)
+    teacher = dense_reference_divergence(selected, ids[:, 1:][mask], probs[:, 1:][mask]).mean()
+    expected = lambda_ * gold.double() + (1 - lambda_) * teacher if lambda_ < 1 else gold.double()
+    torch.testing.assert_close(parts.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(distill_loss(logits, labels, ids, probs, lambda_=lambda_).loss, parts.loss)
+
+
 def test_distill_loss_mixes_gold_and_teacher_terms():
     logits, labels, ids, probs = _batch()
     parts = distill_loss(logits, labels, ids, probs, lambda_=0.9)

@@ -175,6 +175,9 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
             "domains": evaluate.domains and _local(evaluate.domains, base),
         }
     )
+    distill = recipe.stages.distill
+    if distill.oracle_teacher:
+        distill = distill.model_copy(update={"oracle_teacher": _local(distill.oracle_teacher, base)})
     slurm = recipe.executor.slurm
     if slurm.site_config:
         slurm = slurm.model_copy(update={"site_config": _local(slurm.site_config, base)})
@@ -186,6 +189,6 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
             "pivot": model(recipe.pivot.model_copy(update={"name": "pivot"})),
             "sources": [model(s) for s in recipe.sources],
             "data": data,
-            "stages": recipe.stages.model_copy(update={"evaluate": evaluate}),
+            "stages": recipe.stages.model_copy(update={"evaluate": evaluate, "distill": distill}),
         }
     )

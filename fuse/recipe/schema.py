@@ -10,6 +10,8 @@ from fuse.recipe.executor_settings import ExecutorSpec
 from fuse.recipe.settings import Stages
 from fuse.recipe.specs import DataSpec, ModelSpec
 
+RESERVED_NAMES = ("pivot", "merged", "sft_baseline", "self_distill", "label_smoothing", "oracle")
+
 
 class Recipe(Frozen):
     name: str
@@ -26,6 +28,19 @@ class Recipe(Frozen):
     stages: Stages = Stages()
     executor: ExecutorSpec = ExecutorSpec()
     seed: int = 0
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="Train every arm once per seed (stages.distill/fpo.seed): one run store per seed under "
+        "<workdir>/seed-<N>, sharing every seed-independent instance through the cache, and <workdir>/seeds.md "
+        "pooling the evaluations (mean ± SD, paired differences with CIs). `fuse run --seeds 1,2,3` sets it.",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value
 
     @field_validator("workdir")
     @classmethod
@@ -45,7 +60,8 @@ class Recipe(Frozen):
         for i, name in enumerate(names):
             if not name:
                 raise ValueError(f"sources[{i}].name is required")
-            if name in ("pivot", "merged", "sft_baseline") or name.startswith("target-"):
+            # the DAG's own instance keys (distill.sft_baseline, distill.<control>, score.target-<source>)
+            if name in RESERVED_NAMES or name.startswith("target-"):
                 raise ValueError(f"sources[{i}].name {name!r} is reserved")
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
@@ -64,6 +80,11 @@ class Recipe(Frozen):
             raise ValueError(
                 f"stages.score.max_length ({self.stages.score.max_length}) must be at least stages.fpo.max_length "
                 f"({fpo.max_length}): the reference must score every token the policy sees"
+            )
+        distill = self.stages.distill
+        if distill.enabled and distill.validation and self.data.heldout_fraction <= 0:
+            raise ValueError(
+                "stages.distill.validation scores the prepared held-out split: set data.heldout_fraction > 0"
             )
         return self
 

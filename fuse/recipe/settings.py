@@ -95,8 +95,8 @@ class EvaluateSettings(StageSettings):
     max_new_tokens: int = Field(32, ge=1)
     max_items_per_skill: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
-    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline"]] = Field(
-        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline"]
+    include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline", "controls"]] = Field(
+        default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline", "controls"]
     )
     lm_eval: LmEvalSettings = Field(
         default_factory=LmEvalSettings,

@@ -139,14 +139,56 @@ class DistillSettings(TrainSettings):
     sft_baseline: bool = Field(
         False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
     )
+    validation: bool = Field(
+        False,
+        description="Score the gold CE of the prepared held-out SFT split (data.heldout_fraction) at every "
+        "checkpoint and keep the best one: every arm (targets, SFT-only, controls) gets the same rule.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the gold CE term (the label_smoothing control: 0.1)."
+    )
+    controls: list[Literal["self_distill", "label_smoothing", "oracle"]] = Field(
+        default_factory=list,
+        description="Control arms beside the targets, each one more distill.<control> instance that evaluate "
+        "reports and merge leaves out: self_distill (the pivot's own top-K as the only teacher), label_smoothing "
+        "(SFT-only with label smoothing 0.1), oracle (the teacher store in oracle_teacher: the ceiling).",
+    )
+    oracle_teacher: str | None = Field(
+        None,
+        description="index.json of a log-prob store on the pivot's own tokens, for the oracle control (the zoo "
+        "writes the true chain's distributions: .zoo/oracle/index.json).",
+    )
+
+    @model_validator(mode="after")
+    def _oracle_needs_a_store(self) -> DistillSettings:
+        if "oracle" in self.controls and not self.oracle_teacher:
+            raise ValueError(
+                "controls has oracle but oracle_teacher (a log-prob store's index.json) is not set"
+            )
+        return self
+
+    def _defaults(self, *names: str) -> dict[str, Any]:
+        return {name: type(self).model_fields[name].get_default(call_default_factory=True) for name in names}
+
+    def for_arm(self) -> DistillSettings:
+        """A target's settings without the keys that only shape the DAG (which arms exist): adding a control or
+        the baseline does not make the targets stale."""
+        return self.model_copy(update=self._defaults("sft_baseline", "controls", "oracle_teacher"))
 
     def sft_only(self) -> DistillSettings:
         """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
         at their defaults, so changing them does not make the baseline stale."""
-        teacher = {
-            name: type(self).model_fields[name].default for name in ("temperature", "fusion", "divergence")
-        }
-        return self.model_copy(update={"lambda_": 1.0, **teacher})
+        teacher = self._defaults("temperature", "fusion", "divergence")
+        return self.for_arm().model_copy(update={"lambda_": 1.0, **teacher})
+
+    def for_control(self, control: str) -> DistillSettings:
+        """A control arm's settings: label_smoothing is SFT-only with smoothing (0.1 unless the recipe sets it);
+        self_distill and oracle keep λ, temperature and divergence, with one teacher and no fusion; the oracle's
+        store is part of its settings (its fingerprint)."""
+        if control == "label_smoothing":
+            return self.sft_only().model_copy(update={"label_smoothing": self.label_smoothing or 0.1})
+        store = {"oracle_teacher": self.oracle_teacher} if control == "oracle" else {}
+        return self.for_arm().model_copy(update={**self._defaults("fusion"), **store})
 
 
 class FpoSettings(TrainSettings):
