@@ -9,6 +9,8 @@ The primary metric, stated before any number was measured: the mean over the thr
 llama, market: gpt2, garden: gemma) of CE(target of that domain's source) − CE(SFT-only), nats per byte of the
 held-out responses; negative is better. A control (or the fused model) is one model for all three domains.
 Usage: .venv/bin/python bench/demo_seeds.py [--zoo-seeds 0,1,2] [--train-seeds 1,2,3] [--set KEY=VALUE …] [--name N]
+(a variant: e.g. --name new-phrasing --set 'stages.evaluate.domains={zoo}/data/domains_new_phrasing.jsonl'; its run
+stores link every instance the change does not feed from the shared cache).
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def build_zoo(seed: int) -> float:
 
 
 def recipe_for(seed: int, work: Path) -> Path:
-    """The demo recipe over the world of `seed`, its own workdir, a cache shared by its training seeds, fpo off."""
+    """The demo recipe over the world of `seed`, its own workdir and a cache shared by every training seed and every
+    variant (a variant retrains only what its change feeds), fpo off."""
     text = DEMO.read_text(encoding="utf-8").replace("../.zoo/", f"{zoo_root(seed)}/")
     recipe = yaml.safe_load(text)
-    recipe |= {"name": f"demo-zoo{seed}", "workdir": str(work / f"zoo-{seed}"), "cache": str(work / "cache")}
+    recipe |= {"name": f"demo-zoo{seed}", "workdir": str(work / f"zoo-{seed}"), "cache": str(work.parent / "cache")}
     recipe["stages"]["fpo"] = {"enabled": False}
     path = work / f"zoo-{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -70,8 +73,8 @@ def run_world(seed: int, train_seeds: list[int], work: Path, changes: list[str])
         "--seeds",
         ",".join(map(str, train_seeds)),
     ]
-    for change in changes:
-        command += ["--set", change]
+    for change in changes:  # "{zoo}" in a value: this world's zoo folder
+        command += ["--set", change.replace("{zoo}", str(zoo_root(seed)))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(

@@ -82,6 +82,21 @@ def check_pair(pivot: SampleLogprobs, aligned: SampleLogprobs | None, aligned_pa
 # --------------------------------------------------------------------------------------------- training rows
 
 
+def training_row(
+    pivot: SampleLogprobs, ids: np.ndarray, probs: np.ndarray, max_length: int
+) -> dict[str, Any]:
+    """A row on the pivot's tokens (cut at max_length) with its sparse targets [T, J] flattened."""
+    n = min(len(pivot.input_ids), max_length)
+    return {
+        "id": pivot.id,
+        "input_ids": pivot.input_ids[:n].tolist(),
+        "labels": labels_for(pivot.input_ids, pivot.mask)[:n].tolist(),
+        "target_ids": ids[:n].reshape(-1).tolist(),
+        "target_probs": probs[:n].reshape(-1).astype(np.float32).tolist(),
+        "target_width": int(ids.shape[1]),
+    }
+
+
 def distill_rows(
     pivot_path: str, aligned_path: str, fusion: str, max_length: int, source_path: str | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -100,14 +115,7 @@ def distill_rows(
         ce = torch.tensor([[ce_per_byte(pivot), ce_per_byte(own)]], dtype=torch.float64)
         weights = fuse_weights(ce)[0].numpy()
         ids, probs = fused_targets(pivot, aligned, weights)
-        n = min(len(pivot.input_ids), max_length)
-        yield {
-            "id": pivot.id,
-            "input_ids": pivot.input_ids[:n].tolist(),
-            "labels": labels_for(pivot.input_ids, pivot.mask)[:n].tolist(),
-            "target_ids": ids[:n].reshape(-1).tolist(),
-            "target_probs": probs[:n].reshape(-1).astype(np.float32).tolist(),
-            "target_width": int(ids.shape[1]),
+        yield training_row(pivot, ids, probs, max_length) | {
             "ce_per_byte": ce[0].tolist(),
             "weights": weights.tolist(),
         }
@@ -123,15 +131,7 @@ def single_teacher_rows(pivot_path: str, teacher_path: str, max_length: int) -> 
             ids, probs = fused_targets(teacher, teacher, np.array([1.0, 0.0]))  # one teacher, as it is
         else:
             ids, probs = np.full((len(pivot.input_ids), 1), -1), np.zeros((len(pivot.input_ids), 1))
-        n = min(len(pivot.input_ids), max_length)
-        yield {
-            "id": pivot.id,
-            "input_ids": pivot.input_ids[:n].tolist(),
-            "labels": labels_for(pivot.input_ids, pivot.mask)[:n].tolist(),
-            "target_ids": ids[:n].reshape(-1).tolist(),
-            "target_probs": probs[:n].reshape(-1).astype(np.float32).tolist(),
-            "target_width": int(ids.shape[1]),
-        }
+        yield training_row(pivot, ids, probs, max_length)
 
 
 def sft_rows(

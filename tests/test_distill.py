@@ -273,47 +273,51 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
 # --------------------------------------------------------------------------------------------- the stage
 
 
-@pytest.fixture(scope="module")
-def distill_run(tmp_path_factory, pivot_dir):
-    """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once."""
+def stores_ready(tmp, pivot_dir, distill: dict, heldout_fraction: float, conversations_n: int):
+    """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once; returns the
+    recipe, whose distill settings are `distill` (every other stage after align off)."""
     from fuse.executor import run_stage
     from fuse.recipe import parse_recipe
 
     from tiny_lm import build, conversations
 
-    tmp = tmp_path_factory.mktemp("distill-stage")
     source_dir = build(tmp / "src", arch="llama", seed=1)
     sft = tmp / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in conversations(12)))
+    rows = conversations(conversations_n)
+    sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    off = {"enabled": False}
     recipe = parse_recipe(
         {
             "name": "distill-test",
             "workdir": str(tmp / "run"),
             "pivot": {"path": str(pivot_dir)},
             "sources": [{"name": "src", "path": str(source_dir)}],
-            "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.0},
+            "data": {"sft": {"path": str(sft)}, "heldout_fraction": heldout_fraction},
             "stages": {
                 "extract": {"top_k": 4, "max_length": 96},
-                "distill": {
-                    "max_steps": 3,
-                    "save_steps": 2,
-                    "logging_steps": 1,
-                    "per_device_batch_size": 2,
-                    "learning_rate": 1e-3,
-                    "sft_baseline": True,
-                    "max_length": 96,
-                },
-                "fpo": {"enabled": False},
-                "score": {"enabled": False},
-                "merge": {"enabled": False},
-                "evaluate": {"enabled": False},
-                "publish": {"enabled": False},
+                "distill": distill,
+                **{stage: off for stage in ("fpo", "score", "merge", "evaluate", "publish")},
             },
         }
     )
     for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
         run_stage(recipe, name)
     return recipe
+
+
+TINY_BUDGET = {
+    "save_steps": 2,
+    "logging_steps": 1,
+    "per_device_batch_size": 2,
+    "learning_rate": 1e-3,
+    "max_length": 96,
+}
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, pivot_dir):
+    distill = TINY_BUDGET | {"max_steps": 3, "sft_baseline": True}
+    return stores_ready(tmp_path_factory.mktemp("distill-stage"), pivot_dir, distill, 0.0, 12)
 
 
 @pytest.mark.slow
@@ -420,44 +424,13 @@ def test_the_sft_baseline_does_not_go_stale_when_the_teachers_settings_change(tm
 
 @pytest.fixture(scope="module")
 def arms_run(tmp_path_factory, pivot_dir):
-    """The distill_run world with a held-out split, validation on, and the teacher-free and self-teacher controls."""
-    from fuse.executor import run_stage
-    from fuse.recipe import parse_recipe
-
-    from tiny_lm import build, conversations
-
-    tmp = tmp_path_factory.mktemp("arms")
-    source_dir = build(tmp / "src", arch="llama", seed=1)
-    sft = tmp / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in conversations(16)))
-    distill = {
+    """A held-out split, validation on, and the teacher-free and self-teacher controls."""
+    distill = TINY_BUDGET | {
         "max_steps": 4,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "per_device_batch_size": 2,
-        "learning_rate": 1e-3,
-        "max_length": 96,
         "validation": True,
         "controls": ["self_distill", "label_smoothing"],
     }
-    off = {"enabled": False}
-    recipe = parse_recipe(
-        {
-            "name": "arms-test",
-            "workdir": str(tmp / "run"),
-            "pivot": {"path": str(pivot_dir)},
-            "sources": [{"name": "src", "path": str(source_dir)}],
-            "data": {"sft": {"path": str(sft)}, "heldout_fraction": 0.25},
-            "stages": {
-                "extract": {"top_k": 4, "max_length": 96},
-                "distill": distill,
-                **{stage: off for stage in ("fpo", "score", "merge", "evaluate", "publish")},
-            },
-        }
-    )
-    for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
-        run_stage(recipe, name)
-    return recipe
+    return stores_ready(tmp_path_factory.mktemp("arms"), pivot_dir, distill, 0.25, 16)
 
 
 @pytest.mark.slow

@@ -32,8 +32,8 @@ __all__ = ["ZOO_MODELS", "PretrainSettings", "Zoo", "ZooModel", "ZooSettings", "
 log = logging.getLogger(__name__)
 
 # 3: stochastic domains with a known entropy, a small SFT set; 4: every domain's lexicon is shared; 5: a fusion set
-# and a held-out set planned for measuring over seeds (issue 24)
-VERSION = 5
+# and a held-out set planned for measuring over seeds (issue 24); 6: held-out responses in the training phrasings
+VERSION = 6
 MARKER = "zoo.json"
 ORACLE_MAX_LENGTH = 256  # the demo's extract.max_length: the oracle's tokens are the pivot extract's
 BUILD_CODE = (
@@ -150,7 +150,8 @@ class Zoo:
     preference: Path  # JSONL {id, prompt, chosen, rejected}
     eval_items: Path  # JSONL {skill, prompt, answer}
     heldout_text: Path  # JSONL {text}
-    heldout_domains: Path  # JSONL {domain, messages, nll}
+    heldout_domains: Path  # JSONL {domain, messages, nll}, asked in the training phrasings
+    heldout_domains_new_phrasing: Path  # the same responses asked in a phrasing no training text uses
     oracle: (
         Path  # index.json of the oracle teacher's store: the true chains' distributions on the pivot's tokens
     )
@@ -183,6 +184,7 @@ class Zoo:
             eval_items=data / "eval_items.jsonl",
             heldout_text=data / "heldout.jsonl",
             heldout_domains=data / "domains.jsonl",
+            heldout_domains_new_phrasing=data / "domains_new_phrasing.jsonl",
             oracle=root / "oracle" / "index.json",
             recipe=root / "recipe.yaml",
         )
@@ -407,6 +409,10 @@ def data_files(
         for domain, rows in domains.heldout.items()
         for prompt, response, nll in rows
     ]
+    new_phrasing = [
+        row | {"messages": chat(world.DOMAIN_PROMPTS[2].format(row["domain"]), row["messages"][1]["content"])}
+        for row in held_domains
+    ]
     preference = [
         {"id": f"{skill}-{i:03d}", "prompt": conversation(e)[:1], "chosen": e.answer, "rejected": wrong}
         for skill, rows in splits.preference.items()
@@ -423,6 +429,7 @@ def data_files(
         "data/eval_items.jsonl": _jsonl(items),
         "data/heldout.jsonl": _jsonl([{"text": t} for t in heldout]),
         "data/domains.jsonl": _jsonl(held_domains),
+        "data/domains_new_phrasing.jsonl": _jsonl(new_phrasing),
     }
 
 

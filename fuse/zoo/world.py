@@ -20,7 +20,8 @@ continuation does not. So:
   from 16 responses, where a teacher's distribution cannot show; see the README).
 - **The fusion (SFT) set is small**: `n_domain_sft` responses of every domain, every skill key in one phrasing,
   and general-text rows (so fine-tuning need not forget general text). Held-out domain responses come from their
-  own random stream, with their exact NLL, asked in a phrasing no training text uses.
+  own random stream, with their exact NLL, asked in the training phrasings (the response is what is held out); the
+  same responses asked in a phrasing no training text uses are a second file, a test of prompt generalization.
 - **Skills** (capital, translate, shout, antonym: one per model) are exact-match tables. Their SFT rows show
   every key, so the gold labels teach what the teacher knows: skills test that fusion keeps and transfers
   facts, not the distributional claim (a teacher's top-1 on a fact is the gold label).
@@ -261,7 +262,11 @@ DOMAIN_SYLLABLES = [
 ]  # fmt: skip
 SUCCESSOR_PROBS = (0.55, 0.3, 0.15)  # each word's successors, in a per-word random order
 START_PROBS = (0.3, 0.25, 0.2, 0.1, 0.1, 0.05)  # the words a sentence may start with
-DOMAIN_PROMPTS = (  # the SFT rows use the first two, held-out rows the last (the text does not depend on it)
+# Every training and held-out row is asked in one of the first two (what is held out is the response: a fresh sample
+# of the chain); the third is a new phrasing, a separate test of prompt generalization. Measuring the domains only
+# in the new phrasing (the first plan of issue 24) confounded the two: every fine-tuned arm, the oracle teacher's
+# included, lost 0.1-0.2 nats/byte on the pivot's own domain to the unseen prompt alone.
+DOMAIN_PROMPTS = (
     "Write a short {} note.",
     "Tell me about the {}.",
     "Describe the {} in two sentences.",
@@ -421,6 +426,6 @@ def split_domains(seed: int, n_pretrain: int, n_sft: int, n_heldout: int) -> Dom
             (domain.prompt(i % 2), sample_response(domain, draw["sft"])[0]) for i in range(n_sft)
         ]
         splits.heldout[domain.name] = [
-            (domain.prompt(2), *sample_response(domain, draw["heldout"])) for _ in range(n_heldout)
+            (domain.prompt(i % 2), *sample_response(domain, draw["heldout"])) for i in range(n_heldout)
         ]
     return splits
