@@ -3,7 +3,8 @@ and a dense reference implementation used only by tests and benchmarks.
 
 A sparse target at one position is `ids` [J] (pivot-vocabulary ids, -1 = padding), `probs` [J] (teacher probability
 of each id, 0 at padding) and an implicit tail bucket holding the mass outside the ids: 1 - sum(probs). The student
-is compared on the same J + 1 buckets, so no [B, T, V] target tensor ever exists.
+is compared on the same J + 1 buckets, so no [B, T, V] target tensor ever exists. At temperature T both sides are
+tempered on those buckets (the tail is one bucket), and the distillation term is scaled by T² (Hinton et al. 2015).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from fuse.registry import Registry
 
 IGNORE_INDEX = -100
 PAD_ID = -1
-# The student's tail mass is clamped here before its log: a student that puts all its mass on the teacher's ids
-# would otherwise give log(0) while the teacher's tail is tiny but non-zero.
+# The student's (tempered) tail mass is clamped here before its log: it keeps the tail term bounded (at most
+# −p_tail·log TAIL_EPS) and finite where the ids cover the vocabulary; below it the tail bucket passes no gradient.
 TAIL_EPS = 1e-6
+LOG_TAIL_EPS = math.log(TAIL_EPS)
 
 
 # --------------------------------------------------------------------------------------------- fusion functions
@@ -63,7 +65,14 @@ def min_ce(ce: torch.Tensor) -> torch.Tensor:
 
 @fusion_function("avg_ce", "FuseLLM, Wan et al. 2024 (arXiv:2401.10491), AvgCE")
 def avg_ce(ce: torch.Tensor) -> torch.Tensor:
-    """Weights softmax(-CE): a teacher that predicts the gold text better counts more."""
+    """Weights softmax(−CE) over the teachers, CE in nats per byte: w_m ∝ exp(−CE_m), each teacher's per-byte
+    likelihood of the gold text, so a teacher 1 nat/byte worse counts e times less.
+
+    Not FuseLLM's exact AvgCE, which the paper calls only "a weighted average of the distribution matrices based on
+    their CE scores". Its released code (FuseLLM/src/utils/trainer.py, `distill_weighted_as_gt`) weights
+    softmax(exp(−CE_m)), CE_m the teacher's mean CE per token of the sequence in its own tokenization: a softmax of
+    rewards exp(−CE) in (0, 1], so its weights differ by at most a factor e and stay close to uniform.
+    """
     return torch.softmax(-ce, dim=-1)
 
 
@@ -115,13 +124,6 @@ def fuse_sparse(
 # --------------------------------------------------------------------------------------------- divergences
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, clamped at log(TAIL_EPS) (Mächler 2012 for the two branches)."""
-    x = x.clamp(max=0.0)
-    value = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-    return value.clamp(min=math.log(TAIL_EPS))
-
-
 def teacher_buckets(probs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher on J + 1 buckets (the ids and the tail), re-tempered: p_i ∝ p_i^(1/T).
 
@@ -136,13 +138,55 @@ def teacher_buckets(probs: torch.Tensor, temperature: float) -> tuple[torch.Tens
     return probs, tail
 
 
-def student_buckets(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student log-probs at the target ids ([N, J], -inf at padding) and of the tail, from logits [N, V]."""
-    valid = ids >= 0
-    logq = logits.gather(-1, ids.clamp(min=0)) - torch.logsumexp(logits, dim=-1, keepdim=True)
-    logq = logq.masked_fill(~valid, float("-inf"))
-    log_tail = _log1mexp(torch.logsumexp(logq, dim=-1))
-    return logq, log_tail
+def student_log_tail(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ exp(z_k) over the tokens k outside `ids` (-1 = padding), per row of logits [N, V].
+
+    A complement logsumexp, so log q_tail = this − logsumexp(z) keeps its digits where log(1 − Σq) loses them
+    (1 − Σq in float32 is ~10% off at a tail of 1e-5). -inf, with a zero gradient, where the ids cover the
+    vocabulary. One [N, V + 1] buffer: a masked copy of the logits (padding masks the extra column), exp'd in place.
+    """
+    slots = torch.where(ids >= 0, ids, logits.shape[-1])
+    masked = F.pad(logits, (0, 1), value=-math.inf).scatter_(-1, slots, -math.inf)
+    top = masked.detach().amax(dim=-1)
+    empty = top.isneginf()
+    top = top.masked_fill(empty, 0.0)
+    total = masked.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1)
+    # log of 1, not of 0, on empty rows: log(0) would send 0·inf = NaN back through the sum
+    log_total = torch.where(empty, torch.ones_like(total), total).log()
+    return torch.where(empty, -math.inf, top + log_total)
+
+
+def _log_buckets(
+    logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Untempered, unclamped student log-probs at the ids ([N, J], -inf at padding) and of the tail ([N])."""
+    logq = (logits.gather(-1, ids.clamp(min=0)) - lse.unsqueeze(-1)).masked_fill(ids < 0, -math.inf)
+    return logq, student_log_tail(logits, ids) - lse
+
+
+def temper_log_buckets(
+    logq: torch.Tensor, log_tail: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_i^(1/T) on the J + 1 buckets, renormalized, in log space: the teacher's tempering (`teacher_buckets`)
+    applied to the student, so both sides temper the same buckets and the tail stays one bucket on both.
+
+    Not softmax(z / T) over the vocabulary, which would split the student's tail but not the teacher's; the two
+    agree when the ids cover the vocabulary (no tail), and at T = 1.
+    """
+    scaled = torch.cat([logq, log_tail.unsqueeze(-1)], dim=-1) / temperature
+    scaled = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    return scaled[..., :-1], scaled[..., -1]
+
+
+def student_buckets(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student on the teacher's J + 1 buckets, from logits [N, V]: log-probs at the ids ([N, J], -inf at
+    padding) and of the tail ([N], clamped at log TAIL_EPS after tempering), tempered like the teacher."""
+    logq, log_tail = _log_buckets(logits, ids, torch.logsumexp(logits, dim=-1))
+    if temperature != 1.0:
+        logq, log_tail = temper_log_buckets(logq, log_tail, temperature)
+    return logq, log_tail.clamp(min=LOG_TAIL_EPS)
 
 
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {}
@@ -176,12 +220,11 @@ def bucket_kl(
 def sparse_divergence(
     logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float = 1.0, kind: str = "ce"
 ) -> torch.Tensor:
-    """Per-position divergence [N] between sparse teacher targets and the student's logits [N, V]."""
+    """Per-position divergence [N] between sparse teacher targets and the student's logits [N, V], both tempered
+    on the J + 1 buckets (`temper_log_buckets`); not scaled by T² (`distill_loss` does that)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}")
-    if temperature != 1.0:
-        logits = logits / temperature
-    logq, log_tail = student_buckets(logits.float(), ids)
+    logq, log_tail = student_buckets(logits.float(), ids, temperature)
     p, p_tail = teacher_buckets(probs.float(), temperature)
     return DIVERGENCES[kind](p, p_tail, logq, log_tail)
 
@@ -192,36 +235,38 @@ def sparse_divergence(
 class FusedSparseCE(torch.autograd.Function):
     """Per position, CE(gold) and the bucket CE against a sparse teacher, from logits [N, V] at temperature 1, with
     a hand-written backward that needs one [N, V] buffer (the softmax, turned into the gradient in place) instead
-    of autograd's several (logsumexp's softmax, each gather's dense scatter, their sum).
+    of autograd's several (logsumexp's softmax, each gather's dense scatter, their sum). The forward's student
+    tail is `student_log_tail`'s, as in `sparse_divergence`, so the two paths agree.
 
-    With r = p_tail / q_tail (0 where q_tail is clamped), P = Σ p_J and Q = Σ q_J, d bucket-CE / dz_i is
-    q_i·(P − r·Q) for every i, plus r·q_i − p_i for i in the teacher's ids; d CE(gold) / dz = q − onehot(gold).
+    With r = p_tail / q_tail and S = Σ p_J + p_tail (r = 0 and S = Σ p_J where q_tail is clamped: the tail term
+    is then constant), d bucket-CE / dz_i is S·q_i − p_i for i in the teacher's ids and (S − r)·q_i for every
+    other i; d CE(gold) / dz = q − onehot(gold). Written per side, so r·q_i (r up to 1e6) never cancels at the ids.
     """
 
     @staticmethod
     def forward(ctx, logits, gold, ids, probs, tail):
         lse = torch.logsumexp(logits, dim=-1)
         gold_ce = lse - logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
-        valid = ids >= 0
-        logq = (logits.gather(-1, ids.clamp(min=0)) - lse.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
-        in_mass = torch.logsumexp(logq, dim=-1)
-        log_tail = _log1mexp(in_mass)
-        teacher_ce = bucket_ce(probs, tail, logq, log_tail)
-        clamped = log_tail <= math.log(TAIL_EPS)
+        logq, log_tail = _log_buckets(logits, ids, lse)
+        teacher_ce = bucket_ce(probs, tail, logq, log_tail.clamp(min=LOG_TAIL_EPS))
+        clamped = log_tail < LOG_TAIL_EPS  # where the clamp passes no gradient
         ratio = torch.where(clamped, torch.zeros_like(tail), tail / log_tail.exp())
-        ctx.save_for_backward(logits, lse, gold, ids, probs, logq.exp(), ratio)
+        mass = probs.sum(-1) + torch.where(clamped, torch.zeros_like(tail), tail)
+        ctx.save_for_backward(logits, lse, gold, ids, probs, logq.exp(), ratio, mass)
         return gold_ce, teacher_ce
 
     @staticmethod
     def backward(ctx, grad_gold, grad_teacher):
-        logits, lse, gold, ids, probs, q_ids, ratio = ctx.saved_tensors
+        logits, lse, gold, ids, probs, q_ids, ratio, mass = ctx.saved_tensors
         valid = ids >= 0
-        scale = probs.sum(-1) - ratio * q_ids.sum(-1)
         grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # the softmax: the only [N, V] buffer
-        grad.mul_((grad_gold + grad_teacher * scale).unsqueeze(-1))
+        grad.mul_((grad_gold + grad_teacher * (mass - ratio)).unsqueeze(-1))  # every token, as if in the tail
+        # the ids are overwritten, not corrected (same value for a repeated id), then get their −p_i
+        rows, slots = valid.nonzero(as_tuple=True)
+        at_ids = q_ids * (grad_gold + grad_teacher * mass).unsqueeze(-1)
+        grad[rows, ids[rows, slots]] = at_ids[rows, slots]
+        grad.scatter_add_(-1, ids.clamp(min=0), -grad_teacher.unsqueeze(-1) * probs * valid)
         grad.scatter_add_(-1, gold.unsqueeze(-1), -grad_gold.unsqueeze(-1))
-        at_ids = grad_teacher.unsqueeze(-1) * (ratio.unsqueeze(-1) * q_ids - probs) * valid
-        grad.scatter_add_(-1, ids.clamp(min=0), at_ids)
         return grad, None, None, None, None
 
 
@@ -252,12 +297,15 @@ def distill_loss(
     fused: bool = True,
     label_smoothing: float = 0.0,
 ) -> LossParts:
-    """L = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ), averaged over response tokens (labels != -100).
+    """L = λ·CE(gold) + (1−λ)·T²·D_T(P_fused ‖ q_θ), averaged over response tokens (labels != -100).
 
     `logits` [B, T, V]; `labels` [B, T] are the input ids with prompts masked (HF convention: shifted here);
     `target_ids`/`target_probs` [B, T, J] are the teacher's distribution for the token AT each position.
     `fused` uses FusedSparseCE at temperature 1 (same values and gradients as the autograd path, less memory).
     `label_smoothing` ε smooths the gold term: (1 − ε)·CE(gold) + ε·mean over the vocabulary of −log q.
+    D_T is `sparse_divergence` at temperature T; T² keeps its gradient from shrinking as 1/T² (Hinton et al. 2015,
+    "Distilling the Knowledge in a Neural Network"), so λ means the same at every T. `LossParts.distill` is the
+    scaled term T²·D_T, as it enters the loss; at T = 1 nothing changes.
     """
     # Shift the labels and targets, not the logits (as HF's causal-LM loss does): logits stay a view, so the
     # only [B·T, V] buffers are the logits and their gradient.
@@ -293,6 +341,7 @@ def distill_loss(
         gold_mean = gold_term()
         sel = has_teacher
         distill_mean = sparse_divergence(flat[sel], ids[sel], probs[sel], temperature, kind).sum() / n_teacher
+    distill_mean = temperature**2 * distill_mean
     loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean
     return LossParts(loss, gold_mean.detach(), distill_mean.detach(), tokens)
 
@@ -303,7 +352,10 @@ def distill_loss(
 def dense_reference_divergence(
     logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float = 1.0, kind: str = "ce"
 ) -> torch.Tensor:
-    """The same divergence with a dense [N, V] target and bucket mask: the reference the sparse path must match."""
+    """The same divergence with a dense [N, V] target and bucket mask: the reference the sparse path must match.
+
+    float64; the student's tail is summed, not 1 − Σq; at T ≠ 1 both sides are tempered on the J + 1 buckets.
+    """
     n, vocab = logits.shape
     valid = ids >= 0
     dense_p = torch.zeros(n, vocab + 1, dtype=torch.float64)
@@ -316,8 +368,13 @@ def dense_reference_divergence(
         dense_p, tail_p = dense_p.pow(1.0 / temperature), tail_p.pow(1.0 / temperature)
         total = dense_p.sum(-1) + tail_p
         dense_p, tail_p = dense_p / total[:, None], tail_p / total
-    q = torch.softmax(logits.double() / temperature, dim=-1)
-    q_tail = (q * ~in_top).sum(-1).clamp(min=TAIL_EPS)
+    q = torch.softmax(logits.double(), dim=-1)
+    q_tail = (q * ~in_top).sum(-1)
+    if temperature != 1.0:
+        q, q_tail = q.pow(1.0 / temperature), q_tail.pow(1.0 / temperature)  # q outside the ids: unused
+        total = (q * in_top).sum(-1) + q_tail
+        q, q_tail = q / total[:, None], q_tail / total
+    q_tail = q_tail.clamp(min=TAIL_EPS)
     ce = -(torch.special.xlogy(dense_p, q).sum(-1) + torch.special.xlogy(tail_p, q_tail))
     if kind == "ce":
         return ce

@@ -216,3 +216,154 @@ def test_fused_gradient_passes_gradcheck():
     ids, probs = random_targets(5, 12, 4, seed=9)
     p, tail = losses.teacher_buckets(probs.double(), 1.0)
     assert torch.autograd.gradcheck(lambda z: losses.FusedSparseCE.apply(z, gold, ids, p, tail), (logits,))
+
+
+# ------------------------------------------------------------------- tiny student tails, bucket tempering, T²
+
+
+def _tiny_tail_logits(n: int = 6, vocab: int = 1000, k: int = 4, tail: float = 1e-5, offset: float = 50.0):
+    """Logits whose mass outside `ids` is ≈ `tail`: the ids sit `gap` above a flat rest, all shifted by `offset`
+    (real logits are far from 0, which is what makes 1 − Σq lose digits in float32)."""
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    logits = torch.randn(n, vocab, generator=gen) * 0.1
+    gap = math.log((vocab - k) * (1 - tail) / (k * tail))
+    logits.scatter_add_(-1, ids, torch.full((n, k), gap))
+    return logits + offset, ids
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("gap", [40.0, 60.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_peaked_student_has_finite_values_and_gradients(kind, gap, temperature):
+    """The student's tail underflows in float32 (Σq rounds to 1): value and gradient must stay finite."""
+    n, vocab, k = 6, 40, 4
+    gen = torch.Generator().manual_seed(1)
+    ids, probs = random_targets(n, vocab, k, seed=1)
+    logits = torch.randn(n, vocab, generator=gen)
+    logits.scatter_add_(-1, ids.clamp(min=0), (ids >= 0) * gap)
+    logits.requires_grad_(True)
+    value = sparse_divergence(logits, ids, probs, temperature, kind)
+    assert torch.isfinite(value).all()
+    value.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_student_tail_of_1e_5_matches_the_float64_dense_reference():
+    """A teacher with all its mass in the tail (probs 0 at its ids) makes the CE −log q_tail exactly."""
+    logits, ids = _tiny_tail_logits()
+    probs = torch.zeros(ids.shape)
+    dense_tail = torch.exp(-dense_reference_divergence(logits, ids, probs))
+    assert ((dense_tail - 1e-5).abs() < 2e-6).all()  # the case is what it claims to be
+    # the old formula, log(1 − Σq) in float32, is off by more than 5% here
+    logq = logits.gather(-1, ids) - torch.logsumexp(logits, -1, keepdim=True)
+    old_tail = -torch.expm1(torch.logsumexp(logq, -1)).double()
+    assert ((old_tail - dense_tail).abs() / dense_tail).max() > 0.05
+    sparse_tail = torch.exp(-sparse_divergence(logits, ids, probs).double())
+    torch.testing.assert_close(sparse_tail, dense_tail, rtol=1e-3, atol=0.0)
+
+
+def _tiny_tail_batch():
+    """A batch whose student tails are ≈ 1e-5 at every position, against teachers with tails of 5–50%."""
+    b, t, vocab, k = 2, 5, 1000, 4
+    logits, ids = _tiny_tail_logits(n=b * t, vocab=vocab, k=k)
+    gen = torch.Generator().manual_seed(12)
+    probs = torch.softmax(torch.randn(b * t, k + 1, generator=gen), dim=-1)[:, :k]
+    labels = torch.randint(0, vocab, (b, t), generator=gen)
+    labels[:, :1] = IGNORE_INDEX
+    # the target AT position s + 1 is compared with the logits at s: shift the ids to match
+    return logits.view(b, t, vocab), labels, ids.view(b, t, k).roll(1, dims=1), probs.view(b, t, k)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_distill_loss_matches_the_dense_reference_at_a_1e_5_student_tail(fused):
+    """Values and gradients of both paths against float64 autograd of the dense reference."""
+    logits, labels, ids, probs = _tiny_tail_batch()
+    x = logits.clone().requires_grad_(True)
+    parts = distill_loss(x, labels, ids, probs, lambda_=0.0, fused=fused)
+    parts.loss.backward()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    ref_logits = logits.double().requires_grad_(True)
+    expected = dense_reference_divergence(
+        ref_logits[:, :-1][mask], ids[:, 1:][mask], probs[:, 1:][mask]
+    ).mean()
+    expected.backward()
+    torch.testing.assert_close(parts.distill.double(), expected.detach(), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(x.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_matches_autograd_at_a_1e_5_student_tail():
+    logits, labels, ids, probs = _tiny_tail_batch()
+    results = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        parts = distill_loss(x, labels, ids, probs, lambda_=0.3, fused=fused)
+        parts.loss.backward()
+        results.append((parts.loss.detach(), x.grad))
+    (loss_f, grad_f), (loss_a, grad_a) = results
+    torch.testing.assert_close(loss_f, loss_a, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grad_f, grad_a, rtol=1e-4, atol=1e-7)
+
+
+def test_student_is_tempered_on_the_teachers_buckets_by_hand():
+    # Student (0.5, 0.3, 0.2), teacher stores id 0 (p = 0.6): buckets (0.5 | 0.5) and (0.6 | 0.4). At T = 2 the
+    # student's buckets stay (0.5, 0.5) — its tail is one bucket, √0.5 : √0.5 — so CE = log 2 whatever the teacher.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    ce = sparse_divergence(logits, torch.tensor([[0]]), torch.tensor([[0.6]]), temperature=2.0)
+    assert ce.item() == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_tempered_full_vocabulary_targets_equal_the_textbook_soft_target_loss(kind):
+    """With J = V (no tail) bucket tempering is Hinton's: softmax(log p / T) against softmax(z / T)."""
+    n, vocab, temperature = 8, 20, 2.0
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    # multiples of 1/256 that sum to exactly 1 in float32: no rounding-noise tail for tempering to amplify
+    draws = torch.multinomial(
+        torch.rand(n, vocab, generator=gen), 256 - vocab, replacement=True, generator=gen
+    )
+    probs = (1 + F.one_hot(draws, vocab).sum(1)).float() / 256
+    ids = torch.arange(vocab).expand(n, vocab)
+    soft_p = torch.softmax(probs.double().log() / temperature, dim=-1)
+    logq = torch.log_softmax(logits.double() / temperature, dim=-1)
+    expected = -(soft_p * logq).sum(-1)
+    if kind == "kl":
+        expected = expected + (soft_p * soft_p.log()).sum(-1)
+    got = sparse_divergence(logits, ids, probs, temperature, kind)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    dense = dense_reference_divergence(logits, ids, probs, temperature, kind)
+    torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_distill_term_is_scaled_by_temperature_squared(kind):
+    """Hinton et al.: T²·D keeps the soft term's gradient from shrinking as 1/T²."""
+    logits, labels, ids, probs = _batch()
+    parts = distill_loss(logits, labels, ids, probs, lambda_=0.5, temperature=2.0, kind=kind)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    selected = logits[:, :-1][mask]
+    divergence = dense_reference_divergence(selected, ids[:, 1:][mask], probs[:, 1:][mask], 2.0, kind).mean()
+    torch.testing.assert_close(parts.distill.double(), 4.0 * divergence, rtol=1e-5, atol=1e-6)
+    gold = F.cross_entropy(selected, labels[:, 1:][mask])
+    torch.testing.assert_close(
+        parts.loss.double(), 0.5 * gold.double() + 0.5 * 4.0 * divergence, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocabulary_targets_give_finite_gradients_on_both_paths(temperature):
+    """No tail at all (J = V): the student's tail is log 0, which must pass a zero gradient, not NaN."""
+    b, t, vocab = 2, 4, 12
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(b, t, vocab, generator=gen)
+    labels = torch.randint(0, vocab, (b, t), generator=gen)
+    ids = torch.arange(vocab).expand(b, t, vocab).contiguous()
+    probs = torch.softmax(torch.randn(b, t, vocab, generator=gen), dim=-1)
+    grads = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        distill_loss(x, labels, ids, probs, lambda_=0.5, temperature=temperature, fused=fused).loss.backward()
+        assert torch.isfinite(x.grad).all()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
