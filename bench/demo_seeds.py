@@ -54,7 +54,11 @@ def recipe_for(seed: int, work: Path) -> Path:
     variant (a variant retrains only what its change feeds), fpo off."""
     text = DEMO.read_text(encoding="utf-8").replace("../.zoo/", f"{zoo_root(seed)}/")
     recipe = yaml.safe_load(text)
-    recipe |= {"name": f"demo-zoo{seed}", "workdir": str(work / f"zoo-{seed}"), "cache": str(work.parent / "cache")}
+    recipe |= {
+        "name": f"demo-zoo{seed}",
+        "workdir": str(work / f"zoo-{seed}"),
+        "cache": str(work.parent / "cache"),
+    }
     recipe["stages"]["fpo"] = {"enabled": False}
     path = work / f"zoo-{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

@@ -99,10 +99,8 @@ def test_domain_splits_are_independent_samples_and_sft_is_small():
         heldout = splits.heldout[domain.name]
         assert len(sft) == 16 and len(pretrain) == 400 and len(heldout) == 64
         # the response is what is held out: asked in the training phrasings, never in the new one
-        assert {p for p, _, _ in heldout} == {p for p, _ in splits.sft[domain.name]} == {
-            domain.prompt(0),
-            domain.prompt(1),
-        }
+        training_phrasings = {domain.prompt(0), domain.prompt(1)}
+        assert {p for p, _, _ in heldout} == {p for p, _ in splits.sft[domain.name]} == training_phrasings
         assert not set(r for _, r, _ in heldout) & set(pretrain + sft)
         assert [n for _, r, n in heldout] == [
             pytest.approx(world.response_nll(domain, r)) for _, r, _ in heldout
@@ -114,7 +112,9 @@ def test_the_new_phrasing_file_asks_the_same_responses_in_an_unseen_prompt(zoo: 
     from fuse.evaluation import load_domain_samples
 
     seen, new = (load_domain_samples(p) for p in (zoo.heldout_domains, zoo.heldout_domains_new_phrasing))
-    assert [(s.domain, s.messages[-1], s.nll) for s in seen] == [(s.domain, s.messages[-1], s.nll) for s in new]
+    assert [(s.domain, s.messages[-1], s.nll) for s in seen] == [
+        (s.domain, s.messages[-1], s.nll) for s in new
+    ]
     assert {s.messages[0]["content"] for s in new} == {world.DOMAIN_PROMPTS[2].format(d) for d in zoo.domains}
 
 
