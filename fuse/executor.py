@@ -282,9 +282,19 @@ def results(steps: list[Step], store: RunStore) -> list[str]:
         lines.append(f"{label}: {folder.resolve()}")
     table = store.out(done["evaluate"]) / "metrics.md" if "evaluate" in done else None
     if table and table.is_file():
-        rows = [line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
-        lines += ["", f"results ({table.resolve()}):", *rows]
+        lines += ["", f"results ({table.resolve()}):", *first_table(table.read_text(encoding="utf-8"))]
     return lines
+
+
+def first_table(markdown: str) -> list[str]:
+    """The first Markdown table's lines (evaluate's main table; the paired differences follow it in the file)."""
+    rows: list[str] = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    return rows
 
 
 def _done_now(store: RunStore, step: Step) -> bool:

@@ -52,3 +52,9 @@ def test_a_second_seed_reruns_only_what_the_seed_feeds(tmp_path, capsys):
     trained = {c for c in second if c.startswith(("distill.", "fpo."))}
     assert trained == {"distill.a", "distill.b", "fpo.a", "fpo.b"} and "merge" in second
     assert "finished 2 seeds" in capsys.readouterr().out
+
+
+def test_submit_refuses_seeds_it_cannot_fan_out(tmp_path, capsys):
+    path = write_recipe(tmp_path, toy_recipe(tmp_path, seeds=[1, 2]), "toy.yaml")
+    assert main(["submit", str(path), "--dry-run"]) != 0
+    assert "fuse submit does not fan a recipe out over seeds" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fuse.recipe import load_recipe
+from fuse.recipe import RecipeError, load_recipe
 from fuse.slurm.scheduler import Slurm, SlurmError
 from fuse.slurm.site import load_site, site_path
 from fuse.slurm.status import cancel, collect_status, status_lines, wait
@@ -18,6 +18,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from fuse.validate import check_files, require_files
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.seeds:
+        raise RecipeError(
+            f"seeds {recipe.seeds}: fuse submit does not fan a recipe out over seeds yet (its seeds would race for the "
+            "shared instances): submit the seeds one after another with --set seeds=[] --set stages.distill.seed=N "
+            "--set workdir=<workdir>/seed-N, or use fuse run --seeds"
+        )
     if args.dry_run:  # a preview, often made before the data is staged: say what a real submit would refuse
         for problem in check_files(recipe):
             print(f"warning: {problem} (a real submit refuses this)", file=sys.stderr)
