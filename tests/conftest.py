@@ -21,13 +21,19 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("FUSE_ZOO_DIR", REPO / ".zoo"))
 
 
+def zoo_seed() -> int:
+    """$FUSE_ZOO_SEED: run the suite in another world (its own chains, skills and models) to show that no test
+    holds only in the default one (with FUSE_ZOO_DIR pointing at that world's folder)."""
+    return int(os.environ.get("FUSE_ZOO_SEED", "0"))
+
+
 @pytest.fixture(scope="session")
 def zoo():
     """A fuse.zoo.Zoo: .models / .pivot / .sources (name -> HF folder), .skills (skill -> owner), .sft,
     .preference, .eval_items, .heldout_text (JSONL paths), .recipe (demo recipe), .tokenizer_names."""
-    from fuse.zoo import build_zoo
+    from fuse.zoo import ZooSettings, build_zoo
 
-    return build_zoo(zoo_dir())
+    return build_zoo(zoo_dir(), ZooSettings(seed=zoo_seed()))
 
 
 @pytest.fixture(scope="session")
