@@ -21,22 +21,25 @@ SIGNIFICANCE_NOTE = (
 )
 
 
-def run_metrics(run: str | Path) -> tuple[str, dict[str, Any]]:
-    """(run name, evaluate's metrics) of a recipe file or a run directory (one holding recipe.resolved.yaml)."""
+def run_workdir(run: str | Path) -> tuple[str, Path]:
+    """(run name, run directory) of a recipe file or a run directory (one holding recipe.resolved.yaml)."""
     path = Path(run)
     if path.is_dir():
         resolved = path / "recipe.resolved.yaml"
         if not resolved.is_file():
             raise RecipeError(f"{path}: not a run directory (no recipe.resolved.yaml)")
-        recipe = load_recipe(resolved)
-        workdir = path
-    else:
-        recipe = load_recipe(path)
-        workdir = Path(recipe.workdir)
+        return load_recipe(resolved).name, path
+    recipe = load_recipe(path)
+    return recipe.name, Path(recipe.workdir)
+
+
+def run_metrics(run: str | Path) -> tuple[str, dict[str, Any]]:
+    """(run name, evaluate's metrics) of a recipe file or a run directory."""
+    name, workdir = run_workdir(run)
     metrics = workdir / METRICS
     if not metrics.is_file():
         raise RecipeError(f"{run}: its run has no evaluation yet ({metrics} missing; run the evaluate stage)")
-    return recipe.name, json.loads(metrics.read_text(encoding="utf-8"))
+    return name, json.loads(metrics.read_text(encoding="utf-8"))
 
 
 def _union(values: Sequence[Any]) -> Any:
@@ -69,9 +72,7 @@ def run_scores(run: str | Path) -> Any:
     they were kept."""
     from fuse.item_scores import FILE, read_scores
 
-    path = Path(run)
-    workdir = path if path.is_dir() else Path(load_recipe(path).workdir)
-    scores = workdir / METRICS.parent / FILE
+    scores = run_workdir(run)[1] / METRICS.parent / FILE
     return read_scores(scores) if scores.is_file() else None
 
 
@@ -107,21 +108,29 @@ def best_models(
 
 
 def differences(
-    frame: Any, models: Sequence[str], baseline: str, resamples: int = RESAMPLES, level: float = 0.95
+    frames: Any, models: Sequence[str], baseline: str, resamples: int = RESAMPLES, level: float = 0.95
 ) -> dict[tuple[str, str], tuple[Any, float]]:
-    """{(model, column label): (its paired difference to the baseline, Holm-adjusted p over the table)}."""
+    """{(model, column label): (its paired difference to the baseline, Holm-adjusted p over the table)}. One run's
+    table: a paired bootstrap over its items; a list of tables (seeds): the mean of the per-seed differences with
+    a seeds-then-items bootstrap."""
     from fuse.item_scores import columns_of, item_values
-    from fuse.stats import holm, paired_bootstrap
+    from fuse.stats import clustered_bootstrap, holm, paired_bootstrap
 
+    pooled = isinstance(frames, list | tuple)
+    frames = list(frames) if pooled else [frames]
     found: dict[tuple[str, str], Any] = {}
-    for column in columns_of(frame):
-        base, size = item_values(frame, baseline, column)
+    for column in columns_of(frames[0]):
         for model in (m for m in models if m != baseline):
-            values = item_values(frame, model, column)[0]
-            if len(base) >= 2 and len(values) == len(base):
-                found[(model, column.label)] = paired_bootstrap(
-                    values, base, size, resamples=resamples, level=level
-                )
+            units = []
+            for frame in frames:
+                base, size = item_values(frame, baseline, column)
+                values = item_values(frame, model, column)[0]
+                if len(base) >= (1 if pooled else 2) and len(values) == len(base):
+                    units.append((values, base, size))
+            if pooled and len(units) >= 2:
+                found[(model, column.label)] = clustered_bootstrap(units, resamples=resamples, level=level)
+            elif not pooled and units:
+                found[(model, column.label)] = paired_bootstrap(*units[0], resamples=resamples, level=level)
     adjusted = holm({key: d.p_value for key, d in found.items()})
     return {key: (d, adjusted[key]) for key, d in found.items()}
 
@@ -231,8 +240,8 @@ def pooled_over_seeds(
 ) -> str:
     """Each model's value per column as mean ± SD over the seed units, and its difference to the baseline pooled
     over seeds (the mean of per-seed paired differences, with a seed-then-item bootstrap CI)."""
-    from fuse.item_scores import column_value, columns_of, item_values
-    from fuse.stats import clustered_bootstrap, holm, seed_summary
+    from fuse.item_scores import column_value, columns_of
+    from fuse.stats import seed_summary
 
     columns = columns_of(frames[0])
     lines = [
@@ -250,20 +259,8 @@ def pooled_over_seeds(
     text = "\n".join(lines) + "\n"
     if baseline is None:
         return text
-    found = {}
-    for column in columns:
-        for model in (m for m in models if m != baseline):
-            units = []
-            for frame in frames:
-                base, size = item_values(frame, baseline, column)
-                values = item_values(frame, model, column)[0]
-                if len(base) and len(values) == len(base):
-                    units.append((values, base, size))
-            if len(units) >= 2:
-                found[(model, column.label)] = clustered_bootstrap(units, resamples=resamples)
-    adjusted = holm({key: d.p_value for key, d in found.items()})
-    table = {key: (d, adjusted[key]) for key, d in found.items()}
-    return text + "\n" + differences_markdown(table, baseline, pooled=", seeds then items resampled")
+    found = differences(list(frames), models, baseline, resamples)
+    return text + "\n" + differences_markdown(found, baseline, pooled=", seeds then items resampled")
 
 
 def _mean_sd(summary: Any) -> str:
