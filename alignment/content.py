@@ -177,6 +177,7 @@ def align_content(
             _shift(part.cover_first, s.start),
             _shift(part.cover_last, s.start),
         )
+        out.ends_together[p.start : p.stop] = part.ends_together
         exact = method != "dtw" and p.spans is not None and s.spans is not None
         result.regions[("bytes" if p.how == s.how == "bytes" else "offsets") if exact else "dtw"] += 1
         if end_of_turn is not None and exact and _ends_together(p, s):
@@ -189,5 +190,6 @@ def align_content(
             ):
                 out.source_index[p_end], out.kind[p_end] = s_end, ONE_TO_ONE
                 out.cover_first[p_end] = out.cover_last[p_end] = s_end
+                out.ends_together[p_end] = True
                 result.regions["end_of_turn"] += 1
     return result

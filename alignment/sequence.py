@@ -22,18 +22,33 @@ KIND_NAMES = {ONE_TO_ONE: "1:1", MANY_TO_ONE: "many:1", UNALIGNED: "unaligned", 
 
 @dataclass(frozen=True)
 class SequenceAlignment:
-    """Per pivot token: the source token starting at the same byte (-1: none), how the two relate (`kind`), and
-    the first/last source tokens overlapping its text (-1: none)."""
+    """Per pivot token: the source token starting at the same byte (-1: none), how the two relate (`kind`), the
+    first/last source tokens overlapping its text (-1: none) and whether the last of them ends where it ends.
+
+    MANY_TO_ONE ("same start, different end") has two directions: the source spells the pivot token in several
+    pieces (`split`: its first piece is a prefix, so its distribution is over prefixes) or the source token covers
+    the pivot token and more (`covers`: sound to project, the pivot token is a prefix of every continuation)."""
 
     source_index: np.ndarray
     kind: np.ndarray
     cover_first: np.ndarray
     cover_last: np.ndarray
+    ends_together: np.ndarray
 
     @classmethod
     def empty(cls, n: int, kind: int = TEMPLATE) -> SequenceAlignment:
         minus = np.full(n, -1, np.int64)
-        return cls(minus, np.full(n, kind, np.int8), minus.copy(), minus.copy())
+        return cls(minus, np.full(n, kind, np.int8), minus.copy(), minus.copy(), np.zeros(n, bool))
+
+    @property
+    def split(self) -> np.ndarray:
+        """Same start, and the pivot token is spelled by several source tokens (source_index .. cover_last)."""
+        return (self.kind == MANY_TO_ONE) & (self.cover_last > self.source_index)
+
+    @property
+    def covers(self) -> np.ndarray:
+        """Same start, and the source token is longer than the pivot token (it covers it)."""
+        return (self.kind == MANY_TO_ONE) & (self.cover_last == self.source_index)
 
 
 ALIGNERS: Registry[Callable[..., SequenceAlignment]] = Registry("alignment method")
@@ -71,7 +86,10 @@ def align_spans(
     covered = (first <= last) & (p_end > p_start)
     cover_first = np.where(covered, keep[np.minimum(first, keep.size - 1)], -1)
     cover_last = np.where(covered, keep[np.maximum(last, 0)], -1)
-    return SequenceAlignment(np.where(same_start, keep[pos], -1), kind, cover_first, cover_last)
+    ends_together = covered & (ke[np.clip(last, 0, keep.size - 1)] == p_end)
+    return SequenceAlignment(
+        np.where(same_start, keep[pos], -1), kind, cover_first, cover_last, ends_together
+    )
 
 
 def char_to_byte(text: str) -> np.ndarray:
@@ -158,7 +176,10 @@ def alignment_from_path(path: np.ndarray, n_pivot: int, n_source: int) -> Sequen
     together = s_first[p_first] == np.arange(n_pivot)
     single = (p_count == 1) & (s_count[p_first] == 1)
     kind = np.where(together & single, ONE_TO_ONE, np.where(together, MANY_TO_ONE, UNALIGNED)).astype(np.int8)
-    return SequenceAlignment(np.where(together, p_first, -1), kind, p_first, p_last)
+    s_last = np.full(n_source, -1, np.int64)
+    s_last[s] = p
+    ends_together = (p_last >= 0) & (s_last[np.maximum(p_last, 0)] == np.arange(n_pivot))
+    return SequenceAlignment(np.where(together, p_first, -1), kind, p_first, p_last, ends_together)
 
 
 @aligner("dtw", reference_url="https://arxiv.org/abs/2401.10491")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fuse.alignment.content import Rendered, align_content  # noqa: E402
 from fuse.alignment.pieces import vocab_pieces  # noqa: E402
-from fuse.alignment.project import project  # noqa: E402
+from fuse.alignment.project import ProjectOptions, Steps, project  # noqa: E402
 from fuse.alignment.sequence import (  # noqa: E402
     KIND_NAMES,
     MANY_TO_ONE,
@@ -137,8 +137,15 @@ def bench_pair(pivot: str, source: str, text: str, n_pairs: int, n_baseline: int
     needed = np.unique(np.concatenate([ids for ids, _ in topk]))
     vocab_map = build_vocab_map(vocabs[1], vocabs[0], counts, needed)
     projections = [
-        project(a, p.ids, ids, lps, vocab_map.target, len(vocabs[0]))
-        for (p, _), a, (ids, lps) in zip(pairs, alignments, topk, strict=True)
+        project(
+            a,
+            Steps.bare(p.ids),
+            Steps.bare(s.ids, ids, lps),
+            vocab_map.target,
+            len(vocabs[0]),
+            ProjectOptions("same_start", chunk=False),
+        )
+        for (p, s), a, (ids, lps) in zip(pairs, alignments, topk, strict=True)
     ]
     kept = np.concatenate([pr.kept_mass[np.isfinite(pr.kept_mass)] for pr in projections])
     content = kinds[np.isin(kinds, (ONE_TO_ONE, MANY_TO_ONE, UNALIGNED))]

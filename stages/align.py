@@ -14,7 +14,16 @@ import torch
 
 from fuse.alignment.content import ContentAlignment, Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, vocab_pieces
-from fuse.alignment.project import CASE_NAMES, project
+from fuse.alignment.project import (
+    CHUNK,
+    PROJECTED,
+    SIGNALS,
+    TEMPLATE_ROW,
+    ProjectOptions,
+    Steps,
+    completion_matrix,
+    project,
+)
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, SequenceAlignment
 from fuse.alignment.vocab import build_vocab_map, pair_counts
 from fuse.context import StageContext
@@ -95,22 +104,23 @@ def count_pairs(
     return counts, np.unique(np.concatenate(needed or [np.zeros(0, np.int64)]))
 
 
-def project_sample(
-    pivot: SampleLogprobs,
-    source: SampleLogprobs | None,
-    alignment: Any,
-    vocab_map: VocabMap,
-    n_pivot: int,
-    top_k: int,
-    allow: tuple[int, ...],
-) -> Projection:
-    """Row j of the projection predicts pivot token j; store row t predicts token t+1, hence the one-row shifts."""
-    if source is None:
-        ids, lps = np.full((1, top_k), -1, np.int64), np.full((1, top_k), -np.inf)
-    else:
-        ids = np.vstack([np.full((1, top_k), -1, np.int64), source.topk_ids[:, :top_k]])
-        lps = np.vstack([np.full((1, top_k), -np.inf), source.topk_logprobs[:, :top_k]])
-    return project(alignment, pivot.input_ids, ids, lps, vocab_map.target, n_pivot, allow)
+def project_options(settings: Any) -> ProjectOptions:
+    """The projection's options from the align settings."""
+    return ProjectOptions(
+        settings.project, settings.chunk, settings.complete, settings.fallback, settings.chunk_rest
+    )
+
+
+def steps_of(sample: SampleLogprobs | None, top_k: int) -> Steps:
+    """A store's sample as teacher steps on its own tokens (row i predicts token i); a missing source: no steps."""
+    if sample is None:
+        return Steps.bare(np.zeros(1, np.int64))
+    return Steps.shifted(
+        sample.input_ids,
+        sample.topk_ids[:, :top_k],
+        sample.topk_logprobs[:, :top_k],
+        np.asarray(sample.target_logprobs, np.float64),
+    )
 
 
 def projected_sample(pivot: SampleLogprobs, projection: Projection) -> SampleLogprobs:
@@ -169,13 +179,43 @@ def end_of_turn_names(
     }
 
 
+def emitted_ids(store: Any) -> np.ndarray:
+    """Bool per id of a store's vocabulary: does any of its samples' tokens use it."""
+    emitted = np.zeros(store.vocab_size, bool)
+    for sample in store:
+        emitted[sample.input_ids] = True
+    return emitted
+
+
+def word_starts(pivot: SampleLogprobs, projection: Projection, p_vocab: VocabPieces) -> np.ndarray:
+    """Rows predicting a token that begins a word: it starts with whitespace, or it opens a message content."""
+    first = np.array([p_vocab.pieces[int(t)][:1] in (b" ", b"\n", b"\t") for t in pivot.input_ids])
+    opens = np.r_[False, projection.cause[:-1] == TEMPLATE_ROW] & (projection.cause != TEMPLATE_ROW)
+    return first | opens
+
+
+def signal_shares(table: dict[str, dict[str, int]]) -> dict[str, float]:
+    """{signal: share of the rows} from a {cause: {signal: rows}} table."""
+    totals = {name: sum(row[name] for row in table.values()) for name in SIGNALS}
+    rows = sum(totals.values())
+    return {name: n / rows for name, n in totals.items()} if rows else {}
+
+
+def add_tables(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]]) -> None:
+    for cause, row in part.items():
+        for name, n in row.items():
+            total.setdefault(cause, {}).setdefault(name, 0)
+            total[cause][name] += n
+
+
 class Tally:
     """Everything report.json counts, accumulated over samples."""
 
-    def __init__(self) -> None:
-        self.cases: Counter = Counter()
+    def __init__(self, p_vocab: VocabPieces, emitted: np.ndarray | None = None) -> None:
+        self.p_vocab = p_vocab
+        self.emitted = emitted  # bool per pivot id: does the pivot's tokenization of the fusion set use it
+        self.tables: dict[str, dict[str, dict[str, int]]] = {"all": {}, "response": {}, "word_start": {}}
         self.regions: Counter = Counter()
-        self.response_cases: Counter = Counter()
         self.kept: list[float] = []
         self.samples = self.missing = 0
         self.signal: Counter = Counter()  # teacher signal at the projected response rows
@@ -186,13 +226,15 @@ class Tally:
     ) -> None:
         self.samples += 1
         self.missing += int(source is None)
-        self.cases.update(projection.counts())
         self.regions.update(regions)
-        # rows that train (mask of the predicted token), the share that matters to distill
-        case = projection.case[1:][pivot.mask[1:]]
-        self.response_cases.update(
-            {CASE_NAMES[c]: int(n) for c, n in zip(*np.unique(case, return_counts=True), strict=True)}
-        )
+        # rows that train (mask of the predicted token): the share that matters to distill
+        train = np.r_[False, pivot.mask[1:]]
+        for name, rows in (
+            ("all", None),
+            ("response", train),
+            ("word_start", train & word_starts(pivot, projection, self.p_vocab)),
+        ):
+            add_tables(self.tables[name], projection.counts(rows))
         kept = projection.kept_mass[1:]
         self.kept.append(kept[np.isfinite(kept)])
         self.add_signal(pivot, projection)
@@ -200,23 +242,37 @@ class Tally:
             self.ce.append((ce_per_byte(pivot), ce_per_byte(source)))
 
     def add_signal(self, pivot: SampleLogprobs, projection: Projection) -> None:
-        """At response rows where the source was projected: does its top-1 name the gold next token, and what
-        probability does it give it — next to the pivot's own extract at the same rows."""
-        rows = np.flatnonzero(pivot.mask[1:] & np.isfinite(projection.kept_mass[1:]))
+        """At response rows with a source signal (projected or chunk): does its top-1 name the gold next token,
+        and what probability does it give it — next to the pivot's own extract at the same rows."""
+        signal = projection.signal[1:]
+        rows = np.flatnonzero(pivot.mask[1:] & ((signal == PROJECTED) | (signal == CHUNK)))
         gold = pivot.input_ids[1:][rows]
         pivot_gold = np.exp(np.nan_to_num(pivot.target_logprobs[rows].astype(np.float64), nan=-np.inf))
+        full = signal[rows] == PROJECTED  # a chunk row names only the gold: its top-1 says nothing
         self.signal.update(
             rows=int(rows.size),
-            source_top1_gold=int((projection.ids[1:][rows, 0] == gold).sum()),
-            pivot_top1_gold=int((pivot.topk_ids[rows, 0] == gold).sum()),
+            distribution_rows=int(full.sum()),
+            source_top1_gold=int((projection.ids[1:][rows, 0] == gold)[full].sum()),
+            pivot_top1_gold=int((pivot.topk_ids[rows, 0] == gold)[full].sum()),
             source_p_gold=float(np.exp(projection.realized[1:][rows].astype(np.float64)).sum()),
             pivot_p_gold=float(pivot_gold.sum()),
         )
+        if self.emitted is not None:  # mass on pivot ids the pivot never emits: prefixes such as " dun"
+            projected = rows[full]
+            for side, ids, lps in (
+                ("source", projection.ids[1:][projected], projection.logprobs[1:][projected]),
+                ("pivot", pivot.topk_ids[projected], pivot.topk_logprobs[projected]),
+            ):
+                probs = np.where(ids >= 0, np.exp(lps.astype(np.float64)), 0.0)
+                never = ~self.emitted[np.clip(ids, 0, None)] & (ids >= 0)
+                self.signal.update(
+                    {f"{side}_mass": float(probs.sum()), f"{side}_unused": float(probs[never].sum())}
+                )
 
     def teacher_signal(self) -> dict[str, Any]:
-        """The source's signal where it is projected, and how each fusion function would weigh the two teachers
+        """The source's signal where it reaches a row, and how each fusion function would weigh the two teachers
         (mean weight per teacher over sequences; for min_ce, the share of sequences each teacher wins)."""
-        rows = max(self.signal["rows"], 1)
+        rows, full = max(self.signal["rows"], 1), max(self.signal["distribution_rows"], 1)
         ce = torch.tensor(self.ce or [[0.0, 0.0]], dtype=torch.float64)
         weights = {
             name: dict(zip(("pivot", "source"), FUSIONS[name].fn(ce).mean(dim=0).tolist(), strict=True))
@@ -224,35 +280,34 @@ class Tally:
         }
         return {
             "projected_response_rows": self.signal["rows"],
-            "source_top1_is_gold": self.signal["source_top1_gold"] / rows,
-            "pivot_top1_is_gold": self.signal["pivot_top1_gold"] / rows,
+            "source_top1_is_gold": self.signal["source_top1_gold"] / full,
+            "pivot_top1_is_gold": self.signal["pivot_top1_gold"] / full,
             "source_mean_p_gold": self.signal["source_p_gold"] / rows,
             "pivot_mean_p_gold": self.signal["pivot_p_gold"] / rows,
             "ce_per_byte": {"pivot": float(ce[:, 0].mean()), "source": float(ce[:, 1].mean())},
+            "mass_on_unemitted_pivot_tokens": {
+                side: self.signal[f"{side}_unused"] / self.signal[f"{side}_mass"]
+                for side in ("source", "pivot")
+                if self.signal[f"{side}_mass"] > 0
+            },
             "fusion_weights": weights,
         }
 
     def report(self, vocab_map: VocabMap, needed: np.ndarray) -> dict[str, Any]:
         kept = np.concatenate(self.kept) if self.kept else np.zeros(0)
-
-        def shares(counter: Counter) -> dict[str, float]:
-            total = sum(counter.values())
-            return {name: n / total for name, n in sorted(counter.items())} if total else {}
-
-        projected = sum(n for name, n in self.cases.items() if name.startswith("projected"))
-        content = projected + self.cases["fallback_unaligned"] + self.cases["fallback_unmapped"]
+        response = self.tables["response"]
+        rows = sum(sum(row[s] for s in SIGNALS) for row in response.values())
         return {
             "samples": self.samples,
             "samples_missing_in_source": self.missing,
-            "positions": dict(self.cases),
-            "position_shares": shares(self.cases),
-            "response_position_shares": shares(self.response_cases),
-            "content_positions": content,
-            "content_shares": {
-                "1:1": self.cases["projected_1:1"] / max(content, 1),
-                "many:1": self.cases["projected_many:1"] / max(content, 1),
-                "fallback": (content - projected) / max(content, 1),
+            "positions": self.tables["all"],
+            "response_positions": response,
+            "word_start_positions": self.tables["word_start"],
+            "response_cause_shares": {
+                cause: sum(row[s] for s in SIGNALS) / max(rows, 1) for cause, row in response.items()
             },
+            "response_signal_shares": signal_shares(response),
+            "word_start_signal_shares": signal_shares(self.tables["word_start"]),
             "topk_mass_kept": {
                 "mean": float(kept.mean()) if kept.size else None,
                 "p10": float(np.quantile(kept, 0.1)) if kept.size else None,
@@ -265,9 +320,10 @@ class Tally:
 
 
 # Where a source's signal is doubtful enough to say so before any GPU hour goes into training on it.
-def _projected_share(report: dict[str, Any]) -> float:
-    shares = report["response_position_shares"]
-    return shares.get("projected_1:1", 0.0) + shares.get("projected_many:1", 0.0)
+def source_share(report: dict[str, Any], rows: str = "response") -> float:
+    """The share of response (or word-start) rows that receive the source's signal: projected or chunk."""
+    shares = report[f"{rows}_signal_shares"]
+    return shares.get("projected", 0.0) + shares.get("chunk", 0.0)
 
 
 def _mapped_share(report: dict[str, Any]) -> float:
@@ -276,7 +332,7 @@ def _mapped_share(report: dict[str, Any]) -> float:
 
 
 SIGNAL_CHECKS = (
-    ("response rows projected", _projected_share, 0.5),
+    ("response rows with a source signal", source_share, 0.5),
     ("top-K mass kept by the vocabulary map", lambda r: r["topk_mass_kept"]["mean"] or 0.0, 0.8),
     ("top-K ids mapped exactly or by role", _mapped_share, 0.8),
 )
@@ -290,6 +346,13 @@ def signal_warnings(report: dict[str, Any]) -> list[str]:
         if value < floor:
             warnings.append(f"{what}: {value:.2f} (below {floor:.2f})")
     signal = report["teacher_signal"]
+    unused = signal.get("mass_on_unemitted_pivot_tokens", {})
+    if unused.get("source", 0.0) > max(0.1, 2 * unused.get("pivot", 0.0)):
+        warnings.append(
+            f"{unused['source']:.2f} of the projected source mass lands on pivot tokens the pivot never emits on "
+            f"this data (its own: {unused.get('pivot', 0.0):.2f}): prefixes mapped as whole tokens; "
+            "stages.align.complete spreads them over the words they begin"
+        )
     # compared only where the pivot predicts the responses at all (untrained models give both ~0)
     if (
         signal["pivot_mean_p_gold"] >= 0.05
@@ -302,9 +365,36 @@ def signal_warnings(report: dict[str, Any]) -> list[str]:
     return warnings
 
 
+def positions_markdown(report: dict[str, Any]) -> list[str]:
+    """What the response rows receive, by cause: one row per cause, one column per signal."""
+    response = report["response_positions"]
+    rows = max(sum(sum(r[s] for s in SIGNALS) for r in response.values()), 1)
+    lines = [
+        "## What the response positions receive",
+        "",
+        "Share of response positions, by how the pivot token relates to the source's tokens (rows) and what it "
+        "receives (columns); `unmapped`: projectable, but the vocabulary map placed none of the source's top-K.",
+        "",
+        f"| cause | {' | '.join(SIGNALS)} | unmapped |",
+        "|---|" + "---|" * (len(SIGNALS) + 1),
+    ]
+    for cause, row in response.items():
+        if any(row.values()):
+            cells = [f"{row[s] / rows:.3f}" for s in (*SIGNALS, "unmapped")]
+            lines.append(f"| {cause} | {' | '.join(cells)} |")
+    totals = report["response_signal_shares"]
+    lines.append(f"| **all** | {' | '.join(f'{totals.get(s, 0.0):.3f}' for s in SIGNALS)} | |")
+    starts = report["word_start_signal_shares"]
+    lines += [
+        "",
+        "At word starts (tokens that begin with whitespace or open a message): "
+        + ", ".join(f"{s} {starts.get(s, 0.0):.3f}" for s in SIGNALS),
+    ]
+    return lines
+
+
 def report_markdown(report: dict[str, Any], name: str) -> str:
-    lines = [f"# Alignment report: {name}", "", "| content positions | share |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in report["content_shares"].items()]
+    lines = [f"# Alignment report: {name}", "", *positions_markdown(report)]
     lines += [
         "",
         f"Top-K mass kept after mapping: mean {report['topk_mass_kept']['mean']}",
@@ -322,14 +412,20 @@ def teacher_signal_markdown(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Teacher signal",
         "",
-        f"At the {signal['projected_response_rows']} response positions where the source is projected:",
+        f"At the {signal['projected_response_rows']} response positions with a source signal (projected or chunk):",
         "",
-        "| | source (projected) | pivot (own) |",
+        "| | source | pivot (own) |",
         "|---|---|---|",
-        f"| top-1 is the gold next token | {signal['source_top1_is_gold']:.3f} | {signal['pivot_top1_is_gold']:.3f} |",
+        f"| top-1 is the gold next token (projected rows) | {signal['source_top1_is_gold']:.3f} | {signal['pivot_top1_is_gold']:.3f} |",
         f"| mean p(gold) | {signal['source_mean_p_gold']:.3f} | {signal['pivot_mean_p_gold']:.3f} |",
         f"| CE per response byte (own tokens) | {signal['ce_per_byte']['source']:.3f} | "
         f"{signal['ce_per_byte']['pivot']:.3f} |",
+        "| top-K mass on pivot tokens the pivot never emits here (projected rows) | "
+        + " | ".join(
+            f"{signal.get('mass_on_unemitted_pivot_tokens', {}).get(side, float('nan')):.3f}"
+            for side in ("source", "pivot")
+        )
+        + " |",
         "",
         "| fusion | pivot's mean weight | source's mean weight |",
         "|---|---|---|",
@@ -354,12 +450,14 @@ def run(ctx: StageContext) -> None:
     vocab_map = build_vocab_map(s_vocab, p_vocab, counts, needed, methods, settings.min_stat_count, roles)
     with atomic_write(ctx.out / "vocab_map.npz") as handle:
         np.savez(handle, target=vocab_map.target, method=vocab_map.method)
-    allow = (ONE_TO_ONE,) if settings.project == "one_to_one" else (ONE_TO_ONE, MANY_TO_ONE)
-    tally, done = Tally(), 0
+    options = project_options(settings)
+    completion = completion_matrix(counts) if settings.complete else None
+    width = max(source_store.top_k, pivot_store.top_k) + 1  # what `project` lays out per row
+    tally, done = Tally(p_vocab, emitted_ids(pivot_store)), 0
     for shard in pivot_store.shards():
         with LogprobWriter(
             ctx.out / shard.path.name,
-            source_store.top_k,
+            width,
             pivot_store.vocab_size,
             model=pivot_store.model,
             meta={"aligned_from": source_store.model},
@@ -367,14 +465,14 @@ def run(ctx: StageContext) -> None:
             for pivot in shard:
                 source = source_store.get(pivot.id) if pivot.id in source_store else None
                 content = align_sample(pivot, source, vocabs, settings.method, end_of_turn)
-                projection = project_sample(
-                    pivot,
-                    source,
+                projection = project(
                     content.alignment,
-                    vocab_map,
+                    steps_of(pivot, pivot_store.top_k),
+                    steps_of(source, source_store.top_k),
+                    vocab_map.target,
                     pivot_store.vocab_size,
-                    source_store.top_k,
-                    allow,
+                    options,
+                    completion,
                 )
                 writer.add(projected_sample(pivot, projection))
                 tally.add(pivot, source, projection, content.regions)
@@ -389,7 +487,8 @@ def run(ctx: StageContext) -> None:
     write_json_atomic(ctx.out / "report.json", report)
     write_text_atomic(ctx.out / "report.md", report_markdown(report, ctx.instance.name))
     ctx.log.info(
-        "%s: content 1:1 %.3f many:1 %.3f fallback %.3f",
+        "%s: response rows with a source signal %.3f (word starts %.3f)",
         ctx.instance.name,
-        *report["content_shares"].values(),
+        source_share(report),
+        source_share(report, "word_start"),
     )

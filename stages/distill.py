@@ -237,7 +237,7 @@ def rows_of(ctx: StageContext, arm: str) -> tuple[Any, dict[str, Any]]:
         "aligned_path": str(ctx.input("alignment")),
         "fusion": settings.fusion,
         "max_length": settings.max_length,
-        "source_path": own_extract(ctx),
+        "source_path": own_extract(ctx) if settings.rate_by == "own" else None,
     }
 
 

@@ -12,19 +12,12 @@ from hypothesis import strategies as st
 
 from fuse.alignment.content import Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, byte_level_decoder, gather_bytes, piece_decoder, vocab_pieces
-from fuse.alignment.project import (
-    FALLBACK_TEMPLATE,
-    FALLBACK_UNALIGNED,
-    PROJECTED_1TO1,
-    map_topk,
-    project,
-)
+from fuse.alignment.project import PROJECTED, ProjectOptions, Steps, map_topk, project
 from fuse.alignment.sequence import (
     MANY_TO_ONE,
     ONE_TO_ONE,
     TEMPLATE,
     UNALIGNED,
-    SequenceAlignment,
     align_dtw,
     align_spans,
     alignment_from_path,
@@ -51,10 +44,10 @@ def segmentations(n: int) -> list[list[int]]:
     return [sorted(c) + [n] for r in range(n) for c in itertools.combinations(cuts, r)]
 
 
-def brute_align(p_ends: list[int], s_ends: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+def brute_align(p_ends: list[int], s_ends: list[int]) -> tuple[list[int], ...]:
     """Reference: scan positions one by one."""
     p_starts, s_starts = [0, *p_ends[:-1]], [0, *s_ends[:-1]]
-    index, kind, first, last = [], [], [], []
+    index, kind, first, last, together = [], [], [], [], []
     for a, b in zip(p_starts, p_ends, strict=True):
         match = [i for i, s in enumerate(s_starts) if s == a]
         index.append(match[0] if match else -1)
@@ -62,7 +55,8 @@ def brute_align(p_ends: list[int], s_ends: list[int]) -> tuple[list[int], list[i
         cover = [i for i, (s, e) in enumerate(zip(s_starts, s_ends, strict=True)) if s < b and e > a]
         first.append(cover[0])
         last.append(cover[-1])
-    return index, kind, first, last
+        together.append(s_ends[cover[-1]] == b)
+    return index, kind, first, last, together
 
 
 def as_spans(ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +72,7 @@ def test_align_spans_matches_brute_force_on_every_segmentation_pair():
             assert got.source_index.tolist() == want[0]
             assert got.kind.tolist() == want[1]
             assert got.cover_first.tolist() == want[2] and got.cover_last.tolist() == want[3]
+            assert got.ends_together.tolist() == want[4]
 
 
 def test_align_spans_skips_empty_tokens():
@@ -142,6 +137,8 @@ def test_dtw_agrees_with_byte_alignment_on_clean_text():
     slow = align_dtw(pivot, source, vocab, vocab)
     assert fast.source_index.tolist() == slow.source_index.tolist() == [0, 1, 3]
     assert fast.kind.tolist() == slow.kind.tolist() == [ONE_TO_ONE, MANY_TO_ONE, MANY_TO_ONE]
+    assert fast.ends_together.tolist() == slow.ends_together.tolist() == [True, True, True]
+    assert fast.split.tolist() == slow.split.tolist() == [False, True, True]
 
 
 def brute_map_topk(ids, logprobs, target, n_pivot):
@@ -176,38 +173,6 @@ def test_map_topk_sums_collisions_like_brute_force(seed):
         if got:
             assert sum(got.values()) == pytest.approx(total) and total < 1.0
             assert list(out_probs[r][out_ids[r] >= 0]) == sorted(got.values(), reverse=True)
-
-
-def test_project_cases_and_shifted_gold_fallback():
-    # pivot tokens 0..4; token 0 template, 1 aligned 1:1 to source token 2, 2 unaligned, 3 many:1 to source 3,
-    # 4 aligned but nothing in its top-K maps
-    alignment = SequenceAlignment(
-        np.array([-1, 2, -1, 3, 4]),
-        np.array([TEMPLATE, ONE_TO_ONE, UNALIGNED, MANY_TO_ONE, ONE_TO_ONE], np.int8),
-        np.full(5, -1),
-        np.full(5, -1),
-    )
-    gold = np.array([7, 8, 9, 10, 11])
-    source_ids = np.array([[0, 1], [0, 1], [0, 1], [1, 2], [3, 3]])
-    source_lps = np.log(np.array([[0.5, 0.5], [0.5, 0.5], [0.6, 0.2], [0.3, 0.3], [0.5, 0.4]]))
-    target = np.array([8, 8, 10, -1])
-    out = project(alignment, gold, source_ids, source_lps, target, n_pivot=12)
-    assert out.counts() == {
-        "projected_1:1": 1,
-        "projected_many:1": 1,
-        "fallback_unaligned": 1,
-        "fallback_template": 1,
-        "fallback_unmapped": 1,
-        "fallback_first_token": 0,
-    }
-    assert out.case[1] == PROJECTED_1TO1 and out.ids[1].tolist() == [8, -1]  # 0 and 1 both map to 8: summed
-    assert out.realized[1] == pytest.approx(np.log(0.8))  # the source's own mass, not renormalized to 1
-    assert out.ids[3].tolist() == [8, 10] and np.exp(out.logprobs[3]).tolist() == pytest.approx([0.3, 0.3])
-    assert out.realized[3] == pytest.approx(np.log(0.3))  # gold 10 is in the projected set
-    for row in (0, 2, 4):  # one-hot on the token this row predicts (the shifted label), never another
-        assert out.ids[row].tolist() == [gold[row], -1] and out.logprobs[row][0] == 0.0
-    assert out.case[0] == FALLBACK_TEMPLATE and out.case[2] == FALLBACK_UNALIGNED
-    assert np.isnan(out.kept_mass[[0, 2, 4]]).all() and out.kept_mass[1] == pytest.approx(1.0)
 
 
 def test_vocab_map_methods_against_brute_force():
@@ -356,12 +321,14 @@ def test_content_alignment_properties(tokenizers, user, answer, pair):
     s_ids = rng.integers(0, len(s_vocab), (len(source.ids), k))
     s_lps = np.log(rng.dirichlet(np.ones(k), len(source.ids)))
     vocab_map = build_vocab_map(s_vocab, p_vocab, needed=np.unique(s_ids))
-    out = project(alignment, pivot.ids, s_ids, s_lps, vocab_map.target, len(p_vocab))
+    options = ProjectOptions("sound", chunk=False)
+    steps = Steps.bare(pivot.ids), Steps.bare(source.ids, s_ids, s_lps)
+    out = project(alignment, *steps, vocab_map.target, len(p_vocab), options)
     sums = np.exp(out.logprobs.astype(np.float64)).sum(axis=1)
     expected = np.where(np.isnan(out.kept_mass), 1.0, out.kept_mass)
     assert sums == pytest.approx(expected, abs=1e-5)
-    fallback = np.isnan(out.kept_mass)
-    assert (out.ids[fallback, 0] == pivot.ids[fallback]).all()
+    fallback = out.signal != PROJECTED
+    assert (out.ids[fallback, 0] == pivot.ids[fallback]).all() and np.isnan(out.kept_mass[fallback]).all()
 
 
 def test_truncated_source_contents_align_with_nothing():

@@ -110,26 +110,37 @@ def test_projected_store_is_in_the_pivot_vocab_and_format(aligned):
 
     ctx, inputs = aligned
     out, pivot = LogprobReader(ctx.out), LogprobReader(inputs["extract.pivot"])
-    assert out.ids == pivot.ids and out.vocab_size == pivot.vocab_size and out.top_k == 5
+    # wide enough for the larger teacher's top-K plus one (candidate completion may add the gold)
+    assert out.ids == pivot.ids and out.vocab_size == pivot.vocab_size and out.top_k == 6
     assert [p.name for p in out.shard_paths] == ["shard-00000", "shard-00001"]
     for sample in out:
         original = pivot.get(sample.id)
         assert (sample.input_ids == original.input_ids).all() and (sample.mask == original.mask).all()
         probs = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
         # the teacher's own mass (≤ 1; the rest is the loss's tail bucket); codec error <= 0.01 per entry
-        assert (probs <= 1.05).all() and (probs > 0.5).all()
-        one_hot = sample.topk_logprobs[:, 1] == -np.inf
-        # one-hot rows sit on the NEXT token (row t predicts token t+1)
-        assert (sample.topk_ids[one_hot, 0] == sample.input_ids[1:][one_hot]).all()
+        single = sample.topk_logprobs[:, 1] == -np.inf
+        assert (probs <= 1.05).all() and (probs[~single] > 0.5).all()
+        # one-hot and chunk rows (one id: the gold with its whole-token likelihood) sit on the NEXT token (row t
+        # predicts token t+1)
+        assert (sample.topk_ids[single, 0] == sample.input_ids[1:][single]).all()
 
 
 def test_report_counts_cases_and_vocab_map(aligned):
     ctx, _ = aligned
     report = json.loads((ctx.out / "report.json").read_text())
     assert report["samples"] == len(CONVERSATIONS) and report["samples_missing_in_source"] == 0
-    shares = report["content_shares"]
+    shares = report["response_cause_shares"]
     assert sum(shares.values()) == pytest.approx(1.0) and shares["1:1"] > 0.3
-    assert report["positions"]["fallback_template"] > 0
+    assert sum(report["response_signal_shares"].values()) == pytest.approx(1.0)
+    assert report["positions"]["template"]["one_hot"] > 0 and report["positions"]["1:1"]["projected"] > 0
+    # every response row is counted once, by cause and signal, and word starts are a subset
+    response = report["response_positions"]
+    assert (
+        sum(sum(r[s] for s in ("projected", "chunk", "pivot_own", "one_hot")) for r in response.values()) > 0
+    )
+    for cause, row in report["word_start_positions"].items():
+        assert all(n <= response[cause][signal] for signal, n in row.items())
+    assert "| split |" in (ctx.out / "report.md").read_text() or response["split"]["chunk"] == 0
     assert report["vocab_map_coverage"]["exact"] > 0.5 and 0 < report["topk_mass_kept"]["mean"] <= 1
     vocab_map = np.load(ctx.out / "vocab_map.npz")
     assert vocab_map["target"].shape == vocab_map["method"].shape
@@ -186,6 +197,10 @@ def test_teacher_signal_report(aligned):
     wins = signal["fusion_weights"]["min_ce"]
     assert wins["pivot"] + wins["source"] == pytest.approx(1.0)
     assert set(signal["fusion_weights"]) >= {"min_ce", "avg_ce"}
+    # the stores' other top-K ids are random draws over the vocabulary, mostly ids no sample uses; their
+    # realized token (top-1) is always used
+    unused = signal["mass_on_unemitted_pivot_tokens"]
+    assert set(unused) == {"source", "pivot"} and all(0.0 < v < 1.0 for v in unused.values())
     assert isinstance(report["warnings"], list)
     assert "## Teacher signal" in (ctx.out / "report.md").read_text()
 

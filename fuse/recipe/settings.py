@@ -33,10 +33,34 @@ class AlignSettings(StageSettings):
         description="Pairs counted for the statistics-based map: tokens starting at the same byte (1:1 and many:1), "
         "or 1:1 only (byte-exact 1:1 pairs always spell the same bytes, so they rarely add to the exact map).",
     )
-    project: Literal["same_start", "one_to_one"] = Field(
-        "same_start",
-        description="Pivot positions projected from the source: where a source step predicts text from the same "
-        "byte (1:1 and many:1), or only where both next tokens cover the same text (1:1); others get the gold one-hot.",
+    project: Literal["one_to_one", "sound", "same_start"] = Field(
+        "sound",
+        description="Pivot positions that receive the source's projected top-K: where both next tokens cover the "
+        "same text (one_to_one, FuseChat's strict setting); also where the source's next token covers the pivot's "
+        "(sound); also where the source spells the pivot token in pieces, projecting the first piece's "
+        "distribution, a prefix's (same_start: unsound).",
+    )
+    chunk: bool = Field(
+        True,
+        description="Where the source spells the pivot token in several pieces ending with it: the source's "
+        "likelihood of the whole token (its pieces' realized log-probs summed; ALM's chunk likelihood) as the "
+        "gold's probability, the rest in the tail.",
+    )
+    chunk_rest: Literal["tail", "pivot"] = Field(
+        "tail",
+        description="At a chunk row, where the mass the gold does not take goes: the tail bucket (every other "
+        "token, in the student's own proportions), or the pivot's other candidates in the pivot's proportions (the "
+        "pivot's distribution with the gold set to the chunk probability: the least-KL change of the pivot's).",
+    )
+    complete: bool = Field(
+        False,
+        description="A source candidate that begins some of the pivot's own candidates at the row (its top-K and "
+        "the gold) has its mass split among them by the pivot's probabilities, not put on the id its prefix maps to.",
+    )
+    fallback: Literal["one_hot", "pivot"] = Field(
+        "one_hot",
+        description="What a row no source signal reaches receives: the gold one-hot, or the pivot's own "
+        "distribution.",
     )
 
 

@@ -135,6 +135,12 @@ class DistillSettings(TrainSettings):
     lambda_: float = Field(0.9, alias="lambda", ge=0, le=1, description="Weight of CE(gold).")
     temperature: float = Field(1.0, gt=0)
     fusion: Literal["min_ce", "avg_ce", "source_only"] = "min_ce"
+    rate_by: Literal["own", "distilled"] = Field(
+        "own",
+        description="What min_ce/avg_ce rate a source by, per sequence: its CE per byte in its own tokenization "
+        "(own, FuseChat), or the CE per byte of what is distilled from it, its projection onto the pivot's tokens "
+        "(distilled; rows it does not reach count with what they receive instead, e.g. the gold one-hot).",
+    )
     divergence: Literal["ce", "kl"] = "ce"
     sft_baseline: bool = Field(
         False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
@@ -178,7 +184,7 @@ class DistillSettings(TrainSettings):
     def sft_only(self) -> DistillSettings:
         """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
         at their defaults, so changing them does not make the baseline stale."""
-        teacher = self._defaults("temperature", "fusion", "divergence")
+        teacher = self._defaults("temperature", "fusion", "rate_by", "divergence")
         return self.for_arm().model_copy(update={"lambda_": 1.0, **teacher})
 
     def for_control(self, control: str) -> DistillSettings:
@@ -188,7 +194,7 @@ class DistillSettings(TrainSettings):
         if control == "label_smoothing":
             return self.sft_only().model_copy(update={"label_smoothing": self.label_smoothing or 0.1})
         store = {"oracle_teacher": self.oracle_teacher} if control == "oracle" else {}
-        return self.for_arm().model_copy(update={**self._defaults("fusion"), **store})
+        return self.for_arm().model_copy(update={**self._defaults("fusion", "rate_by"), **store})
 
 
 class FpoSettings(TrainSettings):
