@@ -20,6 +20,9 @@ What the row then receives (its `signal`):
 - `chunk`: at a `split` row whose pieces end where the pivot token ends, the source's likelihood of the whole
   token, the sum of its pieces' realized log-probs (ALM's chunk likelihood on the gold path, Minixhofer et al.
   2025). The gold gets exactly that probability; the rest is the tail, unless `complete` places it.
+- `scored`: the source's exact probability of each candidate pivot token's text, asked of the source model in its
+  own tokenization (`score_candidates`; alignment/candidates.py): the gold, the pivot's top-K and the words the
+  source's likely first pieces begin.
 - `pivot_own`: where no source signal reaches the row, the pivot's own distribution (`fallback: pivot`).
 - `one_hot`: the gold next token (the shifted label), the last resort.
 
@@ -49,8 +52,8 @@ from fuse.alignment.sequence import ONE_TO_ONE, TEMPLATE, UNALIGNED, SequenceAli
 CAUSES = ("1:1", "source_covers", "split", "inside_token", "no_source_text", "template", "first_token")
 ONE, COVERS, SPLIT, INSIDE, NO_TEXT, TEMPLATE_ROW, FIRST = range(len(CAUSES))
 # What the row receives.
-SIGNALS = ("projected", "chunk", "pivot_own", "one_hot")
-PROJECTED, CHUNK, PIVOT_OWN, ONE_HOT = range(len(SIGNALS))
+SIGNALS = ("projected", "chunk", "scored", "pivot_own", "one_hot")
+PROJECTED, CHUNK, SCORED, PIVOT_OWN, ONE_HOT = range(len(SIGNALS))
 PROJECT_MODES = ("one_to_one", "sound", "same_start")
 
 
@@ -274,10 +277,12 @@ def project(
     n_pivot: int,
     options: ProjectOptions = ProjectOptions(),
     completion: sparse.csr_matrix | None = None,
+    scored: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Projection:
     """What each pivot row receives from the source (module docstring). Row j of `pivot` predicts pivot token j
     (`pivot.tokens[j]`, the shifted label), row i of `source` predicts source token i; `completion`
-    (`completion_matrix` of the corpus's aligned pairs) is needed by `complete`."""
+    (`completion_matrix` of the corpus's aligned pairs) is needed by `complete`; `scored` maps rows to the pivot ids
+    the source model was asked about and their exclusive probabilities (they replace anything else there)."""
     gold = pivot.tokens
     n = gold.size
     width = max(source.ids.shape[1], pivot.ids.shape[1]) + 1
@@ -329,6 +334,11 @@ def project(
             ids[chunks, 1 : k + 1], probs[chunks, 1 : k + 1] = rest
     unmapped = projectable & (ids[:, 0] < 0)
     signal = np.where(is_chunk, CHUNK, np.where(projectable & ~unmapped, PROJECTED, ONE_HOT)).astype(np.int8)
+    for j, (cand, p) in (scored or {}).items():
+        order = np.argsort(-p, kind="stable")[:width]
+        ids[j], probs[j] = -1, 0.0
+        ids[j, : order.size], probs[j, : order.size] = cand[order], p[order] / max(p.sum(), 1.0)
+        signal[j], unmapped[j] = SCORED, False
     fallback = signal == ONE_HOT
     if options.fallback == "pivot":
         own = fallback & (pivot.ids[:, 0] >= 0)

@@ -50,7 +50,7 @@ def word_start_share(run: Path, source: str) -> float:
     than that count is recounted from the run's extract stores under its settings."""
     report = json.loads((run / f"align.{source}" / "out" / "report.json").read_text())
     shares = report.get("word_start_signal_shares") or recount(run, source)
-    return shares.get("projected", 0.0) + shares.get("chunk", 0.0)
+    return sum(shares.get(k, 0.0) for k in ("projected", "chunk", "scored"))
 
 
 @functools.cache
@@ -153,7 +153,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
         f"Each row: bench/demo_seeds.py over the same {base['units']} units (3 worlds × 3 training seeds), mean "
         "[95% t-interval over the units]. Primary metric: mean over the three source domains of arm − SFT-only, "
         f"nats/byte (negative is better). Δ: the paired difference to the first row on the same units. Word "
-        "starts with a signal: share of word-start response rows that receive the source (projected or chunk), "
+        "starts with a signal: share of word-start response rows that receive the source (projected, chunk or scored), "
         "llama / gpt2 / gemma. Cost: a target's training step and the align stage, relative to the first row.",
         "",
         "| objective | targets | Δ targets | gap closed | merge | Δ merge | word starts with a signal | step | align |",

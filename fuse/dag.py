@@ -186,7 +186,9 @@ def build_dag(recipe: Recipe) -> Dag:
             dag.add(Instance(f"extract.{model}", "extract", model, data, (model,), s.extract.num_shards))
     for source in sources if s.align.enabled else []:
         logprobs = Edge("source_logprobs", f"extract.{source}"), Edge("pivot_logprobs", "extract.pivot")
-        dag.add(Instance(f"align.{source}", "align", source, logprobs))
+        # scoring candidates runs the source model itself: its weights are then read directly
+        reads = (source,) if s.align.score_candidates else ()
+        dag.add(Instance(f"align.{source}", "align", source, logprobs, reads))
 
     if s.distill.enabled:
         for source in sources:

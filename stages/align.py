@@ -12,20 +12,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fuse.alignment.candidates import candidate_ids, exclusive, spellable
 from fuse.alignment.content import ContentAlignment, Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, vocab_pieces
 from fuse.alignment.project import (
     CHUNK,
+    COVERS,
+    ONE,
     PROJECTED,
+    SCORED,
     SIGNALS,
+    SPLIT,
     TEMPLATE_ROW,
     ProjectOptions,
     Steps,
+    causes,
     completion_matrix,
     project,
 )
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, SequenceAlignment
 from fuse.alignment.vocab import build_vocab_map, pair_counts
+from fuse.backends import make_backend
+from fuse.backends.hf import continuation_logprobs
 from fuse.context import StageContext
 from fuse.data.logprobs import LogprobReader, LogprobWriter, SampleLogprobs, write_index
 from fuse.data.response import ce_per_byte
@@ -102,6 +110,136 @@ def count_pairs(
         len(vocabs[0]),
     )
     return counts, np.unique(np.concatenate(needed or [np.zeros(0, np.int64)]))
+
+
+class CandidateScorer:
+    """Scores candidate pivot tokens under the source model (alignment/candidates.py has the pure half): each
+    candidate's text is appended to the source's own rendering at the row's boundary, tokenized by the source's
+    tokenizer, and its tokens' log-probs summed, by the extract backend. Counts what it could not score, and how
+    far its score of the gold is from the extract's (the same tokens under the same backend: a built-in check)."""
+
+    def __init__(
+        self,
+        backend: Any,
+        tokenizer: Any,
+        p_vocab: VocabPieces,
+        completion: Any,
+        target: np.ndarray,
+        limit: int,
+    ) -> None:
+        self.backend, self.tokenizer, self.p_vocab = backend, tokenizer, p_vocab
+        self.completion, self.target, self.limit = completion, target, limit
+        self.usable = spellable(p_vocab)
+        self.counts: Counter = Counter()
+        self.gold_diff = 0.0
+
+    def rows(self, pivot: SampleLogprobs, alignment: SequenceAlignment) -> np.ndarray:
+        """Response rows where the source has a token starting at the same byte and the gold is plain text."""
+        scorable = np.isin(causes(alignment), (ONE, COVERS, SPLIT)) & (alignment.source_index > 0)
+        return np.flatnonzero(np.r_[False, pivot.mask[1:]] & scorable & self.usable[pivot.input_ids])
+
+    def context_end(self, source: SampleLogprobs, boundary: int, gold: int) -> int | None:
+        """The character where the source's text continues with the gold's text (a tokenizer's offsets may or may
+        not count a word's leading space), or None."""
+        start, text = int(source.offsets[boundary][0]), self.p_vocab.pieces[gold].decode("utf-8")
+        return next(
+            (c for c in (start, start - 1, start + 1) if c >= 0 and source.text.startswith(text, c)), None
+        )
+
+    def score(
+        self,
+        pivot: SampleLogprobs,
+        source: SampleLogprobs,
+        alignment: SequenceAlignment,
+        steps: tuple[Steps, Steps],
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        p_steps, s_steps = steps
+        asked: list[tuple[int, int, int]] = []  # (row, candidate, boundary)
+        texts: list[str] = []
+        for j in self.rows(pivot, alignment):
+            boundary, gold = int(alignment.source_index[j]), int(pivot.input_ids[j])
+            end = self.context_end(source, boundary, gold)
+            if end is None:
+                self.counts["rows_without_context"] += 1
+                continue
+            s_probs = np.where(s_steps.ids[boundary] >= 0, np.exp(s_steps.logprobs[boundary]), 0.0)
+            for w in candidate_ids(
+                gold,
+                p_steps.ids[j],
+                s_steps.ids[boundary],
+                s_probs,
+                self.completion,
+                self.target,
+                self.usable,
+                self.limit,
+            ):
+                asked.append((int(j), int(w), boundary))
+                texts.append(source.text[:end] + self.p_vocab.pieces[w].decode("utf-8"))
+        sequences, kept = [], []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for (j, w, boundary), ids in zip(asked, encoded, strict=True):
+            if len(ids) <= boundary or ids[:boundary] != source.input_ids[:boundary].tolist():
+                self.counts["candidates_merging_with_context"] += 1
+            elif len(ids) > self.backend.max_length:
+                self.counts["candidates_too_long"] += 1
+            else:
+                sequences.append(np.asarray(ids, np.int64))
+                kept.append((j, w, boundary))
+        by_row: dict[int, list[tuple[int, float]]] = {}
+        for (j, w, boundary), ids, logprob in zip(
+            kept, sequences, self.logprobs(kept, sequences), strict=True
+        ):
+            by_row.setdefault(j, []).append((w, logprob))
+            if w == int(pivot.input_ids[j]) and (stored := self.stored(source, ids, boundary)) is not None:
+                self.gold_diff = max(self.gold_diff, abs(logprob - stored))
+                self.counts["gold_checked"] += 1
+        scored = {}
+        for j, items in by_row.items():
+            ids = np.array([w for w, _ in items], np.int64)
+            if (
+                int(pivot.input_ids[j]) not in ids
+            ):  # the gold could not be asked: the row keeps its other signal
+                self.counts["rows_gold_unscored"] += 1
+                continue
+            scored[j] = (ids, exclusive(ids, np.exp(np.array([lp for _, lp in items])), self.p_vocab))
+            self.counts["rows_scored"] += 1
+            self.counts["candidates_scored"] += len(items)
+        return scored
+
+    def logprobs(self, kept: list[tuple[int, int, int]], sequences: list[np.ndarray]) -> list[float]:
+        """Each candidate's summed log-prob past its boundary: through the transformers model with one prefix
+        forward per row (its cache shared by the row's candidates), or the backend's full sequences (vLLM caches
+        the shared prefixes itself)."""
+        if not sequences:
+            return []
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            results = self.backend.logprobs(sequences, 1)
+            return [
+                float(r.target_logprobs[b - 1 :].astype(np.float64).sum())
+                for (_, _, b), r in zip(kept, results, strict=True)
+            ]
+        out = np.zeros(len(kept))
+        rows: dict[int, list[int]] = {}
+        for index, (j, _, _) in enumerate(kept):
+            rows.setdefault(j, []).append(index)
+        for members in rows.values():
+            boundary = kept[members[0]][2]
+            prefix = sequences[members[0]][:boundary]
+            out[members] = continuation_logprobs(model, prefix, [sequences[m][boundary:] for m in members])
+        return out.tolist()
+
+    @staticmethod
+    def stored(source: SampleLogprobs, ids: list[int] | np.ndarray, boundary: int) -> float | None:
+        """The extract's own log-prob of the same tokens, where the candidate is spelled as the source spelled it."""
+        tail = np.asarray(ids[boundary:])
+        stop = boundary + tail.size
+        if stop > source.num_tokens or not np.array_equal(source.input_ids[boundary:stop], tail):
+            return None
+        return float(np.asarray(source.target_logprobs[boundary - 1 : stop - 1], np.float64).sum())
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.counts) | {"gold_vs_extract_max_abs_diff": self.gold_diff}
 
 
 def project_options(settings: Any) -> ProjectOptions:
@@ -242,13 +380,13 @@ class Tally:
             self.ce.append((ce_per_byte(pivot), ce_per_byte(source)))
 
     def add_signal(self, pivot: SampleLogprobs, projection: Projection) -> None:
-        """At response rows with a source signal (projected or chunk): does its top-1 name the gold next token,
+        """At response rows with a source signal (projected, chunk or scored): does its top-1 name the gold next token,
         and what probability does it give it — next to the pivot's own extract at the same rows."""
         signal = projection.signal[1:]
-        rows = np.flatnonzero(pivot.mask[1:] & ((signal == PROJECTED) | (signal == CHUNK)))
+        rows = np.flatnonzero(pivot.mask[1:] & np.isin(signal, (PROJECTED, CHUNK, SCORED)))
         gold = pivot.input_ids[1:][rows]
         pivot_gold = np.exp(np.nan_to_num(pivot.target_logprobs[rows].astype(np.float64), nan=-np.inf))
-        full = signal[rows] == PROJECTED  # a chunk row names only the gold: its top-1 says nothing
+        full = signal[rows] != CHUNK  # a chunk row names only the gold: its top-1 says nothing
         self.signal.update(
             rows=int(rows.size),
             distribution_rows=int(full.sum()),
@@ -321,9 +459,9 @@ class Tally:
 
 # Where a source's signal is doubtful enough to say so before any GPU hour goes into training on it.
 def source_share(report: dict[str, Any], rows: str = "response") -> float:
-    """The share of response (or word-start) rows that receive the source's signal: projected or chunk."""
+    """The share of response (or word-start) rows that receive the source's signal: projected, chunk or scored."""
     shares = report[f"{rows}_signal_shares"]
-    return shares.get("projected", 0.0) + shares.get("chunk", 0.0)
+    return sum(shares.get(name, 0.0) for name in ("projected", "chunk", "scored"))
 
 
 def _mapped_share(report: dict[str, Any]) -> float:
@@ -412,7 +550,7 @@ def teacher_signal_markdown(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Teacher signal",
         "",
-        f"At the {signal['projected_response_rows']} response positions with a source signal (projected or chunk):",
+        f"At the {signal['projected_response_rows']} response positions with a source signal (projected, chunk or scored):",
         "",
         "| | source | pivot (own) |",
         "|---|---|---|",
@@ -451,7 +589,16 @@ def run(ctx: StageContext) -> None:
     with atomic_write(ctx.out / "vocab_map.npz") as handle:
         np.savez(handle, target=vocab_map.target, method=vocab_map.method)
     options = project_options(settings)
-    completion = completion_matrix(counts) if settings.complete else None
+    completion = completion_matrix(counts) if settings.complete or settings.score_candidates else None
+    scorer = None
+    if settings.score_candidates:
+        extract = ctx.recipe.stages.extract
+        backend = make_backend(
+            extract.backend, ctx.model_spec(source_name), extract, str(ctx.dir / "scratch")
+        )
+        scorer = CandidateScorer(
+            backend, source_tokenizer, p_vocab, completion, vocab_map.target, settings.max_candidates
+        )
     width = max(source_store.top_k, pivot_store.top_k) + 1  # what `project` lays out per row
     tally, done = Tally(p_vocab, emitted_ids(pivot_store)), 0
     for shard in pivot_store.shards():
@@ -465,14 +612,20 @@ def run(ctx: StageContext) -> None:
             for pivot in shard:
                 source = source_store.get(pivot.id) if pivot.id in source_store else None
                 content = align_sample(pivot, source, vocabs, settings.method, end_of_turn)
+                steps = steps_of(pivot, pivot_store.top_k), steps_of(source, source_store.top_k)
+                scored = (
+                    scorer.score(pivot, source, content.alignment, steps)
+                    if scorer is not None and source is not None
+                    else None
+                )
                 projection = project(
                     content.alignment,
-                    steps_of(pivot, pivot_store.top_k),
-                    steps_of(source, source_store.top_k),
+                    *steps,
                     vocab_map.target,
                     pivot_store.vocab_size,
                     options,
                     completion,
+                    scored,
                 )
                 writer.add(projected_sample(pivot, projection))
                 tally.add(pivot, source, projection, content.regions)
@@ -480,6 +633,9 @@ def run(ctx: StageContext) -> None:
                 ctx.progress(done, len(pivot_store), "sample")
     write_index(ctx.out)
     report = tally.report(vocab_map, needed)
+    if scorer is not None:
+        scorer.backend.close()
+        report["candidate_scoring"] = scorer.report()
     report["end_of_turn"] = end_of_turn_names(end_of_turn, p_vocab, s_vocab)
     report["warnings"] = signal_warnings(report)
     for warning in report["warnings"]:

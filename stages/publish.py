@@ -112,7 +112,7 @@ def teacher_signal_section(align_reports: dict[str, dict[str, Any]]) -> str:
     if not align_reports:
         return "No alignment reports."
     lines = [
-        "| source | response rows with its signal (projected / chunk) | word starts with its signal "
+        "| source | response rows with its signal (projected / chunk / scored) | word starts with its signal "
         "| top-1 is gold (source / pivot) | mean p(gold) (source / pivot) "
         "| top-K mass kept | sequences won under min_ce | warnings |",
         "|---|---|---|---|---|---|---|---|",
@@ -122,8 +122,8 @@ def teacher_signal_section(align_reports: dict[str, dict[str, Any]]) -> str:
         starts = report["word_start_signal_shares"]
         wins = signal["fusion_weights"].get("min_ce", {}).get("source", float("nan"))
         lines.append(
-            f"| {name} | {shares.get('projected', 0.0):.2f} / {shares.get('chunk', 0.0):.2f} "
-            f"| {starts.get('projected', 0.0) + starts.get('chunk', 0.0):.2f} "
+            f"| {name} | {shares.get('projected', 0.0):.2f} / {shares.get('chunk', 0.0):.2f} / {shares.get('scored', 0.0):.2f} "
+            f"| {sum(starts.get(k, 0.0) for k in ('projected', 'chunk', 'scored')):.2f} "
             f"| {signal['source_top1_is_gold']:.2f} / {signal['pivot_top1_is_gold']:.2f} "
             f"| {signal['source_mean_p_gold']:.3f} / {signal['pivot_mean_p_gold']:.3f} "
             f"| {report['topk_mass_kept']['mean'] or 0.0:.2f} | {wins:.2f} | "

@@ -196,6 +196,35 @@ def pad_right(sequences: Sequence[Sequence[int]], pad: int = 0) -> Any:
     return ids
 
 
+def continuation_logprobs(
+    model: Any, prefix: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """The summed log-prob of each continuation after `prefix` (float64 [C]): the prefix runs once and its KV
+    cache is shared by every continuation (candidate scoring asks about ~20 continuations of one context)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(input_ids=torch.as_tensor(np.asarray([prefix], np.int64), device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
+        total = first[[int(c[0]) for c in continuations]].clone()
+        rest = [np.asarray(c, np.int64) for c in continuations]
+        width = max(len(c) for c in rest) - 1
+        if width > 0:  # each continuation's later tokens, predicted from its own earlier ones
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(rest))
+            ids = pad_right([c[:-1] if len(c) > 1 else c[:1] for c in rest]).to(device)[:, :width]
+            real = torch.tensor([[t < len(c) - 1 for t in range(width)] for c in rest], device=device)
+            mask = torch.cat(
+                [torch.ones(len(rest), len(prefix), dtype=torch.long, device=device), real.long()], 1
+            )
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            nxt = pad_right([c[1:] if len(c) > 1 else c[:1] for c in rest]).to(device)[:, :width]
+            total += (logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * real).sum(dim=1)
+    return total.cpu().numpy()
+
+
 # --------------------------------------------------------------------------------------------- the backend
 
 

@@ -57,6 +57,13 @@ class AlignSettings(StageSettings):
         description="A source candidate that begins some of the pivot's own candidates at the row (its top-K and "
         "the gold) has its mass split among them by the pivot's probabilities, not put on the id its prefix maps to.",
     )
+    score_candidates: bool = Field(
+        False,
+        description="Ask the source model for the exact probability of each candidate pivot token's text (the "
+        "gold, the pivot's top-K, the words the source's likely first pieces begin) at every response row where "
+        "both tokenizations have a boundary; runs the source with stages.extract's backend and settings.",
+    )
+    max_candidates: int = Field(24, ge=2, le=256, description="Candidates scored per row, at most.")
     fallback: Literal["one_hot", "pivot"] = Field(
         "one_hot",
         description="What a row no source signal reaches receives: the gold one-hot, or the pivot's own "

@@ -1,0 +1,81 @@
+"""Candidate scoring, the pure half: which pivot tokens to ask the source about at a row, and how the source's
+answers (the probability that the text continues with each candidate's text) become a distribution over the pivot's
+next token. The model half (tokenizing each candidate in the source's context and scoring it) is in stages/align.py.
+
+At a row where both tokenizations have a boundary, the source can be asked for the exact probability of any text
+that follows: p_src(" dundel" | context) is the product of its pieces' probabilities, whatever its spelling. The
+candidates are the gold, the pivot's own top-K and the pivot tokens that the source's likely first pieces begin in
+the corpus (`completion_matrix`), so the words the source expects are asked about even where the pivot does not
+expect them. Two candidates can be prefixes of one another (" dun", " dundel"): their events nest, so each keeps
+only what its children in the candidates' prefix tree leave (`exclusive`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+from fuse.alignment.pieces import VocabPieces
+
+
+def candidate_ids(
+    gold: int,
+    pivot_ids: np.ndarray,
+    source_ids: np.ndarray,
+    source_probs: np.ndarray,
+    completion: sparse.csr_matrix,
+    target: np.ndarray,
+    usable: np.ndarray,
+    limit: int,
+    per_piece: int = 2,
+) -> np.ndarray:
+    """The pivot ids to score at one row, most important first, at most `limit`: the gold, the pivot's top-K (in
+    its order), then for each source candidate (most probable first) the `per_piece` pivot tokens the corpus
+    aligned it with most often and the vocabulary map's id. Only `usable` ids (text a tokenizer can spell)."""
+    out: list[int] = [gold] if usable[gold] else []
+    out += [int(i) for i in pivot_ids if i >= 0 and usable[i]]
+    for s in np.asarray(source_ids)[np.argsort(-np.asarray(source_probs), kind="stable")]:
+        if s < 0:
+            continue
+        start, stop = completion.indptr[s], completion.indptr[s + 1]
+        order = np.argsort(-completion.data[start:stop], kind="stable")[:per_piece]
+        out += [int(i) for i in completion.indices[start:stop][order] if usable[i]]
+        if target[s] >= 0 and usable[target[s]]:
+            out.append(int(target[s]))
+    return np.array(list(dict.fromkeys(out))[:limit], np.int64)
+
+
+def exclusive(ids: np.ndarray, probs: np.ndarray, vocab: VocabPieces) -> np.ndarray:
+    """Each candidate's probability that the text continues with its bytes, less what its children in the
+    candidates' prefix tree take (the nearest candidates that extend it; disjoint among themselves), clamped at 0:
+    the probability that the next pivot token is this one rather than a longer candidate."""
+    spelled = [vocab.pieces[int(i)] for i in ids]
+    probs = np.asarray(probs, np.float64)
+    out = probs.copy()
+    for a, text in enumerate(spelled):
+        longer = [b for b, other in enumerate(spelled) if len(other) > len(text) and other.startswith(text)]
+        children = [
+            b
+            for b in longer
+            if not any(
+                len(spelled[b]) > len(spelled[c]) and spelled[b].startswith(spelled[c])
+                for c in longer
+                if c != b
+            )
+        ]
+        out[a] = max(probs[a] - probs[children].sum(), 0.0)
+    return out
+
+
+def spellable(vocab: VocabPieces) -> np.ndarray:
+    """Bool per id: a non-special token whose bytes are non-empty, valid UTF-8 text (a candidate can be written
+    out as text for the source's tokenizer; byte pieces of a character cannot)."""
+    usable = np.zeros(len(vocab), bool)
+    for i, piece in enumerate(vocab.pieces):
+        if piece and not vocab.special[i]:
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            usable[i] = True
+    return usable
