@@ -18,6 +18,20 @@ from scipy import sparse
 from fuse.alignment.pieces import VocabPieces
 
 
+def extensions(vocab: VocabPieces, emitted: np.ndarray, per_token: int = 2) -> dict[int, list[int]]:
+    """For each pivot token that is a proper prefix of tokens the pivot emits (`emitted`: how often each id
+    occurs in its tokenization of the data), the `per_token` most emitted of those: " hal" → " halkel"."""
+    by_bytes = {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
+    found: dict[int, list[int]] = {}
+    for e in np.flatnonzero(emitted):
+        piece = vocab.pieces[e]
+        for k in range(1, len(piece)):
+            prefix = by_bytes.get(piece[:k])
+            if prefix is not None:
+                found.setdefault(prefix, []).append(int(e))
+    return {p: sorted(es, key=lambda e: (-emitted[e], e))[:per_token] for p, es in found.items()}
+
+
 def candidate_ids(
     gold: int,
     pivot_ids: np.ndarray,
@@ -27,22 +41,31 @@ def candidate_ids(
     target: np.ndarray,
     usable: np.ndarray,
     limit: int,
+    longer: dict[int, list[int]] | None = None,
+    respell: np.ndarray | None = None,
     per_piece: int = 2,
 ) -> np.ndarray:
     """The pivot ids to score at one row, most important first, at most `limit`: the gold, the pivot's top-K (in
     its order), then for each source candidate (most probable first) the `per_piece` pivot tokens the corpus
-    aligned it with most often and the vocabulary map's id. Only `usable` ids (text a tokenizer can spell)."""
-    out: list[int] = [gold] if usable[gold] else []
-    out += [int(i) for i in pivot_ids if i >= 0 and usable[i]]
+    aligned it with most often and the vocabulary map's id; each followed by the emitted tokens it is a prefix of
+    (`longer`, from `extensions`), so a prefix never keeps the mass of the words it begins. `respell` maps ids to
+    the form the row needs first (at a content's opening, " Nixjun" → "Nixjun"). Only `usable` ids (text a
+    tokenizer can spell)."""
+    out: list[int] = [gold]
+    out += [int(i) for i in pivot_ids if i >= 0]
     for s in np.asarray(source_ids)[np.argsort(-np.asarray(source_probs), kind="stable")]:
         if s < 0:
             continue
         start, stop = completion.indptr[s], completion.indptr[s + 1]
         order = np.argsort(-completion.data[start:stop], kind="stable")[:per_piece]
-        out += [int(i) for i in completion.indices[start:stop][order] if usable[i]]
-        if target[s] >= 0 and usable[target[s]]:
+        out += [int(i) for i in completion.indices[start:stop][order]]
+        if target[s] >= 0:
             out.append(int(target[s]))
-    return np.array(list(dict.fromkeys(out))[:limit], np.int64)
+    if respell is not None:
+        out = [int(respell[w]) for w in out]
+    longer = longer or {}
+    grown = [i for w in out for i in (w, *longer.get(w, ()))]
+    return np.array([i for i in dict.fromkeys(grown) if usable[i]][:limit], np.int64)
 
 
 def exclusive(ids: np.ndarray, probs: np.ndarray, vocab: VocabPieces) -> np.ndarray:

@@ -43,12 +43,19 @@ class Region:
     spans: tuple[np.ndarray, np.ndarray] | None
     phantom: bool = False  # first token carries a space that is not content text
     how: str = "bytes"
+    straddling: int | None = (
+        None  # a token holding template text and the content's first bytes (" L" of Lorpel)
+    )
 
 
 @dataclass
 class ContentAlignment:
     alignment: SequenceAlignment  # over every pivot token; template tokens have kind TEMPLATE
     regions: Counter = field(default_factory=Counter)  # how each message region was positioned/aligned
+    # pivot row -> the source token that opens the same content while also holding text that is not the content's:
+    # a space its tokenizer invented (Metaspace) or one of the template's merged into it (" L" of "[/INST] Lorpel").
+    # Its step predicted " Lorpel", not "Lorpel", so it is never projected, but the text can still be scored there.
+    openings: dict[int, int] = field(default_factory=dict)
 
 
 def leading_space_bytes(content: bytes) -> int:
@@ -77,12 +84,15 @@ def _offset_regions(rendered: Rendered, vocab: VocabPieces) -> list[Region]:
             continue
         t0, t1 = int(inside[0]), int(inside[-1]) + 1
         origin = lo + leading_space_bytes(raw[lo:hi])
+        across = np.flatnonzero((starts < origin) & (ends > origin) & textual)
+        straddling = int(across[-1]) if across.size else None
         exact = region_spans(rendered.ids[t0:t1], vocab, raw[lo:hi], int(starts[t0]) - lo)
         if exact is not None:
             spans = (exact[0] + lo - origin, exact[1] + lo - origin)
-            regions.append(Region(t0, t1, spans, exact[2], "bytes"))
+            regions.append(Region(t0, t1, spans, exact[2], "bytes", straddling))
         else:  # the tokens do not spell the text (a normalizer rewrote it): trust the tokenizer's offsets
-            regions.append(Region(t0, t1, (starts[t0:t1] - origin, ends[t0:t1] - origin), False, "offsets"))
+            spans = (starts[t0:t1] - origin, ends[t0:t1] - origin)
+            regions.append(Region(t0, t1, spans, False, "offsets", straddling))
     return regions
 
 
@@ -171,6 +181,9 @@ def align_content(
             kind[0] = UNALIGNED
         if s.phantom:  # the source's first step predicted text with an invented space: unsound
             kind[index == s.start] = UNALIGNED
+        opener = s.start if s.phantom else s.straddling
+        if opener is not None and not p.phantom and p.spans is not None and p.spans[0][:1].tolist() == [0]:
+            result.openings[p.start] = opener
         index[kind == UNALIGNED] = -1
         out.source_index[p.start : p.stop], out.kind[p.start : p.stop] = index, kind
         out.cover_first[p.start : p.stop], out.cover_last[p.start : p.stop] = (

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fuse.alignment.candidates import candidate_ids, exclusive, spellable
+from fuse.alignment.candidates import candidate_ids, exclusive, extensions, spellable
 from fuse.alignment.content import ContentAlignment, Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, vocab_pieces
 from fuse.alignment.project import (
@@ -126,17 +126,35 @@ class CandidateScorer:
         completion: Any,
         target: np.ndarray,
         limit: int,
+        emitted: np.ndarray | None = None,
     ) -> None:
         self.backend, self.tokenizer, self.p_vocab = backend, tokenizer, p_vocab
         self.completion, self.target, self.limit = completion, target, limit
         self.usable = spellable(p_vocab)
+        self.longer = extensions(p_vocab, emitted) if emitted is not None else {}
+        # at a content's opening the source's pieces carry a space the content does not: " Nixjun" → "Nixjun"
+        by_bytes = {piece: i for i, piece in enumerate(p_vocab.pieces) if piece and not p_vocab.special[i]}
+        self.unspaced = np.array(
+            [
+                by_bytes.get(piece[1:], i) if piece[:1] == b" " else i
+                for i, piece in enumerate(p_vocab.pieces)
+            ],
+            np.int64,
+        )
         self.counts: Counter = Counter()
         self.gold_diff = 0.0
 
-    def rows(self, pivot: SampleLogprobs, alignment: SequenceAlignment) -> np.ndarray:
-        """Response rows where the source has a token starting at the same byte and the gold is plain text."""
-        scorable = np.isin(causes(alignment), (ONE, COVERS, SPLIT)) & (alignment.source_index > 0)
-        return np.flatnonzero(np.r_[False, pivot.mask[1:]] & scorable & self.usable[pivot.input_ids])
+    def rows(self, pivot: SampleLogprobs, content: ContentAlignment) -> dict[int, int]:
+        """Response rows where the source has a token starting at the same byte (or opening the same content
+        with a space of its own, `ContentAlignment.openings`) and the gold is plain text: row -> that token."""
+        alignment = content.alignment
+        scorable = np.isin(causes(alignment), (ONE, COVERS, SPLIT))
+        boundary = np.where(scorable, alignment.source_index, -1)
+        for j, opener in content.openings.items():  # where no source token starts with the content's text
+            if boundary[j] < 0:
+                boundary[j], scorable[j] = opener, True
+        rows = np.r_[False, pivot.mask[1:]] & scorable & (boundary > 0) & self.usable[pivot.input_ids]
+        return {int(j): int(boundary[j]) for j in np.flatnonzero(rows)}
 
     def context_end(self, source: SampleLogprobs, boundary: int, gold: int) -> int | None:
         """The character where the source's text continues with the gold's text (a tokenizer's offsets may or may
@@ -150,20 +168,20 @@ class CandidateScorer:
         self,
         pivot: SampleLogprobs,
         source: SampleLogprobs,
-        alignment: SequenceAlignment,
+        content: ContentAlignment,
         steps: tuple[Steps, Steps],
     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         p_steps, s_steps = steps
         asked: list[tuple[int, int, int]] = []  # (row, candidate, boundary)
         texts: list[str] = []
-        for j in self.rows(pivot, alignment):
-            boundary, gold = int(alignment.source_index[j]), int(pivot.input_ids[j])
+        for j, boundary in self.rows(pivot, content).items():
+            gold = int(pivot.input_ids[j])
             end = self.context_end(source, boundary, gold)
             if end is None:
                 self.counts["rows_without_context"] += 1
                 continue
             s_probs = np.where(s_steps.ids[boundary] >= 0, np.exp(s_steps.logprobs[boundary]), 0.0)
-            for w in candidate_ids(
+            candidates = candidate_ids(
                 gold,
                 p_steps.ids[j],
                 s_steps.ids[boundary],
@@ -172,7 +190,10 @@ class CandidateScorer:
                 self.target,
                 self.usable,
                 self.limit,
-            ):
+                self.longer,
+                self.unspaced if j in content.openings and self.p_vocab.pieces[gold][:1] != b" " else None,
+            )
+            for w in candidates:
                 asked.append((int(j), int(w), boundary))
                 texts.append(source.text[:end] + self.p_vocab.pieces[w].decode("utf-8"))
         sequences, kept = [], []
@@ -318,10 +339,10 @@ def end_of_turn_names(
 
 
 def emitted_ids(store: Any) -> np.ndarray:
-    """Bool per id of a store's vocabulary: does any of its samples' tokens use it."""
-    emitted = np.zeros(store.vocab_size, bool)
+    """Per id of a store's vocabulary: how often its samples' tokens use it."""
+    emitted = np.zeros(store.vocab_size, np.int64)
     for sample in store:
-        emitted[sample.input_ids] = True
+        emitted += np.bincount(sample.input_ids, minlength=store.vocab_size)[: store.vocab_size]
     return emitted
 
 
@@ -351,7 +372,7 @@ class Tally:
 
     def __init__(self, p_vocab: VocabPieces, emitted: np.ndarray | None = None) -> None:
         self.p_vocab = p_vocab
-        self.emitted = emitted  # bool per pivot id: does the pivot's tokenization of the fusion set use it
+        self.emitted = emitted  # per pivot id: how often the pivot's tokenization of the fusion set uses it
         self.tables: dict[str, dict[str, dict[str, int]]] = {"all": {}, "response": {}, "word_start": {}}
         self.regions: Counter = Counter()
         self.kept: list[float] = []
@@ -402,7 +423,7 @@ class Tally:
                 ("pivot", pivot.topk_ids[projected], pivot.topk_logprobs[projected]),
             ):
                 probs = np.where(ids >= 0, np.exp(lps.astype(np.float64)), 0.0)
-                never = ~self.emitted[np.clip(ids, 0, None)] & (ids >= 0)
+                never = (self.emitted[np.clip(ids, 0, None)] == 0) & (ids >= 0)
                 self.signal.update(
                     {f"{side}_mass": float(probs.sum()), f"{side}_unused": float(probs[never].sum())}
                 )
@@ -590,17 +611,17 @@ def run(ctx: StageContext) -> None:
         np.savez(handle, target=vocab_map.target, method=vocab_map.method)
     options = project_options(settings)
     completion = completion_matrix(counts) if settings.complete or settings.score_candidates else None
-    scorer = None
+    scorer, emitted = None, emitted_ids(pivot_store)
     if settings.score_candidates:
         extract = ctx.recipe.stages.extract
         backend = make_backend(
             extract.backend, ctx.model_spec(source_name), extract, str(ctx.dir / "scratch")
         )
         scorer = CandidateScorer(
-            backend, source_tokenizer, p_vocab, completion, vocab_map.target, settings.max_candidates
+            backend, source_tokenizer, p_vocab, completion, vocab_map.target, settings.max_candidates, emitted
         )
     width = max(source_store.top_k, pivot_store.top_k) + 1  # what `project` lays out per row
-    tally, done = Tally(p_vocab, emitted_ids(pivot_store)), 0
+    tally, done = Tally(p_vocab, emitted), 0
     for shard in pivot_store.shards():
         with LogprobWriter(
             ctx.out / shard.path.name,
@@ -614,7 +635,7 @@ def run(ctx: StageContext) -> None:
                 content = align_sample(pivot, source, vocabs, settings.method, end_of_turn)
                 steps = steps_of(pivot, pivot_store.top_k), steps_of(source, source_store.top_k)
                 scored = (
-                    scorer.score(pivot, source, content.alignment, steps)
+                    scorer.score(pivot, source, content, steps)
                     if scorer is not None and source is not None
                     else None
                 )

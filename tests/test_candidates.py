@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuse.alignment.candidates import candidate_ids, exclusive, spellable
+from fuse.alignment.candidates import candidate_ids, exclusive, extensions, spellable
 from fuse.alignment.pieces import VocabPieces, vocab_pieces
 from fuse.alignment.project import completion_matrix
 from fuse.alignment.vocab import build_vocab_map
@@ -25,6 +25,33 @@ def test_exclusive_subtracts_the_nearest_longer_candidates():
     want = [0.9 - 0.7, 0.7 - 0.4 - 0.2, 0.4 - 0.05, 0.2, 0.05, 0.1]
     assert got == pytest.approx(want)
     assert exclusive(np.array([1, 2]), np.array([0.3, 0.5]), vocab).tolist() == [0.0, 0.5]  # clamped at 0
+
+
+def test_extensions_name_the_most_emitted_words_a_prefix_begins():
+    vocab = VocabPieces.from_pieces(
+        [b" hal", b" halkel", b" halmur", b" h", b" x", b"<s>"], special=[0] * 5 + [1]
+    )
+    emitted = np.array([0, 5, 9, 0, 3, 7])
+    assert extensions(vocab, emitted) == {0: [2, 1], 3: [2, 1]}
+    assert extensions(vocab, emitted, per_token=1)[0] == [2]
+    completion = completion_matrix(np.zeros((1, 6)))
+    got = candidate_ids(
+        4,
+        np.array([0]),
+        np.array([-1]),
+        np.array([0.0]),
+        completion,
+        np.array([-1]),
+        spellable(vocab),
+        10,
+        extensions(vocab, emitted),
+    )
+    assert got.tolist() == [
+        4,
+        0,
+        2,
+        1,
+    ]  # the prefix is asked with the words it begins, so `exclusive` splits it
 
 
 def test_candidate_ids_order_and_limit():
@@ -94,7 +121,8 @@ def scored(zoo):
     ]
     vocabs = (vocab_pieces(tokenizers["pivot"]), vocab_pieces(tokenizers["llama"]))
     counts = np.zeros((len(vocabs[1]), len(vocabs[0])))
-    alignments = [align_sample(p, s, vocabs, "offsets").alignment for p, s in pairs]
+    contents = [align_sample(p, s, vocabs, "offsets") for p, s in pairs]
+    alignments = [c.alignment for c in contents]
     for (p, s), a in zip(pairs, alignments, strict=True):
         same = a.source_index > 0
         np.add.at(counts, (s.input_ids[a.source_index[same]], p.input_ids[same]), 1)
@@ -103,21 +131,25 @@ def scored(zoo):
         backends["llama"], tokenizers["llama"], vocabs[0], completion_matrix(counts), vocab_map.target, 12
     )
     results = [
-        scorer.score(p, s, a, (steps_of(p, 10), steps_of(s, 10)))
-        for (p, s), a in zip(pairs, alignments, strict=True)
+        scorer.score(p, s, c, (steps_of(p, 10), steps_of(s, 10)))
+        for (p, s), c in zip(pairs, contents, strict=True)
     ]
-    return scorer, pairs, alignments, results, model, tokenizers["llama"], vocabs[0]
+    return scorer, pairs, contents, results, model, tokenizers["llama"], vocabs[0]
 
 
 def test_scores_are_the_source_models_own_likelihood_of_the_text(scored):
-    scorer, pairs, alignments, results, model, tokenizer, p_vocab = scored
+    scorer, pairs, contents, results, model, tokenizer, p_vocab = scored
     report = scorer.report()
     assert report["rows_scored"] > 20 and report["gold_checked"] > 20
     assert report["gold_vs_extract_max_abs_diff"] < 1e-4  # the gold, as the extract scored the same tokens
     checked = 0
-    for (pivot, source), alignment, rows in zip(pairs, alignments, results, strict=True):
+    for (pivot, source), content, rows in zip(pairs, contents, results, strict=True):
+        boundaries = scorer.rows(pivot, content)
+        assert set(rows) <= set(boundaries) and set(content.openings) & set(
+            rows
+        )  # the opening word is scored
         for j, (ids, probs) in list(rows.items())[:3]:
-            boundary = int(alignment.source_index[j])
+            boundary = boundaries[j]
             end = scorer.context_end(source, boundary, int(pivot.input_ids[j]))
             raw = []
             for w in ids:  # direct: the model's log-softmax over the whole text, summed past the boundary
@@ -152,7 +184,7 @@ def test_full_sequences_through_the_backend_agree_with_the_shared_prefix(scored)
     """vLLM has no `.model`: the scorer sends whole sequences through `backend.logprobs` instead."""
     from fuse.stages.align import CandidateScorer, steps_of
 
-    scorer, pairs, alignments, results, _, tokenizer, p_vocab = scored
+    scorer, pairs, contents, results, _, tokenizer, p_vocab = scored
 
     class SequencesOnly:
         def __init__(self, backend):
@@ -161,8 +193,8 @@ def test_full_sequences_through_the_backend_agree_with_the_shared_prefix(scored)
     other = CandidateScorer(
         SequencesOnly(scorer.backend), tokenizer, p_vocab, scorer.completion, scorer.target, scorer.limit
     )
-    for (pivot, source), alignment, want in list(zip(pairs, alignments, results, strict=True))[:2]:
-        got = other.score(pivot, source, alignment, (steps_of(pivot, 10), steps_of(source, 10)))
+    for (pivot, source), content, want in list(zip(pairs, contents, results, strict=True))[:2]:
+        got = other.score(pivot, source, content, (steps_of(pivot, 10), steps_of(source, 10)))
         assert got.keys() == want.keys()
         for j, (ids, probs) in got.items():
             assert ids.tolist() == want[j][0].tolist()
