@@ -35,8 +35,9 @@ STAGE_TABLE: dict[str, StageInfo] = {
         # Per fused source, plus the pivot when fpo.include_pivot, plus each policy fpo starts from.
         StageInfo("score", 2, "source", sharded=True),
         # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal;
-        # 3: rows by cause and signal, sound projection, chunk likelihood, completion, pivot fallback (width K+1)
-        StageInfo("align", 3, "source"),
+        # 3: rows by cause and signal, sound projection, chunk likelihood, completion, pivot fallback (width K+1);
+        # 4: candidate scoring asks prefixes with the words they begin, and a content's opening word
+        StageInfo("align", 4, "source"),
         # 2: fusion CE per byte over content tokens only; 3: control arms, validation with the best checkpoint kept
         StageInfo("distill", 3, "source", trains=True),
         # 2: pairs truncated by any score refused; held-out pairs against the fused reference
