@@ -18,7 +18,7 @@ from scipy import sparse
 from fuse.alignment.pieces import VocabPieces
 
 
-def extensions(vocab: VocabPieces, emitted: np.ndarray, per_token: int = 2) -> dict[int, list[int]]:
+def extensions(vocab: VocabPieces, emitted: np.ndarray, per_token: int = 8) -> dict[int, list[int]]:
     """For each pivot token that is a proper prefix of tokens the pivot emits (`emitted`: how often each id
     occurs in its tokenization of the data), the `per_token` most emitted of those: " hal" → " halkel"."""
     by_bytes = {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
@@ -43,29 +43,45 @@ def candidate_ids(
     limit: int,
     longer: dict[int, list[int]] | None = None,
     respell: np.ndarray | None = None,
-    per_piece: int = 2,
+    per_piece: int = 4,
 ) -> np.ndarray:
-    """The pivot ids to score at one row, most important first, at most `limit`: the gold, the pivot's top-K (in
-    its order), then for each source candidate (most probable first) the `per_piece` pivot tokens the corpus
-    aligned it with most often and the vocabulary map's id; each followed by the emitted tokens it is a prefix of
-    (`longer`, from `extensions`), so a prefix never keeps the mass of the words it begins. `respell` maps ids to
-    the form the row needs first (at a content's opening, " Nixjun" → "Nixjun"). Only `usable` ids (text a
-    tokenizer can spell)."""
-    out: list[int] = [gold]
-    out += [int(i) for i in pivot_ids if i >= 0]
+    """The pivot ids to score at one row, most important first, at most `limit`: the gold; then for each source
+    candidate (most probable first) the `per_piece` pivot tokens the corpus aligned it with most often and the
+    vocabulary map's id (the words the source expects); then the pivot's own top-K. `respell` maps ids to the form
+    the row needs (at a content's opening, " Nixjun" → the pivot's token for "Nix…"). Each id comes with the
+    emitted tokens it is a prefix of (`longer`, from `extensions`), or not at all when they do not fit, so a prefix
+    never keeps the mass of the words it begins. Only `usable` ids (text a tokenizer can spell)."""
+    base: list[int] = [gold]
     for s in np.asarray(source_ids)[np.argsort(-np.asarray(source_probs), kind="stable")]:
         if s < 0:
             continue
         start, stop = completion.indptr[s], completion.indptr[s + 1]
         order = np.argsort(-completion.data[start:stop], kind="stable")[:per_piece]
-        out += [int(i) for i in completion.indices[start:stop][order]]
+        base += [int(i) for i in completion.indices[start:stop][order]]
         if target[s] >= 0:
-            out.append(int(target[s]))
+            base.append(int(target[s]))
+    base += [int(i) for i in pivot_ids if i >= 0]
     if respell is not None:
-        out = [int(respell[w]) for w in out]
+        base = [int(respell[w]) for w in base]
     longer = longer or {}
-    grown = [i for w in out for i in (w, *longer.get(w, ()))]
-    return np.array([i for i in dict.fromkeys(grown) if usable[i]][:limit], np.int64)
+    out: dict[int, None] = {}
+    for w in base:
+        group = [i for i in (w, *longer.get(w, ())) if usable[i] and i not in out]
+        if w == gold or len(out) + len(group) <= limit:
+            out.update(dict.fromkeys(group))
+    return np.array(list(out)[:limit], np.int64)
+
+
+def first_token_without_space(vocab: VocabPieces) -> np.ndarray:
+    """Per id: for a token that begins with a space, the longest token spelling a prefix of the same text without
+    it (" Nixjun" → "Nix", the first token a greedy tokenizer would write at a content's opening); else itself."""
+    by_bytes = {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
+    out = np.arange(len(vocab), dtype=np.int64)
+    for i, piece in enumerate(vocab.pieces):
+        if piece[:1] == b" " and len(piece) > 1 and not vocab.special[i]:
+            text = piece[1:]
+            out[i] = next((by_bytes[text[:k]] for k in range(len(text), 0, -1) if text[:k] in by_bytes), i)
+    return out
 
 
 def exclusive(ids: np.ndarray, probs: np.ndarray, vocab: VocabPieces) -> np.ndarray:

@@ -33,6 +33,7 @@ DEFAULT = {
     "sound + chunk likelihood": "chunk",
     "sound + chunk + completion": "chunk-complete",
     "sound + chunk, pivot fallback": "chunk-pivot",
+    "sound + chunk + candidate scoring": "scored",
 }
 
 

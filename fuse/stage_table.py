@@ -36,8 +36,8 @@ STAGE_TABLE: dict[str, StageInfo] = {
         StageInfo("score", 2, "source", sharded=True),
         # 2: positions from the first visible character, end-of-turn by role, no renormalization, teacher signal;
         # 3: rows by cause and signal, sound projection, chunk likelihood, completion, pivot fallback (width K+1);
-        # 4: candidate scoring asks prefixes with the words they begin, and a content's opening word
-        StageInfo("align", 4, "source"),
+        # 4, 5: candidate scoring asks prefixes with the words they begin, and a content's opening word
+        StageInfo("align", 5, "source"),
         # 2: fusion CE per byte over content tokens only; 3: control arms, validation with the best checkpoint kept
         StageInfo("distill", 3, "source", trains=True),
         # 2: pairs truncated by any score refused; held-out pairs against the fused reference

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fuse.alignment.candidates import candidate_ids, exclusive, extensions, spellable
+from fuse.alignment.candidates import (
+    candidate_ids,
+    exclusive,
+    extensions,
+    spellable,
+)
 from fuse.alignment.content import ContentAlignment, Rendered, align_content
 from fuse.alignment.pieces import VocabPieces, vocab_pieces
 from fuse.alignment.project import (

@@ -63,7 +63,7 @@ class AlignSettings(StageSettings):
         "gold, the pivot's top-K, the words the source's likely first pieces begin) at every response row where "
         "both tokenizations have a boundary; runs the source with stages.extract's backend and settings.",
     )
-    max_candidates: int = Field(24, ge=2, le=256, description="Candidates scored per row, at most.")
+    max_candidates: int = Field(32, ge=2, le=256, description="Candidates scored per row, at most.")
     fallback: Literal["one_hot", "pivot"] = Field(
         "one_hot",
         description="What a row no source signal reaches receives: the gold one-hot, or the pivot's own "
