@@ -618,7 +618,7 @@ def run(ctx: StageContext) -> None:
     completion = completion_matrix(counts) if settings.complete or settings.score_candidates else None
     scorer, emitted = None, emitted_ids(pivot_store)
     if settings.score_candidates:
-        extract = ctx.recipe.stages.extract
+        extract = ctx.recipe.stages.extract.for_model(source_name)  # that source's own backend settings
         backend = make_backend(
             extract.backend, ctx.model_spec(source_name), extract, str(ctx.dir / "scratch")
         )

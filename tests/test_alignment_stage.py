@@ -92,7 +92,8 @@ def aligned(tmp_path_factory):
             "pivot": {"path": str(model_folder(root, "pivot", pivot_tok))},
             "sources": [{"name": "src", "path": str(model_folder(root, "src", source_tok))}],
             "data": {"sft": {"path": str(root / "sft.jsonl")}},
-            "stages": {"fpo": {"enabled": False}},
+            # the model folders hold tokenizers only: nothing to score candidates with (tests/test_candidates.py)
+            "stages": {"fpo": {"enabled": False}, "align": {"score_candidates": False}},
         }
     )
     rng = np.random.default_rng(0)

@@ -58,7 +58,7 @@ class AlignSettings(StageSettings):
         "the gold) has its mass split among them by the pivot's probabilities, not put on the id its prefix maps to.",
     )
     score_candidates: bool = Field(
-        False,
+        True,
         description="Ask the source model for the exact probability of each candidate pivot token's text (the "
         "gold, the pivot's top-K, the words the source's likely first pieces begin) at every response row where "
         "both tokenizations have a boundary; runs the source with stages.extract's backend and settings.",
