@@ -268,8 +268,10 @@ def test_array_runs_only_the_missing_shards(tmp_path):
 @pytest.mark.slow
 def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
     """The shipped demo, real stages, one SLURM job per instance (arrays for extract's shards) on the local cluster.
-    Evaluation on 8 items per skill and one epoch per training arm (its two changes): the job chain, not the
-    table, is what this test is about (the demo's 10 epochs, run as 7 parallel jobs on 2 cores, took 12 minutes)."""
+    Evaluation on 8 items per skill, one epoch per training arm and align without candidate scoring (its three
+    changes): the job chain, not the table, is what this test is about (the demo's 10 epochs, run as 7 parallel jobs
+    on 2 cores, took 12 minutes; three aligns scoring candidates side by side on 2 cores, 8 minutes each).
+    Candidate scoring itself runs in test_demo.py and test_candidates.py."""
     # the autouse `toy` fixture's swap is off: real stages, here and in the jobs (they inherit this environment)
     monkeypatch.delenv("FUSE_STAGE_MODULES")
     stage_module.cache_clear()
@@ -280,6 +282,7 @@ def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
         tmp_path / "tiny-demo.yaml",
         stages__evaluate__max_items_per_skill=8,
         stages__distill__epochs=1,
+        stages__align__score_candidates=False,
     )
     site = TESTS.parent / "slurm" / "sites" / "local.yaml"
     code = main(["submit", str(path), "--site", str(site), "--wait", "--timeout", "1500"])
