@@ -183,7 +183,11 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines.append("|---" * (len(base["per_domain"]) + 1) + "|")
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(s) for s in r["per_domain"].values()) + " |")
-    lines += ["", "The align settings of each row, as its runs resolved them (the rest: examples/tiny-demo.yaml):", ""]
+    lines += [
+        "",
+        "The align settings of each row, as its runs resolved them (the rest: examples/tiny-demo.yaml):",
+        "",
+    ]
     lines += [f"- {name}: `{json.dumps(r['align'])}`" for name, r in rows.items()]
     lines += [
         "",
