@@ -18,10 +18,15 @@ from scipy import sparse
 from fuse.alignment.pieces import VocabPieces
 
 
+def text_ids(vocab: VocabPieces) -> dict[bytes, int]:
+    """The id of each non-empty, non-special piece, by its bytes."""
+    return {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
+
+
 def extensions(vocab: VocabPieces, emitted: np.ndarray, per_token: int = 8) -> dict[int, list[int]]:
     """For each pivot token that is a proper prefix of tokens the pivot emits (`emitted`: how often each id
     occurs in its tokenization of the data), the `per_token` most emitted of those: " hal" → " halkel"."""
-    by_bytes = {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
+    by_bytes = text_ids(vocab)
     found: dict[int, list[int]] = {}
     for e in np.flatnonzero(emitted):
         piece = vocab.pieces[e]
@@ -75,7 +80,7 @@ def candidate_ids(
 def first_token_without_space(vocab: VocabPieces) -> np.ndarray:
     """Per id: for a token that begins with a space, the longest token spelling a prefix of the same text without
     it (" Nixjun" → "Nix", the first token a greedy tokenizer would write at a content's opening); else itself."""
-    by_bytes = {piece: i for i, piece in enumerate(vocab.pieces) if piece and not vocab.special[i]}
+    by_bytes = text_ids(vocab)
     out = np.arange(len(vocab), dtype=np.int64)
     for i, piece in enumerate(vocab.pieces):
         if piece[:1] == b" " and len(piece) > 1 and not vocab.special[i]:

@@ -301,7 +301,7 @@ def project(
         rows = np.flatnonzero(projectable | is_chunk)
         k = source.ids.shape[1]
         s_ids = source.ids[src_rows[rows]]
-        s_probs = np.where(s_ids >= 0, np.exp(source.logprobs[src_rows[rows]]), 0.0)
+        s_probs = given = np.where(s_ids >= 0, np.exp(source.logprobs[src_rows[rows]]), 0.0)
         # a chunk row's first piece leaves the gold's exact chunk probability out of its mass
         gold_p = np.where(is_chunk[rows], np.exp(np.nan_to_num(chunk_lp[rows], nan=-np.inf)), 0.0)
         first = s_ids == source.tokens[src_rows[rows], None]
@@ -314,11 +314,7 @@ def project(
         r, c, p = np.r_[r, chunks], np.r_[c, gold[chunks]], np.r_[p, np.exp(chunk_lp[chunks])]
         ids, probs = sorted_rows(r, c, p, n, width, n_pivot)
         placed = np.bincount(r[c >= 0], weights=p[c >= 0], minlength=n)
-        total = np.bincount(
-            np.repeat(rows, k),
-            weights=np.where(s_ids >= 0, np.exp(source.logprobs[src_rows[rows]]), 0.0).ravel(),
-            minlength=n,
-        )
+        total = np.bincount(np.repeat(rows, k), weights=given.ravel(), minlength=n)
         kept_mass = np.divide(placed, total, out=np.full(n, np.nan), where=projectable & (total > 0))
     else:
         m_ids, m_probs, kept = map_topk(

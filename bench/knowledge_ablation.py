@@ -16,7 +16,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,21 +55,13 @@ def word_start_share(run: Path, source: str) -> float:
 
 @functools.cache
 def recount(run: Path, source: str) -> dict[str, float]:
-    from fuse.alignment.pieces import vocab_pieces
+    """The word-start shares of a run's align, recounted from its extract stores with the stage's own code (used
+    for the runs from before the align report counted word starts, which scored no candidates)."""
     from fuse.alignment.project import completion_matrix, project
-    from fuse.alignment.vocab import build_vocab_map
     from fuse.data.logprobs import LogprobReader
     from fuse.models import load_tokenizer
     from fuse.recipe import load_recipe
-    from fuse.stages.align import (
-        Tally,
-        align_sample,
-        count_pairs,
-        project_options,
-        sized,
-        steps_of,
-        turn_roles,
-    )
+    from fuse.stages.align import Tally, align_sample, project_options, read_corpus, steps_of
 
     recipe = load_recipe(run / "recipe.resolved.yaml")
     settings = recipe.stages.align
@@ -79,35 +70,19 @@ def recount(run: Path, source: str) -> dict[str, float]:
     options = project_options(settings.model_copy(update={"chunk": chunk}))
     pivot_store = LogprobReader(run / "extract.pivot" / "out")
     source_store = LogprobReader(run / f"extract.{source}" / "out")
-    source_tokenizer = load_tokenizer(recipe.model(source))
-    vocabs = (
-        sized(vocab_pieces(load_tokenizer(recipe.model("pivot"))), pivot_store.vocab_size),
-        sized(vocab_pieces(source_tokenizer), source_store.vocab_size),
-    )
-    roles, end_of_turn = turn_roles(pivot_store, source_store, vocabs, source_tokenizer.eos_token_id)
-    counts, needed = count_pairs(
-        SimpleNamespace(settings=settings), pivot_store, source_store, vocabs, end_of_turn
-    )
-    vocab_map = build_vocab_map(
-        vocabs[1],
-        vocabs[0],
-        counts,
-        needed,
-        tuple(settings.vocab_map.split("+")),
-        settings.min_stat_count,
-        roles,
-    )
-    tally = Tally(vocabs[0])
+    tokenizers = (load_tokenizer(recipe.model(name)) for name in ("pivot", source))
+    corpus, needed = read_corpus(settings, pivot_store, source_store, *tokenizers)
+    completion = completion_matrix(corpus.counts) if options.complete else None
+    tally = Tally(corpus.vocabs[0])
     for pivot in pivot_store:
         found = source_store.get(pivot.id) if pivot.id in source_store else None
-        content = align_sample(pivot, found, vocabs, settings.method, end_of_turn)
+        content = align_sample(pivot, found, corpus.vocabs, settings.method, corpus.end_of_turn)
         steps = steps_of(pivot, pivot_store.top_k), steps_of(found, source_store.top_k)
-        completion = completion_matrix(counts) if options.complete else None
         projection = project(
-            content.alignment, *steps, vocab_map.target, pivot_store.vocab_size, options, completion
+            content.alignment, *steps, corpus.vocab_map.target, pivot_store.vocab_size, options, completion
         )
         tally.add(pivot, found, projection, content.regions)
-    return tally.report(vocab_map, needed)["word_start_signal_shares"]
+    return tally.report(corpus.vocab_map, needed)["word_start_signal_shares"]
 
 
 def step_seconds(run: Path, source: str) -> float:

@@ -7,6 +7,7 @@ format, pivot vocab, one shard per pivot shard + index.json), vocab_map.npz and 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,7 +39,6 @@ from fuse.alignment.project import (
 from fuse.alignment.sequence import MANY_TO_ONE, ONE_TO_ONE, SequenceAlignment
 from fuse.alignment.vocab import build_vocab_map, pair_counts
 from fuse.backends import make_backend
-from fuse.backends.hf import continuation_logprobs
 from fuse.context import StageContext
 from fuse.data.logprobs import LogprobReader, LogprobWriter, SampleLogprobs, write_index
 from fuse.data.response import ce_per_byte
@@ -88,18 +88,31 @@ def align_sample(
     return align_content(rendered(pivot), rendered(source), vocabs[0], vocabs[1], method, end_of_turn)
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """What align learns from the whole corpus before projecting anything (one pass over both stores)."""
+
+    vocabs: tuple[VocabPieces, VocabPieces]  # (pivot, source), sized to the stores
+    end_of_turn: tuple[int, int] | None  # (pivot id, source id)
+    counts: Any  # sparse (source id, pivot id) counts of tokens starting at the same byte
+    emitted: np.ndarray  # per pivot id: how often the pivot's tokenization of the data uses it
+    vocab_map: VocabMap
+
+
 def count_pairs(
-    ctx: StageContext,
+    settings: Any,
     pivot_store: Any,
     source_store: Any,
     vocabs: tuple,
     end_of_turn: tuple[int, int] | None = None,
-) -> tuple[Any, np.ndarray]:
-    """Pass 1: aligned (source id, pivot id) pairs for the statistics-based map, and the source ids in top-K."""
-    settings = ctx.settings
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Pass 1: aligned (source id, pivot id) pairs for the statistics-based map, the source ids in top-K, and
+    how often each pivot id occurs in the pivot's tokens."""
     kinds = (ONE_TO_ONE,) if settings.stats_pairs == "one_to_one" else (ONE_TO_ONE, MANY_TO_ONE)
     src_pairs, piv_pairs, needed = [], [], []
+    emitted = np.zeros(pivot_store.vocab_size, np.int64)
     for pivot in pivot_store:
+        emitted += np.bincount(pivot.input_ids, minlength=pivot_store.vocab_size)[: pivot_store.vocab_size]
         source = source_store.get(pivot.id) if pivot.id in source_store else None
         if source is None:
             continue
@@ -114,7 +127,23 @@ def count_pairs(
         len(vocabs[1]),
         len(vocabs[0]),
     )
-    return counts, np.unique(np.concatenate(needed or [np.zeros(0, np.int64)]))
+    return counts, np.unique(np.concatenate(needed or [np.zeros(0, np.int64)])), emitted
+
+
+def read_corpus(
+    settings: Any, pivot_store: Any, source_store: Any, pivot_tokenizer: Any, source_tokenizer: Any
+) -> tuple[Corpus, np.ndarray]:
+    """Both vocabularies, the end-of-turn pair, the aligned pair counts and the vocabulary map; with the source
+    ids that occur in its top-K (for the report's coverage)."""
+    vocabs = (
+        sized(vocab_pieces(pivot_tokenizer), pivot_store.vocab_size),
+        sized(vocab_pieces(source_tokenizer), source_store.vocab_size),
+    )
+    roles, end_of_turn = turn_roles(pivot_store, source_store, vocabs, source_tokenizer.eos_token_id)
+    counts, needed, emitted = count_pairs(settings, pivot_store, source_store, vocabs, end_of_turn)
+    methods = tuple(settings.vocab_map.split("+"))
+    vocab_map = build_vocab_map(vocabs[1], vocabs[0], counts, needed, methods, settings.min_stat_count, roles)
+    return Corpus(vocabs, end_of_turn, counts, emitted, vocab_map), needed
 
 
 class CandidateScorer:
@@ -238,8 +267,8 @@ class CandidateScorer:
         the shared prefixes itself)."""
         if not sequences:
             return []
-        model = getattr(self.backend, "model", None)
-        if model is None:
+        shared = getattr(self.backend, "continuation_logprobs", None)
+        if shared is None:
             results = self.backend.logprobs(sequences, 1)
             return [
                 float(r.target_logprobs[b - 1 :].astype(np.float64).sum())
@@ -252,7 +281,7 @@ class CandidateScorer:
         for members in rows.values():
             boundary = kept[members[0]][2]
             prefix = sequences[members[0]][:boundary]
-            out[members] = continuation_logprobs(model, prefix, [sequences[m][boundary:] for m in members])
+            out[members] = shared(prefix, [sequences[m][boundary:] for m in members])
         return out.tolist()
 
     @staticmethod
@@ -341,14 +370,6 @@ def end_of_turn_names(
     return {
         side: name.decode("utf-8", "replace") for side, name in zip(("pivot", "source"), names, strict=True)
     }
-
-
-def emitted_ids(store: Any) -> np.ndarray:
-    """Per id of a store's vocabulary: how often its samples' tokens use it."""
-    emitted = np.zeros(store.vocab_size, np.int64)
-    for sample in store:
-        emitted += np.bincount(sample.input_ids, minlength=store.vocab_size)[: store.vocab_size]
-    return emitted
 
 
 def word_starts(pivot: SampleLogprobs, projection: Projection, p_vocab: VocabPieces) -> np.ndarray:
@@ -604,19 +625,17 @@ def run(ctx: StageContext) -> None:
     settings, source_name = ctx.settings, ctx.instance.key
     source_store = LogprobReader(ctx.input("source_logprobs"))
     pivot_store = LogprobReader(ctx.input("pivot_logprobs"))
-    p_vocab = sized(vocab_pieces(load_tokenizer(ctx.model_spec("pivot"))), pivot_store.vocab_size)
     source_tokenizer = load_tokenizer(ctx.model_spec(source_name))
-    s_vocab = sized(vocab_pieces(source_tokenizer), source_store.vocab_size)
-    vocabs = (p_vocab, s_vocab)
-    roles, end_of_turn = turn_roles(pivot_store, source_store, vocabs, source_tokenizer.eos_token_id)
-    counts, needed = count_pairs(ctx, pivot_store, source_store, vocabs, end_of_turn)
-    methods = tuple(settings.vocab_map.split("+"))
-    vocab_map = build_vocab_map(s_vocab, p_vocab, counts, needed, methods, settings.min_stat_count, roles)
+    corpus, needed = read_corpus(
+        settings, pivot_store, source_store, load_tokenizer(ctx.model_spec("pivot")), source_tokenizer
+    )
+    vocabs, end_of_turn, vocab_map = corpus.vocabs, corpus.end_of_turn, corpus.vocab_map
+    p_vocab, s_vocab = vocabs
     with atomic_write(ctx.out / "vocab_map.npz") as handle:
         np.savez(handle, target=vocab_map.target, method=vocab_map.method)
     options = project_options(settings)
-    completion = completion_matrix(counts) if settings.complete or settings.score_candidates else None
-    scorer, emitted = None, emitted_ids(pivot_store)
+    completion = completion_matrix(corpus.counts) if settings.complete or settings.score_candidates else None
+    scorer, emitted = None, corpus.emitted
     if settings.score_candidates:
         extract = ctx.recipe.stages.extract.for_model(source_name)  # that source's own backend settings
         backend = make_backend(

@@ -268,6 +268,12 @@ class TransformersBackend:
                 self.on_batch(len(batch), sum(len(sequences[i]) for i in batch))
         return results  # type: ignore[return-value]
 
+    def continuation_logprobs(
+        self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """Summed log-prob of each continuation after one shared prefix (candidate scoring)."""
+        return continuation_logprobs(self.model, prefix, continuations)
+
     def close(self) -> None:
         self.model = None
 
