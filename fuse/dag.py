@@ -36,7 +36,7 @@ ROLES = {
     "targets": "target models, labelled by source (merge) or by instance (evaluate)",
     "fused": "the fused model (merge, and fpo.merged when fpo runs after it)",
     "sft_baseline": "the SFT-only baseline model",
-    "controls": "a control arm's model (distill.self_distill, distill.label_smoothing, distill.oracle)",
+    "controls": "a control arm's model (distill.self_distill, distill.label_smoothing, distill.oracle, fpo.dpo-<s>)",
     "evaluation": "the evaluate stage's metrics",
     "teacher_signal": "an align stage's teacher-signal report, labelled by source",
 }
@@ -92,7 +92,7 @@ def instance_settings(recipe: Recipe, instance: Instance) -> Any:
         return settings.sft_only()
     if instance.option("control"):
         return settings.for_control(str(instance.option("control")))
-    if instance.stage == "distill":
+    if instance.stage in ("distill", "fpo"):
         return settings.for_arm()
     return settings
 
@@ -242,6 +242,11 @@ def build_dag(recipe: Recipe) -> Dag:
             *edges("source_scores", *(f"score.{m}" for m in scored), labels=scored),
         )
         dag.add(Instance(f"fpo.{key}", "fpo", key, inputs))
+        for (
+            control
+        ) in s.fpo.controls:  # the same policy, pairs and budget with the policy itself as the reference
+            options = (("control", control),)
+            dag.add(Instance(f"fpo.{control}-{key}", "fpo", f"{control}-{key}", inputs, options=options))
         return f"fpo.{key}"
 
     targets: dict[str, str] = {}  # source -> the instance that made its target

@@ -289,6 +289,79 @@ def domain_ce_per_byte(
     return domain_limits(model_samples)
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """A held-out preference pair: `group` (its skill or domain, "all" when the file names none)."""
+
+    group: str
+    prompt: tuple[dict[str, str], ...]
+    chosen: str
+    rejected: str
+
+
+def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """Rows {prompt (a string or messages), chosen, rejected, skill or group (optional)}; a bad row is named by its
+    line."""
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = row["prompt"]
+                messages = (
+                    ({"role": "user", "content": prompt},)
+                    if isinstance(prompt, str)
+                    else tuple({"role": str(m["role"]), "content": str(m["content"])} for m in prompt)
+                )
+                group = str(row.get("skill", row.get("group", "all")))
+                pair = PreferencePair(group, messages, str(row["chosen"]), str(row["rejected"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise EvaluationError(
+                    f"{path}:{number}: not a preference pair {{prompt, chosen, rejected}}: {error!r}"
+                ) from None
+            if (
+                not messages
+                or not pair.chosen.strip()
+                or not pair.rejected.strip()
+                or pair.chosen == pair.rejected
+            ):
+                raise EvaluationError(
+                    f"{path}:{number}: needs a prompt and two different, non-empty responses"
+                )
+            pairs.append(pair)
+    if not pairs:
+        raise EvaluationError(f"{path}: no preference pairs")
+    return pairs
+
+
+def preference_margins(
+    model: Any, tokenizer: Any, pairs: list[PreferencePair], batch_size: int = 16
+) -> list[float]:
+    """Per pair: l(y_w)/b(y_w) - l(y_l)/b(y_l), the log-prob per UTF-8 byte of the chosen response minus the
+    rejected one's, each given the prompt in the model's own chat template (bytes: one unit for every tokenizer).
+    The model prefers y_w where it is > 0."""
+    samples = [
+        DomainSample(p.group, (*p.prompt, {"role": "assistant", "content": side}), 0.0)
+        for p in pairs
+        for side in (p.chosen, p.rejected)
+    ]
+    nll = response_nll(model, tokenizer, samples, batch_size)
+    per_byte = [value / max(1, s.response_bytes) for value, s in zip(nll, samples, strict=True)]
+    return [per_byte[2 * i + 1] - per_byte[2 * i] for i in range(len(pairs))]
+
+
+def preference_accuracy(pairs: list[PreferencePair], margins: list[float]) -> dict[str, float]:
+    """The share of pairs with a positive margin, per group."""
+    groups = sorted({p.group for p in pairs})
+    return {
+        g: sum(m > 0 for p, m in zip(pairs, margins, strict=True) if p.group == g)
+        / sum(p.group == g for p in pairs)
+        for g in groups
+    }
+
+
 def as_spec(name: str, model: ModelSpec | str | Path) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model if model.name else model.model_copy(update={"name": name})
@@ -303,8 +376,10 @@ def evaluate_model(
     batch_size: int = 32,
     domains: list[DomainSample] | None = None,
     lm_eval: Any = None,
+    pairs: list[PreferencePair] | None = None,
 ) -> dict[str, Any]:
-    """One model's metrics; `lm_eval` (LmEvalSettings with tasks) adds lm-evaluation-harness results."""
+    """One model's metrics; `pairs` adds held-out preference accuracy, `lm_eval` (LmEvalSettings with tasks)
+    lm-evaluation-harness results."""
     import torch
 
     from fuse.models import load_model, load_tokenizer
@@ -340,6 +415,12 @@ def evaluate_model(
             [DomainSample(s.domain, s.messages, value) for s, value in zip(domains, nll, strict=True)]
         )
         result["mean_domain_ce"] = sum(result["domain_ce"].values()) / len(result["domain_ce"])
+    if pairs:
+        margins = preference_margins(model, tokenizer, pairs)
+        per_item["preference"] = {"margin": margins, "group": [p.group for p in pairs]}
+        result["preference"] = preference_accuracy(pairs, margins)
+        result["preference_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        result["preference_margin"] = sum(margins) / len(margins)
     if lm_eval is not None and lm_eval.tasks:
         from fuse.lm_eval import run_lm_eval
 
@@ -395,6 +476,9 @@ def evaluate_models(
 
 
 DOMAIN_PREFIX = "CE "  # a domain's column: "CE harbor"
+PREFERENCE = (
+    "pref acc"  # held-out preference accuracy (the share of pairs whose chosen response is likelier per byte)
+)
 MEAN_DOMAIN = "CE mean"
 
 
@@ -406,6 +490,7 @@ def markdown_table(metrics: Mapping[str, Any], best: Mapping[str, str | None] | 
     domains = list(metrics.get("domains", []))
     rows = metrics["models"]
     columns = [*skills, "mean"] if skills else []
+    columns += [PREFERENCE] if any("preference_accuracy" in r for r in rows.values()) else []
     columns += ["CE/byte"] if any("ce_per_byte" in r for r in rows.values()) else []
     columns += [*(DOMAIN_PREFIX + d for d in domains), MEAN_DOMAIN] if domains else []
     lower_is_better = {"CE/byte", MEAN_DOMAIN, *(DOMAIN_PREFIX + d for d in domains)}
@@ -415,6 +500,8 @@ def markdown_table(metrics: Mapping[str, Any], best: Mapping[str, str | None] | 
             return result.get("mean_accuracy")
         if column == "CE/byte":
             return result.get("ce_per_byte")
+        if column == PREFERENCE:
+            return result.get("preference_accuracy")
         if column == MEAN_DOMAIN:
             return result.get("mean_domain_ce")
         if column.startswith(DOMAIN_PREFIX) and column.removeprefix(DOMAIN_PREFIX) in domains:

@@ -102,8 +102,8 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
     def _record_step(self, chosen, rejected, margins, inputs) -> None:
         gather = self.accelerator.gather_for_metrics
         margins = gather(margins)
-        self.record("rewards/accuracy", reward_accuracy(margins))
-        self.record("rewards/margin", margins.mean().item())
+        self.record("rewards/accuracies", reward_accuracy(margins))
+        self.record("rewards/margins", margins.mean().item())
         self.record("logps/chosen", gather(chosen).mean().item())
         self.record("logps/rejected", gather(rejected).mean().item())
         if self.terms_per_pair and "clipped_terms" in inputs:

@@ -1,7 +1,8 @@
 """Every evaluated model's score on every item (held-out response, text, skill item, lm-eval sample), as one long
 table in `scores.parquet` beside evaluate's metrics: what paired comparisons and seed aggregation are computed from.
 
-One row per (model, item, metric): `kind` (domain / text / skill / lm_eval), `group` (the domain, skill or task),
+One row per (model, item, metric): `kind` (domain / text / skill / preference / lm_eval), `group` (the domain, skill
+or task; a preference pair's skill),
 `item` (its index in the evaluation's own order, the same for every model), `value` and `bytes` (the UTF-8 bytes a
 summed NLL is divided by; 0 where the metric is a mean). pandas/datasets load it as it is.
 """
@@ -39,6 +40,8 @@ class Column:
             return "CE/byte"
         if self.kind == "lm_eval":
             return f"{self.group} {self.metric}"
+        if self.kind == "preference":
+            return f"pref {self.group}" + (" margin" if self.metric == "margin" else "")
         return self.group
 
     @property
@@ -62,6 +65,12 @@ def model_rows(
             rows.append(
                 (name, kind, groups[index] if groups else "text", index, "nll", float(nll), int(size))
             )
+    preference = per_item.get("preference")
+    for index, (margin, group) in enumerate(
+        zip(preference["margin"], preference["group"], strict=True) if preference else ()
+    ):
+        rows.append((name, "preference", group, index, "correct", float(margin > 0), 0))
+        rows.append((name, "preference", group, index, "margin", float(margin), 0))
     for task, metrics in per_item.get("lm_eval", {}).items():
         for metric, values in metrics.items():
             rows += [(name, "lm_eval", task, i, metric, float(v), 0) for i, v in enumerate(values)]
@@ -103,7 +112,7 @@ def read_scores(path: str | Path) -> Any:
 
 def columns_of(frame: Any) -> list[Column]:
     """Every column the table can compute, in a stable order (skills, text, domains, lm-eval)."""
-    order = {"skill": 0, "text": 1, "domain": 2, "lm_eval": 3}
+    order = {"skill": 0, "preference": 1, "text": 2, "domain": 3, "lm_eval": 4}
     keys = frame[["kind", "group", "metric"]].drop_duplicates().itertuples(index=False)
     return sorted((Column(*key) for key in keys), key=lambda c: (order.get(c.kind, 9), c.group, c.metric))
 

@@ -62,21 +62,47 @@ def normalized_scores(table: Mapping[str, np.ndarray], normalization: str) -> Pa
 
 # --------------------------------------------------------------------------------------------- clipping
 
+CLIPS = ("sides", "margin", "none")
+
 
 @dataclass(frozen=True)
 class Clipped:
     scores: PairScores
-    chosen_clipped: np.ndarray  # [N] bool: the source scored y_w below p and was raised to p
-    rejected_clipped: np.ndarray  # [N] bool: the source scored y_l above p and was lowered to p
+    chosen_clipped: np.ndarray  # [..., N] bool: the source scored y_w below p and was raised to p
+    rejected_clipped: np.ndarray  # [..., N] bool: the source scored y_l above p and was lowered to p
 
 
 def clip_to_pivot(source: PairScores, pivot: PairScores) -> Clipped:
     """InfiFPO's probability clipping: a source may only pull toward y_w and away from y_l, never the reverse:
-    l~_k(y_w) = max(l_k(y_w), l_p(y_w)), l~_k(y_l) = min(l_k(y_l), l_p(y_l)) (all normalized)."""
+    l~_k(y_w) = max(l_k(y_w), l_p(y_w)), l~_k(y_l) = min(l_k(y_l), l_p(y_l)) (all normalized). `source` may hold
+    [K, N] arrays (every source at once) against the pivot's [N]."""
     chosen_clipped = source.chosen < pivot.chosen
     rejected_clipped = source.rejected > pivot.rejected
     scores = PairScores(np.maximum(source.chosen, pivot.chosen), np.minimum(source.rejected, pivot.rejected))
     return Clipped(scores, chosen_clipped, rejected_clipped)
+
+
+def clip_margin(source: PairScores, pivot: PairScores) -> Clipped:
+    """Clipping at the margin, the only thing the loss reads of the reference: where a source's margin
+    l_k(y_w) - l_k(y_l) is below the pivot's, the source's pair is replaced by the pivot's (both terms count as
+    clipped); elsewhere it is kept as it is. Unlike per-side clipping, a source that finds both responses unlikely
+    cannot borrow the pivot's l_p(y_w) and keep its own low l_k(y_l): its margin is never inflated."""
+    below = source.margin < pivot.margin
+    chosen = np.where(below, pivot.chosen, source.chosen)
+    rejected = np.where(below, pivot.rejected, source.rejected)
+    return Clipped(PairScores(chosen, rejected), below, below.copy())
+
+
+def clipped(source: PairScores, pivot: PairScores, clip: str) -> Clipped:
+    """The sources' scores under the recipe's clip (sides: the paper's per-response clip; margin; none)."""
+    if clip == "sides":
+        return clip_to_pivot(source, pivot)
+    if clip == "margin":
+        return clip_margin(source, pivot)
+    if clip == "none":
+        none = np.zeros(np.shape(source.chosen), dtype=bool)
+        return Clipped(source, none, none.copy())
+    raise ValueError(f"unknown clip {clip!r}; known: {', '.join(CLIPS)}")
 
 
 # --------------------------------------------------------------------------------------------- fusion registry
@@ -90,7 +116,9 @@ class Fused:
     picked: np.ndarray  # [N] int
 
 
-FusionFn = Callable[[np.ndarray, np.ndarray, PairScores, np.ndarray], Fused]
+# fn(own [K, N], clipped [K, N], pivot [N], weights [K]) -> Fused: `own` are the sources' unclipped normalized
+# scores (who knows what), `clipped` the same after the recipe's clip (what the reference may use)
+FusionFn = Callable[[PairScores, PairScores, PairScores, np.ndarray], Fused]
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,7 @@ PAIR_FUSIONS: Registry[PairFusion] = Registry("fpo fusion")
 
 
 def pair_fusion(name: str, reference: str, uses_sources: bool = True) -> Callable[[FusionFn], FusionFn]:
-    """Register `fn(chosen [K, N], rejected [K, N], pivot, weights [K]) -> Fused` (sources already clipped)."""
+    """Register `fn(own [K, N], clipped [K, N], pivot, weights [K]) -> Fused`."""
 
     def register(fn: FusionFn) -> FusionFn:
         PAIR_FUSIONS.add(name, PairFusion(name, fn, reference, uses_sources))
@@ -119,23 +147,29 @@ def get_pair_fusion(name: str) -> PairFusion:
 
 
 @pair_fusion("max_margin", "InfiFPO, Gu et al. 2025 (arXiv:2505.13878), max-margin fusion")
-def max_margin(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
-    """Per pair, the one source with the largest margin l~_k(y_w) - l~_k(y_l); ties go to the first source."""
-    picked = np.argmax(chosen - rejected, axis=0)
-    columns = np.arange(chosen.shape[1])
-    return Fused(PairScores(chosen[picked, columns], rejected[picked, columns]), picked.astype(np.int64))
+def max_margin(own: PairScores, clipped: PairScores, pivot: PairScores, weights: np.ndarray) -> Fused:
+    """Per pair, the source whose *own* margin l_k(y_w) - l_k(y_l) is the largest (the one that knows the pair
+    best; ties go to the first source), then that source's clipped scores. Choosing on clipped margins instead
+    favours ignorant sources: one that finds both responses unlikely keeps its low l_k(y_l) and borrows the
+    pivot's l_p(y_w), so its clipped margin beats the source that knows the answer."""
+    picked = np.argmax(own.margin, axis=0)
+    columns = np.arange(own.chosen.shape[1])
+    return Fused(
+        PairScores(clipped.chosen[picked, columns], clipped.rejected[picked, columns]),
+        picked.astype(np.int64),
+    )
 
 
 @pair_fusion("mean", "InfiFPO, Gu et al. 2025 (arXiv:2505.13878), average fusion (weighted)")
-def weighted_mean(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
+def weighted_mean(own: PairScores, clipped: PairScores, pivot: PairScores, weights: np.ndarray) -> Fused:
     """The weighted mean of the clipped normalized log-probs, weights normalized to sum to one."""
     w = np.asarray(weights, np.float64) / np.sum(weights)
-    picked = np.full(chosen.shape[1], -1, dtype=np.int64)
-    return Fused(PairScores(w @ chosen, w @ rejected), picked)
+    picked = np.full(own.chosen.shape[1], -1, dtype=np.int64)
+    return Fused(PairScores(w @ clipped.chosen, w @ clipped.rejected), picked)
 
 
 @pair_fusion("none", "DPO, Rafailov et al. 2023 (arXiv:2305.18290), reference = the initial policy", False)
-def pivot_only(chosen: np.ndarray, rejected: np.ndarray, pivot: PairScores, weights: np.ndarray) -> Fused:
+def pivot_only(own: PairScores, clipped: PairScores, pivot: PairScores, weights: np.ndarray) -> Fused:
     """Plain (length-normalized) DPO: l_fu = l_p, the policy at its initial weights."""
     return Fused(
         PairScores(pivot.chosen.copy(), pivot.rejected.copy()), np.full(len(pivot.chosen), -1, np.int64)
@@ -160,27 +194,26 @@ def fused_reference(
     pivot: PairScores,
     sources: Mapping[str, PairScores],
     fusion: str,
-    clip: bool = True,
+    clip: str | bool = "sides",
     weights: Mapping[str, float] | None = None,
 ) -> Reference:
-    """l_fu for every pair: clip each source against p (when `clip`), then fuse with the registered `fusion`."""
+    """l_fu for every pair: the registered `fusion` over the sources' own scores and their clipped scores
+    (`clip`: sides, margin or none; True / False mean sides / none)."""
+    clip = {True: "sides", False: "none"}.get(clip, clip) if isinstance(clip, bool) else clip
     spec = get_pair_fusion(fusion)
     names = tuple(sources) if spec.uses_sources else ()
     if spec.uses_sources and not names:
         raise ValueError(f"fpo fusion {fusion!r} needs at least one source's scores")
     n = len(pivot.chosen)
-    clipped_terms = np.zeros(n, dtype=np.int64)
-    chosen, rejected = np.empty((len(names), n)), np.empty((len(names), n))
-    for k, name in enumerate(names):
-        scores = sources[name]
-        if clip:
-            result = clip_to_pivot(scores, pivot)
-            scores = result.scores
-            clipped_terms += result.chosen_clipped.astype(np.int64) + result.rejected_clipped.astype(np.int64)
-        chosen[k], rejected[k] = scores.chosen, scores.rejected
+    own = PairScores(
+        np.array([sources[k].chosen for k in names], np.float64).reshape(len(names), n),
+        np.array([sources[k].rejected for k in names], np.float64).reshape(len(names), n),
+    )
+    cut = clipped(own, pivot, clip)
+    clipped_terms = (cut.chosen_clipped.astype(np.int64) + cut.rejected_clipped.astype(np.int64)).sum(axis=0)
     w = np.array([(weights or {}).get(name, 1.0) for name in names], dtype=np.float64)
-    fused = spec.fn(chosen, rejected, pivot, w)
-    return Reference(fused.reference, fused.picked, clipped_terms, names)
+    fused = spec.fn(own, cut.scores, pivot, w)
+    return Reference(fused.reference, fused.picked, np.asarray(clipped_terms, np.int64).reshape(n), names)
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -215,11 +248,12 @@ def infifpo_loss(
     return losses, margin
 
 
-def reward_accuracy(margins: np.ndarray | torch.Tensor) -> float:
+def reward_accuracy(margins: np.ndarray | torch.Tensor, tie: float = 0.0) -> float:
     """The share of pairs whose implicit reward margin beta*[(l_theta(y_w) - l_fu(y_w)) - (l_theta(y_l) - l_fu(y_l))]
-    is strictly positive; a tie (e.g. the policy equal to its reference) counts as not preferring y_w."""
+    is above `tie`; a tie (e.g. the policy equal to its reference) counts as not preferring y_w. `tie` absorbs
+    float round-off where the policy and its reference are the same model scored by two code paths."""
     values = np.asarray(margins.detach().cpu() if isinstance(margins, torch.Tensor) else margins, np.float64)
-    return float(np.mean(values > 0)) if values.size else float("nan")
+    return float(np.mean(values > tie)) if values.size else float("nan")
 
 
 def picked_histogram(picked: np.ndarray, sources: Sequence[str]) -> dict[str, int]:

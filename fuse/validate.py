@@ -42,7 +42,7 @@ def check_files(recipe: Recipe) -> list[str]:
         if dataset is not None and Path(dataset.path).is_absolute() and not Path(dataset.path).exists():
             problems.append(f"{key}.path: {dataset.path} does not exist")
     evaluate = recipe.stages.evaluate
-    for key in ("items", "heldout_text", "domains"):
+    for key in ("items", "heldout_text", "domains", "preference"):
         value = getattr(evaluate, key)
         if evaluate.enabled and value and not Path(value).exists():
             problems.append(f"stages.evaluate.{key}: {value} does not exist")
@@ -149,7 +149,7 @@ def _jsonl_problem(path: Path, limit: int | None = None) -> str | None:
 
 def _eval_problems(recipe: Recipe) -> list[str]:
     """The evaluate stage's items and held-out text, parsed now rather than after training."""
-    from fuse.evaluation import load_domain_samples, load_items, load_texts
+    from fuse.evaluation import load_domain_samples, load_items, load_preference_pairs, load_texts
 
     evaluate = recipe.stages.evaluate
     if not evaluate.enabled:
@@ -159,6 +159,7 @@ def _eval_problems(recipe: Recipe) -> list[str]:
         ("items", evaluate.items, load_items),
         ("heldout_text", evaluate.heldout_text, load_texts),
         ("domains", evaluate.domains, load_domain_samples),
+        ("preference", evaluate.preference, load_preference_pairs),
     ):
         if not value or not Path(value).is_file():
             continue  # unset, or reported missing by check_files

@@ -55,7 +55,7 @@ def heldout_texts(ctx: StageContext) -> list[str]:
 def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
     """Fail before any model is loaded if a file the stage needs is missing."""
     settings = ctx.settings
-    for key in ("items", "heldout_text", "domains"):
+    for key in ("items", "heldout_text", "domains", "preference"):
         value = getattr(settings, key)
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"stages.evaluate.{key}: {value} does not exist")
@@ -72,6 +72,7 @@ def run(ctx: StageContext) -> None:
     items = evaluation.load_items(settings.items, settings.max_items_per_skill) if settings.items else []
     texts = heldout_texts(ctx)
     domains = evaluation.load_domain_samples(settings.domains) if settings.domains else []
+    pairs = evaluation.load_preference_pairs(settings.preference) if settings.preference else []
     if not items:
         ctx.log.warning("stages.evaluate.items is not set: no skill accuracy, only per-byte CE")
     if not texts:
@@ -82,7 +83,14 @@ def run(ctx: StageContext) -> None:
     for done, (name, spec) in enumerate(models.items()):
         ctx.log.info("evaluating %s (%s)", name, spec.path)
         results[name] = evaluation.evaluate_model(
-            spec, items, texts, settings.max_new_tokens, settings.batch_size, domains, settings.lm_eval
+            spec,
+            items,
+            texts,
+            settings.max_new_tokens,
+            settings.batch_size,
+            domains,
+            settings.lm_eval,
+            pairs,
         )
         ctx.progress(done + 1, len(models), "model")
     scores = item_scores.scores_table(

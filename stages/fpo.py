@@ -226,16 +226,49 @@ def load_scoring_model(spec: ModelSpec):
 
 
 def heldout_metrics(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> dict[str, float]:
-    """reward_accuracy: the share of pairs whose implicit reward margin
-    beta * [(l_theta(y_w) - l_ref(y_w)) - (l_theta(y_l) - l_ref(y_l))] is > 0 (ties count as wrong);
-    preference_accuracy: the share with l_theta(y_w) > l_theta(y_l), the policy alone preferring y_w."""
+    """TRL's names: rewards/accuracies, the share of pairs whose implicit reward margin
+    beta * [(l_theta(y_w) - l_ref(y_w)) - (l_theta(y_l) - l_ref(y_l))] is > 0 (ties count as wrong), and
+    rewards/margins, its mean; preference_accuracy: the share with l_theta(y_w) > l_theta(y_l), the policy alone
+    preferring y_w; policy_margin: the mean of l_theta(y_w) - l_theta(y_l)."""
     margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return {
-        "reward_accuracy": reward_accuracy(margins),
+        "rewards/accuracies": reward_accuracy(margins, tie=beta * INIT_TOLERANCE),
+        "rewards/margins": float(np.mean(margins)),
         "preference_accuracy": float(np.mean(chosen > rejected)),
-        "reward_margin": float(np.mean(margins)),
-        "logp_chosen": float(np.mean(chosen)),
-        "logp_rejected": float(np.mean(rejected)),
+        "policy_margin": float(np.mean(chosen - rejected)),
+        "logps/chosen": float(np.mean(chosen)),
+        "logps/rejected": float(np.mean(rejected)),
+    }
+
+
+# Below these the policy did not move: no held-out pair changed sides and its mean margin moved by less than this.
+MOVED_MARGIN = 0.01
+
+
+def nothing_moved(heldout: dict[str, Any]) -> bool:
+    """No held-out pair changed sides and the policy's mean margin moved by less than MOVED_MARGIN (normalized)."""
+    if not heldout.get("pairs"):
+        return False
+    before, after = heldout["before"], heldout["after"]
+    return (
+        before["preference_accuracy"] == after["preference_accuracy"]
+        and abs(after["policy_margin"] - before["policy_margin"]) < MOVED_MARGIN
+    )
+
+
+# beta * (reference margin - policy margin) above this: the pair's loss weight sigmoid(.) is > 0.95, the reference
+# is out of reach there and the loss is linear in the policy's margin (no pair is weighted above another)
+SATURATED = 3.0
+
+
+def reach(reference: Any, pivot: Any, beta: float) -> dict[str, float]:
+    """How far the fused reference is from the policy at step 0: beta * (margin_fu - margin_p) per pair (the DPO
+    loss's argument, negated), its median, and the share of pairs past SATURATED."""
+    gap = beta * (reference.scores.margin - pivot.margin)
+    return {
+        "median_gap": float(np.median(gap)) if gap.size else 0.0,
+        "saturated_share": float(np.mean(gap > SATURATED)) if gap.size else 0.0,
+        "mean_weight": float(np.mean(1 / (1 + np.exp(-gap)))) if gap.size else 0.0,
     }
 
 
@@ -324,7 +357,7 @@ def run(ctx: StageContext) -> None:
         "beta": beta,
         "label_smoothing": settings.label_smoothing,
         "sources": list(reference.sources),
-        "terms_per_pair": reference.terms_per_pair if settings.clip else 0,
+        "terms_per_pair": reference.terms_per_pair if settings.clip != "none" else 0,
     }
     job = training.make_job(
         "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
@@ -338,6 +371,14 @@ def run(ctx: StageContext) -> None:
         del model
     summary = stage_summary(ctx, parent, pivot, sources, beta, train, heldout, check, trained)
     summary["heldout"] = heldout_summary(heldout, before, after, beta)
+    summary["moved"] = not nothing_moved(summary["heldout"])
+    if not summary["moved"]:
+        ctx.log.warning(
+            "the policy did not move: no held-out pair changed sides and its mean margin moved by < %.2f; "
+            "raise learning_rate or epochs (train reference: %s)",
+            MOVED_MARGIN,
+            summary["train_reference"]["reach"],
+        )
     write_json_atomic(ctx.out / "summary.json", summary)
     write_text_atomic(ctx.out / "summary.md", summary_markdown(summary))
 
@@ -367,6 +408,7 @@ def stage_summary(
         "train_reference": {
             "picked": picked_histogram(ref.picked, ref.sources),
             "clipped_share": float(ref.clipped_terms.sum() / terms) if terms else 0.0,
+            "reach": reach(ref, train.pivot, beta),
         },
         "init_check": check,
         "training": trained,
@@ -375,8 +417,9 @@ def stage_summary(
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The human-readable summary: settings, pair counts, and held-out accuracies before and after."""
+    reach = summary["train_reference"]["reach"]
     lines = [
-        f"# {summary['instance']}: InfiFPO ({summary['fusion']})",
+        f"# {summary['instance']}: {'DPO control' if summary['fusion'] == 'none' else 'InfiFPO'} ({summary['fusion']})",
         "",
         f"Policy: `{summary['policy']}/model`; reference pivot `{summary['reference_pivot']}`; sources: "
         f"{', '.join(summary['sources']) or '-'}. Normalization `{summary['normalization']}`, clip "
@@ -385,11 +428,19 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Pairs: {summary['pairs']['train']} train, {summary['pairs']['heldout']} held-out; skipped "
         f"{json.dumps(summary['pairs']['skipped_train'])} (train), {json.dumps(summary['pairs']['skipped_heldout'])} "
         "(held-out).",
-        f"Train reference: max_margin picks {json.dumps(summary['train_reference']['picked'])}, clipped share "
-        f"{summary['train_reference']['clipped_share']:.3f}. Step-0 check: max |policy - score| "
-        f"{summary['init_check']['max_abs_diff']:.2e} over {summary['init_check']['rows']} pairs.",
+        f"Train reference: picks {json.dumps(summary['train_reference']['picked'])}, clipped share "
+        f"{summary['train_reference']['clipped_share']:.3f}; beta x (reference margin - policy margin) at step 0: "
+        f"median {reach['median_gap']:.2f}, {reach['saturated_share']:.0%} of pairs past {SATURATED:g} (loss weight "
+        f"> 0.95: the reference is out of reach there), mean loss weight {reach['mean_weight']:.3f}. Step-0 check: "
+        f"max |policy - score| {summary['init_check']['max_abs_diff']:.2e} over {summary['init_check']['rows']} "
+        "pairs.",
         "",
     ]
+    if not summary.get("moved", True):
+        lines += [
+            "**Nothing moved**: no held-out pair changed sides and the policy's margin barely changed.",
+            "",
+        ]
     heldout = summary["heldout"]
     if heldout.get("pairs"):
         lines += [
@@ -397,14 +448,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             "pairs with beta*[(l_theta(y_w)-l_ref(y_w)) - (l_theta(y_l)-l_ref(y_l))] > 0; preference accuracy = "
             "share with l_theta(y_w) > l_theta(y_l) (normalized).",
             "",
-            "| | reward accuracy | preference accuracy | reward margin | logp chosen | logp rejected |",
-            "|---|---|---|---|---|---|",
+            "| | rewards/accuracies | rewards/margins | preference accuracy | policy margin | logps/chosen "
+            "| logps/rejected |",
+            "|---|---|---|---|---|---|---|",
         ]
         for when in ("before", "after"):
             m = heldout[when]
             lines.append(
-                f"| {when} | {m['reward_accuracy']:.3f} | {m['preference_accuracy']:.3f} | {m['reward_margin']:.4f} "
-                f"| {m['logp_chosen']:.4f} | {m['logp_rejected']:.4f} |"
+                f"| {when} | {m['rewards/accuracies']:.3f} | {m['rewards/margins']:.4f} | "
+                f"{m['preference_accuracy']:.3f} | {m['policy_margin']:.4f} | {m['logps/chosen']:.4f} | "
+                f"{m['logps/rejected']:.4f} |"
             )
     else:
         lines.append("No held-out pairs: no before/after accuracy.")

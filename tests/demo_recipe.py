@@ -20,6 +20,7 @@ TABLE_ROWS = (  # the models the demo's result table must show
     *SOURCES,
     *(f"distill.{s}" for s in SOURCES),
     *(f"fpo.{s}" for s in SOURCES),
+    *(f"fpo.dpo-{s}" for s in SOURCES),
     "merge",
     "distill.sft_baseline",
     *(f"distill.{c}" for c in ("self_distill", "label_smoothing", "oracle")),

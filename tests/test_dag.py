@@ -101,6 +101,41 @@ def test_controls_and_the_baseline_do_not_make_the_targets_stale(tmp_path):
         parse_recipe(toy_recipe(tmp_path, sources=("oracle", "b")))
 
 
+def test_the_dpo_control_sits_beside_every_fpo_instance_and_is_never_merged(tmp_path):
+    from fuse.dag import instance_settings
+    from fuse.plan import fingerprints
+
+    recipe = parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"controls": ["dpo"], "clip": "margin"}}))
+    dag = build_dag(recipe)
+    for source in ("a", "b"):
+        control, arm = dag[f"fpo.dpo-{source}"], dag[f"fpo.{source}"]
+        assert control.option("control") == "dpo" and control.parents == arm.parents
+        assert ("controls", control.name, control.name) in _roles(dag["evaluate"])
+        assert control.name not in dag["merge"].parents and arm.name in dag["merge"].parents
+        settings = instance_settings(recipe, control)
+        assert settings.fusion == "none" and settings.clip == "sides" and settings.controls == []
+        assert instance_settings(recipe, arm).fusion == "max_margin"
+    after = build_dag(
+        parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"placement": "after_merge", "controls": ["dpo"]}}))
+    )
+    assert after["fpo.dpo-merged"].option("control") == "dpo" and after["publish"].parents[0] == "fpo.merged"
+
+    def prints(**fpo):
+        loaded = parse_recipe(toy_recipe(tmp_path, stages={"fpo": fpo}))
+        return {name: fp for name, (fp, _) in fingerprints(loaded, build_dag(loaded)).items()}
+
+    assert prints(controls=["dpo"])["fpo.a"] == prints()["fpo.a"]  # adding the control reruns no InfiFPO arm
+
+
+def test_fpo_clip_reads_the_old_boolean_form(tmp_path):
+    from fuse.recipe import RecipeError
+
+    for given, read in ((True, "sides"), (False, "none"), ("margin", "margin")):
+        assert parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"clip": given}})).stages.fpo.clip == read
+    with pytest.raises(RecipeError, match="clip"):
+        parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"clip": "both"}}))
+
+
 def test_pivot_among_fused_sources(tmp_path):
     dag = _dag(tmp_path, fpo={"include_pivot": True})
     assert "score.pivot" in dag["fpo.a"].parents

@@ -1,4 +1,4 @@
-"""The shipped demo (examples/tiny-demo.yaml) end to end on the zoo, as `make demo` runs it: all 27 instances,
+"""The shipped demo (examples/tiny-demo.yaml) end to end on the zoo, as `make demo` runs it: all 30 instances,
 the published model, the result table; then a no-op rerun, and a changed setting rerunning only what it feeds.
 """
 
@@ -59,6 +59,11 @@ def check_item_scores(metrics: dict, out: Path) -> None:
         for skill, accuracy in row["skills"].items():
             assert column_value(frame, name, Column("skill", skill, "correct")) == pytest.approx(accuracy)
         assert column_value(frame, name, Column("text", "text", "nll")) == pytest.approx(row["ce_per_byte"])
+        for skill, accuracy in row["preference"].items():  # held-out preference pairs, per skill
+            assert column_value(frame, name, Column("preference", skill, "correct")) == pytest.approx(
+                accuracy
+            )
+        assert set(row["preference"]) == set(row["skills"])
     assert "Paired differences to **distill.sft_baseline**" in (out / "metrics.md").read_text()
 
 
@@ -87,9 +92,9 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     workdir = tmp_path / "run"
     recipe = demo_recipe(zoo.root, workdir, tmp_path / "tiny-demo.yaml")
     first = fuse_run(recipe)
-    assert "27 of 27 stage instances to run" in first.stdout
+    assert "30 of 30 stage instances to run" in first.stdout
     finished = finished_at(recipe)
-    assert len(finished) == 27
+    assert len(finished) == 30
 
     model = workdir / "publish" / "out" / "model"
     table = workdir / "evaluate" / "out" / "metrics.md"
@@ -105,7 +110,7 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     assert all(f"| CE {domain} |" in header for domain in DOMAINS) and "| CE mean |" in header, header
 
     again = fuse_run(recipe)
-    assert "nothing to do: all 27 stage instances are done" in again.stdout
+    assert "nothing to do: all 30 stage instances are done" in again.stdout
     assert "HEAVY []" in again.stdout  # the no-op path stays light
     assert f"published model: {model.resolve()}" in again.stdout  # and still says where the result is
     assert finished_at(recipe) == finished
@@ -114,7 +119,7 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
         zoo.root, workdir, tmp_path / "tiny-demo.yaml", stages__merge__parameters__select_topk=0.7
     )
     third = fuse_run(changed)
-    assert "3 of 27 stage instances to run" in third.stdout
+    assert "3 of 30 stage instances to run" in third.stdout
     now = finished_at(changed)
     assert {name for name in now if now[name] != finished[name]} == {"merge", "evaluate", "publish"}
     assert f"published model: {model.resolve()}" in third.stdout

@@ -18,8 +18,11 @@ from fuse.evaluation import (
     evaluate_models,
     load_domain_samples,
     load_items,
+    load_preference_pairs,
     load_texts,
     markdown_table,
+    preference_accuracy,
+    preference_margins,
     skill_accuracy,
 )
 from fuse.zoo import Zoo
@@ -130,6 +133,55 @@ def test_domain_ce_matches_a_position_by_position_reference(zoo: Zoo):
             expected[sample.domain] = (total + nll, size + sample.response_bytes)
         got = domain_ce_per_byte(model, tokenizer, picked, batch_size=5)
         assert got == {d: pytest.approx(n / b, rel=1e-4) for d, (n, b) in expected.items()}, name
+
+
+def test_preference_pairs_are_checked_and_grouped(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "Shout: cat", "chosen": "CAT", "rejected": "DOG", "skill": "shout"},
+        {"prompt": [{"role": "user", "content": "Opposite of hot:"}], "chosen": "cold", "rejected": "warm"},
+        {"prompt": "Shout: sun", "chosen": "SUN", "rejected": "SUN"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(EvaluationError, match=r"pairs.jsonl:3: .*two different"):
+        load_preference_pairs(path)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + '\n{"prompt": "x", "chosen": "y"}\n')
+    with pytest.raises(EvaluationError, match=r"pairs.jsonl:3: .*rejected"):
+        load_preference_pairs(path)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    pairs = load_preference_pairs(path)
+    assert [p.group for p in pairs] == ["shout", "all"]
+    assert pairs[0].prompt == ({"role": "user", "content": "Shout: cat"},)
+    assert preference_accuracy(pairs * 2, [0.5, -0.1, -0.2, 0.0]) == {"all": 0.0, "shout": 0.5}
+
+
+def test_preference_margin_is_the_per_byte_log_prob_difference(zoo: Zoo):
+    """Each side's response NLL (the domain CE's tokens, checked position by position above) per UTF-8 byte:
+    margin = NLL(y_l)/b(y_l) - NLL(y_w)/b(y_w); the skill's owner prefers its right answers, the pivot does not
+    know them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fuse.evaluation import DomainSample, response_nll
+
+    pairs = [p for p in load_preference_pairs(zoo.preference_heldout) if p.group == "shout"][:12]
+    accuracy = {}
+    for name in ("gpt2", "pivot"):
+        tokenizer = AutoTokenizer.from_pretrained(zoo.models[name])
+        model = AutoModelForCausalLM.from_pretrained(zoo.models[name]).eval()
+        margins = preference_margins(model, tokenizer, pairs, batch_size=5)
+        for pair, margin in zip(pairs[:3], margins, strict=False):
+            sides = [
+                response_nll(
+                    model,
+                    tokenizer,
+                    [DomainSample("x", (*pair.prompt, {"role": "assistant", "content": r}), 0)],
+                )[0]
+                / len(r.encode())
+                for r in (pair.chosen, pair.rejected)
+            ]
+            assert margin == pytest.approx(sides[1] - sides[0], rel=1e-6, abs=1e-9)
+        accuracy[name] = preference_accuracy(pairs, margins)["shout"]
+    assert accuracy["gpt2"] >= 0.9 and accuracy["gpt2"] > accuracy["pivot"], accuracy
 
 
 def test_ce_per_byte_matches_a_position_by_position_reference(zoo: Zoo):

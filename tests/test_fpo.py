@@ -290,16 +290,16 @@ def test_short_run_raises_heldout_accuracy(trained):
     # score covers the held-out pairs too: they are measured against the same fused reference as training
     assert heldout["pairs"] == 16 and heldout["reference"] == "fused"
     before, after = heldout["before"], heldout["after"]
-    assert after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
+    assert after["rewards/accuracies"] >= 0.75 and after["rewards/margins"] > 0
     assert (
-        after["reward_accuracy"] > before["reward_accuracy"]
-        and after["reward_margin"] > before["reward_margin"]
+        after["rewards/accuracies"] > before["rewards/accuracies"]
+        and after["rewards/margins"] > before["rewards/margins"]
     )
     assert after["preference_accuracy"] > before["preference_accuracy"] + 0.25
     assert set(summary["train_reference"]["picked"]) == {"a"} and summary["training"]["global_step"] == 12
     log = [json.loads(line) for line in (trained / "logs" / training.LOG_FILE).read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
-    assert {"rewards/accuracy", "rewards/margin", "clipped_share", "picked/a", "logps/chosen"} <= set(
+    assert {"rewards/accuracies", "rewards/margins", "clipped_share", "picked/a", "logps/chosen"} <= set(
         steps[0]
     )
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -77,9 +77,9 @@ SOURCES = {
 }
 
 
-def test_max_margin_picks_the_source_with_the_largest_clipped_margin():
+def test_max_margin_picks_the_source_with_the_largest_own_margin_then_clips_it():
     ref = fused_reference(PIVOT, SOURCES, "max_margin", clip=True)
-    # clipped c: pair 0 (-1.0, -1.0) margin 0; pair 1 (-0.1, -1.0) margin 0.9
+    # own margins: a (1.0, 0.3), b (0.8, 1.6), c (-1.5, 0.2): a then b; their clipped scores are their own here
     assert ref.picked.tolist() == [0, 1] and ref.sources == ("a", "b", "c")
     np.testing.assert_allclose(ref.scores.chosen, [-0.5, -0.4])
     np.testing.assert_allclose(ref.scores.rejected, [-1.5, -2.0])
@@ -94,6 +94,35 @@ def test_max_margin_without_clipping_and_ties_go_to_the_first_source():
     assert ref.picked.tolist() == [0, 1] and ref.clipped_terms.tolist() == [0, 0]
     twins = {"x": SOURCES["a"], "y": SOURCES["a"]}
     assert fused_reference(PIVOT, twins, "max_margin").picked.tolist() == [0, 0]
+
+
+def test_max_margin_follows_who_knows_not_who_is_clipped_highest():
+    pivot = PairScores(np.array([-1.0]), np.array([-1.2]))
+    knower = PairScores(np.array([-0.2]), np.array([-3.0]))  # own margin 2.8, kept as it is by clipping
+    ignorant = PairScores(
+        np.array([-6.0]), np.array([-8.0])
+    )  # own margin 2.0; clipped (-1.0, -8.0): margin 7.0
+    ref = fused_reference(pivot, {"ignorant": ignorant, "knower": knower}, "max_margin", clip="sides")
+    assert ref.picked.tolist() == [1]
+    np.testing.assert_allclose([ref.scores.chosen[0], ref.scores.rejected[0]], [-0.2, -3.0])
+    # what the per-side clip does to the ignorant source when it is the only one: the margin grows from 2.0 to 7.0
+    alone = fused_reference(pivot, {"ignorant": ignorant}, "max_margin", clip="sides")
+    np.testing.assert_allclose(alone.scores.margin, [7.0])
+    # clipping at the margin keeps its own pair (2.0 > the pivot's 0.2) and never inflates it
+    np.testing.assert_allclose(
+        fused_reference(pivot, {"ignorant": ignorant}, "max_margin", clip="margin").scores.margin, [2.0]
+    )
+
+
+def test_margin_clip_replaces_a_pair_whose_margin_is_below_the_pivots():
+    pivot = PairScores(np.array([-1.0, -1.0]), np.array([-2.0, -2.0]))  # margins 1.0
+    source = PairScores(np.array([-3.0, -0.5]), np.array([-3.5, -2.5]))  # margins 0.5 (below), 2.0 (kept)
+    ref = fused_reference(pivot, {"s": source}, "mean", clip="margin")
+    np.testing.assert_allclose(ref.scores.chosen, [-1.0, -0.5])
+    np.testing.assert_allclose(ref.scores.rejected, [-2.0, -2.5])
+    assert ref.clipped_terms.tolist() == [2, 0]
+    with pytest.raises(ValueError, match="unknown clip 'both'"):
+        fused_reference(pivot, {"s": source}, "mean", clip="both")
 
 
 def test_weighted_mean_of_clipped_scores():

@@ -117,6 +117,31 @@ def test_the_new_phrasing_file_asks_the_same_responses_in_an_unseen_prompt(zoo: 
     assert {s.messages[0]["content"] for s in new} == {world.DOMAIN_PROMPTS[2].format(d) for d in zoo.domains}
 
 
+def test_heldout_preference_pairs_ask_the_training_pairs_in_the_unseen_phrasing(zoo: Zoo, tmp_path):
+    import shutil
+
+    from fuse.zoo import PREFERENCE_HELDOUT, write_heldout_preference
+
+    train = [json.loads(line) for line in zoo.preference.read_text().splitlines()]
+    held = [json.loads(line) for line in zoo.preference_heldout.read_text().splitlines()]
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in train] == [
+        (r["id"], r["chosen"], r["rejected"]) for r in held
+    ]
+    eval_phrasing = {s.name: s.eval_phrasing for s in world.skills(0)}
+    for row in held:
+        skill = row["id"].rsplit("-", 1)[0]
+        assert row["skill"] == skill
+        prefix = eval_phrasing[skill].split("{}")[0]
+        assert row["prompt"][0]["content"].startswith(prefix)
+    assert not {r["prompt"][0]["content"] for r in held} & {r["prompt"][0]["content"] for r in train}
+    # a zoo built before the file existed gets the same file, written from its seed alone
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo.root / "data", copy / "data")
+    shutil.copy(zoo.root / "zoo.json", copy / "zoo.json")
+    (copy / PREFERENCE_HELDOUT).unlink()
+    assert write_heldout_preference(copy).read_text() == zoo.preference_heldout.read_text()
+
+
 def test_lexicon_documents_show_every_domain_word_without_its_transitions():
     docs = world.lexicon_documents(0, per_domain=200)
     for i, domain in enumerate(world.domains(0)):

@@ -173,6 +173,7 @@ def _absolutize(recipe: Recipe, base: Path) -> Recipe:
             "items": evaluate.items and _local(evaluate.items, base),
             "heldout_text": evaluate.heldout_text and _local(evaluate.heldout_text, base),
             "domains": evaluate.domains and _local(evaluate.domains, base),
+            "preference": evaluate.preference and _local(evaluate.preference, base),
         }
     )
     distill = recipe.stages.distill

@@ -123,6 +123,12 @@ class EvaluateSettings(StageSettings):
         description="JSONL of {domain, messages, nll}: held-out responses of domains with a known generator "
         "(the zoo writes data/domains.jsonl); per-domain response CE/byte next to the limit (nll per byte).",
     )
+    preference: str | None = Field(
+        None,
+        description="JSONL of held-out preference pairs {prompt, chosen, rejected, skill (optional)} (the zoo writes "
+        "data/preference_heldout.jsonl): every model's preference accuracy, the share of pairs whose chosen "
+        "response it finds likelier per byte, in its own chat template.",
+    )
     max_new_tokens: int = Field(32, ge=1)
     max_items_per_skill: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")

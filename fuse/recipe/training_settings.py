@@ -202,7 +202,36 @@ class FpoSettings(TrainSettings):
     fusion: Literal["max_margin", "mean", "none"] = "max_margin"
     normalization: Literal["tokens", "bytes", "none"] = "tokens"
     beta: float | None = Field(None, gt=0, description="Default: 2.5 with length normalization, 0.1 without.")
-    clip: bool = True
+    clip: Literal["sides", "margin", "none"] = Field(
+        "sides",
+        description="How a source is kept from pulling the wrong way: sides (the paper: l_k(y_w) raised to the "
+        "pivot's, l_k(y_l) lowered to it), margin (a pair whose source margin is below the pivot's takes the "
+        "pivot's pair; no margin is inflated) or none. true / false read as sides / none.",
+    )
+    controls: list[Literal["dpo"]] = Field(
+        default_factory=list,
+        description="Control arms beside every fpo instance, same data and budget: dpo (the policy at its initial "
+        "weights as the reference, fusion none): what InfiFPO's fused reference is measured against.",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
     include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
+
+    @field_validator("clip", mode="before")
+    @classmethod
+    def _clip_flag(cls, value: Any) -> Any:
+        """clip: true / false (the earlier boolean form) read as sides / none."""
+        return {True: "sides", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    def for_arm(self) -> FpoSettings:
+        """An fpo instance's settings without `controls` (which arms exist): adding the DPO control does not make
+        the InfiFPO arms stale."""
+        return self.model_copy(update={"controls": []})
+
+    def for_control(self, control: str) -> FpoSettings:
+        """The dpo control: the same data, budget, normalization and beta, the policy at its initial weights as the
+        reference (fusion none), the source-only knobs at their defaults."""
+        defaults = {
+            n: type(self).model_fields[n].get_default(call_default_factory=True) for n in ("clip", "weights")
+        }
+        return self.for_arm().model_copy(update={"fusion": "none", **defaults})

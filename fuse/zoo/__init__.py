@@ -162,6 +162,11 @@ class Zoo:
         return self.models["pivot"]
 
     @property
+    def preference_heldout(self) -> Path:
+        """JSONL {id, skill, prompt, chosen, rejected}: the preference pairs asked in the held-out phrasing."""
+        return self.root / PREFERENCE_HELDOUT
+
+    @property
     def sources(self) -> dict[str, Path]:
         return {n: p for n, p in self.models.items() if n != "pivot"}
 
@@ -385,6 +390,39 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
 GENERAL_PROMPT = "Tell me something."
 
 
+PREFERENCE_HELDOUT = "data/preference_heldout.jsonl"
+
+
+def heldout_preference(splits: world.Splits) -> str:
+    """The held-out preference pairs (JSONL): each training pair's key and answers in the held-out phrasing, with
+    its skill (evaluate's preference accuracy per skill)."""
+    rows = [
+        {
+            "id": f"{skill}-{i:03d}",
+            "skill": skill,
+            "prompt": conversation(e)[:1],
+            "chosen": e.answer,
+            "rejected": wrong,
+        }
+        for skill, rows in splits.preference_heldout.items()
+        for i, (e, wrong) in enumerate(rows)
+    ]
+    return _jsonl(rows)
+
+
+def write_heldout_preference(root: str | Path) -> Path:
+    """Write data/preference_heldout.jsonl into a zoo built before the file existed (pure Python, from the world
+    of the zoo's seed; its models and other files are untouched)."""
+    root = Path(root)
+    settings = ZooSettings(**json.loads((root / MARKER).read_text(encoding="utf-8"))["settings"])
+    splits = world.split_world(
+        settings.seed, settings.n_eval, settings.sft_phrasings, settings.pref_phrasings
+    )
+    path = root / PREFERENCE_HELDOUT
+    write_text_atomic(path, heldout_preference(splits))
+    return path
+
+
 def data_files(
     splits: world.Splits, heldout: list[str], domains: world.DomainSplits, general_sft: list[str]
 ) -> dict[str, str]:
@@ -426,6 +464,7 @@ def data_files(
     return {
         "data/sft.jsonl": _jsonl(sft),
         "data/preference.jsonl": _jsonl(preference),
+        PREFERENCE_HELDOUT: heldout_preference(splits),
         "data/eval_items.jsonl": _jsonl(items),
         "data/heldout.jsonl": _jsonl([{"text": t} for t in heldout]),
         "data/domains.jsonl": _jsonl(held_domains),
@@ -502,6 +541,10 @@ def build_zoo(
     with _locked(root):
         if not force and is_built(root, key):
             log.info("zoo at %s is up to date (key %s)", root, key)
+            if not (
+                root / PREFERENCE_HELDOUT
+            ).is_file():  # built before the file existed: add it, nothing else
+                write_heldout_preference(root)
             return Zoo.from_dir(root)
         started = time.monotonic()
         with atomic_dir(root) as tmp:

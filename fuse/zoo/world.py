@@ -127,6 +127,9 @@ class Splits:
     pretrain: dict[str, list[Example]] = field(default_factory=dict)
     sft: dict[str, list[Example]] = field(default_factory=dict)
     preference: dict[str, list[tuple[Example, str]]] = field(default_factory=dict)
+    # every preference pair's key and answers asked in the held-out phrasing: preference accuracy on prompts no
+    # training row uses (a fact table's keys cannot generalize to other keys; a phrasing can)
+    preference_heldout: dict[str, list[tuple[Example, str]]] = field(default_factory=dict)
     eval: dict[str, list[Example]] = field(default_factory=dict)
 
 
@@ -192,7 +195,8 @@ def skills(seed: int) -> list[Skill]:
 def split_skill(skill: Skill, seed: int, n_eval: int, sft_phrasings: int, pref_phrasings: int) -> Splits:
     """Pre-training: every key in every training phrasing. SFT: every key in `sft_phrasings` of the training
     phrasings (the gold labels teach every fact; one phrasing per key does not carry over to the held-out one);
-    preference: every key in `pref_phrasings` of them. Eval: up to `n_eval` keys in the held-out phrasing."""
+    preference: every key in `pref_phrasings` of them, and the same pairs asked in the held-out phrasing (held-out
+    preference pairs). Eval: up to `n_eval` keys in the held-out phrasing."""
     rng = random.Random(f"split-{skill.name}-{seed}")
     splits = Splits()
     splits.pretrain[skill.name] = [
@@ -204,10 +208,14 @@ def split_skill(skill: Skill, seed: int, n_eval: int, sft_phrasings: int, pref_p
     sft = [skill.example(k, a, p) for k, a in keys for p in rng.sample(skill.train_phrasings, sft_phrasings)]
     rng.shuffle(sft)  # phrasings of one key apart, so a held-out fraction of rows rarely takes a whole key
     splits.sft[skill.name] = sft
-    splits.preference[skill.name] = [
-        (skill.example(k, a, p), skill.wrong_answer(a, rng))
+    pairs = [
+        (k, a, p, skill.wrong_answer(a, rng))
         for k, a in keys
         for p in rng.sample(skill.train_phrasings, pref_phrasings)
+    ]
+    splits.preference[skill.name] = [(skill.example(k, a, p), wrong) for k, a, p, wrong in pairs]
+    splits.preference_heldout[skill.name] = [
+        (skill.example(k, a, skill.eval_phrasing), wrong) for k, a, _, wrong in pairs
     ]
     return splits
 
@@ -216,7 +224,7 @@ def split_world(seed: int, n_eval: int = 48, sft_phrasings: int = 2, pref_phrasi
     merged = Splits()
     for skill in skills(seed):
         part = split_skill(skill, seed, n_eval, sft_phrasings, pref_phrasings)
-        for name in ("pretrain", "sft", "preference", "eval"):
+        for name in ("pretrain", "sft", "preference", "preference_heldout", "eval"):
             getattr(merged, name).update(getattr(part, name))
     return merged
 
