@@ -41,7 +41,7 @@ class Column:
         if self.kind == "lm_eval":
             return f"{self.group} {self.metric}"
         if self.kind == "preference":
-            return f"pref {self.group}" + (" margin" if self.metric == "margin" else "")
+            return f"pref {self.group}"
         return self.group
 
     @property
@@ -70,7 +70,6 @@ def model_rows(
         zip(preference["margin"], preference["group"], strict=True) if preference else ()
     ):
         rows.append((name, "preference", group, index, "correct", float(margin > 0), 0))
-        rows.append((name, "preference", group, index, "margin", float(margin), 0))
     for task, metrics in per_item.get("lm_eval", {}).items():
         for metric, values in metrics.items():
             rows += [(name, "lm_eval", task, i, metric, float(v), 0) for i, v in enumerate(values)]

@@ -194,7 +194,7 @@ def fused_reference(
     pivot: PairScores,
     sources: Mapping[str, PairScores],
     fusion: str,
-    clip: str | bool = "sides",
+    clip: str | bool = "margin",
     weights: Mapping[str, float] | None = None,
 ) -> Reference:
     """l_fu for every pair: the registered `fusion` over the sources' own scores and their clipped scores

@@ -328,25 +328,42 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curves(entries: list[dict[str, Any]], png: Path, title: str = "") -> None:
-    """Every logged loss-like series (loss, gold_ce, distill, ...) against the step."""
+    """Every logged loss-like series (loss, gold_ce, distill, ...) against the step; beside it, for a preference
+    run, what it is judged by: rewards/accuracies and rewards/margins (TRL's names)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def series(key: str) -> list[tuple[Any, float]]:
+        return [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
+
     keys = sorted(
         {k for e in entries for k in e if k == "loss" or k.startswith(("loss_", "gold", "distill"))}
     )
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = [k for k in ("rewards/margins", "rewards/accuracies") if series(k)]
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+    ax = axes[0][0]
     for key in keys:
-        points = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
-        if points:
+        if points := series(key):
             ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
+    if rewards:
+        margins, accuracy = axes[0][1], axes[0][1].twinx()
+        for axis, key, color in ((margins, rewards[0], "C0"), (accuracy, rewards[-1], "C1")):
+            points = series(key)
+            axis.plot(
+                *zip(*points, strict=True), color=color, label=key, marker="." if len(points) < 30 else None
+            )
+            axis.set_ylabel(key, color=color)
+        accuracy.set_ylim(-0.05, 1.05)
+        margins.set_xlabel("step")
+        margins.set_title("train batches: reward margin and accuracy against the reference")
+        margins.grid(alpha=0.3)
     with atomic_write(png) as handle:
         fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

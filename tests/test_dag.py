@@ -105,7 +105,7 @@ def test_the_dpo_control_sits_beside_every_fpo_instance_and_is_never_merged(tmp_
     from fuse.dag import instance_settings
     from fuse.plan import fingerprints
 
-    recipe = parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"controls": ["dpo"], "clip": "margin"}}))
+    recipe = parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"controls": ["dpo"], "clip": "sides"}}))
     dag = build_dag(recipe)
     for source in ("a", "b"):
         control, arm = dag[f"fpo.dpo-{source}"], dag[f"fpo.{source}"]
@@ -113,7 +113,7 @@ def test_the_dpo_control_sits_beside_every_fpo_instance_and_is_never_merged(tmp_
         assert ("controls", control.name, control.name) in _roles(dag["evaluate"])
         assert control.name not in dag["merge"].parents and arm.name in dag["merge"].parents
         settings = instance_settings(recipe, control)
-        assert settings.fusion == "none" and settings.clip == "sides" and settings.controls == []
+        assert settings.fusion == "none" and settings.clip == "margin" and settings.controls == []
         assert instance_settings(recipe, arm).fusion == "max_margin"
     after = build_dag(
         parse_recipe(toy_recipe(tmp_path, stages={"fpo": {"placement": "after_merge", "controls": ["dpo"]}}))

@@ -305,6 +305,8 @@ def test_short_run_raises_heldout_accuracy(trained):
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (trained / "out" / "model" / "model.safetensors").is_file()
     assert "| after |" in (trained / "out" / "summary.md").read_text()
+    assert summary["moved"] is True and "Nothing moved" not in (trained / "out" / "summary.md").read_text()
+    assert 0 <= summary["train_reference"]["reach"]["saturated_share"] <= 1
 
 
 @pytest.mark.slow
@@ -419,3 +421,28 @@ def test_pairs_truncated_by_any_models_score_are_refused_and_counted():
     kept = drop_truncated(rows, tables, skipped, logging.getLogger("test"))
     assert [r["id"] for r in kept] == ["c"]
     assert skipped == Counter({"truncated by score.pivot": 1, "truncated by score.src": 1})
+
+
+def test_reach_and_nothing_moved_on_hand_numbers():
+    from fuse.preference import PairScores, Reference
+    from fuse.stages.fpo import SATURATED, nothing_moved, reach
+
+    pivot = PairScores(np.array([-1.0, -1.0, -1.0]), np.array([-1.5, -1.5, -1.5]))  # margins 0.5
+    fused = PairScores(np.array([-0.2, -1.0, -1.0]), np.array([-4.0, -1.5, -2.0]))  # margins 3.8, 0.5, 1.0
+    reference = Reference(fused, np.zeros(3, np.int64), np.zeros(3, np.int64), ("s",))
+    got = reach(reference, pivot, beta=2.0)  # gaps 6.6, 0, 1.0
+    assert got["median_gap"] == pytest.approx(1.0)
+    assert got["saturated_share"] == pytest.approx(1 / 3) and SATURATED < 6.6
+    weights = [1 / (1 + math.exp(-g)) for g in (6.6, 0.0, 1.0)]
+    assert got["mean_weight"] == pytest.approx(sum(weights) / 3)
+
+    def heldout(accuracy, margin):
+        return {"preference_accuracy": accuracy, "policy_margin": margin}
+
+    def summary(before, after):
+        return {"pairs": 4, "before": before, "after": after}
+
+    assert nothing_moved(summary(heldout(0.5, 0.300), heldout(0.5, 0.305)))
+    assert not nothing_moved(summary(heldout(0.5, 0.30), heldout(0.5, 0.35)))  # the margin moved
+    assert not nothing_moved(summary(heldout(0.5, 0.30), heldout(0.75, 0.30)))  # a pair changed sides
+    assert not nothing_moved({"pairs": 0})  # nothing to judge by

@@ -287,7 +287,7 @@ def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
     site = TESTS.parent / "slurm" / "sites" / "local.yaml"
     code = main(["submit", str(path), "--site", str(site), "--wait", "--timeout", "1500"])
     submitted = capsys.readouterr().out
-    assert "27 jobs submitted, 0 kept" in submitted, submitted
+    assert "30 jobs submitted, 0 kept" in submitted, submitted
     assert main(["status", str(path)]) == 0
     status = capsys.readouterr().out
     with capsys.disabled():  # the job list (ids, states, elapsed) for the closing note of issue 9
@@ -296,9 +296,9 @@ def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
     assert code == 0, f"{submitted}\n{status}"
 
     rows = slurm.collect_status(load_recipe(path))
-    assert len(rows) == 27 and {r.state for r in rows} == {"done"}, status
-    assert {r.job.state for r in rows} == {"COMPLETED"} and status.count("COMPLETED") == 27, status
-    assert len({r.job.job_id for r in rows}) == 27 and all(r.elapsed for r in rows)
+    assert len(rows) == 30 and {r.state for r in rows} == {"done"}, status
+    assert {r.job.state for r in rows} == {"COMPLETED"} and status.count("COMPLETED") == 30, status
+    assert len({r.job.job_id for r in rows}) == 30 and all(r.elapsed for r in rows)
     check_metrics(json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text()))
     assert (workdir / "publish" / "out" / "model" / "model.safetensors").is_file()
     assert main(["submit", str(path), "--site", str(site)]) == 0

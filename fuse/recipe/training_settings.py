@@ -203,10 +203,11 @@ class FpoSettings(TrainSettings):
     normalization: Literal["tokens", "bytes", "none"] = "tokens"
     beta: float | None = Field(None, gt=0, description="Default: 2.5 with length normalization, 0.1 without.")
     clip: Literal["sides", "margin", "none"] = Field(
-        "sides",
-        description="How a source is kept from pulling the wrong way: sides (the paper: l_k(y_w) raised to the "
-        "pivot's, l_k(y_l) lowered to it), margin (a pair whose source margin is below the pivot's takes the "
-        "pivot's pair; no margin is inflated) or none. true / false read as sides / none.",
+        "margin",
+        description="How a source is kept from pulling the wrong way: margin (a pair whose source margin is below "
+        "the pivot's takes the pivot's pair; no margin is inflated), sides (the paper: l_k(y_w) raised to the "
+        "pivot's, l_k(y_l) lowered to it) or none. true / false read as sides / none. README, 'Preference "
+        "optimization (fpo), measured'.",
     )
     controls: list[Literal["dpo"]] = Field(
         default_factory=list,
