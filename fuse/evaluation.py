@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,24 +31,39 @@ class EvalItem:
     answer: str
 
 
-def load_items(path: str | Path, max_per_skill: int | None = None) -> list[EvalItem]:
-    """Items from a JSONL file of {skill, prompt, answer}; a bad row is reported with its line number."""
-    items: list[EvalItem] = []
-    per_skill: dict[str, int] = {}
+def parsed_rows(path: str | Path, what: str, parse: Callable[[dict], Any]) -> list[tuple[int, Any]]:
+    """(line number, parse(row)) for every non-empty line of a JSONL file; a line that is not JSON, or that `parse`
+    cannot read (KeyError, TypeError, ValueError), is one EvaluationError naming the file, the line and `what`."""
+    parsed = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                item = EvalItem(str(row["skill"]), str(row["prompt"]), str(row["answer"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise EvaluationError(
-                    f"{path}:{number}: not an item {{skill, prompt, answer}}: {error}"
-                ) from None
-            per_skill[item.skill] = per_skill.get(item.skill, 0) + 1
-            if max_per_skill is None or per_skill[item.skill] <= max_per_skill:
-                items.append(item)
+                parsed.append((number, parse(json.loads(line))))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise EvaluationError(f"{path}:{number}: not {what}: {error!r}") from None
+    return parsed
+
+
+def chat_messages(messages: Any) -> tuple[dict[str, str], ...]:
+    """Messages as {role, content} string pairs; a bare string is one user message."""
+    if isinstance(messages, str):
+        return ({"role": "user", "content": messages},)
+    return tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
+
+
+def load_items(path: str | Path, max_per_skill: int | None = None) -> list[EvalItem]:
+    """Items from a JSONL file of {skill, prompt, answer}; a bad row is reported with its line number."""
+    items: list[EvalItem] = []
+    per_skill: dict[str, int] = {}
+    what = "an item {skill, prompt, answer}"
+    for _, item in parsed_rows(
+        path, what, lambda r: EvalItem(str(r["skill"]), str(r["prompt"]), str(r["answer"]))
+    ):
+        per_skill[item.skill] = per_skill.get(item.skill, 0) + 1
+        if max_per_skill is None or per_skill[item.skill] <= max_per_skill:
+            items.append(item)
     if not items:
         raise EvaluationError(f"{path}: no evaluation items")
     return items
@@ -201,25 +216,16 @@ class DomainSample:
 def load_domain_samples(path: str | Path) -> list[DomainSample]:
     """Rows {domain, messages (ending with the assistant's response), nll}; a bad row is named by its line."""
     samples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages = tuple(
-                    {"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]
-                )
-                sample = DomainSample(str(row["domain"]), messages, float(row["nll"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise EvaluationError(
-                    f"{path}:{number}: not a domain sample {{domain, messages, nll}}: {error!r}"
-                ) from None
-            if not messages or messages[-1]["role"] != "assistant" or not math.isfinite(sample.nll):
-                raise EvaluationError(
-                    f"{path}:{number}: needs messages ending with an assistant response and a finite nll"
-                )
-            samples.append(sample)
+
+    def parse(row: dict) -> DomainSample:
+        return DomainSample(str(row["domain"]), chat_messages(row["messages"]), float(row["nll"]))
+
+    for number, sample in parsed_rows(path, "a domain sample {domain, messages, nll}", parse):
+        if not sample.messages or sample.messages[-1]["role"] != "assistant" or not math.isfinite(sample.nll):
+            raise EvaluationError(
+                f"{path}:{number}: needs messages ending with an assistant response and a finite nll"
+            )
+        samples.append(sample)
     if not samples:
         raise EvaluationError(f"{path}: no domain samples")
     return samples
@@ -303,34 +309,20 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
     """Rows {prompt (a string or messages), chosen, rejected, skill or group (optional)}; a bad row is named by its
     line."""
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = row["prompt"]
-                messages = (
-                    ({"role": "user", "content": prompt},)
-                    if isinstance(prompt, str)
-                    else tuple({"role": str(m["role"]), "content": str(m["content"])} for m in prompt)
-                )
-                group = str(row.get("skill", row.get("group", "all")))
-                pair = PreferencePair(group, messages, str(row["chosen"]), str(row["rejected"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise EvaluationError(
-                    f"{path}:{number}: not a preference pair {{prompt, chosen, rejected}}: {error!r}"
-                ) from None
-            if (
-                not messages
-                or not pair.chosen.strip()
-                or not pair.rejected.strip()
-                or pair.chosen == pair.rejected
-            ):
-                raise EvaluationError(
-                    f"{path}:{number}: needs a prompt and two different, non-empty responses"
-                )
-            pairs.append(pair)
+
+    def parse(row: dict) -> PreferencePair:
+        group = str(row.get("skill", row.get("group", "all")))
+        return PreferencePair(group, chat_messages(row["prompt"]), str(row["chosen"]), str(row["rejected"]))
+
+    for number, pair in parsed_rows(path, "a preference pair {prompt, chosen, rejected}", parse):
+        if (
+            not pair.prompt
+            or not pair.chosen.strip()
+            or not pair.rejected.strip()
+            or pair.chosen == pair.rejected
+        ):
+            raise EvaluationError(f"{path}:{number}: needs a prompt and two different, non-empty responses")
+        pairs.append(pair)
     if not pairs:
         raise EvaluationError(f"{path}: no preference pairs")
     return pairs
