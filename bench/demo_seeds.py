@@ -239,11 +239,15 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
     }
+    write_results("demo_seeds" + (f"-{args.name}" if args.name else ""), result, markdown(result))
+
+
+def write_results(stem: str, result: dict[str, Any], text: str) -> None:
+    """bench/results/<stem>.json and .md, and the table on stdout."""
     RESULTS.mkdir(exist_ok=True)
-    stem = "demo_seeds" + (f"-{args.name}" if args.name else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print((RESULTS / f"{stem}.md").read_text())
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

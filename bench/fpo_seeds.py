@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_seeds import DEMO, RESULTS, build_zoo, fmt, zoo_root  # noqa: E402
+from demo_seeds import DEMO, build_zoo, fmt, write_results, zoo_root  # noqa: E402
 
 from fuse.item_scores import FILE, Column, column_value, read_scores  # noqa: E402
 from fuse.stats import seed_summary  # noqa: E402
@@ -325,11 +325,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = "fpo_seeds" + (f"-{args.name}" if args.name else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print((RESULTS / f"{stem}.md").read_text())
+    write_results("fpo_seeds" + (f"-{args.name}" if args.name else ""), result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -194,12 +194,11 @@ def fused_reference(
     pivot: PairScores,
     sources: Mapping[str, PairScores],
     fusion: str,
-    clip: str | bool = "margin",
+    clip: str = "margin",
     weights: Mapping[str, float] | None = None,
 ) -> Reference:
     """l_fu for every pair: the registered `fusion` over the sources' own scores and their clipped scores
-    (`clip`: sides, margin or none; True / False mean sides / none)."""
-    clip = {True: "sides", False: "none"}.get(clip, clip) if isinstance(clip, bool) else clip
+    (`clip`: sides, margin or none)."""
     spec = get_pair_fusion(fusion)
     names = tuple(sources) if spec.uses_sources else ()
     if spec.uses_sources and not names:
@@ -213,7 +212,7 @@ def fused_reference(
     clipped_terms = (cut.chosen_clipped.astype(np.int64) + cut.rejected_clipped.astype(np.int64)).sum(axis=0)
     w = np.array([(weights or {}).get(name, 1.0) for name in names], dtype=np.float64)
     fused = spec.fn(own, cut.scores, pivot, w)
-    return Reference(fused.reference, fused.picked, np.asarray(clipped_terms, np.int64).reshape(n), names)
+    return Reference(fused.reference, fused.picked, clipped_terms, names)
 
 
 # --------------------------------------------------------------------------------------------- loss

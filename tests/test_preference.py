@@ -78,7 +78,7 @@ SOURCES = {
 
 
 def test_max_margin_picks_the_source_with_the_largest_own_margin_then_clips_it():
-    ref = fused_reference(PIVOT, SOURCES, "max_margin", clip=True)
+    ref = fused_reference(PIVOT, SOURCES, "max_margin", clip="sides")
     # own margins: a (1.0, 0.3), b (0.8, 1.6), c (-1.5, 0.2): a then b; their clipped scores are their own here
     assert ref.picked.tolist() == [0, 1] and ref.sources == ("a", "b", "c")
     np.testing.assert_allclose(ref.scores.chosen, [-0.5, -0.4])
@@ -89,7 +89,7 @@ def test_max_margin_picks_the_source_with_the_largest_own_margin_then_clips_it()
 
 
 def test_max_margin_without_clipping_and_ties_go_to_the_first_source():
-    ref = fused_reference(PIVOT, SOURCES, "max_margin", clip=False)
+    ref = fused_reference(PIVOT, SOURCES, "max_margin", clip="none")
     # unclipped c: pair 0 margin -1.5, pair 1 margin 0.2
     assert ref.picked.tolist() == [0, 1] and ref.clipped_terms.tolist() == [0, 0]
     twins = {"x": SOURCES["a"], "y": SOURCES["a"]}
@@ -126,13 +126,13 @@ def test_margin_clip_replaces_a_pair_whose_margin_is_below_the_pivots():
 
 
 def test_weighted_mean_of_clipped_scores():
-    ref = fused_reference(PIVOT, SOURCES, "mean", clip=True, weights={"a": 2.0, "b": 1.0, "c": 1.0})
+    ref = fused_reference(PIVOT, SOURCES, "mean", clip="sides", weights={"a": 2.0, "b": 1.0, "c": 1.0})
     # clipped chosen: a (-0.5, -0.9), b (-0.2, -0.4), c (-1.0, -0.1); weights 0.5, 0.25, 0.25
     np.testing.assert_allclose(ref.scores.chosen, [-0.55, -0.575])
     # clipped rejected: a (-1.5, -1.2), b (-1.0, -2.0), c (-1.0, -1.0)
     np.testing.assert_allclose(ref.scores.rejected, [-1.25, -1.35])
     assert ref.picked.tolist() == [-1, -1]
-    uniform = fused_reference(PIVOT, SOURCES, "mean", clip=False)
+    uniform = fused_reference(PIVOT, SOURCES, "mean", clip="none")
     np.testing.assert_allclose(uniform.scores.chosen, [(-0.5 - 0.2 - 2.0) / 3, (-0.9 - 0.4 - 0.1) / 3])
 
 
