@@ -8,13 +8,12 @@ file returns it untouched, a different file is refused rather than silently mixe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from fuse.io import atomic_dir, write_json_atomic
+from fuse.io import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 RECORD = "gguf.json"
@@ -22,14 +21,6 @@ RECORD = "gguf.json"
 
 class GgufError(ValueError):
     """A GGUF file that cannot become a model folder here."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def converted(out: Path, digest: str) -> bool:
@@ -67,7 +58,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, tokenizer: str | Path | None
     gguf, out = Path(gguf).resolve(), Path(out)
     if not gguf.is_file():
         raise GgufError(f"{gguf}: no such GGUF file")
-    digest = sha256(gguf)
+    digest = sha256_file(gguf)
     if converted(out, digest):
         return out
     log.info("converting %s to %s", gguf.name, out)
