@@ -1,4 +1,5 @@
-"""Evaluation of any set of causal LMs: per-skill exact-match accuracy, per-byte cross-entropy of held-out text,
+"""Evaluation of any set of causal LMs: per-skill accuracy (exact match, or pass/fail of generated code run with
+its tests in a sandbox), per-byte cross-entropy of held-out text,
 and per-domain CE/byte of held-out responses next to the domain's limit (its true NLL per byte).
 
 Pure functions, usable outside the evaluate stage; skills are data (JSONL items), so hub models work too.
@@ -26,9 +27,30 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class EvalItem:
+    """One held-out item. With `test`, a code item: the completion passes when the program it makes (fuse.code_exec:
+    its code block if that defines `entry_point`, else `prefix` continued by it) passes the tests; `answer` is then
+    only a reference solution for the examples. Without, exact match of the answer."""
+
     skill: str
     prompt: str
     answer: str
+    test: str | None = None
+    entry_point: str | None = None
+    prefix: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict) -> EvalItem:
+        test = row.get("test")
+        if test is not None and not row.get("entry_point"):
+            raise ValueError("a code item (with 'test') needs 'entry_point'")
+        return cls(
+            str(row["skill"]),
+            str(row["prompt"]),
+            str(row["answer"] if test is None else row.get("answer", "")),
+            None if test is None else str(test),
+            None if test is None else str(row["entry_point"]),
+            str(row.get("prefix", "")),
+        )
 
 
 def parsed_rows(path: str | Path, what: str, parse: Callable[[dict], Any]) -> list[tuple[int, Any]]:
@@ -54,13 +76,12 @@ def chat_messages(messages: Any) -> tuple[dict[str, str], ...]:
 
 
 def load_items(path: str | Path, max_per_skill: int | None = None) -> list[EvalItem]:
-    """Items from a JSONL file of {skill, prompt, answer}; a bad row is reported with its line number."""
+    """Items from a JSONL file of {skill, prompt, answer} or code items {skill, prompt, test, entry_point, prefix,
+    answer (optional)}; a bad row is reported with its line number."""
     items: list[EvalItem] = []
     per_skill: dict[str, int] = {}
-    what = "an item {skill, prompt, answer}"
-    for _, item in parsed_rows(
-        path, what, lambda r: EvalItem(str(r["skill"]), str(r["prompt"]), str(r["answer"]))
-    ):
+    what = "an item {skill, prompt, answer} or {skill, prompt, test, entry_point}"
+    for _, item in parsed_rows(path, what, EvalItem.from_row):
         per_skill[item.skill] = per_skill.get(item.skill, 0) + 1
         if max_per_skill is None or per_skill[item.skill] <= max_per_skill:
             items.append(item)
@@ -132,13 +153,29 @@ def generate_greedy(
     return outputs
 
 
-def skill_accuracy(items: list[EvalItem], completions: list[str]) -> dict[str, float]:
-    """Exact match after whitespace normalization, averaged per skill."""
+def item_correct(item: EvalItem, completion: str, limits: Any = None) -> int:
+    """1 if the completion is right: a code item's program passes its tests in the sandbox (fuse.code_exec,
+    `limits` or its defaults), any other item's answer matches after whitespace normalization."""
+    if item.test is None:
+        return int(normalize_answer(completion) == normalize_answer(item.answer))
+    from fuse import code_exec
+
+    program = code_exec.completion_program(item.prefix, completion, item.entry_point or "")
+    passed, _ = code_exec.run_sandboxed(
+        code_exec.with_tests(program, item.test, item.entry_point or ""), limits or code_exec.Limits()
+    )
+    return int(passed)
+
+
+def skill_accuracy(
+    items: list[EvalItem], completions: list[str], correct: list[int] | None = None
+) -> dict[str, float]:
+    """Per-skill mean of `correct` (default: item_correct of each completion)."""
+    if correct is None:
+        correct = [item_correct(i, c) for i, c in zip(items, completions, strict=True)]
     hits: dict[str, list[int]] = {}
-    for item, completion in zip(items, completions, strict=True):
-        hits.setdefault(item.skill, []).append(
-            int(normalize_answer(completion) == normalize_answer(item.answer))
-        )
+    for item, value in zip(items, correct, strict=True):
+        hits.setdefault(item.skill, []).append(value)
     return {skill: sum(v) / len(v) for skill, v in sorted(hits.items())}
 
 
@@ -369,9 +406,10 @@ def evaluate_model(
     domains: list[DomainSample] | None = None,
     lm_eval: Any = None,
     pairs: list[PreferencePair] | None = None,
+    code_limits: Any = None,
 ) -> dict[str, Any]:
     """One model's metrics; `pairs` adds held-out preference accuracy, `lm_eval` (LmEvalSettings with tasks)
-    lm-evaluation-harness results."""
+    lm-evaluation-harness results; `code_limits` (fuse.code_exec.Limits) bound code items' test runs."""
     import torch
 
     from fuse.models import load_model, load_tokenizer
@@ -388,11 +426,8 @@ def evaluate_model(
     per_item: dict[str, Any] = {}  # every item's score, for paired comparisons (fuse.item_scores)
     if items:
         completions = generate_greedy(model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size)
-        per_item["skill"] = [
-            int(normalize_answer(c) == normalize_answer(i.answer))
-            for i, c in zip(items, completions, strict=True)
-        ]
-        result["skills"] = skill_accuracy(items, completions)
+        per_item["skill"] = [item_correct(i, c, code_limits) for i, c in zip(items, completions, strict=True)]
+        result["skills"] = skill_accuracy(items, completions, per_item["skill"])
         result["mean_accuracy"] = sum(result["skills"].values()) / len(result["skills"])
         result["samples"] = example_outputs(items, completions, per_skill=2)
     if texts:

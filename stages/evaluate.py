@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from fuse import compare, evaluation, item_scores
+from fuse import code_exec, compare, evaluation, item_scores
 from fuse.context import StageContext
 from fuse.data.prepared import load_split
 from fuse.evaluation import load_texts, markdown_table, plot_accuracy
@@ -91,6 +91,7 @@ def run(ctx: StageContext) -> None:
             domains,
             settings.lm_eval,
             pairs,
+            code_exec.Limits(timeout_s=settings.code_timeout_s),
         )
         ctx.progress(done + 1, len(models), "model")
     scores = item_scores.scores_table(
@@ -143,7 +144,8 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any, scores: Any
     best, paired = significance(scores, list(metrics["models"]))
     lines = ["# Evaluation", "", markdown_table(metrics, best)]
     lines.append(
-        "Accuracy: exact match of the greedy answer (own chat template) on held-out items; "
+        "Accuracy: exact match of the greedy answer (own chat template) on held-out items, or for code items "
+        "the share whose program passes its tests (sandboxed, time-limited); "
         "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better); "
         "CE <domain>: the same over held-out responses of that domain given their prompt (own chat template); "
         "limit: the domain generator's own NLL per byte of those responses, the floor no model beats in "

@@ -113,7 +113,9 @@ class LmEvalSettings(Frozen):
 class EvaluateSettings(StageSettings):
     items: str | None = Field(
         None,
-        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl); unset: no accuracy.",
+        description="JSONL of {skill, prompt, answer} (the zoo writes data/eval_items.jsonl), scored by exact match, "
+        "or of code items {skill, prompt, test, entry_point, prefix}, scored by running the completion's program "
+        "with its tests in a sandboxed subprocess (fuse.code_exec); unset: no accuracy.",
     )
     heldout_text: str | None = Field(
         None, description="Text file/JSONL for per-byte CE; default: prepared held-out SFT."
@@ -130,6 +132,9 @@ class EvaluateSettings(StageSettings):
         "response it finds likelier per byte, in its own chat template.",
     )
     max_new_tokens: int = Field(32, ge=1)
+    code_timeout_s: float = Field(
+        10.0, gt=0, description="Wall-clock (and CPU-second) limit of one code item's test run."
+    )
     max_items_per_skill: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
     include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline", "controls"]] = Field(
