@@ -35,13 +35,24 @@ def extract_code(completion: str) -> str:
     return match.group(1) if match else completion
 
 
+def function_body(continuation: str) -> str:
+    """A continuation of a function up to its first non-indented line (where the function ends: what a base model
+    writes after it, tests or prints, is not part of the answer; HumanEval's stop sequences, by indentation)."""
+    lines = continuation.split("\n")
+    for number, line in enumerate(lines[1:], 1):
+        if line.strip() and not line[0].isspace():
+            return "\n".join(lines[:number]) + "\n"
+    return continuation
+
+
 def completion_program(prefix: str, completion: str, entry_point: str) -> str:
     """The code a completion stands for: its code block on its own when that defines `entry_point` (a chat model
-    answers with the whole function), else the completion continuing `prefix` (the function as given)."""
+    answers with the whole function), else `prefix` (the function as given) continued by the completion's code up
+    to where the function ends."""
     code = extract_code(completion)
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
         return code
-    return prefix + code
+    return prefix + function_body(code)
 
 
 def with_tests(program: str, test: str, entry_point: str) -> str:

@@ -37,6 +37,9 @@ class EvalItem:
     test: str | None = None
     entry_point: str | None = None
     prefix: str = ""
+    chat: bool = (
+        True  # False: the prompt is continued as plain text (a base model's protocol), no chat template
+    )
 
     @classmethod
     def from_row(cls, row: dict) -> EvalItem:
@@ -50,6 +53,7 @@ class EvalItem:
             None if test is None else str(test),
             None if test is None else str(row["entry_point"]),
             str(row.get("prefix", "")),
+            bool(row.get("chat", True)),
         )
 
 
@@ -113,8 +117,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The model's own chat template, ready for the assistant's turn; the template carries any BOS itself."""
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = True) -> list[int]:
+    """The model's own chat template, ready for the assistant's turn; the template carries any BOS itself. Without
+    chat, the prompt as plain text after the document start (text_start_id) for the model to continue."""
+    if not chat:
+        start = text_start_id(tokenizer)
+        return ([] if start is None else [start]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -128,15 +136,23 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def generate_greedy(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 32
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    chat: list[bool] | None = None,
 ) -> list[str]:
-    """Greedy completions (left-padded batches), decoded without special tokens."""
+    """Greedy completions (left-padded batches), decoded without special tokens; `chat[i]` False continues prompt i
+    as plain text instead of answering it in the chat template."""
     import torch
 
     pad = pad_id(tokenizer)
+    chat = chat or [True] * len(prompts)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        end = start + batch_size
+        rows = [prompt_ids(tokenizer, p, c) for p, c in zip(prompts[start:end], chat[start:end], strict=True)]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
@@ -425,7 +441,9 @@ def evaluate_model(
     result: dict[str, Any] = {"path": spec.path}
     per_item: dict[str, Any] = {}  # every item's score, for paired comparisons (fuse.item_scores)
     if items:
-        completions = generate_greedy(model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size)
+        completions = generate_greedy(
+            model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size, [i.chat for i in items]
+        )
         per_item["skill"] = [item_correct(i, c, code_limits) for i, c in zip(items, completions, strict=True)]
         result["skills"] = skill_accuracy(items, completions, per_item["skill"])
         result["mean_accuracy"] = sum(result["skills"].values()) / len(result["skills"])

@@ -78,3 +78,20 @@ def test_a_code_item_without_its_entry_point_is_a_clear_error(tmp_path):
         load_items(path)
     path.write_text(json.dumps({"skill": "code", "prompt": "p", "test": TEST, "entry_point": "add"}) + "\n")
     assert load_items(path)[0].answer == ""
+
+
+def test_a_continuation_ends_where_the_function_ends():
+    body = "    return a + b\n\nprint(add(1, 2))\nassert False\n"
+    assert completion_program(PREFIX, body, "add") == PREFIX + "    return a + b\n\n"
+    assert item_correct(code_item(chat=False), body) == 1
+
+
+def test_plain_prompts_are_continued_after_the_document_start(real_families):
+    from transformers import AutoTokenizer
+
+    from fuse.evaluation import prompt_ids, text_start_id
+
+    tokenizer = AutoTokenizer.from_pretrained(real_families["llama31"])
+    ids = prompt_ids(tokenizer, PREFIX, chat=False)
+    assert ids[0] == text_start_id(tokenizer)
+    assert tokenizer.decode(ids[1:]) == PREFIX
