@@ -23,6 +23,11 @@ What the row then receives (its `signal`):
 - `scored`: the source's exact probability of each candidate pivot token's text, asked of the source model in its
   own tokenization (`score_candidates`; alignment/candidates.py): the gold, the pivot's top-K and the words the
   source's likely first pieces begin.
+- `within`: at an `inside_token` row, the source's candidates for the token that covers it, conditioned on the
+  pivot pieces already written inside that token (`within`): the gold's probability is the share of the candidates'
+  mass consistent with the text so far that also continues with the gold's text. Over a word the pivot spells in
+  pieces, the first piece's projection times these conditionals multiplies back to the source's probability of the
+  word (the chain rule; exact where the top-K holds all of the mass). The rest is the tail, as at chunk rows.
 - `pivot_own`: where no source signal reaches the row, the pivot's own distribution (`fallback: pivot`).
 - `one_hot`: the gold next token (the shifted label), the last resort.
 
@@ -46,14 +51,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from fuse.alignment.pieces import VocabPieces
 from fuse.alignment.sequence import ONE_TO_ONE, TEMPLATE, UNALIGNED, SequenceAlignment
 
 # What the text at a pivot token is, compared with the source's tokens.
 CAUSES = ("1:1", "source_covers", "split", "inside_token", "no_source_text", "template", "first_token")
 ONE, COVERS, SPLIT, INSIDE, NO_TEXT, TEMPLATE_ROW, FIRST = range(len(CAUSES))
 # What the row receives.
-SIGNALS = ("projected", "chunk", "scored", "pivot_own", "one_hot")
-PROJECTED, CHUNK, SCORED, PIVOT_OWN, ONE_HOT = range(len(SIGNALS))
+SIGNALS = ("projected", "chunk", "scored", "pivot_own", "one_hot", "within")
+PROJECTED, CHUNK, SCORED, PIVOT_OWN, ONE_HOT, WITHIN = range(len(SIGNALS))
+SOURCE_SIGNALS = ("projected", "chunk", "scored", "within")  # what the source itself says about the row
 PROJECT_MODES = ("one_to_one", "sound", "same_start")
 
 
@@ -66,6 +73,7 @@ class ProjectOptions:
     complete: bool = False
     fallback: str = "one_hot"
     chunk_rest: str = "tail"
+    within: bool = False
 
     def __post_init__(self) -> None:
         if self.project not in PROJECT_MODES:
@@ -193,6 +201,49 @@ def chunk_logprobs(alignment: SequenceAlignment, source: Steps) -> np.ndarray:
     return np.where(ok & clean, total[last + 1] - total[first], np.nan)
 
 
+def within_logprobs(
+    alignment: SequenceAlignment,
+    gold: np.ndarray,
+    source: Steps,
+    pivot_pieces: VocabPieces,
+    source_pieces: VocabPieces,
+) -> np.ndarray:
+    """Per pivot row: at an `inside_token` row whose token ends inside (or with) the source token s covering it,
+    log M(e + g) − log(M(e) + r), else NaN. e: the text of the pivot pieces from s's start to the row (the pieces
+    must start where s starts), g: the gold piece's text, M(x): the probability, at the source step predicting s,
+    of its top-K candidates whose text starts with x, r: that step's mass outside its top-K (it may be consistent
+    with e: counting it keeps the teacher from being sharper than the source). NaN where the source's own token
+    does not spell e + g (its text was rewritten) or no candidate does."""
+    n = gold.size
+    out = np.full(n, np.nan)
+    inside = (alignment.kind == UNALIGNED) & (alignment.cover_first >= 0)
+    inside &= alignment.cover_last == alignment.cover_first
+    starts = {int(s): j for j, s in enumerate(alignment.source_index) if alignment.covers[j] and s > 0}
+    written: dict[int, bytes] = {}  # s -> the pivot pieces' text from s's start so far
+    for j in range(n):
+        s = int(alignment.cover_first[j])
+        if alignment.covers[j] and starts.get(int(alignment.source_index[j])) == j:
+            written[int(alignment.source_index[j])] = pivot_pieces.pieces[gold[j]]
+            continue
+        if not inside[j] or s not in written:
+            written.pop(s, None)
+            continue
+        e, x = written[s], written[s] + pivot_pieces.pieces[gold[j]]
+        written[s] = x
+        if not source_pieces.pieces[source.tokens[s]].startswith(x):
+            continue
+        ids, logprobs = source.ids[s], source.logprobs[s]
+        valid = (ids >= 0) & np.isfinite(logprobs)
+        probs = np.exp(logprobs[valid])
+        texts = [source_pieces.pieces[i] for i in ids[valid]]
+        m_e = sum(p for p, t in zip(probs, texts, strict=True) if t.startswith(e))
+        m_x = sum(p for p, t in zip(probs, texts, strict=True) if t.startswith(x))
+        rest = max(0.0, 1.0 - float(probs.sum()))
+        if m_x > 0:
+            out[j] = np.log(m_x) - np.log(m_e + rest)
+    return out
+
+
 def pivot_shaped_rest(pivot: Steps, rows: np.ndarray, gold_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """At chunk rows: the pivot's own distribution with the gold set to the source's chunk probability p, the
     distribution closest to the pivot's (least KL) that does so: every other id w gets (1 − p)·π_w / (1 − π_gold).
@@ -278,16 +329,25 @@ def project(
     options: ProjectOptions = ProjectOptions(),
     completion: sparse.csr_matrix | None = None,
     scored: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    vocabs: tuple[VocabPieces, VocabPieces] | None = None,
 ) -> Projection:
     """What each pivot row receives from the source (module docstring). Row j of `pivot` predicts pivot token j
     (`pivot.tokens[j]`, the shifted label), row i of `source` predicts source token i; `completion`
     (`completion_matrix` of the corpus's aligned pairs) is needed by `complete`; `scored` maps rows to the pivot ids
-    the source model was asked about and their exclusive probabilities (they replace anything else there)."""
+    the source model was asked about and their exclusive probabilities (they replace anything else there);
+    `vocabs` (pivot, source) is needed by `within`."""
     gold = pivot.tokens
     n = gold.size
     width = max(source.ids.shape[1], pivot.ids.shape[1]) + 1
     cause = causes(alignment)
     chunk_lp = chunk_logprobs(alignment, source) if options.chunk else np.full(n, np.nan)
+    if options.within:
+        if vocabs is None:
+            raise ValueError("project: within needs both vocabularies' pieces")
+        within_lp = within_logprobs(alignment, gold, source, *vocabs)
+    else:
+        within_lp = np.full(n, np.nan)
+    is_within = np.isfinite(within_lp) & (cause == INSIDE)
     is_chunk = np.isfinite(chunk_lp) & (cause == SPLIT)
     projectable = (cause == ONE) | ((cause == COVERS) & (options.project != "one_to_one"))
     projectable |= (cause == SPLIT) & (options.project == "same_start") & ~is_chunk
@@ -328,8 +388,16 @@ def project(
             rest = pivot_shaped_rest(pivot, chunks, np.exp(chunk_lp[chunks]))
             k = rest[0].shape[1]
             ids[chunks, 1 : k + 1], probs[chunks, 1 : k + 1] = rest
+    # a within row, like a chunk row: the gold at its exact probability, the rest in the tail or pivot-shaped
+    within = np.flatnonzero(is_within)
+    ids[within, 0], probs[within, 0] = gold[within], np.exp(within_lp[within])
+    if options.chunk_rest == "pivot":
+        rest = pivot_shaped_rest(pivot, within, np.exp(within_lp[within]))
+        k = rest[0].shape[1]
+        ids[within, 1 : k + 1], probs[within, 1 : k + 1] = rest
     unmapped = projectable & (ids[:, 0] < 0)
     signal = np.where(is_chunk, CHUNK, np.where(projectable & ~unmapped, PROJECTED, ONE_HOT)).astype(np.int8)
+    signal[is_within] = WITHIN
     for j, (cand, p) in (scored or {}).items():
         order = np.argsort(-p, kind="stable")[:width]
         ids[j], probs[j] = -1, 0.0

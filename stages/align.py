@@ -28,6 +28,7 @@ from fuse.alignment.project import (
     PROJECTED,
     SCORED,
     SIGNALS,
+    SOURCE_SIGNALS,
     SPLIT,
     TEMPLATE_ROW,
     ProjectOptions,
@@ -300,7 +301,12 @@ class CandidateScorer:
 def project_options(settings: Any) -> ProjectOptions:
     """The projection's options from the align settings."""
     return ProjectOptions(
-        settings.project, settings.chunk, settings.complete, settings.fallback, settings.chunk_rest
+        settings.project,
+        settings.chunk,
+        settings.complete,
+        settings.fallback,
+        settings.chunk_rest,
+        settings.within,
     )
 
 
@@ -506,9 +512,10 @@ class Tally:
 
 # Where a source's signal is doubtful enough to say so before any GPU hour goes into training on it.
 def source_share(report: dict[str, Any], rows: str = "response") -> float:
-    """The share of response (or word-start) rows that receive the source's signal: projected, chunk or scored."""
+    """The share of response (or word-start) rows that receive the source's signal: projected, chunk, scored or
+    within."""
     shares = report[f"{rows}_signal_shares"]
-    return sum(shares.get(name, 0.0) for name in ("projected", "chunk", "scored"))
+    return sum(shares.get(name, 0.0) for name in SOURCE_SIGNALS)
 
 
 def _mapped_share(report: dict[str, Any]) -> float:
@@ -671,6 +678,7 @@ def run(ctx: StageContext) -> None:
                     options,
                     completion,
                     scored,
+                    vocabs,
                 )
                 writer.add(projected_sample(pivot, projection))
                 tally.add(pivot, source, projection, content.regions)

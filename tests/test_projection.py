@@ -20,6 +20,7 @@ from fuse.alignment.project import (
     PIVOT_OWN,
     PROJECTED,
     SPLIT,
+    WITHIN,
     ProjectOptions,
     Steps,
     complete_rows,
@@ -270,3 +271,83 @@ def test_chunk_rest_shaped_by_the_pivot_is_the_least_kl_change_of_its_distributi
         key=lambda t: float(np.sum(np.where(t > 0, t * np.log(np.where(t > 0, t, 1) / pi), 0.0))),
     )
     assert best[1:3] == pytest.approx([0.3 * 0.8 / 0.9, 0.05 * 0.8 / 0.9], abs=0.006)
+
+
+def test_within_conditions_the_covering_tokens_candidates_on_the_pieces_written():
+    alignment, pivot, source = abcdefgh()
+    out = project(
+        alignment, pivot, source, TARGET, len(PIVOT), ProjectOptions(within=True), vocabs=(PIVOT, SOURCE)
+    )
+    assert out.signal.tolist() == [ONE_HOT, CHUNK, PROJECTED, WITHIN, PROJECTED]
+    # "fg" after "e" inside the source's "efg": candidates "efg" 0.3 and "e" 0.1 begin with "e", 0.6 is outside the
+    # top-K and may too; only "efg" continues with "fg": 0.3 / (0.4 + 0.6), the rest in the tail
+    assert row(out, 3) == pytest.approx({3: 0.3})
+    off = project(alignment, pivot, source, TARGET, len(PIVOT), ProjectOptions(within=False))
+    assert off.signal[3] == ONE_HOT
+    with pytest.raises(ValueError, match="within needs"):
+        project(alignment, pivot, source, TARGET, len(PIVOT), ProjectOptions(within=True))
+
+
+@pytest.mark.parametrize("pair", [("llama3", "gemma3"), ("llama2", "qwen3")])
+def test_within_matches_a_brute_force_prefix_sum_and_carries_the_chain_rule(pair):
+    """On real vocabularies, every pivot token that starts inside a source token (and ends in it) gets
+    P(text so far + its text) / P(text so far) under the source's distribution at that token, found here by walking
+    bytes and summing a dense distribution over every candidate; over a word, the first piece's mass times these
+    conditionals is the source's probability of the word's text."""
+    from real_tokenizers import load
+
+    p_tok, s_tok = (load(name) for name in pair)
+    text = "Die Bürgermeisterin unterzeichnete Menschenrechtserklärungen; 北京的人权宣言 und Unabhängigkeit."
+    pivot, source = render(p_tok, text), render(s_tok, text)
+    vocabs = vocab_pieces(p_tok), vocab_pieces(s_tok)
+    alignment = align_content(pivot, source, *vocabs).alignment
+    rng = np.random.default_rng(0)
+    n_s, k = len(source.ids), 24
+    # a full distribution (nothing outside the top-K) at every source step: the token itself and random others
+    ids = np.stack([np.r_[t, rng.choice(len(vocabs[1]), k - 1, replace=False)] for t in source.ids])
+    probs = rng.dirichlet(np.ones(k), size=n_s)
+    steps = Steps(source.ids, ids, np.log(probs), np.log(probs[:, 0]))
+    options = ProjectOptions("sound", chunk=True, within=True)
+    out = project(
+        alignment,
+        Steps.bare(pivot.ids),
+        steps,
+        np.full(len(vocabs[1]), -1),
+        len(vocabs[0]),
+        options,
+        vocabs=vocabs,
+    )
+    raw = pivot.text.encode()
+    p_bytes, s_bytes = byte_ranges(pivot, vocabs[0]), byte_ranges(source, vocabs[1])
+    first_content = min(s_bytes)
+
+    def prefix_mass(s: int, prefix: bytes) -> float:
+        return sum(p for c, p in zip(ids[s], probs[s], strict=True) if vocabs[1].pieces[c].startswith(prefix))
+
+    within = 0
+    for j, (start, end) in p_bytes.items():
+        covering = [s for s, (a, b) in s_bytes.items() if a < start and end <= b]
+        if not covering or covering[0] == first_content:
+            assert out.signal[j] != WITHIN, (pair, j)
+            continue
+        s = covering[0]
+        a = s_bytes[s][0]
+        if not any(
+            pa == a for pa, _ in p_bytes.values()
+        ):  # no pivot token starts where the source token does
+            continue
+        expected = prefix_mass(s, raw[a:end]) / prefix_mass(s, raw[a:start])
+        within += 1
+        assert out.signal[j] == WITHIN, (pair, j)
+        assert np.exp(out.realized[j]) == pytest.approx(expected, rel=1e-5)
+    assert within > 0  # the text has words the source writes whole and the pivot in pieces
+    # the chain rule, per covered word: the pieces' conditionals multiply to P(word) / P(first piece)
+    words = 0
+    for s, (a, b) in s_bytes.items():
+        rows = sorted(j for j, (start, end) in p_bytes.items() if a <= start and end <= b)
+        if len(rows) > 1 and p_bytes[rows[0]][0] == a and all(out.signal[j] == WITHIN for j in rows[1:]):
+            product = float(np.exp(sum(out.realized[j] for j in rows[1:])))
+            first = raw[a : p_bytes[rows[0]][1]]
+            assert product == pytest.approx(prefix_mass(s, raw[a:b]) / prefix_mass(s, first), rel=1e-5)
+            words += 1
+    assert words > 0

@@ -57,6 +57,12 @@ class AlignSettings(StageSettings):
         description="A source candidate that begins some of the pivot's own candidates at the row (its top-K and "
         "the gold) has its mass split among them by the pivot's probabilities, not put on the id its prefix maps to.",
     )
+    within: bool = Field(
+        False,
+        description="Where the pivot spells in several pieces what the source writes as one token, the pieces after "
+        "the first receive the source's candidates for that token conditioned on the pieces already written (the "
+        "chain rule carries the source's word probability across the pieces); else a one-hot.",
+    )
     score_candidates: bool = Field(
         True,
         description="Ask the source model for the exact probability of each candidate pivot token's text (the "
