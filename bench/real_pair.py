@@ -275,10 +275,22 @@ def recipe_path(pivot: str) -> Path:
     return REPO / "examples" / f"real-pair-{pivot}.yaml"
 
 
-def run_direction(pivot: str) -> float:
-    """`fuse run` of the direction's recipe (resumes whatever is done); its wall-clock seconds."""
+VARIANTS = {"within": ["stages.align.within=true"]}  # name -> `fuse run --set` overrides of the base recipe
+
+
+def workdir_of(pivot: str, variant: str | None = None) -> Path:
+    return REPO / "runs" / (f"real-pair-{pivot}" + (f"-{variant}" if variant else ""))
+
+
+def run_direction(pivot: str, variant: str | None = None) -> float:
+    """`fuse run` of the direction's recipe, or of a variant in its own run store sharing the cache (what the
+    variant does not change is linked, not recomputed); resumes whatever is done. Its wall-clock seconds."""
+    command = [sys.executable, "-m", "fuse", "run", str(recipe_path(pivot))]
+    if variant:
+        overrides = [*VARIANTS[variant], f"workdir={workdir_of(pivot, variant)}"]
+        command += [arg for value in overrides for arg in ("--set", value)]
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "fuse", "run", str(recipe_path(pivot))], check=True, cwd=REPO)
+    subprocess.run(command, check=True, cwd=REPO)
     return time.monotonic() - started
 
 
@@ -291,12 +303,13 @@ def item_arrays(frame, model: str, kind: str, metric: str, group: str | None = N
     return rows["value"].to_numpy(dtype=float), rows["bytes"].to_numpy(dtype=float)
 
 
-def paired(frame, model: str, baseline: str, kind: str, metric: str, select=None) -> dict:
-    """model − baseline on the same items, a paired bootstrap CI (fuse.stats); `select` a boolean item mask."""
+def paired(frame, model: str, baseline: str, kind: str, metric: str, select=None, base_frame=None) -> dict:
+    """model − baseline on the same items, a paired bootstrap CI (fuse.stats); `select` a boolean item mask;
+    `base_frame` the baseline's table when it comes from another run (a variant against the base recipe)."""
     from fuse.stats import paired_bootstrap
 
     a, size = item_arrays(frame, model, kind, metric)
-    b, _ = item_arrays(frame, baseline, kind, metric)
+    b, _ = item_arrays(frame if base_frame is None else base_frame, baseline, kind, metric)
     if select is not None:
         a, b, size = a[select], b[select], size[select]
     d = paired_bootstrap(a, b, size if metric == "nll" else None)
@@ -327,7 +340,7 @@ def stage_table(workdir: Path) -> dict[str, dict]:
     return table
 
 
-def report(pivot: str, seconds: float | None = None) -> dict:
+def report(pivot: str, seconds: float | None = None, variant: str | None = None) -> dict:
     """The direction's table from its run store: every arm's held-out CE/byte, preference accuracy and code pass
     rate; the paired differences that judge the goals; the source's lead per language; each stage's time and
     peak memory."""
@@ -335,7 +348,7 @@ def report(pivot: str, seconds: float | None = None) -> dict:
 
     from fuse.item_scores import FILE, read_scores
 
-    workdir = REPO / "runs" / f"real-pair-{pivot}"
+    workdir = workdir_of(pivot, variant)
     metrics = json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text())
     frame = read_scores(workdir / "evaluate" / "out" / FILE)
     names = arm_names(pivot)
@@ -398,12 +411,14 @@ def _ci(d: dict, digits: int = 3) -> str:
 
 
 def report_markdown(result: dict) -> str:
-    pivot, source = result["pivot"], result["source"]
+    pivot, source, variant = result["pivot"], result["source"], result.get("variant")
     title = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+    change = f", with `{' '.join(VARIANTS[variant])}`" if variant else ""
     lines = [
-        f"# Fusion on real released models: {title[pivot]} (pivot) ← {title[source]} (source)",
+        f"# Fusion on real released models: {title[pivot]} (pivot) ← {title[source]} (source){change}",
         "",
-        f"Recipe: `examples/real-pair-{pivot}.yaml` (one training seed: the budget of one run on 2 CPU cores). "
+        f"Recipe: `examples/real-pair-{pivot}.yaml`{change} (one training seed: the budget of one run on 2 CPU "
+        "cores). "
         "Held-out: UDHR articles 21-30 in eight languages "
         f"({result['n']['texts']} paragraphs, {result['n']['pairs']} minimal pairs); code: 41 HumanEval functions "
         "given up to their last line, pass/fail by their tests (sandboxed). CE/byte: nats per UTF-8 byte, plain text, "
@@ -466,6 +481,9 @@ def main() -> None:
     parser.add_argument("command", choices=["texts", "data", "run", "report"])
     parser.add_argument("pivots", nargs="*", choices=list(DIRECTIONS), default=list(DIRECTIONS))
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
+    parser.add_argument(
+        "--variant", choices=list(VARIANTS), help="the recipe with these overrides, in its own run store"
+    )
     args = parser.parse_args()
     cache = Path(args.cache)
     RESULTS.mkdir(exist_ok=True)
@@ -483,10 +501,11 @@ def main() -> None:
     if args.command == "data":
         return
     for pivot in args.pivots:
-        seconds = run_direction(pivot) if args.command == "run" else None
-        result = report(pivot, seconds) | {"machine": machine()}
-        (RESULTS / f"real_pair-{pivot}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (RESULTS / f"real_pair-{pivot}.md").write_text(report_markdown(result))
+        seconds = run_direction(pivot, args.variant) if args.command == "run" else None
+        result = report(pivot, seconds, args.variant) | {"machine": machine()}
+        stem = f"real_pair-{pivot}" + (f"-{args.variant}" if args.variant else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{stem}.md").write_text(report_markdown(result))
         print(report_markdown(result))
 
 

@@ -19,6 +19,7 @@ from datasets import load_from_disk
 from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from fuse.losses import token_logprobs
 from fuse.models import load_model, load_tokenizer, pad_id
 from fuse.preference import infifpo_loss, reward_accuracy
 from fuse.recipe import ModelSpec
@@ -55,8 +56,42 @@ def pair_collator(pad_token_id: int):
     return collate
 
 
+LOGIT_SCALES = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def plain_head(model: Any) -> torch.nn.Linear | None:
+    """The LM head when the response log-probs can be taken from the backbone's hidden states with
+    fuse.losses.token_logprobs: an unwrapped model (DDP and DeepSpeed engines need their own forward), a bias-free
+    linear head whose weight is whole (not ZeRO-3 partitioned), logits neither scaled nor soft-capped. Else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "ds_id"):
+        return None
+    config = model.config.get_text_config()
+    if any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_SCALES):
+        return None
+    return head if hasattr(model, model.base_model_prefix) else None
+
+
 def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the response tokens' log-probs per sequence [2B], through TRL's fused LM head (no [B, T, V] logits)."""
+    """Sum of the response tokens' log-probs per sequence [2B], no [B, T, V] logits: the backbone's hidden states at
+    the response positions through fuse.losses.token_logprobs (plain_head), else TRL's fused LM head."""
+    head = plain_head(model)
+    if head is not None:
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        # position t predicts token t + 1: the response tokens from the second position on
+        rows, cols = batch["completion_mask"][:, 1:].nonzero(as_tuple=True)
+        logps = token_logprobs(hidden[rows, cols], head.weight, batch["input_ids"][rows, cols + 1])
+        sums = torch.zeros(hidden.shape[0], dtype=logps.dtype, device=logps.device)
+        return sums.index_add(0, rows, logps)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     outputs = model(
         input_ids=batch["input_ids"],
@@ -146,7 +181,7 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
 @torch.inference_mode()
 def policy_scores(model: Any, rows: Sequence[dict[str, Any]], pad_token_id: int, batch_size: int = 8):
     """Normalized log-probs (chosen [N], rejected [N]) of the policy on encoded pairs, the way training sees them.
-    `model` must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`)."""
+    `model` must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) where plain_head finds none."""
     collate = pair_collator(pad_token_id)
     device = next(model.parameters()).device
     chosen, rejected = [], []

@@ -41,13 +41,14 @@ STAGE_TABLE: dict[str, StageInfo] = {
         # 2: fusion CE per byte over content tokens only; 3: control arms, validation with the best checkpoint kept
         StageInfo("distill", 3, "source", trains=True),
         # 2: pairs truncated by any score refused; held-out pairs against the fused reference; 3: max_margin picks on
-        # own margins, clip sides/margin, the dpo control, TRL metric names, reach and nothing-moved checks
-        StageInfo("fpo", 3, "target", trains=True),
+        # own margins, clip sides/margin, the dpo control, TRL metric names, reach and nothing-moved checks; 4: the
+        # policy's log-probs from its hidden states through fuse.losses.token_logprobs
+        StageInfo("fpo", 4, "target", trains=True),
         # 2: sce = FuseChat's SCE, one target copied, diagnostics
         StageInfo("merge", 2, "run"),
         # 2: per-domain CE/byte and the limit row; 3: every item's score (scores.parquet), paired differences; 4: held-out
-        # preference accuracy
-        StageInfo("evaluate", 4, "run"),
+        # preference accuracy; 5: code items pass/fail by their tests
+        StageInfo("evaluate", 5, "run"),
         # 3: the merge diagnostics in the model card
         StageInfo("publish", 3, "run"),
     )

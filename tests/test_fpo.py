@@ -446,3 +446,44 @@ def test_reach_and_nothing_moved_on_hand_numbers():
     assert not nothing_moved(summary(heldout(0.5, 0.30), heldout(0.5, 0.35)))  # the margin moved
     assert not nothing_moved(summary(heldout(0.5, 0.30), heldout(0.75, 0.30)))  # a pair changed sides
     assert not nothing_moved({"pairs": 0})  # nothing to judge by
+
+
+@pytest.mark.parametrize("family", ["llama31", "gemma3"])
+def test_summed_logps_from_hidden_states_match_trls_fused_head(real_families, family):
+    """The policy's response log-probs through fuse.losses.token_logprobs on the backbone's hidden states equal TRL's
+    fused LM head's, values and gradients, on a real family's tiny model (Gemma's scaled embeddings included)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from fuse.fpo_trainer import plain_head, summed_logps
+    from fuse.models import load_model
+    from fuse.recipe import ModelSpec
+
+    model = load_model(ModelSpec(name=family, path=str(real_families[family])), dtype="float32")
+    add_fused_lm_head(model)
+    assert plain_head(model) is not None
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.get_text_config().vocab_size - 1, (4, 12))
+    attention = torch.ones_like(ids)
+    attention[2, 9:] = 0  # a right-padded row
+    completion = torch.zeros_like(ids)
+    completion[:, 5:] = 1
+    completion[2, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+    def run(plain: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        if plain:
+            logps = summed_logps(model, batch)
+        else:
+            labels = ids.masked_fill(completion == 0, -100)
+            out = model(
+                input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False
+            )
+            logps = out.log_probs.sum(dim=1)
+        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (ours, our_grads), (trl, trl_grads) = run(True), run(False)
+    assert torch.allclose(ours, trl, atol=1e-4, rtol=1e-5)
+    assert len(our_grads) == len(trl_grads)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(our_grads, trl_grads, strict=True))

@@ -367,3 +367,21 @@ def test_full_vocabulary_targets_give_finite_gradients_on_both_paths(temperature
         assert torch.isfinite(x.grad).all()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_token_logprobs_match_the_dense_log_softmax_and_its_gradients():
+    from fuse.losses import token_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    upstream = torch.randn(37)
+    dense = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    (dense * upstream).sum().backward()
+    want = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked = token_logprobs(hidden, weight, labels, chunk=8)  # 37 = four full chunks and a partial one
+    (chunked * upstream).sum().backward()
+    assert torch.allclose(chunked, dense, atol=1e-5)
+    assert torch.allclose(hidden.grad, want[0], atol=1e-4) and torch.allclose(weight.grad, want[1], atol=1e-4)
