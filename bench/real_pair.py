@@ -275,7 +275,21 @@ def recipe_path(pivot: str) -> Path:
     return REPO / "examples" / f"real-pair-{pivot}.yaml"
 
 
-VARIANTS = {"within": ["stages.align.within=true"]}  # name -> `fuse run --set` overrides of the base recipe
+# name -> `fuse run --set` overrides of the recipe; nofpo: the recipe's targets alone, evaluated without the fpo stage
+# (the cheap baseline a variant's target is compared with when the recipe's own full run has no evaluation)
+TARGET_ONLY = ["stages.fpo.enabled=false", "stages.evaluate.include=[targets]"]
+VARIANTS = {
+    "within": ["stages.align.within=true"],
+    "nofpo": TARGET_ONLY,
+    # ablations of the distilled target, each against the within run's target and SFT-only on the same items
+    "lambda09": ["stages.align.within=true", "stages.distill.lambda=0.9", *TARGET_ONLY],
+    "complete": ["stages.align.within=true", "stages.align.complete=true", *TARGET_ONLY],
+}
+COMPARED_WITH = {
+    "within": "nofpo",
+    "lambda09": "within",
+    "complete": "within",
+}  # whose target a variant's is paired with
 
 
 def workdir_of(pivot: str, variant: str | None = None) -> Path:
@@ -324,10 +338,16 @@ def stage_table(workdir: Path) -> dict[str, dict]:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("status") != "done":
             continue
+        measured, made_in = manifest, None
+        if manifest.get("cached_from"):  # linked from the shared cache: the numbers of the run that made it
+            entry = json.loads((Path(manifest["cached_from"]) / "entry.json").read_text())
+            original = Path(entry["made_in"]) / manifest["instance"] / "manifest.json"
+            if original.is_file():
+                measured, made_in = json.loads(original.read_text()), Path(entry["made_in"]).name
         row = {
-            "seconds": manifest.get("elapsed_s"),
-            "peak_rss_gb": (manifest.get("peak_memory") or {}).get("host_rss_peak_mb", 0) / 1024,
-            "cached": bool(manifest.get("cached_from")),
+            "seconds": measured.get("elapsed_s"),
+            "peak_rss_gb": (measured.get("peak_memory") or {}).get("host_rss_peak_mb", 0) / 1024,
+            "made_in": made_in,
         }
         out = manifest_path.parent / "out"
         for name in ("distill_report.json", "summary.json"):
@@ -368,7 +388,8 @@ def report(pivot: str, seconds: float | None = None, variant: str | None = None)
     ]
     languages = np.array([row["language"] for row in heldout])
     per_language = {}
-    for language in LANGUAGE_NAMES.values():
+    complete = all(names[arm] in models for arm in ("pivot", "source", "target", "sft_only"))
+    for language in LANGUAGE_NAMES.values() if complete else ():
         select = languages == language
         ce = {arm: None for arm in arms}
         for arm, row in arms.items():
@@ -445,7 +466,8 @@ def report_markdown(result: dict) -> str:
         lines.append(f"| {key} | {_ci(d)} | {d['n']} |")
     lines += [
         "",
-        "Per language, held-out CE/byte (the source's lead = pivot − source, measured on the same text):",
+        "Per language, held-out CE/byte (the source's lead = pivot − source, measured on the same text)"
+        + (":" if result["per_language"] else ": not in this run (its target alone was evaluated)."),
         "",
         "| language | pivot | source | lead | SFT-only | target | target − SFT-only [CI] |",
         "|---|---|---|---|---|---|---|",
@@ -461,7 +483,7 @@ def report_markdown(result: dict) -> str:
         steps = f"{row['steps']}" if "steps" in row else ""
         step_s = f"{row['step_s']:.2f}" if "step_s" in row else ""
         lines.append(
-            f"| {instance}{' (cached)' if row['cached'] else ''} | {row['seconds']:.0f} | "
+            f"| {instance}{f' (made in {made})' if (made := row['made_in']) else ''} | {row['seconds'] or 0:.0f} | "
             f"{row['peak_rss_gb']:.2f} | {steps} | {step_s} |"
         )
     if result.get("run_seconds"):

@@ -394,7 +394,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """log softmax(h · Wᵀ)[label] for the given positions, the LM head applied `chunk` positions at a time: the
     forward keeps only the logsumexp per position, the backward recomputes each chunk's logits once (one [chunk, V]
     buffer, turned into the gradient in place). Four head matmuls where autograd on full logits needs three, and no
-    [N, V] tensor; TRL's fused LM head does the same job but was 40% slower per step on CPU (bench/fpo_bench.py)."""
+    [N, V] tensor; as fast as full logits on CPU where TRL's fused LM head, doing the same job, took 34 s instead of 25 s
+    (forward + backward, 16 × 250 tokens, SmolLM2-135M, 2 cores)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
