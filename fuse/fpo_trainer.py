@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import load_from_disk
-from transformers import TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from fuse.losses import token_logprobs
@@ -69,7 +69,9 @@ def plain_head(model: Any) -> torch.nn.Linear | None:
     """The LM head when the response log-probs can be taken from the backbone's hidden states with
     fuse.losses.token_logprobs: an unwrapped model (DDP and DeepSpeed engines need their own forward), a bias-free
     linear head whose weight is whole (not ZeRO-3 partitioned), logits neither scaled nor soft-capped. Else None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(model, PreTrainedModel):  # a DDP or DeepSpeed engine around it
+        return None
+    head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "ds_id"):
         return None
     config = model.config.get_text_config()
