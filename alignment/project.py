@@ -74,12 +74,15 @@ class ProjectOptions:
     fallback: str = "one_hot"
     chunk_rest: str = "tail"
     within: bool = False
+    within_norm: str = "bound"
 
     def __post_init__(self) -> None:
         if self.project not in PROJECT_MODES:
             raise ValueError(f"project: {self.project!r} is not one of {', '.join(PROJECT_MODES)}")
         if self.fallback not in ("one_hot", "pivot"):
             raise ValueError(f"fallback: {self.fallback!r} is not one of one_hot, pivot")
+        if self.within_norm not in ("bound", "topk"):
+            raise ValueError(f"within_norm: {self.within_norm!r} is not one of bound, topk")
         if self.chunk_rest not in ("tail", "pivot"):
             raise ValueError(f"chunk_rest: {self.chunk_rest!r} is not one of tail, pivot")
 
@@ -207,9 +210,11 @@ def within_logprobs(
     source: Steps,
     pivot_pieces: VocabPieces,
     source_pieces: VocabPieces,
+    norm: str = "bound",
 ) -> np.ndarray:
     """Per pivot row: at an `inside_token` row whose token ends inside (or with) the source token s covering it,
-    log M(e + g) − log(M(e) + r), else NaN. e: the text of the pivot pieces from s's start to the row (the pieces
+    log M(e + g) − log(M(e) + r) (norm "bound"; "topk": − log M(e), the top-K's consistent mass alone, as if nothing
+    outside the top-K continued e), else NaN. e: the text of the pivot pieces from s's start to the row (the pieces
     must start where s starts), g: the gold piece's text, M(x): the probability, at the source step predicting s,
     of its top-K candidates whose text starts with x, r: that step's mass outside its top-K (it may be consistent
     with e: counting it keeps the teacher from being sharper than the source). NaN where the source's own token
@@ -238,7 +243,7 @@ def within_logprobs(
         texts = [source_pieces.pieces[i] for i in ids[valid]]
         m_e = sum(p for p, t in zip(probs, texts, strict=True) if t.startswith(e))
         m_x = sum(p for p, t in zip(probs, texts, strict=True) if t.startswith(x))
-        rest = max(0.0, 1.0 - float(probs.sum()))
+        rest = max(0.0, 1.0 - float(probs.sum())) if norm == "bound" else 0.0
         if m_x > 0:
             out[j] = np.log(m_x) - np.log(m_e + rest)
     return out
@@ -344,7 +349,7 @@ def project(
     if options.within:
         if vocabs is None:
             raise ValueError("project: within needs both vocabularies' pieces")
-        within_lp = within_logprobs(alignment, gold, source, *vocabs)
+        within_lp = within_logprobs(alignment, gold, source, *vocabs, norm=options.within_norm)
     else:
         within_lp = np.full(n, np.nan)
     is_within = np.isfinite(within_lp) & (cause == INSIDE)

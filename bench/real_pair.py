@@ -284,6 +284,18 @@ VARIANTS = {
     # ablations of the distilled target, each against the within run's target and SFT-only on the same items
     "lambda09": ["stages.align.within=true", "stages.distill.lambda=0.9", *TARGET_ONLY],
     "complete": ["stages.align.within=true", "stages.align.complete=true", *TARGET_ONLY],
+    "within-topk": ["stages.align.within=true", "stages.align.within_norm=topk", *TARGET_ONLY],
+    # memory with gradient checkpointing: four steps of each training stage, peaks and step times only
+    "checkpointing": [
+        "stages.align.within=true",
+        *(
+            f"stages.{s}.{k}"
+            for s in ("distill", "fpo")
+            for k in ("gradient_checkpointing=true", "max_steps=4")
+        ),
+        "stages.evaluate.enabled=false",
+        "stages.publish.enabled=false",
+    ],
 }
 COMPARED_WITH = {
     "within": "nofpo",
@@ -411,8 +423,30 @@ def report(pivot: str, seconds: float | None = None, variant: str | None = None)
     differences = {
         key: paired(frame, *test) for key, test in tests.items() if test[0] in models and test[1] in models
     }
+    scores_of = {v: workdir_of(pivot, v) / "evaluate" / "out" / FILE for v in (None, *VARIANTS)}
+    other = COMPARED_WITH.get(variant or "")
+    if (
+        other and scores_of[other].is_file()
+    ):  # the variant's target against the other run's, on the same items
+        other_frame = read_scores(scores_of[other])
+        for what, kind, metric in (("ce", "text", "nll"), ("pref", "preference", "correct")):
+            differences[f"target_vs_{other}_target_{what}"] = paired(
+                frame, names["target"], names["target"], kind, metric, base_frame=other_frame
+            )
+    if (
+        names["sft_only"] not in models
+    ):  # a target evaluated alone: SFT-only from a full run on the same items
+        for path in (f for v, f in scores_of.items() if v != variant and f.is_file()):
+            full = read_scores(path)
+            if (full["model"] == names["sft_only"]).any():
+                for what, kind, metric in (("ce", "text", "nll"), ("pref", "preference", "correct")):
+                    differences[f"target_vs_sft_{what}"] = paired(
+                        frame, names["target"], names["sft_only"], kind, metric, base_frame=full
+                    )
+                break
     return {
         "pivot": pivot,
+        "variant": variant,
         "source": DIRECTIONS[pivot],
         "arms": arms,
         "per_language": per_language,
@@ -524,6 +558,15 @@ def main() -> None:
         return
     for pivot in args.pivots:
         seconds = run_direction(pivot, args.variant) if args.command == "run" else None
+        if not (
+            workdir_of(pivot, args.variant) / "evaluate" / "out"
+        ).is_dir():  # a variant without evaluation
+            table = stage_table(workdir_of(pivot, args.variant))
+            (RESULTS / f"real_pair-{pivot}-{args.variant}.json").write_text(
+                json.dumps(table, indent=1) + "\n"
+            )
+            print(json.dumps(table, indent=1))
+            continue
         result = report(pivot, seconds, args.variant) | {"machine": machine()}
         stem = f"real_pair-{pivot}" + (f"-{args.variant}" if args.variant else "")
         (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

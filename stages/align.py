@@ -307,6 +307,7 @@ def project_options(settings: Any) -> ProjectOptions:
         settings.fallback,
         settings.chunk_rest,
         settings.within,
+        settings.within_norm,
     )
 
 

@@ -351,3 +351,10 @@ def test_within_matches_a_brute_force_prefix_sum_and_carries_the_chain_rule(pair
             assert product == pytest.approx(prefix_mass(s, raw[a:b]) / prefix_mass(s, first), rel=1e-5)
             words += 1
     assert words > 0
+
+
+def test_within_topk_norm_divides_by_the_consistent_top_k_mass_alone():
+    alignment, pivot, source = abcdefgh()
+    options = ProjectOptions(within=True, within_norm="topk")
+    out = project(alignment, pivot, source, TARGET, len(PIVOT), options, vocabs=(PIVOT, SOURCE))
+    assert row(out, 3) == pytest.approx({3: 0.3 / 0.4})  # "efg" of the 0.4 that begins with "e"

@@ -63,6 +63,11 @@ class AlignSettings(StageSettings):
         "the first receive the source's candidates for that token conditioned on the pieces already written (the "
         "chain rule carries the source's word probability across the pieces); else a one-hot.",
     )
+    within_norm: Literal["bound", "topk"] = Field(
+        "bound",
+        description="within's denominator: bound, the top-K's mass consistent with the written text plus the mass "
+        "outside the top-K (never sharper than the source could be); topk, the consistent top-K mass alone.",
+    )
     score_candidates: bool = Field(
         True,
         description="Ask the source model for the exact probability of each candidate pivot token's text (the "
