@@ -301,6 +301,7 @@ COMPARED_WITH = {
     "within": "nofpo",
     "lambda09": "within",
     "complete": "within",
+    "within-topk": "nofpo",
 }  # whose target a variant's is paired with
 
 
