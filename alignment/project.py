@@ -223,11 +223,10 @@ def within_logprobs(
     out = np.full(n, np.nan)
     inside = (alignment.kind == UNALIGNED) & (alignment.cover_first >= 0)
     inside &= alignment.cover_last == alignment.cover_first
-    starts = {int(s): j for j, s in enumerate(alignment.source_index) if alignment.covers[j] and s > 0}
     written: dict[int, bytes] = {}  # s -> the pivot pieces' text from s's start so far
     for j in range(n):
         s = int(alignment.cover_first[j])
-        if alignment.covers[j] and starts.get(int(alignment.source_index[j])) == j:
+        if alignment.covers[j] and alignment.source_index[j] > 0:  # the first piece, where s starts
             written[int(alignment.source_index[j])] = pivot_pieces.pieces[gold[j]]
             continue
         if not inside[j] or s not in written:
@@ -263,6 +262,18 @@ def pivot_shaped_rest(pivot: Steps, rows: np.ndarray, gold_p: np.ndarray) -> tup
         scale, np.divide(1.0 - gold_p, pi.sum(axis=1), out=np.zeros(len(rows)), where=pi.sum(axis=1) > 0)
     )
     return np.where(others, ids, -1), pi * scale[:, None]
+
+
+def place_exact_gold(
+    ids: np.ndarray, probs: np.ndarray, rows: np.ndarray, gold_p: np.ndarray, pivot: Steps, rest: str
+) -> None:
+    """At `rows` (chunk or within rows), in place: the gold first at its exact probability `gold_p[row]`, the rest
+    in the tail, or (rest "pivot") on the pivot's own candidates (pivot_shaped_rest)."""
+    ids[rows, 0], probs[rows, 0] = pivot.tokens[rows], gold_p[rows]
+    if rest == "pivot":
+        shaped = pivot_shaped_rest(pivot, rows, gold_p[rows])
+        k = shaped[0].shape[1]
+        ids[rows, 1 : k + 1], probs[rows, 1 : k + 1] = shaped
 
 
 def causes(alignment: SequenceAlignment) -> np.ndarray:
@@ -387,19 +398,9 @@ def project(
         )
         ids[rows, : m_ids.shape[1]], probs[rows, : m_ids.shape[1]] = m_ids, m_probs
         kept_mass[rows] = kept
-        chunks = np.flatnonzero(is_chunk)
-        ids[chunks, 0], probs[chunks, 0] = gold[chunks], np.exp(chunk_lp[chunks])
-        if options.chunk_rest == "pivot":
-            rest = pivot_shaped_rest(pivot, chunks, np.exp(chunk_lp[chunks]))
-            k = rest[0].shape[1]
-            ids[chunks, 1 : k + 1], probs[chunks, 1 : k + 1] = rest
+        place_exact_gold(ids, probs, np.flatnonzero(is_chunk), np.exp(chunk_lp), pivot, options.chunk_rest)
     # a within row, like a chunk row: the gold at its exact probability, the rest in the tail or pivot-shaped
-    within = np.flatnonzero(is_within)
-    ids[within, 0], probs[within, 0] = gold[within], np.exp(within_lp[within])
-    if options.chunk_rest == "pivot":
-        rest = pivot_shaped_rest(pivot, within, np.exp(within_lp[within]))
-        k = rest[0].shape[1]
-        ids[within, 1 : k + 1], probs[within, 1 : k + 1] = rest
+    place_exact_gold(ids, probs, np.flatnonzero(is_within), np.exp(within_lp), pivot, options.chunk_rest)
     unmapped = projectable & (ids[:, 0] < 0)
     signal = np.where(is_chunk, CHUNK, np.where(projectable & ~unmapped, PROJECTED, ONE_HOT)).astype(np.int8)
     signal[is_within] = WITHIN

@@ -305,6 +305,9 @@ COMPARED_WITH = {
 }  # whose target a variant's is paired with
 
 
+TARGET_METRICS = (("ce", "text", "nll"), ("pref", "preference", "correct"))  # what a target is compared on
+
+
 def workdir_of(pivot: str, variant: str | None = None) -> Path:
     return REPO / "runs" / (f"real-pair-{pivot}" + (f"-{variant}" if variant else ""))
 
@@ -373,7 +376,7 @@ def stage_table(workdir: Path) -> dict[str, dict]:
     return table
 
 
-def report(pivot: str, seconds: float | None = None, variant: str | None = None) -> dict:
+def report(pivot: str, cache: Path, seconds: float | None = None, variant: str | None = None) -> dict:
     """The direction's table from its run store: every arm's held-out CE/byte, preference accuracy and code pass
     rate; the paired differences that judge the goals; the source's lead per language; each stage's time and
     peak memory."""
@@ -396,18 +399,14 @@ def report(pivot: str, seconds: float | None = None, variant: str | None = None)
         for arm, name in names.items()
         if name in models
     }
-    heldout = [
-        json.loads(line) for line in (REPO / ".cache/released/data/heldout.jsonl").open(encoding="utf-8")
-    ]
+    heldout = [json.loads(line) for line in (cache / "data" / "heldout.jsonl").open(encoding="utf-8")]
     languages = np.array([row["language"] for row in heldout])
     per_language = {}
     complete = all(names[arm] in models for arm in ("pivot", "source", "target", "sft_only"))
+    text = {arm: item_arrays(frame, row["model"], "text", "nll") for arm, row in arms.items()}
     for language in LANGUAGE_NAMES.values() if complete else ():
         select = languages == language
-        ce = {arm: None for arm in arms}
-        for arm, row in arms.items():
-            values, size = item_arrays(frame, row["model"], "text", "nll")
-            ce[arm] = float(values[select].sum() / size[select].sum())
+        ce = {arm: float(nll[select].sum() / size[select].sum()) for arm, (nll, size) in text.items()}
         per_language[language] = ce | {
             "target_vs_sft": paired(frame, names["target"], names["sft_only"], "text", "nll", select)
         }
@@ -426,21 +425,19 @@ def report(pivot: str, seconds: float | None = None, variant: str | None = None)
     }
     scores_of = {v: workdir_of(pivot, v) / "evaluate" / "out" / FILE for v in (None, *VARIANTS)}
     other = COMPARED_WITH.get(variant or "")
-    if (
-        other and scores_of[other].is_file()
-    ):  # the variant's target against the other run's, on the same items
+    # the variant's target against the other run's, on the same items
+    if other and scores_of[other].is_file():
         other_frame = read_scores(scores_of[other])
-        for what, kind, metric in (("ce", "text", "nll"), ("pref", "preference", "correct")):
+        for what, kind, metric in TARGET_METRICS:
             differences[f"target_vs_{other}_target_{what}"] = paired(
                 frame, names["target"], names["target"], kind, metric, base_frame=other_frame
             )
-    if (
-        names["sft_only"] not in models
-    ):  # a target evaluated alone: SFT-only from a full run on the same items
+    # a target evaluated alone: SFT-only from a full run on the same items
+    if names["sft_only"] not in models:
         for path in (f for v, f in scores_of.items() if v != variant and f.is_file()):
             full = read_scores(path)
             if (full["model"] == names["sft_only"]).any():
-                for what, kind, metric in (("ce", "text", "nll"), ("pref", "preference", "correct")):
+                for what, kind, metric in TARGET_METRICS:
                     differences[f"target_vs_sft_{what}"] = paired(
                         frame, names["target"], names["sft_only"], kind, metric, base_frame=full
                     )
@@ -568,7 +565,7 @@ def main() -> None:
             )
             print(json.dumps(table, indent=1))
             continue
-        result = report(pivot, seconds, args.variant) | {"machine": machine()}
+        result = report(pivot, cache, seconds, args.variant) | {"machine": machine()}
         stem = f"real_pair-{pivot}" + (f"-{args.variant}" if args.variant else "")
         (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (RESULTS / f"{stem}.md").write_text(report_markdown(result))

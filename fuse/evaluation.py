@@ -37,9 +37,8 @@ class EvalItem:
     test: str | None = None
     entry_point: str | None = None
     prefix: str = ""
-    chat: bool = (
-        True  # False: the prompt is continued as plain text (a base model's protocol), no chat template
-    )
+    # False: the prompt is continued as plain text (a base model's protocol), no chat template
+    chat: bool = True
 
     @classmethod
     def from_row(cls, row: dict) -> EvalItem:
