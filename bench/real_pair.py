@@ -11,11 +11,13 @@ stage, the proof in bench/results/real_pair-<pivot>.{json,md}.
           eight languages where gemma-3 leads by 0.50-0.75 nats/byte, split by article; HumanEval as the code task.
   run     data, then `fuse run examples/real-pair-<pivot>.yaml` for each direction (smollm2: SmolLM2 pivot <-
           gemma-3 source; gemma3: the reverse), then report.
+  causes  where the target gains or loses against SFT-only: held-out NLL split by how the two tokenizations
+          relate at each pivot token (bench/results/real_pair-<pivot>[-variant]-causes.md).
   report  the table from a finished run store: every arm's held-out CE/byte, preference accuracy and code pass
           rate, paired differences with bootstrap CIs, the source's lead per language, each stage's wall time,
           peak RSS and seconds per step (manifests and trainer summaries).
 
-Usage: .venv/bin/python bench/real_pair.py {texts,data,run,report} [smollm2] [gemma3] [--cache .cache/released]
+Usage: .venv/bin/python bench/real_pair.py {texts,data,run,report,causes} [smollm2] [gemma3] [--cache .cache/released]
 """
 
 from __future__ import annotations
@@ -285,6 +287,8 @@ VARIANTS = {
     "lambda09": ["stages.align.within=true", "stages.distill.lambda=0.9", *TARGET_ONLY],
     "complete": ["stages.align.within=true", "stages.align.complete=true", *TARGET_ONLY],
     "within-topk": ["stages.align.within=true", "stages.align.within_norm=topk", *TARGET_ONLY],
+    # source ids outside the exact and statistics maps go to the pivot token they begin with, not the nearest spelling
+    "first-piece": ["stages.align.vocab_map=exact+stats+first_piece", *TARGET_ONLY],
     # memory with gradient checkpointing: four steps of each training stage, peaks and step times only
     "checkpointing": [
         "stages.align.within=true",
@@ -302,6 +306,7 @@ COMPARED_WITH = {
     "lambda09": "within",
     "complete": "within",
     "within-topk": "nofpo",
+    "first-piece": "nofpo",
 }  # whose target a variant's is paired with
 
 
@@ -524,6 +529,112 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def token_nll(path: Path, texts: list[str]):
+    """Per held-out text: every token's next-token NLL (nats) after the document start, as evaluate counts them."""
+    import torch
+
+    from fuse.backends.hf import batch_logprobs, pad_right
+    from fuse.evaluation import as_spec, text_start_id
+    from fuse.models import load_model, load_tokenizer
+
+    spec = as_spec("model", path)
+    tokenizer, model = load_tokenizer(spec), load_model(spec, dtype="float32", device="cpu").eval()
+    start = text_start_id(tokenizer)
+    encoded = [[start, *tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    nll = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    for first in range(0, len(order), 16):
+        batch = order[first : first + 16]
+        rows = [encoded[i] for i in batch]
+        out = batch_logprobs(model, pad_right(rows), [len(r) for r in rows], 0)
+        for i, logprobs in zip(batch, torch.split(out.target_logprobs.double(), out.counts), strict=True):
+            nll[i] = -logprobs.numpy()
+    return nll
+
+
+def text_causes(pivot: str, texts: list[str]):
+    """Per held-out text: the cause (fuse.alignment.project.CAUSES) of each pivot token after the document start, how
+    the source's tokenization of the same text relates to it (1:1, the source's token covers it, splits it, or the
+    pivot token starts inside a source token)."""
+    import numpy as np
+
+    from fuse.alignment.content import Rendered, align_content
+    from fuse.alignment.pieces import vocab_pieces
+    from fuse.alignment.project import causes
+    from fuse.evaluation import as_spec, text_start_id
+    from fuse.models import load_tokenizer
+
+    cache = REPO / ".cache" / "released" / "models"
+    tokenizers = [load_tokenizer(as_spec(n, cache / n)) for n in (pivot, DIRECTIONS[pivot])]
+    vocabs = [vocab_pieces(t) for t in tokenizers]
+
+    def rendered(tokenizer, text: str) -> Rendered:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.array([text_start_id(tokenizer), *encoded["input_ids"]])
+        return Rendered(ids, np.array([[0, len(text)]]), text, np.array([[0, 0], *encoded["offset_mapping"]]))
+
+    return [
+        causes(align_content(*(rendered(t, text) for t in tokenizers), *vocabs).alignment)[1:]
+        for text in texts
+    ]
+
+
+def cause_breakdown(pivot: str, cache: Path, variant: str | None = None) -> dict:
+    """Where the target gains or loses against SFT-only: the held-out NLL per byte split by each pivot token's cause
+    (the shares add up to the whole difference), paired over the same paragraphs (bootstrap CI), with the SFT-only
+    arm's own gain over the pivot for scale."""
+    import numpy as np
+
+    from fuse.alignment.project import CAUSES
+    from fuse.evaluation import load_texts
+    from fuse.stats import paired_bootstrap
+
+    texts = load_texts(cache / "data" / "heldout.jsonl")
+    workdir, source = workdir_of(pivot, variant), DIRECTIONS[pivot]
+    models = {
+        "pivot": cache / "models" / pivot,
+        "sft_only": workdir / "distill.sft_baseline" / "out" / "model",
+        "target": workdir / f"distill.{source}" / "out" / "model",
+    }
+    nll = {arm: token_nll(path, texts) for arm, path in models.items()}
+    kinds = text_causes(pivot, texts)
+    size = np.array([len(t.encode("utf-8")) for t in texts], dtype=float)
+    tokens = np.concatenate(kinds)
+    rows = {}
+    for code, name in enumerate(CAUSES):
+        if not (tokens == code).any():
+            continue
+        summed = {
+            arm: np.array([v[i][kinds[i] == code].sum() for i in range(len(texts))]) for arm, v in nll.items()
+        }
+        row = {"share_of_tokens": float((tokens == code).mean())}
+        for label, a, b in (("target_vs_sft", "target", "sft_only"), ("sft_vs_pivot", "sft_only", "pivot")):
+            d = paired_bootstrap(summed[a], summed[b], size)
+            row[label] = {"estimate": d.estimate, "low": d.low, "high": d.high, "n": d.n}
+        rows[name] = row
+    return {"pivot": pivot, "source": source, "variant": variant, "causes": rows}
+
+
+def cause_markdown(result: dict) -> str:
+    title = f"{result['pivot']} <- {result['source']}" + (
+        f", variant {result['variant']}" if result["variant"] else ""
+    )
+    lines = [
+        f"# Where the target gains or loses against SFT-only: {title}",
+        "",
+        "Held-out NLL per byte (168 UDHR paragraphs) split by how the source's tokenization of the same text relates to "
+        "each pivot token; the rows add up to the whole difference. Paired bootstrap CIs over the paragraphs.",
+        "",
+        "| pivot token's cause | share of tokens | target − SFT-only [CI] | SFT-only − pivot [CI] |",
+        "|---|---|---|---|",
+    ]
+    for name, row in result["causes"].items():
+        lines.append(
+            f"| {name} | {row['share_of_tokens']:.3f} | {_ci(row['target_vs_sft'], 4)} | {_ci(row['sft_vs_pivot'], 4)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     return f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
@@ -532,7 +643,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["texts", "data", "run", "report"])
+    parser.add_argument("command", choices=["texts", "data", "run", "report", "causes"])
     parser.add_argument("pivots", nargs="*", choices=list(DIRECTIONS), default=list(DIRECTIONS))
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
     parser.add_argument(
@@ -553,6 +664,14 @@ def main() -> None:
         fetch(name, cache)
     build_data(cache)
     if args.command == "data":
+        return
+    if args.command == "causes":
+        for pivot in args.pivots:
+            result = cause_breakdown(pivot, cache, args.variant)
+            stem = f"real_pair-{pivot}" + (f"-{args.variant}" if args.variant else "") + "-causes"
+            (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (RESULTS / f"{stem}.md").write_text(cause_markdown(result))
+            print(cause_markdown(result))
         return
     for pivot in args.pivots:
         seconds = run_direction(pivot, args.variant) if args.command == "run" else None

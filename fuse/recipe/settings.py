@@ -24,7 +24,14 @@ class PrepareSettings(StageSettings):
 
 class AlignSettings(StageSettings):
     method: Literal["offsets", "dtw"] = "offsets"
-    vocab_map: Literal["exact+stats+mined", "exact+mined", "exact"] = "exact+stats+mined"
+    vocab_map: Literal[
+        "exact+stats+mined", "exact+mined", "exact+stats+first_piece", "exact+first_piece", "exact"
+    ] = Field(
+        "exact+stats+mined",
+        description="How source ids become pivot ids: exact bytes, then the corpus statistics (FuseChat), then for "
+        "the rest either minimum edit distance (mined, FuseChat's) or the pivot token the pivot writes first for the "
+        "source token's text (first_piece: sound where the source's token covers the pivot's).",
+    )
     min_stat_count: int = Field(
         1, ge=1, description="Fewest aligned co-occurrences for a statistics-based mapping."
     )
