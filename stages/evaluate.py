@@ -7,7 +7,9 @@ baseline); the math lives in fuse.evaluation so it can be used outside a run.
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ from fuse import code_exec, compare, evaluation, item_scores
 from fuse.context import StageContext
 from fuse.data.prepared import load_split
 from fuse.evaluation import load_texts, markdown_table, plot_accuracy
-from fuse.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from fuse.fingerprint import files_digest
+from fuse.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fuse.recipe import ModelSpec
 
 MADE = (
@@ -65,6 +68,35 @@ def check_inputs(ctx: StageContext, models: dict[str, ModelSpec]) -> None:
             raise FileNotFoundError(f"evaluate: {name} has no model folder at {spec.path}")
 
 
+# what a model's answers depend on; README, lineage and the rest of the folder do not count
+WEIGHT_AND_TOKENIZER = (
+    "*.safetensors",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "chat_template*",
+    "*.model",
+)
+CONFIGS = ("config.json", "generation_config.json")
+
+
+def same_model_key(spec: ModelSpec) -> str | None:
+    """A digest of a local model folder's weights, tokenizer and configs (their own `_name_or_path`-style keys left
+    out): two folders with the same key answer everything alike, so one is evaluated and the other reuses its result
+    (a merge of one target is that target). None for a hub model or a folder without safetensors weights."""
+    folder = Path(spec.path)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return None
+    files = sorted({p for pattern in WEIGHT_AND_TOKENIZER for p in folder.glob(pattern) if p.is_file()})
+    configs = {}
+    for name in CONFIGS:
+        if (folder / name).is_file():
+            config = json.loads((folder / name).read_text())
+            configs[name] = {
+                k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+            }
+    return sha256_json({"files": files_digest(files), "configs": configs, "trust": spec.trust_remote_code})
+
+
 def run(ctx: StageContext) -> None:
     settings = ctx.settings
     models = models_to_evaluate(ctx)
@@ -80,7 +112,16 @@ def run(ctx: StageContext) -> None:
             "no held-out text (stages.evaluate.heldout_text, or a prepared sft/heldout split): no CE"
         )
     results: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # same_model_key -> the model evaluated under it
     for done, (name, spec) in enumerate(models.items()):
+        key = same_model_key(spec)
+        if key is not None and key in seen:
+            ctx.log.info("%s: the same weights, tokenizer and configs as %s: its results", name, seen[key])
+            results[name] = copy.deepcopy(results[seen[key]]) | {"path": spec.path, "same_as": seen[key]}
+            ctx.progress(done + 1, len(models), "model")
+            continue
+        if key is not None:
+            seen[key] = name
         ctx.log.info("evaluating %s (%s)", name, spec.path)
         results[name] = evaluation.evaluate_model(
             spec,

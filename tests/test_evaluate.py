@@ -263,12 +263,37 @@ def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
     expected = {"pivot", "llama", "gpt2", "gemma", "distill.llama", "distill.gpt2", "distill.gemma", "merge"}
     assert set(metrics["models"]) == expected
     assert metrics["models"]["merge"]["skills"] == metrics["models"]["pivot"]["skills"]
+    # every made model here is a link to the pivot's folder: evaluated once, the others reuse its results
+    made = ("distill.llama", "distill.gpt2", "distill.gemma", "merge")
+    assert all(metrics["models"][m]["same_as"] == "pivot" for m in made)
+    assert "same_as" not in metrics["models"]["llama"]
     assert (
         metrics["models"]["llama"]["skills"]["translate"] > metrics["models"]["pivot"]["skills"]["translate"]
     )
     table = (ctx.out / "metrics.md").read_text()
     assert "| distill.llama |" in table and "CE/byte" in table and "| limit |" in table
     assert (ctx.out / "accuracy.png").stat().st_size > 1000
+
+
+def test_same_model_key_ignores_the_folder_around_the_weights(zoo: Zoo, tmp_path):
+    import shutil
+
+    from fuse.recipe import ModelSpec
+    from fuse.stages.evaluate import same_model_key
+
+    copy = tmp_path / "copy"
+    shutil.copytree(zoo.pivot, copy)
+    (copy / "README.md").write_text("a model card")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"_name_or_path": "elsewhere"}))
+    key = same_model_key(ModelSpec(name="pivot", path=str(zoo.pivot)))
+    assert key is not None and same_model_key(ModelSpec(name="copy", path=str(copy))) == key
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert same_model_key(ModelSpec(name="copy", path=str(copy))) != key
+    assert same_model_key(ModelSpec(name="hub", path="org/model")) is None
 
 
 def test_evaluate_stage_fails_early_on_a_missing_items_file(zoo: Zoo, tmp_path):
