@@ -555,7 +555,7 @@ def token_nll(path: Path, texts: list[str]):
 def text_causes(pivot: str, texts: list[str]):
     """Per held-out text: the cause (fuse.alignment.project.CAUSES) of each pivot token after the document start, how
     the source's tokenization of the same text relates to it (1:1, the source's token covers it, splits it, or the
-    pivot token starts inside a source token)."""
+    pivot token starts inside a source token), and the index of the source token aligned with it."""
     import numpy as np
 
     from fuse.alignment.content import Rendered, align_content
@@ -573,10 +573,11 @@ def text_causes(pivot: str, texts: list[str]):
         ids = np.array([text_start_id(tokenizer), *encoded["input_ids"]])
         return Rendered(ids, np.array([[0, len(text)]]), text, np.array([[0, 0], *encoded["offset_mapping"]]))
 
-    return [
-        causes(align_content(*(rendered(t, text) for t in tokenizers), *vocabs).alignment)[1:]
-        for text in texts
+    alignments = [
+        align_content(*(rendered(t, text) for t in tokenizers), *vocabs).alignment for text in texts
     ]
+    # per text: its pivot tokens' causes, and for each the source token over the same text (1:1 rows: the same token)
+    return [(causes(a)[1:], a.source_index[1:]) for a in alignments]
 
 
 def cause_breakdown(pivot: str, cache: Path, variant: str | None = None) -> dict:
@@ -597,7 +598,8 @@ def cause_breakdown(pivot: str, cache: Path, variant: str | None = None) -> dict
         "target": workdir / f"distill.{source}" / "out" / "model",
     }
     nll = {arm: token_nll(path, texts) for arm, path in models.items()}
-    kinds = text_causes(pivot, texts)
+    aligned = text_causes(pivot, texts)
+    kinds = [k for k, _ in aligned]
     size = np.array([len(t.encode("utf-8")) for t in texts], dtype=float)
     tokens = np.concatenate(kinds)
     rows = {}
@@ -612,7 +614,26 @@ def cause_breakdown(pivot: str, cache: Path, variant: str | None = None) -> dict
             d = paired_bootstrap(summed[a], summed[b], size)
             row[label] = {"estimate": d.estimate, "low": d.low, "high": d.high, "n": d.n}
         rows[name] = row
-    return {"pivot": pivot, "source": source, "variant": variant, "causes": rows}
+    # at 1:1 tokens the source predicted the very same token: its own NLL there is the teacher's quality at the gold
+    source_nll = token_nll(cache / "models" / source, texts)
+    one = CAUSES.index("1:1")
+    same = {
+        "source": np.array(
+            [source_nll[i][index[k == one] - 1].sum() for i, (k, index) in enumerate(aligned)]
+        ),
+        **{arm: np.array([v[i][kinds[i] == one].sum() for i in range(len(texts))]) for arm, v in nll.items()},
+    }
+    teacher = {}
+    for arm in ("sft_only", "target", "pivot"):
+        d = paired_bootstrap(same["source"], same[arm], size)
+        teacher[f"source_vs_{arm}"] = {"estimate": d.estimate, "low": d.low, "high": d.high, "n": d.n}
+    return {
+        "pivot": pivot,
+        "source": source,
+        "variant": variant,
+        "causes": rows,
+        "one_to_one_teacher": teacher,
+    }
 
 
 def cause_markdown(result: dict) -> str:
@@ -632,6 +653,17 @@ def cause_markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {row['share_of_tokens']:.3f} | {_ci(row['target_vs_sft'], 4)} | {_ci(row['sft_vs_pivot'], 4)} |"
         )
+    teacher = result.get("one_to_one_teacher", {})
+    if teacher:
+        lines += [
+            "",
+            "At the 1:1 tokens (the source predicts the very same token), the source's own NLL per byte against each "
+            "arm's: how much better the teacher is exactly where its signal reaches the gold unchanged.",
+            "",
+            "| comparison | difference [CI] |",
+            "|---|---|",
+            *(f"| {name} | {_ci(d, 4)} |" for name, d in teacher.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
