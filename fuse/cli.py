@@ -172,13 +172,18 @@ def _binary(path: Path) -> bool:
         return b"\0" in handle.read(8192)
 
 
+BUILT_IN = ("validate", "plan", "run", "run-stage", "logs")
+
+
 def _plugins_for(argv: list[str]) -> list[str]:
+    """The plugin modules to import: the one a plugin command lives in; none for a built-in command; every one when
+    there is no command, or an unknown one (so that the usage and the error list every command)."""
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in PLUGINS:
         return [PLUGINS[command]]
-    if command is None or command == "help":
-        return list(dict.fromkeys(PLUGINS.values()))
-    return []
+    if command in BUILT_IN:
+        return []
+    return list(dict.fromkeys(PLUGINS.values()))
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -486,7 +486,12 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         if before == after:
             continue
         if isinstance(before, dict) and isinstance(after, dict):
-            keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            # a field named after a Python keyword (`lambda_`) is the recipe's key without the underscore
+            keys = sorted(
+                k[:-1] if k.endswith("_") else k
+                for k in set(before) | set(after)
+                if before.get(k) != after.get(k)
+            )
             noun = {
                 "parents": "input changed",
                 "settings": "settings changed",

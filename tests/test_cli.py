@@ -197,6 +197,15 @@ def test_apply_overrides_types_and_lists():
     assert out["stages"]["distill"] == {"lambda": 0.5, "deepspeed": {"stage": 3}}
 
 
+def test_an_unknown_command_lists_every_command():
+    from fuse.cli import BUILT_IN, PLUGINS
+
+    done = subprocess.run([sys.executable, "-m", "fuse", "foo"], capture_output=True, text=True)
+    assert done.returncode == 2
+    listed = done.stderr.split("choose from", 1)[1]
+    assert all(f"'{command}'" in listed for command in (*BUILT_IN, *PLUGINS)), done.stderr
+
+
 def test_flag_before_recipe(tmp_path):
     path = str(write_recipe(tmp_path, toy_recipe(tmp_path)))
     result = fuse("plan", "--only", "prepare", "extract.a", path)

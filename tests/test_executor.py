@@ -94,6 +94,14 @@ def test_setting_change_reruns_only_downstream(tmp_path):
     assert set(stale) == {"merge", "evaluate", "publish"}
     assert "settings changed: method" in stale["merge"]
     assert "input changed: merge" in stale["evaluate"]
+
+    from fuse.store import describe_change
+
+    # the recipe's key, not the Python field behind it
+    assert (
+        describe_change({"settings": {"lambda_": 0.5}}, {"settings": {"lambda_": 0.9}})
+        == "settings changed: lambda"
+    )
     _run(recipe)
     assert read_calls(recipe["workdir"])[first:] == ["merge", "evaluate", "publish"]
 
