@@ -197,15 +197,20 @@ def build_vocab_map(
         # text tokens only: a special pivot target would put template mass inside content
         fill = (target < 0) & (stats >= 0) & ~source.special & ~pivot.special[np.maximum(stats, 0)]
         target[fill], method[fill] = stats[fill], STATS
+    candidates = np.arange(len(source)) if needed is None else np.unique(np.asarray(needed, np.int64))
+
+    def still_unmapped() -> np.ndarray:
+        """The needed regular source ids nothing has mapped yet (MinED's and first_piece's work)."""
+        keep = (target[candidates] < 0) & ~source.special[candidates] & (source.lengths[candidates] > 0)
+        return candidates[keep]
+
     if "mined" in methods:
         pool = np.flatnonzero(~pivot.special & (pivot.lengths > 0))
-        wanted = np.arange(len(source)) if needed is None else np.unique(np.asarray(needed, np.int64))
-        for sid in wanted[(target[wanted] < 0) & ~source.special[wanted] & (source.lengths[wanted] > 0)]:
+        for sid in still_unmapped():
             target[sid] = mined_one(source.pieces[sid], pivot, pool)
             method[sid] = MINED if target[sid] >= 0 else UNMAPPED
     if "first_piece" in methods:
-        wanted = np.arange(len(source)) if needed is None else np.unique(np.asarray(needed, np.int64))
-        wanted = wanted[(target[wanted] < 0) & ~source.special[wanted] & (source.lengths[wanted] > 0)]
+        wanted = still_unmapped()
         first = first_piece_map(source, pivot, wanted, encode)
         target[wanted] = first[wanted]
         method[wanted] = np.where(first[wanted] >= 0, FIRST_PIECE, UNMAPPED)
