@@ -192,12 +192,10 @@ def picks(store: Path, zoo: Path, owners: dict[str, str]) -> dict[str, Any]:
 def step_seconds(store: Path) -> dict[str, float]:
     """Seconds per optimizer step (train_runtime / global_step, the Trainer's own numbers) of fpo and distill."""
     out = {}
-    for stage, summary_file in (("fpo", "summary.json"), ("distill", "distill_report.json")):
+    for stage in ("fpo", "distill"):
         rates = []
-        for target in ("llama", "gpt2", "gemma"):
-            training = json.loads((store / f"{stage}.{target}" / "out" / summary_file).read_text())[
-                "training"
-            ]
+        for target in ("llama", "gpt2", "gemma"):  # the whole training summary, timings included, is in logs/
+            training = json.loads((store / f"{stage}.{target}" / "logs" / "summary.json").read_text())
             if training.get("resumed_from") is None and training.get("global_step"):
                 rates.append(training["train_runtime"] / training["global_step"])
         out[stage] = float(np.mean(rates)) if rates else float("nan")

@@ -86,7 +86,7 @@ def recount(run: Path, source: str) -> dict[str, float]:
 
 
 def step_seconds(run: Path, source: str) -> float:
-    training = json.loads((run / f"distill.{source}" / "out" / "distill_report.json").read_text())["training"]
+    training = json.loads((run / f"distill.{source}" / "logs" / "summary.json").read_text())
     return training["train_runtime"] / training["global_step"]
 
 

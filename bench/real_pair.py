@@ -370,13 +370,12 @@ def stage_table(workdir: Path) -> dict[str, dict]:
             "peak_rss_gb": (measured.get("peak_memory") or {}).get("host_rss_peak_mb", 0) / 1024,
             "made_in": made_in,
         }
-        out = manifest_path.parent / "out"
-        for name in ("distill_report.json", "summary.json"):
-            if (out / name).is_file():
-                training = json.loads((out / name).read_text()).get("training") or {}
-                if training.get("global_step"):
-                    row["steps"] = training["global_step"]
-                    row["step_s"] = training["train_runtime"] / training["global_step"]
+        summary = manifest_path.parent / "logs" / "summary.json"  # a training's whole summary, timings too
+        if summary.is_file():
+            training = json.loads(summary.read_text())
+            if training.get("global_step"):
+                row["steps"] = training["global_step"]
+                row["step_s"] = training["train_runtime"] / training["global_step"]
         table[manifest["instance"]] = row
     return table
 

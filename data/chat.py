@@ -5,7 +5,11 @@ tokenized with character offsets, and the response mask (tokens inside assistant
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +18,8 @@ import numpy as np
 from fuse.data.logprobs import ContentSpan
 
 log = logging.getLogger(__name__)
+
+RENDER_TIME_LIMIT_S = 5.0  # one conversation; real templates take milliseconds
 
 
 class ChatRenderError(ValueError):
@@ -52,11 +58,47 @@ class RenderedChat:
         return int(len(self.input_ids))
 
 
+class TemplateTimeout(RuntimeError):
+    """A chat template still rendering one conversation after RENDER_TIME_LIMIT_S: a loop that will not end. Not a
+    ChatRenderError: no row is to blame, so no stage counts and skips it."""
+
+
 def render_text(tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: str | None = None) -> str:
-    """The conversation as the (given, else the tokenizer's) chat template writes it."""
-    return tokenizer.apply_chat_template(
-        list(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=False
-    )
+    """The conversation as the (given, else the tokenizer's) chat template writes it, within RENDER_TIME_LIMIT_S."""
+    with time_limit(
+        RENDER_TIME_LIMIT_S,
+        f"the chat template did not render a conversation of {len(messages)} messages within "
+        f"{RENDER_TIME_LIMIT_S:g} s (a loop that does not end?)",
+    ):
+        return tokenizer.apply_chat_template(
+            list(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=False
+        )
+
+
+@contextmanager
+def time_limit(seconds: float, message: str) -> Iterator[None]:
+    """Raise TemplateTimeout(message) in the block once it has run `seconds`. A SIGALRM timer, so only in the main
+    thread (elsewhere: no limit) and only where no sooner timer is set; the previous handler and timer are put
+    back, the time the block took taken off the previous timer."""
+    previous_delay, previous_interval = signal.getitimer(signal.ITIMER_REAL)
+    if threading.current_thread() is not threading.main_thread() or 0 < previous_delay <= seconds:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TemplateTimeout(message)
+
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous_handler is None else previous_handler)
+        if previous_delay:
+            left = max(previous_delay - (time.monotonic() - started), 1e-6)
+            signal.setitimer(signal.ITIMER_REAL, left, previous_interval)
 
 
 def content_spans(text: str, messages: Sequence[dict[str, str]], where: str = "") -> list[ContentSpan]:

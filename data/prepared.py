@@ -40,8 +40,8 @@ def _clean_messages(messages: Any, min_chars: int) -> list[dict[str, str]]:
     for turn in messages:
         if not isinstance(turn, Mapping) or not isinstance(turn.get("content"), str):
             raise Dropped("a message is not {role, content} with string content")
-        if turn.get("role") not in ROLES:
-            raise Dropped(f"unknown role {turn.get('role')!r}")
+        if not isinstance(turn.get("role"), str) or turn["role"] not in ROLES:
+            raise Dropped(f"unknown role {repr(turn.get('role'))[:40]}")
         clean.append({"role": str(turn["role"]), "content": turn["content"]})
     if clean[-1]["role"] != "assistant":
         raise Dropped("the conversation does not end with an assistant message")
@@ -69,7 +69,7 @@ def sft_messages(
             )
             if role is None:
                 raise Dropped(
-                    f"unknown sharegpt speaker {turn.get('from') if isinstance(turn, Mapping) else turn!r}"
+                    f"unknown sharegpt speaker {repr(turn.get('from') if isinstance(turn, Mapping) else turn)[:40]}"
                 )
             messages.append({"role": role, "content": turn.get("value")})
         return _clean_messages(messages, min_chars)
@@ -107,6 +107,8 @@ def preference_row(row: Mapping[str, Any], columns: Mapping[str, str], min_chars
         prompt = chosen_raw[:-1]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
+    if prompt is not None and not isinstance(prompt, list):
+        raise Dropped("prompt is neither a string nor a list of messages")
     chosen, rejected = _response_text(chosen_raw), _response_text(rejected_raw)
     if len(chosen.strip()) < min_chars or len(rejected.strip()) < min_chars:
         raise Dropped("empty chosen or rejected response")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fuse.logs import setup_logging
+from fuse.logs import setup_logging, tail_lines
 from fuse.recipe import RecipeError, load_recipe
 
 # Subcommands that live in other modules: each module has add_parser(subparsers), adding its commands with a
@@ -63,6 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from fuse import resources
+    from fuse.cache import cache_hits
     from fuse.dag import build_dag
     from fuse.plan import make_plan
     from fuse.store import RunStore
@@ -70,6 +71,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = recipe_of(args)
     dag, store = build_dag(recipe), RunStore(recipe.workdir)
     steps = make_plan(recipe, dag, store, args.from_stage, args.only, args.force)
+    hits = cache_hits(recipe, store, steps)
     width = max(len(s.instance.name) for s in steps)
     print(f"run {recipe.name} in {recipe.workdir}")
     for step in steps:
@@ -77,12 +79,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shards = f" [{step.instance.num_shards} shards]" if step.instance.num_shards > 1 else ""
         peak = resources.describe((store.manifest(step.instance.name) or {}).get("peak_memory"))
         peak = f"  (last run: {peak})" if peak else ""
+        action = "cached" if step.instance.name in hits else step.action
+        source = f"  (from {hits[step.instance.name]})" if step.instance.name in hits else ""
         print(
-            f"  {step.instance.name:<{width}}  {step.action:<7} {str(step.state):<40} <- {parents}{shards}{peak}"
+            f"  {step.instance.name:<{width}}  {action:<7} {str(step.state):<40} <- {parents}{shards}{peak}"
+            f"{source}"
         )
-    todo = sum(s.action == "run" for s in steps)
+    todo = sum(s.action == "run" for s in steps) - len(hits)
     print(
-        f"{todo} to run, {sum(s.action == 'skip' for s in steps)} to skip"
+        f"{todo} to run, "
+        + (f"{len(hits)} to link from the cache, " if hits else "")
+        + f"{sum(s.action == 'skip' for s in steps)} to skip"
         + (
             f", {sum(s.action == 'blocked' for s in steps)} blocked"
             if any(s.action == "blocked" for s in steps)
@@ -152,9 +159,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(f"error: no logs for {args.instance} under {recipe.workdir}", file=sys.stderr)
         return 1
     for path in files if args.all else files[:1]:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        with open(path, "rb") as handle:
+            lines = tail_lines(handle, args.lines)
         print(f"==> {path} <==")
-        print("\n".join(lines[-args.lines :]))
+        print("\n".join(lines))
     return 0
 
 
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's final flush
         return code
     except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_short_lines(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.verbose:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {_short_lines(_one_line(error))}", file=sys.stderr)
         if isinstance(error, StageFailed):
             print(
                 f"log: {Path(recipe_of(args).workdir) / error.instance / 'logs' / 'stage.log'}",
@@ -310,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         elif not _expected(error):
             print("(fuse -v ... shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _short_lines(text: str) -> str:
+    """Each line of an error at most a few hundred characters: a huge value in a recipe is quoted by its ends."""
+    from fuse.recipe.base import MAX_QUOTED, shorten
+
+    return "\n".join(shorten(line, 3 * MAX_QUOTED) for line in text.split("\n"))
 
 
 def _one_line(error: BaseException) -> str:

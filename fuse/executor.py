@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 
 from fuse import resources
-from fuse.cache import cached_count, publish_if_cached, restore_if_cached
+from fuse.cache import cache_hits, publish_if_cached, restore_if_cached
 from fuse.context import StageContext
 from fuse.dag import Dag, build_dag
 from fuse.logs import LOG_FORMAT
@@ -121,7 +121,11 @@ def run_instance(
 
 def _prepare(store: RunStore, step: Step, force: bool) -> None:
     instance, name = step.instance, step.instance.name
-    reason = "forced" if force else store.reset_reason(name, step.fingerprint, instance.parents)
+    reason = (
+        "forced"
+        if force
+        else store.reset_reason(name, step.fingerprint, instance.parents, instance.num_shards)
+    )
     if reason:
         log.info("%s: starting clean (%s)", name, reason)
         try:
@@ -205,7 +209,11 @@ def _work(
         except BaseException as error:
             message = f"{type(error).__name__}: {error}"
             logger.error("stage %s failed:\n%s", name, traceback.format_exc())
-            store.fail(name, message)
+            try:
+                store.fail(name, message)
+            except OSError as unrecorded:  # a full disk can refuse the manifest too: say so, keep the name
+                message += f" (and the failure could not be recorded in its manifest: {unrecorded})"
+                logger.error("stage %s: %s", name, message)
             progress.end(f"FAILED: {message}")
             if isinstance(error, KeyboardInterrupt | SystemExit):
                 raise
@@ -237,14 +245,18 @@ def _run_started(
     if not todo:
         echo(f"nothing to do: all {len(steps)} stage instances are done ({store.root})")
         return steps
-    cached = cached_count(recipe, todo)
+    cached = len(cache_hits(recipe, store, steps))
     echo(
         f"{len(todo)} of {len(steps)} stage instances to run in {store.root}"
         + (f" ({cached} of them in the artifact cache)" if cached else "")
     )
     progress = progress or Progress()
     for number, step in enumerate(todo, 1):
-        forced = step.why == "forced" or (from_stage is not None and step.instance.stage == from_stage)
+        forced = (
+            step.forced
+            or step.why == "forced"
+            or (from_stage is not None and step.instance.stage == from_stage)
+        )
         name = step.instance.name
         if not forced and step.state.kind in ("done", "stale"):
             # planned because a parent is (or was being) redone: kept when the parents wrote the same outputs

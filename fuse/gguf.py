@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fuse.io import atomic_dir, sha256_file, write_json_atomic
+from fuse.models import without_loader_keys
 
 log = logging.getLogger(__name__)
 RECORD = "gguf.json"
@@ -69,7 +70,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, tokenizer: str | Path | None
             tok = AutoTokenizer.from_pretrained(tokenizer)
         else:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tok.save_pretrained(tmp)
+        without_loader_keys(tok).save_pretrained(tmp)
         if not tok.chat_template:
             log.warning("%s: no chat template in the GGUF file or the tokenizer given", gguf.name)
         write_json_atomic(

@@ -94,9 +94,24 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for root, _dirs, files in os.walk(folder):
+    """fsync every file, and give files and folders the umask's permissions: libraries write some files owner-only
+    (safetensors weights come out 0600), which would make a model folder half-unreadable to the group that
+    shares the run store or the cache."""
+    file_mode, dir_mode = published_mode(), published_mode(directory=True)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode)
         for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as handle:
+                executable = (
+                    os.fstat(handle.fileno()).st_mode & dir_mode & 0o111
+                )  # kept where the umask allows
+                os.fchmod(handle.fileno(), file_mode | executable)
                 os.fsync(handle.fileno())
 
 

@@ -75,6 +75,32 @@ def chat_template_text(spec: ModelSpec) -> str | None:
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+# How a tokenizer was loaded, not what it is: from_pretrained keeps these in `init_kwargs` ("is_local",
+# "local_files_only" always; the others when given), and save_pretrained writes init_kwargs into
+# tokenizer_config.json, where they would describe our machine to whoever loads the published folder.
+LOADER_KEYS = (
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "token",
+    "use_auth_token",
+    "revision",
+    "subfolder",
+    "force_download",
+    "proxies",
+    "trust_remote_code",
+    "gguf_file",
+    "_commit_hash",
+)
+
+
+def without_loader_keys(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer`, forgetting how it was loaded (LOADER_KEYS), so that every folder it is saved to is clean."""
+    loaded_with = getattr(tokenizer, "init_kwargs", {})  # every transformers tokenizer has it
+    for key in LOADER_KEYS:
+        loaded_with.pop(key, None)
+    return tokenizer
+
 
 def load_tokenizer_dir(
     directory: str | os.PathLike, trust_remote_code: bool = False
@@ -92,8 +118,10 @@ def load_tokenizer_dir(
     if config_path.is_file():
         declared = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
     if declared in GENERIC_TOKENIZER_CLASSES and (Path(directory) / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, use_fast=True)
+        return without_loader_keys(PreTrainedTokenizerFast.from_pretrained(directory))
+    return without_loader_keys(
+        AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, use_fast=True)
+    )
 
 
 def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreTrainedTokenizerBase:

@@ -109,7 +109,7 @@ def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str
     return {
         "instance": instance.name,
         "code": stage_version(instance.stage),
-        "settings": by_content(settings.model_dump(mode="json", exclude={"enabled"})),
+        "settings": by_content({k: v for k, v in settings.result_settings().items() if k != "enabled"}),
         "options": {k: v for k, v in instance.options},
         "models": {
             m: {
@@ -142,6 +142,7 @@ class Step:
     state: State
     action: str  # run | skip | blocked (an ancestor fails to be done and is not in this run)
     why: str = ""
+    forced: bool = False  # --force / --from: recomputed, never taken from the cache
 
 
 class PlanError(RuntimeError):
@@ -199,5 +200,5 @@ def make_plan(
                 will_be_done.add(instance.name)
         if action == "run":
             redone.add(instance.name)
-        steps.append(Step(instance, fp, parts, state, action, why))
+        steps.append(Step(instance, fp, parts, state, action, why, instance.name in forced))
     return steps

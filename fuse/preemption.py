@@ -65,17 +65,33 @@ def checkpointing() -> Iterator[None]:
 
 
 def trainer_callback() -> Any:
-    """A transformers TrainerCallback that saves a checkpoint and stops training once SIGUSR1 has arrived."""
+    """A transformers TrainerCallback that saves a checkpoint and stops training once SIGUSR1 has arrived (at any
+    rank: every rank then saves at the same step, as a checkpoint is a collective)."""
     from transformers import TrainerCallback
 
     class StopOnPreemption(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if _requested.is_set():
+            if requested_by_any_rank(args.device):
+                _requested.set()  # a rank whose own signal is still on its way stops as well
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
     return StopOnPreemption()
+
+
+def requested_by_any_rank(device: Any) -> bool:
+    """Whether some rank was asked to stop. The launcher signals the ranks one after the other, and a step can end
+    in between: a rank that saw the flag would wait in the checkpoint's collectives for one that did not."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _requested.is_set()
+    import torch
+
+    flag = torch.tensor([float(_requested.is_set())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def reset() -> None:

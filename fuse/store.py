@@ -177,13 +177,20 @@ class RunStore:
         current = self.inputs_of(parents)
         return [p for p in parents if recorded.get(p) != current[p]]
 
-    def reset_reason(self, name: str, fingerprint: str, parents: Iterable[str]) -> str | None:
-        """Why what is on disk cannot be continued (None: keep finished shards and checkpoints)."""
+    def reset_reason(
+        self, name: str, fingerprint: str, parents: Iterable[str], num_shards: int | None = None
+    ) -> str | None:
+        """Why what is on disk cannot be continued (None: keep finished shards and checkpoints). The shard count
+        is not in the fingerprint (a finished store is the same whatever its layout), but an unfinished one's
+        shards cover other rows under another count: it starts over."""
         manifest = self.manifest(name)
         if manifest is None:
             return "never started"
         if manifest.get("fingerprint") != fingerprint:
             return "fingerprint changed"
+        recorded = manifest.get("num_shards")
+        if num_shards is not None and manifest.get("status") != "done" and recorded not in (None, num_shards):
+            return f"shard count changed ({recorded} -> {num_shards}) before it finished"
         moved = self.changed_inputs(manifest, parents)
         if moved:
             return f"inputs rewritten: {', '.join(moved)}"
@@ -324,7 +331,7 @@ def output_problems(out: Path, outputs: dict[str, Any]) -> list[str]:
         try:
             if path.stat().st_size != size or (digest is not None and content_digest(path) != digest):
                 problems.append(rel)
-        except FileNotFoundError:
+        except OSError:  # missing, or unreadable (another user's file without read permission)
             problems.append(rel)
     return problems
 
@@ -367,19 +374,38 @@ def lock_owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
+def pid_namespace() -> str | None:
+    """This process's PID namespace ("pid:[4026531836]"): a pid means something only inside the namespace that
+    gave it (a container or `unshare --pid` on the same host numbers its processes from 1)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _same_namespace(owner: dict[str, Any]) -> bool:
+    """The owner's pid can be looked up here: same host name and same PID namespace (locks written before the
+    namespace was recorded: assumed the same, as they were treated until then)."""
+    if owner.get("host") != socket.gethostname():
+        return False
+    return owner.get("pidns") is None or owner.get("pidns") == pid_namespace()
+
+
 def _mine(owner: dict[str, Any] | None) -> bool:
-    return bool(owner) and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid()
+    return bool(owner) and _same_namespace(owner) and owner.get("pid") == os.getpid()
 
 
 def owner_alive(path: Path, owner: dict[str, Any] | None) -> bool:
-    """Same host: the pid exists and started when the lock says. Another host: refreshed within LOCK_TTL_S (the
-    owner touches its lock every LOCK_HEARTBEAT_S). Unreadable: alive until it ages like a foreign one."""
+    """Same host and PID namespace: the pid exists and started when the lock says. Another host or namespace:
+    refreshed within LOCK_TTL_S (the owner touches its lock every LOCK_HEARTBEAT_S). Unreadable: alive until it
+    ages like a foreign one. A heartbeat more than LOCK_TTL_S in the future is no heartbeat (a clock can be that
+    far off only when something set the time by hand): abandoned."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
-    if owner is None or owner.get("host") != socket.gethostname():
-        return age < LOCK_TTL_S
+    if owner is None or not _same_namespace(owner):
+        return -LOCK_TTL_S < age < LOCK_TTL_S
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -398,7 +424,9 @@ def describe_lock(path: Path, owner: dict[str, Any] | None) -> str:
         return f"{path} is being written or unreadable"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
     return (
-        f"held by pid {owner.get('pid')} on {owner.get('host')} since {since} ({owner.get('command', '?')}); "
+        f"held by pid {owner.get('pid')} on {owner.get('host')}"
+        + (f" (PID namespace {owner['pidns']})" if owner.get("pidns") not in (None, pid_namespace()) else "")
+        + f" since {since} ({owner.get('command', '?')}); "
         f"if that process is gone, delete {path}"
     )
 
@@ -419,6 +447,7 @@ class FileLock:
             "host": socket.gethostname(),
             "since": time.time(),
             "start": _process_start(os.getpid()),
+            "pidns": pid_namespace(),
             "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
         }
         deadline = time.monotonic() + self.wait

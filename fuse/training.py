@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from fuse import preemption
 from fuse.io import atomic_write, publish_dir, write_json_atomic
 from fuse.launch import multinode_command
 from fuse.logs import setup_logging
+from fuse.process_group import die_with_parent, run_in_group
 from fuse.recipe import TrainSettings
 from fuse.store import MODEL_FOLDER
 
@@ -449,6 +449,16 @@ def run_job(
     return summary
 
 
+RUN_FACTS = ("resumed_from", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def result_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """A training summary without how this particular run went (its timings, the checkpoint it resumed from):
+    what goes into a stage's outputs, so a resumed or repeated run that trains the same weights writes the same
+    files and nothing downstream goes stale. The whole summary stays in logs/summary.json."""
+    return {k: v for k, v in summary.items() if k not in RUN_FACTS}
+
+
 def best_checkpoint(state: Any) -> dict[str, Any]:
     """With validation: the kept checkpoint's step and validation loss, and the validation curve."""
     if state.best_model_checkpoint is None:
@@ -465,6 +475,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# torchrun (under `accelerate launch`) passes these signals on to its ranks and waits this long for them to exit
+# before SIGKILL: SIGUSR1 (preemption) leaves the ranks time to save a checkpoint, within SLURM's default signal
+# grace (executor.slurm.signal_grace_seconds, 120 s). Older torch versions ignore the variables.
+LAUNCHER_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "90",
+}
 
 
 def launch_command(job_path: Path, settings: TrainSettings) -> list[str]:
@@ -492,16 +512,16 @@ def train(
         return run_job(job, callbacks=callbacks, progress=progress)
     job_path = Path(job.log_dir) / "job.json"
     job.save(job_path)
-    # Inside a multi-node SLURM allocation: one launcher per node through srun (unchanged otherwise). A SIGUSR1
-    # reaches only this process, which stops the ranks; they resume from the newest periodic checkpoint.
+    # Inside a multi-node SLURM allocation: one launcher per node through srun (unchanged otherwise). The launcher
+    # and its ranks end with this process (fuse.process_group); a SIGUSR1 is passed on to the ranks, which save a
+    # checkpoint and stop, and then this stage stops too.
     command = multinode_command(launch_command(job_path, settings))
     log.info("launching %d processes: %s", settings.num_processes, " ".join(command))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    completed = subprocess.run(command, env=env, check=False)
-    if completed.returncode != 0:
-        raise TrainingError(
-            f"training ranks failed (exit {completed.returncode}); see the log above and {job.log_dir}"
-        )
+    with preemption.checkpointing():
+        returncode = run_in_group(command, {**os.environ, **LAUNCHER_ENV})
+    preemption.raise_if_requested()
+    if returncode != 0:
+        raise TrainingError(f"training ranks failed (exit {returncode}); see the log above and {job.log_dir}")
     return json.loads((Path(job.log_dir) / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -518,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m fuse.training JOB.json")
+    die_with_parent()  # the launcher's ranks run in sessions of their own: none outlives it, even a SIGKILLed one
     setup_logging(logging.INFO)
     init_distributed_state()
     run_job(TrainingJob.load(argv[0]), launched=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from fuse.dag import build_dag
 from fuse.models import ModelLoadError, check_vocab, load_tokenizer, resolve_model_dir
 from fuse.recipe import ModelSpec, Recipe, RecipeError
+from fuse.recipe.base import quote
 
 
 def _model_key(recipe: Recipe, spec: ModelSpec) -> str:
@@ -51,12 +52,14 @@ def check_files(recipe: Recipe) -> list[str]:
 
 HUB_ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?\Z")
 MIN_ROW_LIMIT = 1 << 20
+MAX_BAD_FILES = 10  # files of a dataset folder whose first bad row is listed
 
 
 def check_contents(recipe: Recipe) -> list[str]:
     """What would otherwise fail deep inside a stage, read up front (cheap: small files, one pass over local data):
-    remote code the recipe does not trust, eval items and held-out text that do not parse, bytes that are not
-    UTF-8 and rows too large to tokenize, each with its file and row; paths that are neither local nor a hub id."""
+    remote code the recipe does not trust, eval items and held-out text that do not parse, data rows that are not
+    UTF-8, not JSON (a raw NUL byte) or too large to tokenize, in every layout prepare reads, each with its file and
+    line; paths that are neither local nor a hub id."""
     return (
         _remote_code_problems(recipe)
         + _place_problems(recipe)
@@ -103,7 +106,9 @@ def _place_problems(recipe: Recipe) -> list[str]:
     for key, value in named:
         if Path(value).is_absolute() or Path(value).exists() or HUB_ID_RE.match(value):
             continue
-        problems.append(f"{key}: {value!r} is not a local path that exists, nor a hub id (name or org/name)")
+        problems.append(
+            f"{key}: {quote(value)} is not a local path that exists, nor a hub id (name or org/name)"
+        )
     return problems
 
 
@@ -118,14 +123,24 @@ def _row_limit(recipe: Recipe) -> int:
 
 
 def _data_problems(recipe: Recipe) -> list[str]:
+    """Every local data file of the recipe, in every layout prepare reads (a file or a folder of them; JSON Lines,
+    a JSON array, CSV, Parquet, Arrow): its first row prepare would skip or that is too large, by file and line."""
+    from fuse.data.raw import first_bad_row, local_data_files
+
     limit = _row_limit(recipe)
     problems = []
     for key, dataset in (("data.sft", recipe.data.sft), ("data.preference", recipe.data.preference)):
-        if dataset is None or not Path(dataset.path).is_file() or Path(dataset.path).suffix != ".jsonl":
+        if dataset is None or not Path(dataset.path).exists():
+            continue  # a hub dataset, or reported missing by check_files
+        try:
+            files = local_data_files(Path(dataset.path))
+        except ValueError as error:
+            problems.append(f"{key}.path: {error}")
             continue
-        problem = _jsonl_problem(Path(dataset.path), limit)
-        if problem:
-            problems.append(f"{key}.path: {problem}")
+        bad = [row for file in files if (row := first_bad_row(file, limit)) is not None]
+        problems += [f"{key}.path: {row}" for row in bad[:MAX_BAD_FILES]]
+        if len(bad) > MAX_BAD_FILES:
+            problems.append(f"{key}.path: and {len(bad) - MAX_BAD_FILES} more files with a bad row")
     return problems
 
 
@@ -266,10 +281,12 @@ PROBE_CONVERSATION = (
 
 def check_template(spec: ModelSpec, tokenizer, template: str | None) -> None:
     """Render the probe conversation with `template` (None: the tokenizer's own) and find every content in it."""
-    from fuse.data.chat import ChatRenderError, content_spans, render_text
+    from fuse.data.chat import ChatRenderError, TemplateTimeout, content_spans, render_text
 
     try:
         text = render_text(tokenizer, PROBE_CONVERSATION, template)
+    except TemplateTimeout as error:
+        raise ModelLoadError(f"model {spec.name!r}: {error}") from None
     except Exception as error:  # jinja raises its own errors (TemplateError, UndefinedError, ...)
         raise ModelLoadError(
             f"model {spec.name!r}: the chat template fails on a plain user/assistant conversation: "

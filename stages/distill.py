@@ -28,7 +28,7 @@ from fuse.io import atomic_dir, write_json_atomic
 from fuse.losses import fuse_sparse, get_fusion
 from fuse.models import load_tokenizer
 from fuse.recipe import ModelSpec
-from fuse.training import check_settings, make_job, train
+from fuse.training import check_settings, make_job, result_of, train
 
 if TYPE_CHECKING:
     from fuse.data.logprobs import SampleLogprobs
@@ -301,6 +301,6 @@ def run(ctx: StageContext) -> None:
             "temperature": settings.temperature,
             "label_smoothing": settings.label_smoothing,
             "data": report,
-            "training": summary,
+            "training": result_of(summary),
         },
     )

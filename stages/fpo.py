@@ -411,7 +411,7 @@ def stage_summary(
             "reach": reach(ref, train.pivot, beta),
         },
         "init_check": check,
-        "training": trained,
+        "training": training.result_of(trained),
     }
 
 

@@ -59,8 +59,9 @@ def run(ctx: StageContext) -> None:
         finish_folder=lambda folder: _pivot_files(tokenizer, folder, Path(config.base_model)),
         progress=lambda done, total: ctx.progress(done, total, "tensor"),
     )
-    write_json_atomic(ctx.out / "merge_report.json", report)
-    write_text_atomic(ctx.out / "merge_report.md", report_markdown(report))
+    outputs = {k: v for k, v in report.items() if k != "seconds"}  # the time goes to the log, not the outputs
+    write_json_atomic(ctx.out / "merge_report.json", outputs)
+    write_text_atomic(ctx.out / "merge_report.md", report_markdown(outputs))
     shares = report["diagnostics"]["families"]["all"]["energy_share"]
     ctx.log.info(
         "merged in %.1f s; delta energy kept per target: %s",

@@ -117,3 +117,22 @@ def test_report_and_gc_keep_what_named_recipes_use(tmp_path, capsys):
     assert read_calls(again.workdir) == []  # everything the kept recipe uses is still there
     assert main(["cache", "gc", str(cache)]) != 0  # no --keep: refuses rather than emptying the cache
     assert load_recipe(kept).cache == str(cache)
+
+
+def test_plan_counts_what_the_run_will_link_from_the_cache(tmp_path, capsys):
+    """`fuse plan` shows the instances the run will link as "cached" with their entry, and its counts are the
+    run's: what it says to run is exactly what runs."""
+    first, second = two_recipes(tmp_path)
+    run(parse_recipe(first), echo=quiet)
+    path = write_recipe(tmp_path, second, "ties.yaml")
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and " run " in line]
+    cached = [line.split()[0] for line in out.splitlines() if " cached " in line]
+    assert sorted(listed) == ["evaluate", "merge", "publish"], out
+    assert len(cached) >= 10 and all(
+        f"from {first['cache']}" in line for line in out.splitlines() if " cached " in line
+    )
+    assert f"3 to run, {len(cached)} to link from the cache, 0 to skip" in out
+    run(parse_recipe(second), echo=quiet)
+    assert sorted(read_calls(second["workdir"])) == sorted(listed)

@@ -280,8 +280,8 @@ def test_per_model_overrides_apply_to_that_model_only(tmp_path):
     data = toy_recipe(tmp_path)
     plain = parse_recipe(data)
     data["stages"]["extract"]["models"] = {
-        "b": {"tensor_parallel_size": 8, "vllm": {"max_num_batched_tokens": 512}}
-    }
+        "b": {"tensor_parallel_size": 8, "dtype": "bfloat16", "vllm": {"max_num_batched_tokens": 512}}
+    }  # dtype changes what b's extraction computes; the parallelism and batch budget only how
     data["stages"]["score"] = {"models": {"target-a": {"dtype": "bfloat16"}}}
     tuned = parse_recipe(data)
     assert tuned.stages.extract.for_model("b").tensor_parallel_size == 8

@@ -477,3 +477,26 @@ def test_control_arms_train_on_one_teacher_or_none(arms_run):
     t = int(np.flatnonzero(sample.mask[1:])[0])
     finite = np.isfinite(sample.topk_logprobs[t])
     assert ids[t + 1][finite].tolist() == sample.topk_ids[t][finite].tolist()
+
+
+@pytest.mark.slow
+def test_a_forced_rerun_that_trains_the_same_weights_keeps_its_children(distill_run):
+    """The outputs hold what was trained, not how the run went (timings, the checkpoint it resumed from): a
+    repeated run with the same weights has the same outputs digest, so nothing downstream goes stale."""
+    import stat
+
+    from fuse.executor import run_stage
+    from fuse.io import published_mode, read_json
+    from fuse.store import RunStore
+    from fuse.training import RUN_FACTS
+
+    store = RunStore(distill_run.workdir)
+    assert run_stage(distill_run, "distill.src")
+    before = store.manifest("distill.src")["outputs_digest"]
+    assert run_stage(distill_run, "distill.src", force=True)
+    assert store.manifest("distill.src")["outputs_digest"] == before
+    report = read_json(store.out("distill.src") / "distill_report.json")["training"]
+    assert not set(RUN_FACTS) & set(report)
+    assert read_json(store.dir("distill.src") / "logs" / "summary.json")["train_runtime"] > 0
+    weights = store.out("distill.src") / "model" / "model.safetensors"  # readable by whoever shares the store
+    assert stat.S_IMODE(weights.stat().st_mode) == published_mode()

@@ -5,6 +5,7 @@ scheduler (held then released, kept when live, all-or-nothing). The real cluster
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import stat
@@ -166,6 +167,25 @@ def test_rendered_scripts_are_valid_bash_with_arrays_for_shards(tmp_path, capsys
         assert (' --shard "$SLURM_ARRAY_TASK_ID"' in text) == sharded
         assert ("slurm-%A_%a.out" in text) == sharded
     assert not RunStore(tmp_path / "run").manifest("prepare")  # a dry run claims nothing
+
+
+def slurm_filename(pattern: str, job_id: str) -> str:
+    """The file sbatch writes for an --output pattern: "%%" is a "%", "%j" the job id, any other "%<letter>" (with
+    an optional width) is replaced too."""
+    return re.sub(r"%\d*([%A-Za-z])", lambda m: {"%": "%", "j": job_id}.get(m[1], f"<{m[1]}>"), pattern)
+
+
+def test_percent_signs_in_the_workdir_reach_sbatch_as_literals(tmp_path, capsys):
+    """Before: a workdir "run 100%x%j" went into --output unescaped, and SLURM wrote the log elsewhere."""
+    recipe = toy_recipe(tmp_path)
+    recipe["workdir"] = str(tmp_path / "run 100%x%j")
+    assert main(["submit", str(write_recipe(tmp_path, recipe)), "--dry-run"]) == 0
+    store = RunStore(recipe["workdir"])
+    script = next(Path(recipe["workdir"], "submissions").glob("*/prepare.sbatch")).read_text()
+    output = next(line for line in script.splitlines() if line.startswith("#SBATCH --output="))
+    (argument,) = shlex.split(output.removeprefix("#SBATCH "))
+    expected = store.logs("prepare") / "slurm-77.out"
+    assert slurm_filename(argument.removeprefix("--output="), "77") == str(expected)
 
 
 def test_dry_run_lines_are_a_runnable_submission(tmp_path, capsys):

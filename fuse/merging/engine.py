@@ -322,8 +322,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"Method: {report['method']['paper']} ({report['method']['reference_url']})",
         "",
-        f"Base: `{report['base_model']}` · dtype {report['dtype']} · seed {report['seed']} · "
-        f"{report['seconds']} s",
+        f"Base: `{report['base_model']}` · dtype {report['dtype']} · seed {report['seed']}"
+        + (f" · {report['seconds']} s" if "seconds" in report else ""),
         "",
         f"Shared parameters: `{json.dumps(report['parameters'])}`",
         "",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")  # \Z: "$" would let a trailing newline through
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -24,12 +25,71 @@ def no_control_characters(value: Any) -> Any:
     return value
 
 
+MAX_QUOTED = 300  # characters of a value an error message quotes
+
+
+def shorten(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text` if it is at most `limit` characters; else its start and end around an ellipsis that says how long it
+    was, so that a 100 MB value in a recipe makes a readable error, not a 100 MB one."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}…[{len(text):,} characters]…{text[-half:]}"
+
+
+def quote(value: str, limit: int = MAX_QUOTED) -> str:
+    """repr(value), or for a value over `limit` characters the repr of its two ends and its length."""
+    if len(value) <= limit:
+        return repr(value)
+    half = limit // 2
+    return f"{value[:half]!r}…[{len(value):,} characters]…{value[-half:]!r}"
+
+
 class RecipeError(ValueError):
     """A recipe problem, with the YAML key it concerns."""
 
 
+OPERATIONAL = "operational"
+
+
+def operational(default: Any = PydanticUndefined, *, description: str | None = None, **kwargs: Any) -> Any:
+    """A Field that says how a stage runs, not what it computes (logging, checkpoint cadence, trackers, kernels,
+    batch budgets, shard counts, parallelism): left out of the fingerprint, so changing it never makes a finished
+    instance stale. Every other setting is a result setting. The class shows in `fuse explain` / the JSON schema."""
+    extra = {"class": OPERATIONAL}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def is_operational(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("class") == OPERATIONAL
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def operational_fields(self) -> set[str]:
+        """This object's operational settings (a subclass may make one count as a result where another setting
+        gives it a bearing on the result)."""
+        return {name for name, field in type(self).model_fields.items() if is_operational(field)}
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide what is computed, as JSON: the model dump without operational fields (at any
+        depth, including per-model overrides). What a fingerprint hashes."""
+        dumped = self.model_dump(mode="json")
+        skip = self.operational_fields()
+        result: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            if name in skip:
+                continue
+            value = getattr(self, name)
+            if isinstance(value, Frozen):
+                result[name] = value.result_settings()
+            elif isinstance(value, dict) and value and all(isinstance(v, Frozen) for v in value.values()):
+                result[name] = {key: item.result_settings() for key, item in value.items()}
+            else:
+                result[name] = dumped[name]
+        return result
 
 
 class StageSettings(Frozen):

@@ -7,21 +7,23 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from fuse.recipe.base import Frozen, StageSettings
+from fuse.recipe.base import Frozen, StageSettings, operational
 
 
 class VllmSettings(Frozen):
     """vLLM engine settings (backend: vllm); unset ones keep vLLM's defaults."""
 
-    max_num_batched_tokens: int | None = Field(
+    max_num_batched_tokens: int | None = operational(
         None,
         ge=1,
         description="Tokens per engine step. prompt_logprobs materializes log-probs over the whole vocabulary for "
         "every prompt token of a step: lower this (with chunked prefill) when a 150k-256k vocabulary runs out of memory.",
     )
-    enable_chunked_prefill: bool | None = None
-    max_model_len: int | None = Field(None, ge=9, description="Default: max_length + 1.")
-    enforce_eager: bool | None = Field(None, description="No CUDA graphs. Default: on on CPU, off on GPU.")
+    enable_chunked_prefill: bool | None = operational(None)
+    max_model_len: int | None = operational(None, ge=9, description="Default: max_length + 1.")
+    enforce_eager: bool | None = operational(
+        None, description="No CUDA graphs. Default: on on CPU, off on GPU."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Further vllm.LLM arguments, passed as given (e.g. quantization)."
     )
@@ -32,9 +34,9 @@ class ModelOverrides(Frozen):
     its own tensor_parallel_size, dtype, batch budget and engine settings; the others keep the stage's."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    batch_tokens: int | None = Field(None, ge=64)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    tensor_parallel_size: int | None = operational(None, ge=1)
+    batch_tokens: int | None = operational(None, ge=64)
+    gpu_memory_utilization: float | None = operational(None, gt=0, le=1)
     vllm: VllmSettings | None = None
 
 
@@ -44,16 +46,18 @@ class ForwardSettings(StageSettings):
 
     backend: Literal["transformers", "vllm"] = "transformers"
     max_length: int = Field(2048, ge=8)
-    batch_tokens: int = Field(
+    batch_tokens: int = operational(
         16384, ge=64, description="Token budget per forward batch (transformers backend)."
     )
-    head_chunk_tokens: int = Field(
+    head_chunk_tokens: int = operational(
         256, ge=1, description="Positions whose full-vocabulary logits exist at once (transformers backend)."
     )
-    num_shards: int = Field(1, ge=1)
+    num_shards: int = operational(
+        1, ge=1, description="Pieces of the data, one job each (layout: a finished store stays valid)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = operational(1, ge=1)
+    gpu_memory_utilization: float = operational(0.85, gt=0, le=1)
     vllm: VllmSettings = VllmSettings()
     models: dict[str, ModelOverrides] = Field(
         default_factory=dict, description="Per-model settings keyed by model name (pivot, a source's name)."

@@ -9,24 +9,35 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fuse.recipe.base import RecipeError
+from fuse.recipe.base import MAX_QUOTED, RecipeError, quote, shorten
+from fuse.recipe.safe_yaml import load_yaml
 from fuse.recipe.schema import Recipe
 from fuse.recipe.specs import ModelSpec
 
 
 def format_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: the recipe is not valid:"]
+    """One line per problem, `key: message`; a long value (or key) is quoted by its start and length only."""
+    lines = [f"{shorten(source)}: the recipe is not valid:"]
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"]
+        key = ".".join(shorten(str(p), MAX_QUOTED // 3) for p in item["loc"]) or "(top level)"
+        message = _shorten_input(item["msg"], item.get("input"))
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
         elif item["type"].startswith("value_error"):
             message = message.removeprefix("Value error, ")
-        lines.append(f"  - {key}: {message}")
+        lines.append(f"  - {key}: {shorten(message, 3 * MAX_QUOTED)}")
     return "\n".join(lines)
+
+
+def _shorten_input(message: str, value: Any) -> str:
+    """`message` with a long string value it quotes (as repr or as is) shortened, the rest of it kept whole."""
+    if not isinstance(value, str) or len(value) <= MAX_QUOTED:
+        return message
+    if repr(value) in message:
+        return message.replace(repr(value), quote(value))
+    return message.replace(value, shorten(value))
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
@@ -49,7 +60,7 @@ def load_recipe(
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if isinstance(data, dict) and "extends" in data:
@@ -113,10 +124,10 @@ def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict[s
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise RecipeError(
-                f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. stages.distill.epochs=2"
+                f"--set {quote(item)}: expected KEY=VALUE with a dotted KEY, e.g. stages.distill.epochs=2"
             )
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text, f"--set {key}") if text.strip() else ""
         except yaml.YAMLError as error:
             raise RecipeError(f"--set {key}: the value is not valid YAML: {error}") from None
         node: Any = data
@@ -145,12 +156,20 @@ def _local(value: str, base: Path) -> str:
         return str(candidate)
     joined = base / candidate
     if (
-        joined.exists()
+        _exists(joined)
         or value.startswith((".", "~"))
         or value.endswith((".jsonl", ".json", ".parquet", ".yaml", ".jinja"))
     ):
         return str(joined.resolve())
     return value  # a hub id such as "org/name"
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a value too long to be a file name (OSError) names nothing local."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _absolutize(recipe: Recipe, base: Path) -> Recipe:

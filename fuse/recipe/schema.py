@@ -22,6 +22,12 @@ class Recipe(Frozen):
         "filesystem; default: $FUSE_ARTIFACT_CACHE): instances with the same fingerprint are linked from it, "
         "never recomputed.",
     )
+    cache_group: str | None = Field(
+        None,
+        description="A group (name or id) whose members' cache entries you trust as your own (default: "
+        "$FUSE_CACHE_GROUP; none: only your own entries are used). An entry is used only when it is yours or this "
+        "group's and no one else can write it.",
+    )
     pivot: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
     data: DataSpec
@@ -34,6 +40,18 @@ class Recipe(Frozen):
         "<workdir>/seed-<N>, sharing every seed-independent instance through the cache, and <workdir>/seeds.md "
         "pooling the evaluations (mean ± SD, paired differences with CIs). `fuse run --seeds 1,2,3` sets it.",
     )
+
+    @field_validator("cache_group")
+    @classmethod
+    def _known_group(cls, value: str | None) -> str | None:
+        import grp
+
+        if value and not value.isdigit():
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group named {value!r} on this host") from None
+        return value
 
     @field_validator("seeds")
     @classmethod

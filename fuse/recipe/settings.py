@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fuse.recipe.base import Frozen, StageSettings
+from fuse.recipe.base import Frozen, StageSettings, operational
 from fuse.recipe.inference_settings import ExtractSettings, ScoreSettings
 from fuse.recipe.training_settings import DistillSettings, FpoSettings
 
@@ -97,7 +97,7 @@ class MergeSettings(StageSettings):
         description="Per-target parameters keyed by source name, e.g. {llama: {weight: 0.5}}.",
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    max_shard_size: str = "2GB"
+    max_shard_size: str = operational("2GB", description="Size of each safetensors file of the merged model.")
     seed: int = 0
 
 
@@ -111,12 +111,14 @@ class LmEvalSettings(Frozen):
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers (sharded over GPUs with `parallelize`); vllm: tensor parallel."
     )
-    parallelize: bool = Field(False, description="hf: spread a model too big for one GPU over all of them.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend.")
+    parallelize: bool = operational(
+        False, description="hf: spread a model too big for one GPU over all of them."
+    )
+    tensor_parallel_size: int = operational(1, ge=1, description="vllm backend.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0, description="Examples per task (a fraction when < 1).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = operational(8, ge=1)
     apply_chat_template: bool = Field(False, description="Prompt through each model's chat template.")
     seed: int = 0
 
@@ -154,7 +156,7 @@ class EvaluateSettings(StageSettings):
         10.0, gt=0, description="Wall-clock (and CPU-second) limit of one code item's test run."
     )
     max_items_per_skill: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1, description="Prompts per greedy-generation batch.")
+    batch_size: int = operational(32, ge=1, description="Prompts per greedy-generation batch.")
     include: list[Literal["pivot", "sources", "targets", "fused", "sft_baseline", "controls"]] = Field(
         default_factory=lambda: ["pivot", "sources", "targets", "fused", "sft_baseline", "controls"]
     )

@@ -6,7 +6,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from fuse.recipe.base import NAME_RE, Frozen
+from fuse.recipe.base import NAME_RE, Frozen, quote
+
+MAX_NAME_PART = 255  # bytes of one file name (NAME_MAX), and far more than a hub id's part
+
+
+def nameable_path(value: str) -> str:
+    """A path or hub id each of whose parts could name a file; a longer one would fail deep inside a stage."""
+    if any(len(part.encode()) > MAX_NAME_PART for part in value.split("/")):
+        raise ValueError(
+            f"{quote(value)} names no file nor hub repo: a part of it is over {MAX_NAME_PART} bytes"
+        )
+    return value
 
 
 class ModelSpec(Frozen):
@@ -17,6 +28,11 @@ class ModelSpec(Frozen):
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="Allow .bin (pickle) weights; safetensors only by default.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _path_ok(cls, value: str) -> str:
+        return nameable_path(value)
 
     @field_validator("name")
     @classmethod
@@ -34,6 +50,11 @@ class DatasetSpec(Frozen):
     format: Literal["messages", "sharegpt", "prompt_response", "preference"] = "messages"
     columns: dict[str, str] = Field(default_factory=dict, description="Our field name -> the file's column.")
     max_rows: int | None = Field(None, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_ok(cls, value: str) -> str:
+        return nameable_path(value)
 
 
 class DataSpec(Frozen):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fuse.recipe.base import Frozen, StageSettings
+from fuse.recipe.base import Frozen, StageSettings, operational
 
 # DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
 DEEPSPEED_AUTO_KEYS = (
@@ -24,9 +24,11 @@ DEEPSPEED_AUTO_KEYS = (
 
 
 class DeepSpeedSettings(Frozen):
-    stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    stage: Literal[0, 1, 2, 3] = operational(
+        0, description="ZeRO stage: how state is partitioned, not the math."
+    )
+    offload_optimizer: bool = operational(False)
+    offload_params: bool = operational(False)
     config: dict[str, Any] | None = Field(
         None,
         description="Your own DeepSpeed config: a mapping, or a JSON file (relative to the recipe; its content is "
@@ -111,24 +113,31 @@ class TrainSettings(StageSettings):
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(2048, ge=8)
-    save_steps: int = Field(100, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    save_steps: int = operational(
+        100,
+        ge=1,
+        description="Checkpoint cadence; with distill's validation also the evaluation cadence (then a "
+        "result setting: it decides which checkpoint is kept).",
+    )
+    save_total_limit: int = operational(2, ge=1)
+    logging_steps: int = operational(10, ge=1)
     seed: int = 42
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = operational(False, description="Recompute activations: memory for time.")
     num_processes: int = Field(1, ge=1, description="Processes per node (accelerate launch).")
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
-    report_to: list[Tracker] = Field(
+    report_to: list[Tracker] = operational(
         default_factory=list,
         description="Trackers, as the HF Trainer takes them; tensorboard writes to <instance>/logs/tensorboard.",
     )
     attn_implementation: (
         Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
-    ) = Field(
+    ) = operational(
         None, description="Attention kernel of the trained model; default: transformers' choice (sdpa)."
     )
-    liger: bool = Field(False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel.")
+    liger: bool = operational(
+        False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel."
+    )
 
 
 class DistillSettings(TrainSettings):
@@ -164,6 +173,11 @@ class DistillSettings(TrainSettings):
         description="index.json of a log-prob store on the pivot's own tokens, for the oracle control (the zoo "
         "writes the true chain's distributions: .zoo/oracle/index.json).",
     )
+
+    def operational_fields(self) -> set[str]:
+        """With validation, save_steps is when checkpoints are scored and the best one kept: a result setting."""
+        fields = super().operational_fields()
+        return fields - {"save_steps"} if self.validation else fields
 
     @model_validator(mode="after")
     def _oracle_needs_a_store(self) -> DistillSettings:

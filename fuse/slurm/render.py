@@ -50,9 +50,15 @@ def job_settings(
 
 
 def log_pattern(store: RunStore, instance: Instance) -> Path:
-    """SLURM's output file; a requeued job appends to the same one (--open-mode=append)."""
+    """SLURM's output file, as a filename pattern: our %A/%a/%j, in a folder whose own "%" are literal. A requeued
+    job appends to the same one (--open-mode=append)."""
     name = "slurm-%A_%a.out" if instance.num_shards > 1 else "slurm-%j.out"
-    return store.logs(instance.name) / name
+    return Path(literal_in_pattern(str(store.logs(instance.name)))) / name
+
+
+def literal_in_pattern(text: str) -> str:
+    """`text` in a SLURM filename pattern (--output, --error), where "%j", "%x", "%A"... are replaced: "%%" is a "%"."""
+    return text.replace("%", "%%")
 
 
 def stage_command(settings: JobSettings, instance: Instance) -> str:

@@ -33,6 +33,11 @@ def _store_state(
 ) -> tuple[str, str]:
     state = store.state(instance.name, fingerprint, parts, instance.num_shards, instance.parents)
     status = (store.manifest(instance.name) or {}).get("status")
+    if state.kind == "partial" and status == "running" and not store.live_locks(instance.name):
+        return (
+            "partial",
+            "interrupted: no live process holds it",
+        )  # killed, or its manifest could not be updated
     if state.kind == "partial" and status in ("submitted", "running"):
         return status, state.reason
     return state.kind, state.reason
