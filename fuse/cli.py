@@ -96,7 +96,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if args.estimate:
+        print()
+        for line in plan_estimate(args, recipe, dag, store):
+            print(line)
     return 0
+
+
+def plan_estimate(args: argparse.Namespace, recipe: Any, dag: Any, store: Any) -> list[str]:
+    from fuse.estimate import calibrations, estimate_lines, estimate_plan
+    from fuse.recipe import RecipeError
+    from fuse.slurm.site import load_site, site_path
+
+    if args.gpu not in calibrations():
+        raise RecipeError(f"--gpu {args.gpu}: no calibration for it (known: {', '.join(calibrations())})")
+    site = load_site(site_path(recipe, args.recipe, args.site))
+    rows = None
+    if args.rows:
+        try:
+            rows = {k.strip(): int(v) for k, v in (part.split("=") for part in args.rows.split(","))}
+        except ValueError:
+            raise RecipeError(f"--rows {args.rows}: write it as sft=N,preference=M") from None
+    params = None
+    if args.params:
+        try:
+            params = {k.strip(): float(v) for k, v in (part.split("=") for part in args.params.split(","))}
+        except ValueError:
+            raise RecipeError(f"--params {args.params}: write it as NAME=N,... (e.g. pivot=7.24e9)") from None
+    try:
+        estimates, data, sizes = estimate_plan(
+            recipe,
+            dag,
+            store,
+            gpu=args.gpu,
+            site=site,
+            rows=rows,
+            tokens_per_row=args.tokens_per_row,
+            params=params,
+        )
+    except ValueError as error:
+        raise RecipeError(f"--estimate: {error}") from None
+    return estimate_lines(estimates, data, sizes)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -225,6 +265,38 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             "--only", nargs="+", metavar="INSTANCE", help="run only these instances (parents must be done)"
         )
         p.add_argument("--force", action="store_true", help="rerun selected instances even if done")
+        if name == "plan":
+            p.add_argument(
+                "--estimate",
+                action="store_true",
+                help="price every instance: tokens, teacher store size, time and peak memory, the SLURM --mem/--time "
+                "it would need, total GPU-hours (refined from this run store's done instances)",
+            )
+            p.add_argument(
+                "--gpu",
+                default="h100",
+                help="the GPU kind that instances with GPUs run on, for --estimate (h100, h200, a100, or one "
+                "$FUSE_CALIBRATION names)",
+            )
+            p.add_argument(
+                "--site", help="a SLURM site config, for --estimate (default: executor.slurm.site_config)"
+            )
+            p.add_argument(
+                "--rows",
+                metavar="sft=N,preference=M",
+                help="--estimate: rows of data that cannot be read here (a hub dataset offline, a cluster path)",
+            )
+            p.add_argument(
+                "--params",
+                metavar="NAME=N,...",
+                help="--estimate: parameter counts of models whose size cannot be read here (e.g. pivot=7.24e9)",
+            )
+            p.add_argument(
+                "--tokens-per-row",
+                type=float,
+                metavar="N",
+                help="--estimate: tokens per SFT row for models whose tokenizer cannot be read here",
+            )
         if name == "run":
             p.add_argument(
                 "--seeds",

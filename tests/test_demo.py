@@ -87,6 +87,27 @@ def check_published(model: Path, merged: Path) -> None:
     assert output.shape[1] > prompt["input_ids"].shape[1]
 
 
+def check_estimate(recipe_path, workdir) -> None:
+    """`fuse plan --estimate` against this run: from the shipped calibration alone (fitted on another run, the
+    real pair), the whole run's time within 3x of what it took here (1.31x on the machine it was fitted on), and
+    each instance's peak memory within 3.5x (3.1x there)."""
+    from fuse.dag import build_dag
+    from fuse.estimate import estimate_plan
+    from fuse.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    store = RunStore(workdir)
+    estimates, _, _ = estimate_plan(recipe, build_dag(recipe), store, use_runs=False)
+    measured = {e.instance: store.manifest(e.instance) for e in estimates}
+    timed = [e for e in estimates if measured[e.instance].get("elapsed_s")]  # not linked from a cache
+    total = sum(measured[e.instance]["elapsed_s"] for e in timed)
+    assert len(timed) >= 25 and 1 / 3 < total / sum(e.seconds for e in timed) < 3, (total, timed)
+    for e in estimates:
+        peaks = measured[e.instance]["peak_memory"]
+        peak = max(peaks.get("host_rss_peak_mb", 0), peaks.get("children_rss_peak_mb", 0)) / 1024
+        assert 1 / 3.5 < peak / e.peak_gb < 3.5, (e.instance, peak, e.peak_gb)
+
+
 @pytest.mark.slow
 def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     workdir = tmp_path / "run"
@@ -108,6 +129,8 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     assert printed[0] == "model" and set(printed[1:]) >= set(TABLE_ROWS) and printed[-1] == "limit", printed
     header = next(line for line in ending.splitlines() if line.startswith("| model |"))
     assert all(f"| CE {domain} |" in header for domain in DOMAINS) and "| CE mean |" in header, header
+
+    check_estimate(recipe, workdir)
 
     again = fuse_run(recipe)
     assert "nothing to do: all 30 stage instances are done" in again.stdout

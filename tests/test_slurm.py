@@ -437,3 +437,21 @@ def test_shipped_site_configs_are_valid(site, tmp_path):
     for instance in dag:
         text = slurm.render_job(recipe, instance, slurm.resources_for(recipe, instance, config), settings)
         subprocess.run(["bash", "-n", "-c", text], check=True)
+
+
+def test_a_shard_array_is_throttled_as_the_recipe_asks(tmp_path):
+    """64 shards at tensor parallelism 8 would ask for 512 GPUs at once: `max_concurrent` (or the %N of an
+    `--array` line in `extra`, which fuse used to override) bounds the array's running tasks."""
+    resources = {
+        "extract.pivot": {"max_concurrent": 1},
+        "extract.a": {"extra": ["--array=0-63%8", "--exclusive"]},
+    }
+    path, _ = _toy(tmp_path, kind="slurm", resources=resources)
+    submissions = {s.instance: s for s in slurm.submit(load_recipe(path), path, FakeSlurm(), dry_run=True)}
+    assert "--array=0-1%1" in submissions["extract.pivot"].sbatch
+    assert "--array=0-1%8" in submissions["extract.a"].sbatch
+    assert "--array=0-1" in submissions["extract.b"].sbatch  # not throttled unless asked
+    script = submissions["extract.a"].script.read_text()
+    assert (
+        "#SBATCH --exclusive" in script and "--array" not in script
+    )  # the array is fuse's, on the sbatch line

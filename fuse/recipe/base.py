@@ -55,7 +55,7 @@ OPERATIONAL = "operational"
 def operational(default: Any = PydanticUndefined, *, description: str | None = None, **kwargs: Any) -> Any:
     """A Field that says how a stage runs, not what it computes (logging, checkpoint cadence, trackers, kernels,
     batch budgets, shard counts, parallelism): left out of the fingerprint, so changing it never makes a finished
-    instance stale. Every other setting is a result setting. The class shows in `fuse explain` / the JSON schema."""
+    instance stale. Every other setting is a result setting. The JSON schema carries the class ("class": "operational")."""
     extra = {"class": OPERATIONAL}
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 

@@ -22,6 +22,23 @@ class Resources(Frozen):
     qos: str | None = None
     constraint: str | None = None
     extra: list[str] = Field(default_factory=list, description="Extra '#SBATCH' lines, e.g. '--exclusive'.")
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Array tasks of a sharded instance that run at once (sbatch --array=0-63%8): 64 shards at "
+        "tensor parallelism 8 otherwise ask for 512 GPUs together. An `--array=...%N` in `extra` means the same.",
+    )
+
+    def array_limit(self) -> int | None:
+        """max_concurrent, else the %N of an `--array` line in `extra` (fuse writes the array itself)."""
+        if self.max_concurrent:
+            return self.max_concurrent
+        for line in self.extra:
+            if line.replace(" ", "").startswith("--array=") and "%" in line:
+                limit = line.rsplit("%", 1)[1].strip()
+                if limit.isdigit():
+                    return int(limit)
+        return None
 
     @field_validator("mem", "time", "partition", "account", "qos", "constraint", "extra")
     @classmethod

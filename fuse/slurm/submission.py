@@ -47,8 +47,11 @@ def array_ranges(numbers: list[int]) -> str:
     return ",".join(parts)
 
 
-def sbatch_options(shards: list[int] | None, dependencies: list[str]) -> list[str]:
-    options = [f"--array={array_ranges(shards)}"] if shards is not None else []
+def sbatch_options(shards: list[int] | None, dependencies: list[str], limit: int | None = None) -> list[str]:
+    """The sbatch line's options: the missing shards as an array (at most `limit` tasks at once), the
+    dependencies."""
+    throttle = f"%{limit}" if limit else ""
+    options = [f"--array={array_ranges(shards)}{throttle}"] if shards is not None else []
     if dependencies:
         options.append("--dependency=afterok:" + ":".join(dependencies))
     return [*options, "--kill-on-invalid-dep=yes"]  # a failed parent cancels its dependents, not strands them
@@ -205,7 +208,7 @@ def _submit_one(batch: _Batch, step: Step) -> Submission:
     script = batch.folder / f"{instance.name}.sbatch"
     resources = resources_for(recipe, instance, batch.site)
     write_text_atomic(script, render_job(recipe, instance, resources, batch.settings), private=True)
-    options = sbatch_options(shards, dependencies)
+    options = sbatch_options(shards, dependencies, resources.array_limit())
     if batch.dry_run:
         job_id = "$" + shell_name(instance.name)
     else:
