@@ -55,8 +55,16 @@ class UnreadableRow(ValueError):
         self.reason = reason
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder `datasets.Dataset.save_to_disk` (or DatasetDict's) wrote: Arrow files beside its JSON metadata."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def local_data_files(path: Path) -> list[Path]:
-    """The data files a local dataset path stands for (itself, or every data file under a folder), all of one kind."""
+    """The data files a local dataset path stands for (itself, or every data file under a folder), all of one kind;
+    a `save_to_disk` folder stands for its Arrow files."""
+    if is_saved_dataset(path):
+        return sorted(path.rglob("*.arrow"))
     files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
     kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:

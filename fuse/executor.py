@@ -310,8 +310,12 @@ def first_table(markdown: str) -> list[str]:
 
 
 def _done_now(store: RunStore, step: Step) -> bool:
+    """Done at its current fingerprint and from the outputs its parents have now (after `--force --only merge`,
+    evaluate and publish are stale: their table and model are not this run's result)."""
     manifest = store.manifest(step.instance.name) or {}
-    return manifest.get("status") == "done" and manifest.get("fingerprint") == step.fingerprint
+    if manifest.get("status") != "done" or manifest.get("fingerprint") != step.fingerprint:
+        return False
+    return not store.changed_inputs(manifest, step.instance.parents)
 
 
 class _Prefixed(Progress):

@@ -9,6 +9,7 @@ import importlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from fuse.dag import build_dag
 from fuse.models import ModelLoadError, check_vocab, load_tokenizer, resolve_model_dir
@@ -64,6 +65,7 @@ def check_contents(recipe: Recipe) -> list[str]:
         _remote_code_problems(recipe)
         + _place_problems(recipe)
         + _data_problems(recipe)
+        + _format_problems(recipe)
         + _eval_problems(recipe)
     )
 
@@ -142,6 +144,118 @@ def _data_problems(recipe: Recipe) -> list[str]:
         if len(bad) > MAX_BAD_FILES:
             problems.append(f"{key}.path: and {len(bad) - MAX_BAD_FILES} more files with a bad row")
     return problems
+
+
+FORMAT_PROBE_ROWS = 20
+SFT_FORMATS = ("messages", "sharegpt", "prompt_response")
+
+
+def first_rows(path: Path, count: int = FORMAT_PROBE_ROWS) -> list[Any]:
+    """The first `count` rows of a local dataset as prepare reads them (JSON objects, or a table's rows)."""
+    import itertools
+
+    from fuse.data.raw import _arrow_batches, is_saved_dataset, json_rows, local_data_files
+
+    if is_saved_dataset(path):
+        from datasets import DatasetDict, load_from_disk
+
+        saved = load_from_disk(str(path))
+        if isinstance(saved, DatasetDict):
+            saved = next(iter(saved.values()))
+        return [saved[i] for i in range(min(count, len(saved)))]
+    first = local_data_files(path)[0]
+    if first.suffix in (".jsonl", ".json"):
+        return list(itertools.islice(json_rows(first), count))
+    if first.suffix == ".csv":
+        import csv
+
+        with open(first, newline="", encoding="utf-8") as handle:
+            return list(itertools.islice(csv.DictReader(handle), count))
+    rows: list[Any] = []
+    for batch in _arrow_batches(first):
+        rows += batch.to_pylist()
+        if len(rows) >= count:
+            break
+    return rows[:count]
+
+
+def _format_problems(recipe: Recipe) -> list[str]:
+    """Each local dataset read as its `format` says, on its first rows: a format that fits none of them (`format:
+    sharegpt` on a messages file) is named here, with the format that would fit, not as a stage that drops every
+    row an hour later."""
+    from fuse.data.prepared import Dropped, preference_row, sft_messages
+    from fuse.data.raw import BadRow
+
+    problems = []
+    for key, spec in (("data.sft", recipe.data.sft), ("data.preference", recipe.data.preference)):
+        if spec is None or not Path(spec.path).exists():
+            continue
+        try:
+            rows = [r for r in first_rows(Path(spec.path)) if not isinstance(r, BadRow)]
+        except (ValueError, OSError):
+            continue  # reported by the row checks
+        if not rows:
+            continue
+
+        def reads(fmt: str, row: Any, columns: dict[str, str] = spec.columns) -> str | None:
+            try:
+                if fmt == "preference":
+                    preference_row(row, columns)
+                else:
+                    sft_messages(row, fmt, columns)
+            except KeyError as missing:
+                return f"no column {missing}"
+            except (Dropped, ValueError, TypeError, AttributeError) as reason:
+                return str(reason)
+            return None
+
+        failures = [reads(spec.format, row) for row in rows]
+        if all(failures):
+            fits = [f for f in (*SFT_FORMATS, "preference") if f != spec.format and not reads(f, rows[0])]
+            hint = f"; format: {fits[0]} reads it" if fits else ""
+            problems.append(
+                f"{key}.format: none of the first {len(rows)} rows of {spec.path} reads as {spec.format!r} "
+                f"({failures[0]}; its columns: {', '.join(sorted(rows[0]))[:200]}){hint}"
+            )
+    return problems
+
+
+# What a recipe can switch on that needs a package beyond fuse's own: (setting, package to import, pip name).
+def _optional_dependencies(recipe: Recipe) -> list[tuple[str, str, str]]:
+    needs = []
+    for stage in ("distill", "fpo"):
+        settings = getattr(recipe.stages, stage)
+        if not settings.enabled:
+            continue
+        for tracker in settings.report_to:
+            module = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "azure_ml": "azureml"}.get(
+                tracker, tracker
+            )
+            needs.append((f"stages.{stage}.report_to: {tracker}", module, tracker.replace("_", "-")))
+        if settings.attn_implementation in ("flash_attention_2", "flash_attention_3"):
+            needs.append((f"stages.{stage}.attn_implementation", "flash_attn", "flash-attn"))
+        if settings.liger:
+            needs.append((f"stages.{stage}.liger", "liger_kernel", "liger-kernel"))
+        if settings.deepspeed.zero_stage or settings.num_processes > 1:
+            needs.append((f"stages.{stage}.deepspeed / num_processes", "deepspeed", "deepspeed"))
+    for stage in ("extract", "score"):
+        if getattr(recipe.stages, stage).enabled and getattr(recipe.stages, stage).backend == "vllm":
+            needs.append((f"stages.{stage}.backend: vllm", "vllm", "vllm"))
+    if recipe.stages.evaluate.enabled and recipe.stages.evaluate.lm_eval.tasks:
+        needs.append(("stages.evaluate.lm_eval.tasks", "lm_eval", "lm-eval"))
+    return needs
+
+
+def check_dependencies(recipe: Recipe) -> list[str]:
+    """Packages the recipe turns on, importable here (in the environment the jobs share): a missing tracker or
+    kernel is found now, not when distill starts."""
+    import importlib.util
+
+    return [
+        f"{setting} needs the package {pip!r}, which is not installed here (pip install {pip})"
+        for setting, module, pip in _optional_dependencies(recipe)
+        if importlib.util.find_spec(module) is None
+    ]
 
 
 def _jsonl_problem(path: Path, limit: int | None = None) -> str | None:
@@ -246,7 +360,7 @@ def check_executor(recipe: Recipe) -> list[str]:
     except RecipeError as error:
         problems.append(str(error))
     if recipe.executor.kind == "slurm":
-        problems += check_tensor_parallel_gpus(recipe, dag, site)
+        problems += check_tensor_parallel_gpus(recipe, dag, site) + check_job_sizes(recipe, dag, site)
     return problems
 
 
@@ -260,15 +374,38 @@ def check_tensor_parallel_gpus(recipe: Recipe, dag, site) -> list[str]:
         if instance.stage not in ("extract", "score"):
             continue
         settings = getattr(recipe.stages, instance.stage)
-        tp = settings.for_model(instance.key).tensor_parallel_size
+        model = settings.for_model(instance.key)
+        pp = int(model.vllm.engine_kwargs.get("pipeline_parallel_size", 1))
+        needed = model.tensor_parallel_size * pp
         gpus = resources_for(recipe, instance, site).gpus_per_node
-        if settings.backend == "vllm" and gpus < tp:
+        if settings.backend == "vllm" and gpus != needed:
+            what = "too few" if gpus < needed else f"{gpus - needed} would sit idle"
             problems.append(
-                f"executor.resources.{instance.name}: {gpus} GPUs per node, but {instance.name} runs vLLM with "
-                f"tensor_parallel_size {tp} (stages.{instance.stage}.models.{instance.key} or "
-                f"stages.{instance.stage}.tensor_parallel_size)"
+                f"executor.resources.{instance.name}: {gpus} GPUs per node ({what}), but {instance.name} runs vLLM "
+                f"on tensor_parallel_size {model.tensor_parallel_size} x pipeline_parallel_size {pp} = {needed} "
+                f"(stages.{instance.stage}.models.{instance.key} or stages.{instance.stage}.tensor_parallel_size)"
             )
     return problems
+
+
+def check_job_sizes(recipe: Recipe, dag, site) -> list[str]:
+    """Every SLURM job asks for memory and time (from the recipe or the site's defaults): without them the
+    cluster's defaults decide, often a few GB and an hour, and the job dies late. `fuse plan --estimate` says how
+    much each needs."""
+    from fuse.slurm.site import resources_for
+
+    missing = []
+    for instance in dag.order():
+        resources = resources_for(recipe, instance, site)
+        lacks = [name for name in ("mem", "time") if getattr(resources, name) is None]
+        if lacks:
+            missing.append(f"{instance.name} ({', '.join(lacks)})")
+    if not missing:
+        return []
+    return [
+        f"executor.resources: jobs without memory or time and no site default: {', '.join(missing)}; set them "
+        "(`fuse plan --estimate` sizes each) or give the site config a `default`"
+    ]
 
 
 # One plain conversation every chat template must write back: a template that drops or rewrites contents would
@@ -358,7 +495,8 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     """
     build_dag(recipe)  # cross-stage checks raise RecipeError themselves
     problems = check_executor(recipe) + check_registries(recipe)
-    if files:
+    if files:  # the environment the jobs run in (a laptop's --no-load check does without)
+        problems += check_dependencies(recipe)
         found = check_files(recipe)
         problems = found + (check_contents(recipe) if not found else []) + problems
     if load and not problems:

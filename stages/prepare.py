@@ -13,7 +13,7 @@ from datasets.utils.logging import disable_progress_bar
 
 from fuse.context import StageContext
 from fuse.data.prepared import Dropped, is_heldout, preference_row, row_id, sft_messages
-from fuse.data.raw import LOCAL_SUFFIXES, BadRow, json_rows, local_data_files
+from fuse.data.raw import LOCAL_SUFFIXES, BadRow, is_saved_dataset, json_rows, local_data_files
 from fuse.io import atomic_dir, write_json_atomic
 from fuse.recipe import DatasetSpec, RecipeError
 
@@ -27,6 +27,17 @@ def load_raw(spec: DatasetSpec, key: str):
     path = Path(spec.path)
     if not path.exists():
         return load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
+    if is_saved_dataset(path):  # datasets' save_to_disk: a Dataset, or a DatasetDict split by spec.split
+        from datasets import DatasetDict, load_from_disk
+
+        saved = load_from_disk(str(path))
+        if isinstance(saved, DatasetDict):
+            if spec.split not in saved:
+                raise RecipeError(
+                    f"{key}.split: {spec.split!r} is not a split of {path} ({', '.join(saved)})"
+                )
+            saved = saved[spec.split]
+        return saved
     try:
         files = local_data_files(path)
     except ValueError as error:

@@ -1,0 +1,88 @@
+"""`fuse validate` catches what used to fail hours later: a data format that fits none of the file's rows, a
+tracker or kernel the recipe turns on but the environment lacks, GPUs that do not match vLLM's parallelism, SLURM
+jobs that ask for no memory or time; and a `datasets.save_to_disk` folder is data like any other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fuse.recipe import RecipeError, parse_recipe
+from fuse.validate import validate
+
+from recipes import toy_recipe
+
+
+def problems(recipe: dict) -> str:
+    with pytest.raises(RecipeError) as error:
+        validate(parse_recipe(recipe), files=True, load=False)
+    return str(error.value)
+
+
+def test_a_format_that_fits_no_row_is_named_with_the_one_that_does(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["data"]["sft"]["format"] = "sharegpt"  # the toy's file holds {messages: [...]}
+    message = problems(recipe)
+    assert (
+        "data.sft.format: none of the first" in message
+        and "as 'sharegpt' (no column 'conversations'" in message
+    )
+    assert "format: messages reads it" in message
+    recipe["data"]["sft"]["format"] = "messages"
+    validate(parse_recipe(recipe), files=True, load=False)
+
+
+def test_a_package_the_recipe_turns_on_must_be_installed(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["stages"]["distill"] = {"report_to": ["neptune"], "liger": True}
+    message = problems(recipe)
+    assert "stages.distill.report_to: neptune needs the package 'neptune'" in message
+    assert "stages.distill.liger needs the package 'liger-kernel'" in message
+    recipe["stages"]["distill"] = {"report_to": ["tensorboard"]}  # installed with fuse[training]
+    validate(parse_recipe(recipe), files=True, load=False)
+
+
+def test_gpus_must_match_vllm_parallelism_exactly(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["stages"]["extract"] = {"backend": "vllm", "tensor_parallel_size": 1}
+    recipe["executor"] = {
+        "kind": "slurm",
+        "resources": {"default": {"mem": "8G", "time": "01:00:00"}, "extract": {"gpus_per_node": 4}},
+    }
+    message = problems(recipe)
+    assert "executor.resources.extract.pivot: 4 GPUs per node (3 would sit idle)" in message
+    recipe["executor"]["resources"]["extract"] = {"gpus_per_node": 1}
+    validate(parse_recipe(recipe), files=False, load=False)
+
+
+def test_a_slurm_job_without_memory_or_time_is_refused_unless_the_site_has_defaults(tmp_path):
+    recipe = toy_recipe(tmp_path)
+    recipe["executor"] = {"kind": "slurm", "resources": {"distill": {"mem": "64G"}}}
+    message = problems(recipe)
+    assert "jobs without memory or time and no site default: prepare (mem, time)" in message
+    assert "distill.a (time)" in message
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"resources": {"default": {"mem": "8G", "time": "02:00:00"}}}))
+    recipe["executor"]["slurm"] = {"site_config": str(site)}
+    validate(parse_recipe(recipe), files=False, load=False)
+
+
+def test_a_save_to_disk_folder_is_data(tmp_path):
+    from datasets import Dataset
+
+    from fuse.recipe import DatasetSpec
+    from stages.prepare import load_raw, normalize
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(5)
+    ]
+    folder = tmp_path / "saved"
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    recipe = toy_recipe(tmp_path)
+    recipe["data"]["sft"] = {"path": str(folder)}
+    validate(parse_recipe(recipe), files=True, load=False)  # used to be "must be files of one kind"
+    spec = DatasetSpec(path=str(folder))
+    kept, report = normalize(load_raw(spec, "data.sft"), spec, "data.sft", "sft", 1)
+    assert len(kept) == 5 and report["rows_read"] == 5
