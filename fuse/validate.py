@@ -192,8 +192,8 @@ def _format_problems(recipe: Recipe) -> list[str]:
             continue
         try:
             rows = [r for r in first_rows(Path(spec.path)) if not isinstance(r, BadRow)]
-        except (ValueError, OSError):
-            continue  # reported by the row checks
+        except Exception:  # an unreadable file or an oversized field: the row checks report it by file and line
+            continue
         if not rows:
             continue
 

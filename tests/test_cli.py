@@ -302,7 +302,10 @@ def test_validate_checks_gpus_against_tensor_parallel_size(tmp_path):
         "tensor_parallel_size": 2,
         "models": {"b": {"tensor_parallel_size": 8}},
     }
-    recipe["executor"] = {"kind": "slurm", "resources": {"extract": {"gpus_per_node": 2}}}
+    recipe["executor"] = {
+        "kind": "slurm",
+        "resources": {"default": {"mem": "8G", "time": "01:00:00"}, "extract": {"gpus_per_node": 2}},
+    }
     result = fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load")
     assert result.returncode == 2
     assert (
