@@ -103,6 +103,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(text: str | None, option: str, form: str, cast: Any) -> dict[str, Any] | None:
+    """ "a=1,b=2" -> {"a": cast("1"), "b": cast("2")}; None when not given."""
+    from fuse.recipe import RecipeError
+
+    if not text:
+        return None
+    try:
+        return {k.strip(): cast(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise RecipeError(f"{option} {text}: write it as {form}") from None
+
+
 def plan_estimate(args: argparse.Namespace, recipe: Any, dag: Any, store: Any) -> list[str]:
     from fuse.estimate import calibrations, estimate_lines, estimate_plan
     from fuse.recipe import RecipeError
@@ -111,18 +123,8 @@ def plan_estimate(args: argparse.Namespace, recipe: Any, dag: Any, store: Any) -
     if args.gpu not in calibrations():
         raise RecipeError(f"--gpu {args.gpu}: no calibration for it (known: {', '.join(calibrations())})")
     site = load_site(site_path(recipe, args.recipe, args.site))
-    rows = None
-    if args.rows:
-        try:
-            rows = {k.strip(): int(v) for k, v in (part.split("=") for part in args.rows.split(","))}
-        except ValueError:
-            raise RecipeError(f"--rows {args.rows}: write it as sft=N,preference=M") from None
-    params = None
-    if args.params:
-        try:
-            params = {k.strip(): float(v) for k, v in (part.split("=") for part in args.params.split(","))}
-        except ValueError:
-            raise RecipeError(f"--params {args.params}: write it as NAME=N,... (e.g. pivot=7.24e9)") from None
+    rows = _assignments(args.rows, "--rows", "sft=N,preference=M", int)
+    params = _assignments(args.params, "--params", "NAME=N,... (e.g. pivot=7.24e9)", float)
     try:
         estimates, data, sizes = estimate_plan(
             recipe,

@@ -68,34 +68,32 @@ CALIBRATIONS: dict[str, Calibration] = {
         source="fitted to the real pair's SmolLM2 <- gemma-3 run on 2 shared CPU cores; checked against the other "
         "direction and the demo in bench/results/estimate_check.md",
     ),
-    "h100": Calibration(
-        forward_flops=0.40 * 989e12,
-        train_flops=0.30 * 989e12,
-        decode_flops=0.02 * 989e12,
-        align_s_per_vocab=4.0e-5,
-        align_tokens_s=4.0e3,
-        io_bytes_s=2.0e9,
-        overhead_s=60.0,
-        base_gb=0.55,
-        gpu_memory_gb=80.0,
-        source="nominal: 989 TFLOP/s bf16 dense × utilization 0.40 forward / 0.30 training; not measured by fuse",
-    ),
-    "a100": Calibration(
-        forward_flops=0.40 * 312e12,
-        train_flops=0.30 * 312e12,
-        decode_flops=0.02 * 312e12,
-        align_s_per_vocab=4.0e-5,
-        align_tokens_s=4.0e3,
-        io_bytes_s=2.0e9,
-        overhead_s=60.0,
-        base_gb=0.55,
-        gpu_memory_gb=80.0,
-        source="nominal: 312 TFLOP/s bf16 dense × utilization 0.40 forward / 0.30 training; not measured by fuse",
-    ),
 }
-CALIBRATIONS["h200"] = replace(
-    CALIBRATIONS["h100"], gpu_memory_gb=141.0, source=CALIBRATIONS["h100"].source.replace("989", "989 (H200)")
-)
+
+
+def nominal(name: str, peak_flops: float, memory_gb: float) -> Calibration:
+    """A GPU row from its datasheet: peak bf16 dense FLOP/s at utilization 0.40 forward, 0.30 training and 0.02
+    decoding one token at a time; align is CPU work as on any node. Not measured by fuse."""
+    return Calibration(
+        forward_flops=0.40 * peak_flops,
+        train_flops=0.30 * peak_flops,
+        decode_flops=0.02 * peak_flops,
+        align_s_per_vocab=CALIBRATIONS["cpu"].align_s_per_vocab,
+        align_tokens_s=CALIBRATIONS["cpu"].align_tokens_s,
+        io_bytes_s=2.0e9,
+        overhead_s=60.0,
+        base_gb=0.55,
+        gpu_memory_gb=memory_gb,
+        source=f"nominal: {name} {peak_flops / 1e12:.0f} TFLOP/s bf16 dense × utilization 0.40 forward / 0.30 "
+        "training; not measured by fuse",
+    )
+
+
+CALIBRATIONS |= {
+    "h100": nominal("H100", 989e12, 80.0),
+    "h200": nominal("H200", 989e12, 141.0),
+    "a100": nominal("A100", 312e12, 80.0),
+}
 
 
 def calibrations() -> dict[str, Calibration]:

@@ -192,7 +192,9 @@ def _format_problems(recipe: Recipe) -> list[str]:
             continue
         try:
             rows = [r for r in first_rows(Path(spec.path)) if not isinstance(r, BadRow)]
-        except Exception:  # an unreadable file or an oversized field: the row checks report it by file and line
+        except (
+            Exception
+        ):  # an unreadable file or an oversized field: the row checks report it by file and line
             continue
         if not rows:
             continue
