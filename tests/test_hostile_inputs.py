@@ -430,3 +430,18 @@ def test_fuse_logs_holds_the_lines_asked_for_not_the_log(tmp_path, capsys):
         tracemalloc.stop()
     assert capsys.readouterr().out.splitlines()[-5:] == [f"the end {i}" for i in range(5)]
     assert peak < 8_000_000  # reading the whole 40 MB log would take ten times that
+
+
+def test_site_configs_and_merge_configs_bound_their_aliases_too(tmp_path):
+    from fuse.merging.config import load_merge_config
+    from fuse.merging.methods import MergeConfigError
+    from fuse.slurm.site import load_site
+
+    site = tmp_path / "site.yaml"
+    site.write_text("resources:\n  default:\n    extra:\n" + "".join(f"      {line}\n" for line in _bomb()))
+    with pytest.raises(RecipeError, match="YAML aliases"):
+        load_site(site)
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("merge_method: linear\nparameters:\n" + "".join(f"  {line}\n" for line in _bomb()))
+    with pytest.raises(MergeConfigError, match="YAML aliases"):
+        load_merge_config(merge)

@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuse.merging.checkpoint import parse_size
 from fuse.merging.methods import MergeConfigError, get_method, resolve_params
+from fuse.recipe.base import RecipeError
+from fuse.recipe.safe_yaml import load_yaml
 
 
 class _Frozen(BaseModel):
@@ -61,7 +62,10 @@ class MergeConfig(_Frozen):
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge YAML; relative paths are taken from the YAML file's folder."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}  # aliases bounded, as in recipes
+    except RecipeError as error:
+        raise MergeConfigError(str(error)) from None
     if not isinstance(raw, dict):
         raise MergeConfigError(f"{path}: expected a mapping at the top level")
 

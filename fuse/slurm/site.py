@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 
 from fuse.dag import Dag, Instance, stage_of
 from fuse.recipe import Frozen, Recipe, RecipeError, Resources, format_error
+from fuse.recipe.safe_yaml import load_yaml
 from fuse.stage_table import STAGES
 
 
@@ -43,7 +44,7 @@ def load_site(path: str | Path | None) -> SiteConfig:
     if not path.is_file():
         raise RecipeError(f"{path}: no such SLURM site config (executor.slurm.site_config or --site)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}  # aliases bounded, as in recipes
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     try:
