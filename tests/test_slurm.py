@@ -455,3 +455,28 @@ def test_a_shard_array_is_throttled_as_the_recipe_asks(tmp_path):
     assert (
         "#SBATCH --exclusive" in script and "--array" not in script
     )  # the array is fuse's, on the sbatch line
+
+
+def test_env_setup_lines_the_recipe_repeats_from_the_site_run_once(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"env_setup": ["module load cuda/12.4", "source /venv/bin/activate"]}))
+    path, _ = _toy(
+        tmp_path,
+        kind="slurm",
+        resources={"default": {"mem": "8G", "time": "01:00:00"}},
+        slurm={"site_config": "site.yaml", "env_setup": ["source /venv/bin/activate", "export X=1"]},
+    )
+    recipe = load_recipe(path)
+    config = slurm.load_site(slurm.site_path(recipe, path))
+    settings = slurm.job_settings(recipe, config, tmp_path / "snapshot.yaml")
+    dag = build_dag(recipe)
+    script = slurm.render_job(
+        recipe, dag["prepare"], slurm.resources_for(recipe, dag["prepare"], config), settings
+    )
+    lines = script.splitlines()
+    assert lines.count("source /venv/bin/activate") == 1
+    assert (
+        lines.index("module load cuda/12.4")
+        < lines.index("source /venv/bin/activate")
+        < lines.index("export X=1")
+    )

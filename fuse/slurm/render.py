@@ -43,7 +43,8 @@ def job_settings(
     return JobSettings(
         recipe_path=recipe_path,
         python=slurm.python or site.python or sys.executable,
-        env_setup=(*site.env_setup, *slurm.env_setup),
+        # the site's lines, then the recipe's; a line the recipe repeats from the site is run once
+        env_setup=tuple(dict.fromkeys((*site.env_setup, *slurm.env_setup))),
         grace=grace if grace is not None else (site.signal_grace_seconds or slurm.signal_grace_seconds),
         template=template,
     )
