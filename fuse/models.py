@@ -34,8 +34,13 @@ def offline() -> bool:
     return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
-def resolve_model_dir(spec: ModelSpec) -> Path:
-    """The local folder holding `spec`'s files: the path itself, or the hub snapshot (downloaded unless offline)."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def resolve_model_dir(spec: ModelSpec, weights: bool = True) -> Path:
+    """The local folder holding `spec`'s files: the path itself, or the hub snapshot (downloaded unless offline).
+    `weights=False`: configs, tokenizer and templates only — what a tokenizer, `fuse validate` and `plan
+    --estimate` read, so that checking a 72B recipe on a login node does not download 145 GB."""
     local = Path(spec.path)
     if local.is_dir():
         return local
@@ -48,6 +53,8 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
     if spec.allow_pickle:
         patterns.append("*.bin")
+    if not weights:
+        patterns = [p for p in patterns if p not in WEIGHT_PATTERNS]
     try:
         return Path(
             snapshot_download(
@@ -125,7 +132,7 @@ def load_tokenizer_dir(
 
 
 def load_tokenizer(spec: ModelSpec, require_chat_template: bool = False) -> PreTrainedTokenizerBase:
-    directory = resolve_model_dir(spec)
+    directory = resolve_model_dir(spec, weights=False)
     tokenizer = load_tokenizer_dir(directory, spec.trust_remote_code)
     override = chat_template_text(spec)
     if override is not None:

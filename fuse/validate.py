@@ -451,7 +451,7 @@ def check_models(recipe: Recipe) -> list[str]:
     for spec in [recipe.model("pivot"), *recipe.sources]:
         key = _model_key(recipe, spec)
         try:
-            directory = resolve_model_dir(spec)
+            directory = resolve_model_dir(spec, weights=False)  # configs and tokenizers: no weights
             tokenizer = load_tokenizer(spec, require_chat_template=needs_template)
             config = AutoConfig.from_pretrained(directory, trust_remote_code=spec.trust_remote_code)
             check_vocab(spec, config, tokenizer)

@@ -86,3 +86,24 @@ def test_a_save_to_disk_folder_is_data(tmp_path):
     spec = DatasetSpec(path=str(folder))
     kept, report = normalize(load_raw(spec, "data.sft"), spec, "data.sft", "sft", 1)
     assert len(kept) == 5 and report["rows_read"] == 5
+
+
+def test_tokenizers_and_validate_ask_the_hub_for_no_weights(tmp_path, monkeypatch):
+    """The hub cannot be reached here: what is recorded is what fuse asks huggingface_hub to download."""
+    import huggingface_hub
+
+    from fuse.models import resolve_model_dir
+    from fuse.recipe import ModelSpec
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=(), local_files_only=False):
+        asked.append(list(allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    spec = ModelSpec(name="big", path="org/model-72B", allow_pickle=True)
+    resolve_model_dir(spec, weights=False)
+    resolve_model_dir(spec)
+    assert not {"*.safetensors", "*.bin"} & set(asked[0]) and "*.json" in asked[0]
+    assert {"*.safetensors", "*.bin"} <= set(asked[1])
