@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,55 @@ def _optional_dependencies(recipe: Recipe) -> list[tuple[str, str, str]]:
     if recipe.stages.evaluate.enabled and recipe.stages.evaluate.lm_eval.tasks:
         needs.append(("stages.evaluate.lm_eval.tasks", "lm_eval", "lm-eval"))
     return needs
+
+
+HF_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+EXPORT_RE = re.compile(r"""(?:^|[;&\s])export\s+(.+)$""")
+
+
+def exported_variables(lines: list[str]) -> dict[str, str]:
+    """Variables that `export NAME=value` lines set (simple values only: what the jobs' env_setup exports)."""
+    found = {}
+    for line in lines:
+        match = EXPORT_RE.search(line.strip())
+        try:
+            words = shlex.split(match.group(1)) if match else []
+        except ValueError:  # unbalanced quotes: not a line to read values from
+            words = []
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep and re.fullmatch(r"[A-Za-z_]\w*", name) and "$" not in value and "`" not in value:
+                found[name] = value.strip("'\"")
+    return found
+
+
+def check_job_cache(recipe: Recipe) -> list[str]:
+    """The Hugging Face cache validate reads must be the one the jobs will use: a site or recipe env_setup that
+    exports HF_HOME (or HF_HUB_CACHE, HF_HUB_OFFLINE) other than this shell's would make validate check models
+    the jobs do not see (and download them where the jobs will not look)."""
+    import os
+
+    from fuse.slurm.site import load_site
+
+    if recipe.executor.kind != "slurm":
+        return []
+    try:
+        site = load_site(recipe.executor.slurm.site_config)
+    except RecipeError:
+        return []  # reported by check_executor
+    jobs = exported_variables([*site.env_setup, *recipe.executor.slurm.env_setup])
+    differ = [
+        f"{name}={jobs[name]} (here: {os.environ.get(name, 'unset')})"
+        for name in HF_VARIABLES
+        if name in jobs and os.environ.get(name) != jobs[name]
+    ]
+    if not differ:
+        return []
+    setting = " ".join(f"{name}={jobs[name]}" for name in HF_VARIABLES if name in jobs)
+    return [
+        f"executor.slurm.env_setup: the jobs use {', '.join(differ)}: validate would check another cache than "
+        f"the jobs read; run `{setting} fuse validate ...`"
+    ]
 
 
 def check_dependencies(recipe: Recipe) -> list[str]:
@@ -498,7 +548,7 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     build_dag(recipe)  # cross-stage checks raise RecipeError themselves
     problems = check_executor(recipe) + check_registries(recipe)
     if files:  # the environment the jobs run in (a laptop's --no-load check does without)
-        problems += check_dependencies(recipe)
+        problems += check_dependencies(recipe) + check_job_cache(recipe)
         found = check_files(recipe)
         problems = found + (check_contents(recipe) if not found else []) + problems
     if load and not problems:

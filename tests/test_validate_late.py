@@ -107,3 +107,34 @@ def test_tokenizers_and_validate_ask_the_hub_for_no_weights(tmp_path, monkeypatc
     resolve_model_dir(spec)
     assert not {"*.safetensors", "*.bin"} & set(asked[0]) and "*.json" in asked[0]
     assert {"*.safetensors", "*.bin"} <= set(asked[1])
+
+
+def test_validate_checks_the_cache_the_jobs_will_read(tmp_path, monkeypatch):
+    from fuse.validate import exported_variables
+
+    assert exported_variables(
+        ["export HF_HOME=/shared/hf HF_HUB_OFFLINE=1", 'cd x && export HF_HUB_CACHE="/a b"']
+    ) == {
+        "HF_HOME": "/shared/hf",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": "/a b",
+    }
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        json.dumps(
+            {
+                "env_setup": ["export HF_HOME=/shared/hf-cache HF_HUB_OFFLINE=1"],
+                "resources": {"default": {"mem": "8G", "time": "01:00:00"}},
+            }
+        )
+    )
+    recipe = toy_recipe(tmp_path)
+    recipe["executor"] = {"kind": "slurm", "slurm": {"site_config": str(site)}}
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "login-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    message = problems(recipe)
+    assert "the jobs use HF_HOME=/shared/hf-cache (here: " in message
+    assert "run `HF_HOME=/shared/hf-cache HF_HUB_OFFLINE=1 fuse validate ...`" in message
+    monkeypatch.setenv("HF_HOME", "/shared/hf-cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    validate(parse_recipe(recipe), files=True, load=False)
