@@ -189,6 +189,22 @@ def cmd_run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """The explicit download `fuse validate` leaves out: each hub model's snapshot with its weights, into the cache
+    this shell's HF_HOME names (run it where the jobs' cache is, e.g. `HF_HOME=/shared/hf-cache fuse fetch R`)."""
+    from pathlib import Path
+
+    from fuse.models import resolve_model_dir
+
+    recipe = recipe_of(args)
+    for spec in [recipe.pivot, *recipe.sources]:
+        if Path(spec.path).expanduser().is_dir():
+            print(f"{spec.name}: local folder {spec.path}, nothing to fetch")
+            continue
+        print(f"{spec.name}: {spec.path} -> {resolve_model_dir(spec, weights=True)}")
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from fuse.dag import build_dag
     from fuse.store import RunStore
@@ -222,7 +238,7 @@ def _binary(path: Path) -> bool:
         return b"\0" in handle.read(8192)
 
 
-BUILT_IN = ("validate", "plan", "run", "run-stage", "logs")
+BUILT_IN = ("validate", "plan", "run", "run-stage", "logs", "fetch")
 
 
 def _plugins_for(argv: list[str]) -> list[str]:
@@ -316,6 +332,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, default=None)
     p.add_argument("--force", action="store_true")
     p.set_defaults(handler=cmd_run_stage)
+
+    p = sub.add_parser(
+        "fetch",
+        help="download every hub model's weights into the Hugging Face cache (validate reads no weights)",
+    )
+    _recipe_arg(p)
+    p.set_defaults(handler=cmd_fetch)
 
     p = sub.add_parser("logs", help="print the tail of an instance's log")
     _recipe_arg(p)

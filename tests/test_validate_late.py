@@ -138,3 +138,25 @@ def test_validate_checks_the_cache_the_jobs_will_read(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", "/shared/hf-cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     validate(parse_recipe(recipe), files=True, load=False)
+
+
+def test_fetch_downloads_the_weights_validate_left_out(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from fuse.cli import main
+
+    from recipes import write_recipe
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=(), local_files_only=False):
+        asked.append((repo_id, list(allow_patterns)))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    recipe = toy_recipe(tmp_path)
+    recipe["sources"][0]["path"] = "org/source-7B"  # a hub id; the others are local folders
+    assert main(["fetch", str(write_recipe(tmp_path, recipe))]) == 0
+    out = capsys.readouterr().out
+    assert asked == [("org/source-7B", ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])]
+    assert "pivot: local folder" in out and f"a: org/source-7B -> {tmp_path / 'snapshot'}" in out
