@@ -480,3 +480,27 @@ def test_env_setup_lines_the_recipe_repeats_from_the_site_run_once(tmp_path):
         < lines.index("source /venv/bin/activate")
         < lines.index("export X=1")
     )
+
+
+def test_at_most_max_concurrent_jobs_of_a_submission_run_at_once(tmp_path):
+    """Each job also waits (afterany) for the job submitted `max_concurrent_jobs` before it: running jobs are
+    always within a window of that many consecutive submissions."""
+    path, _ = _toy(
+        tmp_path,
+        kind="slurm",
+        resources={"default": {"mem": "8G", "time": "01:00:00"}},
+        slurm={"max_concurrent_jobs": 2},
+    )
+    submissions = [
+        s for s in slurm.submit(load_recipe(path), path, FakeSlurm(), dry_run=True) if s.action == "submit"
+    ]
+    ids = [s.job_id for s in submissions]
+    for k, s in enumerate(submissions):
+        dependency = next((o for o in s.sbatch if o.startswith("--dependency=")), "")
+        if k >= 2:
+            assert f"afterany:{ids[k - 2]}" in dependency, (s.instance, dependency)
+        else:
+            assert "afterany" not in dependency
+    assert any(
+        o.startswith("--dependency=afterok:") and ",afterany:" in o for s in submissions for o in s.sbatch
+    )

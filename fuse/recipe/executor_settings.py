@@ -54,6 +54,12 @@ class SlurmSettings(Frozen):
         "scripts and recipe snapshots that carry them are written owner-only (0600).",
     )
     signal_grace_seconds: int = Field(120, ge=0)
+    max_concurrent_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many of a submission's jobs run at once (each also waits for the end of the job "
+        "submitted that many before it; a shard array counts as one job, bounded by resources.max_concurrent).",
+    )
     python: str | None = Field(None, description="Interpreter inside jobs; default: the one running fuse.")
     template: str | None = Field(
         None,

@@ -47,13 +47,17 @@ def array_ranges(numbers: list[int]) -> str:
     return ",".join(parts)
 
 
-def sbatch_options(shards: list[int] | None, dependencies: list[str], limit: int | None = None) -> list[str]:
+def sbatch_options(
+    shards: list[int] | None, dependencies: list[str], limit: int | None = None, after_any: list[str] = ()
+) -> list[str]:
     """The sbatch line's options: the missing shards as an array (at most `limit` tasks at once), the
-    dependencies."""
+    dependencies (afterok on the parents; afterany on `after_any`, the window of max_concurrent_jobs)."""
     throttle = f"%{limit}" if limit else ""
     options = [f"--array={array_ranges(shards)}{throttle}"] if shards is not None else []
-    if dependencies:
-        options.append("--dependency=afterok:" + ":".join(dependencies))
+    conditions = [f"afterok:{':'.join(dependencies)}"] if dependencies else []
+    conditions += [f"afterany:{':'.join(after_any)}"] if after_any else []
+    if conditions:
+        options.append("--dependency=" + ",".join(conditions))  # a comma: all must hold
     return [*options, "--kill-on-invalid-dep=yes"]  # a failed parent cancels its dependents, not strands them
 
 
@@ -208,7 +212,12 @@ def _submit_one(batch: _Batch, step: Step) -> Submission:
     script = batch.folder / f"{instance.name}.sbatch"
     resources = resources_for(recipe, instance, batch.site)
     write_text_atomic(script, render_job(recipe, instance, resources, batch.settings), private=True)
-    options = sbatch_options(shards, dependencies, resources.array_limit())
+    # max_concurrent_jobs N: each job also waits for the end of the job submitted N before it, so that at most N of
+    # this submission's jobs (an array counting as one) run at a time, whatever the DAG allows
+    window = recipe.executor.slurm.max_concurrent_jobs
+    submitted = [s.job_id for s in earlier if s.action == "submit" and s.job_id]
+    after_any = [submitted[-window]] if window and len(submitted) >= window else []
+    options = sbatch_options(shards, dependencies, resources.array_limit(), after_any)
     if batch.dry_run:
         job_id = "$" + shell_name(instance.name)
     else:
