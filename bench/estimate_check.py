@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from fuse.dag import build_dag  # noqa: E402
 from fuse.estimate import clock, estimate_plan  # noqa: E402
 from fuse.recipe import load_recipe  # noqa: E402
+from fuse.resources import host_peak_gb  # noqa: E402
 from fuse.store import RunStore  # noqa: E402
 
 DEFAULT = [
@@ -37,7 +38,7 @@ def measured(store: RunStore, name: str) -> tuple[float | None, float | None]:
     if manifest.get("status") != "done" or manifest.get("cached_from"):
         return None, None  # linked from the cache: its time was spent elsewhere
     peaks = manifest.get("peak_memory") or {}
-    peak = max(peaks.get("host_rss_peak_mb", 0), peaks.get("children_rss_peak_mb", 0)) / 1024 or None
+    peak = host_peak_gb(peaks) or None
     return manifest.get("elapsed_s"), peak
 
 

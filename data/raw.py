@@ -5,6 +5,7 @@ large to tokenize) instead of dying on it inside `datasets`."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,3 +283,26 @@ def arrow_row_bytes(array: Any) -> np.ndarray:
         totals = np.concatenate([[0], np.cumsum(arrow_row_bytes(array.flatten()))])
         return totals[offsets[1:] - offsets[0]] - totals[offsets[:-1] - offsets[0]]
     return np.full(len(array), 8, np.int64)
+
+
+def first_rows(path: Path, count: int) -> list[Any]:
+    """The first `count` rows of a local dataset as prepare reads them (JSON objects, or a table's rows)."""
+    if is_saved_dataset(path):
+        from datasets import DatasetDict, load_from_disk
+
+        saved = load_from_disk(str(path))
+        if isinstance(saved, DatasetDict):
+            saved = next(iter(saved.values()))
+        return [saved[i] for i in range(min(count, len(saved)))]
+    first = local_data_files(path)[0]
+    if first.suffix in (".jsonl", ".json"):
+        return list(itertools.islice(json_rows(first), count))
+    if first.suffix == ".csv":
+        with open(first, newline="", encoding="utf-8") as handle:
+            return list(itertools.islice(csv.DictReader(handle), count))
+    rows: list[Any] = []
+    for batch in _arrow_batches(first):
+        rows += batch.to_pylist()
+        if len(rows) >= count:
+            break
+    return rows[:count]

@@ -24,6 +24,7 @@ from typing import Any
 
 from fuse.dag import Dag, Instance
 from fuse.recipe import Recipe
+from fuse.resources import host_peak_gb
 from fuse.store import RunStore
 
 GB = 1 << 30
@@ -591,7 +592,7 @@ def refine(estimates: list[Estimate], store: RunStore) -> list[Estimate]:
         manifest = store.manifest(estimate.instance) or {}
         measured_s = manifest.get("elapsed_s")
         peaks = manifest.get("peak_memory") or {}
-        measured_gb = max(peaks.get("host_rss_peak_mb", 0), peaks.get("children_rss_peak_mb", 0)) / 1024
+        measured_gb = host_peak_gb(peaks)
         if manifest.get("status") != "done" or not measured_s:
             continue
         time_ratios, mem_ratios = ratios.setdefault(estimate.instance.split(".")[0], ([], []))

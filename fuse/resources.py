@@ -92,12 +92,17 @@ def summary(stage_dir: Path, num_shards: int) -> dict[str, Any] | None:
     return peaks | {"shards_measured": len(found)}
 
 
+def host_peak_gb(peaks: dict[str, Any] | None) -> float:
+    """The host memory a job needed: the larger of its own peak RSS and its children's (training launchers), GB."""
+    peaks = peaks or {}
+    return max(peaks.get("host_rss_peak_mb", 0.0), peaks.get("children_rss_peak_mb", 0.0)) / 1024
+
+
 def describe(peaks: dict[str, Any] | None) -> str:
     """'RSS 1.5G GPU 10.2G' for status tables; '' when unmeasured."""
     if not peaks:
         return ""
-    host = max(peaks.get("host_rss_peak_mb", 0.0), peaks.get("children_rss_peak_mb", 0.0))
-    text = f"RSS {host / 1024:.1f}G"
+    text = f"RSS {host_peak_gb(peaks):.1f}G"
     if "gpu_peak_mb" in peaks:
         text += f" GPU {peaks['gpu_peak_mb'] / 1024:.1f}G"
     return text

@@ -151,48 +151,19 @@ FORMAT_PROBE_ROWS = 20
 SFT_FORMATS = ("messages", "sharegpt", "prompt_response")
 
 
-def first_rows(path: Path, count: int = FORMAT_PROBE_ROWS) -> list[Any]:
-    """The first `count` rows of a local dataset as prepare reads them (JSON objects, or a table's rows)."""
-    import itertools
-
-    from fuse.data.raw import _arrow_batches, is_saved_dataset, json_rows, local_data_files
-
-    if is_saved_dataset(path):
-        from datasets import DatasetDict, load_from_disk
-
-        saved = load_from_disk(str(path))
-        if isinstance(saved, DatasetDict):
-            saved = next(iter(saved.values()))
-        return [saved[i] for i in range(min(count, len(saved)))]
-    first = local_data_files(path)[0]
-    if first.suffix in (".jsonl", ".json"):
-        return list(itertools.islice(json_rows(first), count))
-    if first.suffix == ".csv":
-        import csv
-
-        with open(first, newline="", encoding="utf-8") as handle:
-            return list(itertools.islice(csv.DictReader(handle), count))
-    rows: list[Any] = []
-    for batch in _arrow_batches(first):
-        rows += batch.to_pylist()
-        if len(rows) >= count:
-            break
-    return rows[:count]
-
-
 def _format_problems(recipe: Recipe) -> list[str]:
     """Each local dataset read as its `format` says, on its first rows: a format that fits none of them (`format:
     sharegpt` on a messages file) is named here, with the format that would fit, not as a stage that drops every
     row an hour later."""
     from fuse.data.prepared import Dropped, preference_row, sft_messages
-    from fuse.data.raw import BadRow
+    from fuse.data.raw import BadRow, first_rows
 
     problems = []
     for key, spec in (("data.sft", recipe.data.sft), ("data.preference", recipe.data.preference)):
         if spec is None or not Path(spec.path).exists():
             continue
         try:
-            rows = [r for r in first_rows(Path(spec.path)) if not isinstance(r, BadRow)]
+            rows = [r for r in first_rows(Path(spec.path), FORMAT_PROBE_ROWS) if not isinstance(r, BadRow)]
         except (
             Exception
         ):  # an unreadable file or an oversized field: the row checks report it by file and line

@@ -94,6 +94,7 @@ def check_estimate(recipe_path, workdir) -> None:
     from fuse.dag import build_dag
     from fuse.estimate import estimate_plan
     from fuse.recipe import load_recipe
+    from fuse.resources import host_peak_gb
 
     recipe = load_recipe(recipe_path)
     store = RunStore(workdir)
@@ -104,7 +105,7 @@ def check_estimate(recipe_path, workdir) -> None:
     assert len(timed) >= 25 and 1 / 3 < total / sum(e.seconds for e in timed) < 3, (total, timed)
     for e in estimates:
         peaks = measured[e.instance]["peak_memory"]
-        peak = max(peaks.get("host_rss_peak_mb", 0), peaks.get("children_rss_peak_mb", 0)) / 1024
+        peak = host_peak_gb(peaks)
         assert 1 / 3.5 < peak / e.peak_gb < 3.5, (e.instance, peak, e.peak_gb)
 
 
