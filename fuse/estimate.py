@@ -447,21 +447,17 @@ def instance_estimate(
             seconds += data.rows.get("sft/train", 0) * cal.candidate_s_per_row
             peak = max(peak, _forward_gb(source, stages.extract.for_model(key), cal))
     elif instance.stage in ("distill", "fpo"):
-        settings = stages.distill if instance.stage == "distill" else stages.fpo
-        if instance.stage == "distill":
-            tokens = _trained_tokens(
-                settings, data.rows.get("sft/train", 0), data.sft_tokens.get("pivot", 0.0)
-            )
-        else:
-            tokens = _trained_tokens(
-                settings, data.rows.get("preference/train", 0), data.pair_tokens.get("pivot", 0.0)
-            )
+        settings = getattr(stages, instance.stage)
+        if instance.stage == "distill":  # a batch pads its rows to its longest: about twice the mean
+            rows, per_row = data.rows.get("sft/train", 0), data.sft_tokens.get("pivot", 0.0)
+            sequence, sequences = 2 * per_row, 1
+        else:  # a preference pair: two sequences, its tokens counted over both
+            rows, per_row = data.rows.get("preference/train", 0), data.pair_tokens.get("pivot", 0.0)
+            sequence, sequences = per_row, 2
+        tokens = _trained_tokens(settings, rows, per_row)
         flops = 6 * (pivot.params or 0) * tokens * (4 / 3 if settings.gradient_checkpointing else 1)
         seconds += flops / (cal.train_flops * scale)
-        if instance.stage == "distill":  # a batch pads its rows to its longest: about twice the mean
-            peak = _training_gb(pivot, settings, cal, gpus, 2 * data.sft_tokens.get("pivot", 0.0))
-        else:
-            peak = _training_gb(pivot, settings, cal, gpus, data.pair_tokens.get("pivot", 0.0), per_row=2)
+        peak = _training_gb(pivot, settings, cal, gpus, sequence, per_row=sequences)
     elif instance.stage == "merge":
         # streamed (fuse.merging.engine): every target and the base read, the result written; in memory (models +
         # 3) x the largest tensor in float32 (the embedding), and the pages of the model being read

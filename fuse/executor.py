@@ -233,12 +233,10 @@ def run(
     """Run the DAG under the run lock; raise StageFailed naming the first instance that fails or does not end
     done, PlanError when another run holds the store or a live process works on what this run would redo."""
     with start_run(recipe, build_dag(recipe), from_stage, only, force) as start:
-        return _run_started(start, from_stage, progress, echo)
+        return _run_started(start, progress, echo)
 
 
-def _run_started(
-    start: RunStart, from_stage: str | None, progress: Progress | None, echo: Callable[[str], None]
-) -> list[Step]:
+def _run_started(start: RunStart, progress: Progress | None, echo: Callable[[str], None]) -> list[Step]:
     recipe, dag, store, steps, todo = start.recipe, start.dag, start.store, start.steps, start.todo
     check_not_busy(store, dag, [s.instance.name for s in todo])
     write_resolved_recipe(store, recipe)
@@ -252,11 +250,7 @@ def _run_started(
     )
     progress = progress or Progress()
     for number, step in enumerate(todo, 1):
-        forced = (
-            step.forced
-            or step.why == "forced"
-            or (from_stage is not None and step.instance.stage == from_stage)
-        )
+        forced = step.forced  # --force, or --from: that stage and everything downstream (make_plan decides)
         name = step.instance.name
         if not forced and step.state.kind in ("done", "stale"):
             # planned because a parent is (or was being) redone: kept when the parents wrote the same outputs
