@@ -30,11 +30,11 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fuse.io import TMP_SUFFIX, published_mode, read_json, write_json_atomic
+from fuse.io import TMP_SUFFIX, published_mode, read_json, sha256_json, write_json_atomic
 from fuse.store import RunStore, list_outputs, output_problems
 
 log = logging.getLogger(__name__)
@@ -222,29 +222,44 @@ class ArtifactCache:
         manifest = store.manifest(name) or {}
         if manifest.get("status") != "done":
             return False
-        fingerprint = manifest["fingerprint"]
+        outputs = manifest.get("outputs") or list_outputs(store.out(name))
+        record = {
+            "instance": name,
+            "outputs": outputs,
+            "outputs_digest": manifest.get("outputs_digest"),
+            "inputs": manifest.get("inputs") or {},
+            "parts": manifest.get("parts"),
+            "made_in": str(store.root),
+        }
+        return self.add(
+            stage, manifest["fingerprint"], lambda out: _link_tree(store.out(name), out, outputs), record
+        )
+
+    def add(self, stage: str, fingerprint: str, fill: Callable[[Path], None], record: dict[str, Any]) -> bool:
+        """A new entry whose out/ `fill(out)` writes (a run's outputs linked, or `fuse import` rebuilding a store),
+        recorded with `record` (instance, inputs, parts; the outputs and their digest when not given are those
+        `fill` wrote). Assembled aside and renamed into place; False when the fingerprint has an entry already."""
         final = self.entry(stage, fingerprint)
         if (final / ENTRY).is_file():
             return False
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.parent.is_symlink():
-            raise UntrustedEntry(f"{final.parent} is a symbolic link: not storing {name} through it")
+            raise UntrustedEntry(f"{final.parent} is a symbolic link: not storing {fingerprint} through it")
         staging = final.with_name(f".{fingerprint}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
         try:
-            outputs = manifest.get("outputs") or list_outputs(store.out(name))
-            _link_tree(store.out(name), staging / "out", outputs)
-            record = {
-                "fingerprint": fingerprint,
-                "stage": stage,
-                "instance": name,
-                "outputs": outputs,
-                "outputs_digest": manifest.get("outputs_digest"),
-                "inputs": manifest.get("inputs") or {},
-                "parts": manifest.get("parts"),
-                "created_at": time.time(),
-                "made_in": str(store.root),
-            }
-            write_json_atomic(staging / ENTRY, record)  # the entry is complete once it is renamed into place
+            fill(staging / "out")
+            outputs = record.get("outputs") or list_outputs(staging / "out")
+            write_json_atomic(  # the entry is complete once it is renamed into place
+                staging / ENTRY,
+                {
+                    "fingerprint": fingerprint,
+                    "stage": stage,
+                    **record,
+                    "outputs": outputs,
+                    "outputs_digest": record.get("outputs_digest") or sha256_json(outputs)[:20],
+                    "created_at": time.time(),
+                },
+            )
             try:
                 staging.rename(final)
             except OSError:  # another run published this fingerprint first: keep theirs

@@ -24,6 +24,8 @@ PLUGINS = {
     "merge": "fuse.merging.cli",
     "compare": "fuse.compare",
     "cache": "fuse.cache",
+    "export": "fuse.export",
+    "import": "fuse.export",
     "zoo": "fuse.zoo",
 }
 
@@ -442,6 +444,7 @@ def _expected(error: BaseException) -> bool:
         "CheckpointError",
         "MergeConfigError",
         "PreflightError",
+        "ExportError",
     }
     return isinstance(error, StageFailed | PlanError | KeyError) or type(error).__name__ in names
 

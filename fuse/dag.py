@@ -257,9 +257,10 @@ def build_dag(recipe: Recipe) -> Dag:
 
     final = None
     if s.merge.enabled:
-        dag.add(
-            Instance("merge", "merge", None, edges("targets", *targets.values(), labels=targets), ("pivot",))
-        )
+        inputs = edges("targets", *targets.values(), labels=targets)
+        if s.merge.base == "sft_baseline":  # the deltas are taken against the SFT-only model
+            inputs += edges("sft_baseline", "distill.sft_baseline")
+        dag.add(Instance("merge", "merge", None, inputs, ("pivot",)))
         final = "merge"
         if fpo_on and s.fpo.placement == "after_merge":
             final = add_fpo("merged", "merged", "merge")

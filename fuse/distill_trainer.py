@@ -1,4 +1,5 @@
-"""The distillation Trainer: HF `Trainer` whose compute_loss is `fuse.losses.distill_loss` on sparse targets,
+"""The distillation Trainer: HF `Trainer` whose compute_loss is `fuse.losses.distill_loss` on sparse targets (from
+the backbone's hidden states through a chunked head where the model allows: `fuse.heads.plain_head`),
 the collator that pads sparse targets, and the builder that `fuse.training` calls in every rank.
 
 Training rows (an Arrow dataset on disk): input_ids [T], labels [T] (-100 outside responses) and, unless the run is
@@ -14,10 +15,11 @@ import torch
 from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments
 
-from fuse.losses import IGNORE_INDEX, PAD_ID, distill_loss
-from fuse.models import load_model, load_tokenizer, pad_id
+from fuse.heads import last_hidden, plain_head
+from fuse.losses import IGNORE_INDEX, PAD_ID, LossParts, distill_loss, distill_loss_from_hidden
+from fuse.models import load_tokenizer, pad_id
 from fuse.recipe import DistillSettings, ModelSpec
-from fuse.training import RecordedMetrics, TrainingJob
+from fuse.training import RecordedMetrics, TrainingJob, load_trainable, with_adapters
 
 TARGET_COLUMNS = ("target_ids", "target_probs", "target_width")
 
@@ -77,10 +79,26 @@ class DistillTrainer(RecordedMetrics, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         target_ids, target_probs = inputs.pop("target_ids", None), inputs.pop("target_probs", None)
+        s = self.settings
+        smoothing = s.label_smoothing if model.training else 0.0  # validation scores plain gold CE
+        found = plain_head(model)
+        if found is not None and not return_outputs and s.temperature == 1.0 and smoothing == 0.0:
+            # the response rows through the head in chunks: no [B, T, V] logits (distill_loss_from_hidden)
+            backbone, head = found
+            parts = distill_loss_from_hidden(
+                last_hidden(backbone, inputs),
+                head.weight,
+                labels,
+                target_ids,
+                target_probs,
+                lambda_=s.lambda_,
+                kind=s.divergence,
+            )
+            self._record(model, parts)
+            return parts.loss
         outputs = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
         )
-        s = self.settings
         parts = distill_loss(
             outputs.logits,
             labels,
@@ -89,24 +107,29 @@ class DistillTrainer(RecordedMetrics, Trainer):
             lambda_=s.lambda_,
             temperature=s.temperature,
             kind=s.divergence,
-            label_smoothing=s.label_smoothing if model.training else 0.0,  # validation scores plain gold CE
+            label_smoothing=smoothing,
         )
+        self._record(model, parts)
+        return (parts.loss, outputs) if return_outputs else parts.loss
+
+    def _record(self, model: Any, parts: LossParts) -> None:
         if model.training:
             self.record("gold_ce", parts.gold_ce.item())
             if parts.distill is not None:
                 self.record("distill", parts.distill.item())
-        return (parts.loss, outputs) if return_outputs else parts.loss
 
 
 def build_distill_trainer(job: TrainingJob, args: TrainingArguments) -> Trainer:
     """The builder named in distill jobs: λ, temperature and divergence from the job's DistillSettings; params:
-    model (a ModelSpec dump), train_data and validation_data (dataset folders; validation optional)."""
+    model (a ModelSpec dump), train_data and validation_data (dataset folders; validation optional). With
+    settings.peft the pivot trains LoRA adapters only."""
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
-    # float32 weights: bf16 runs under autocast (the Trainer's bf16), with the recipe's attention kernel
     settings = job.load_settings()
-    model = load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
+    model = load_trainable(spec, settings)
+    if settings.peft is not None:
+        model = with_adapters(model, settings)
     dataset = load_from_disk(params["train_data"])
     validation = params.get("validation_data")
     return DistillTrainer(

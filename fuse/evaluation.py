@@ -1,6 +1,7 @@
 """Evaluation of any set of causal LMs: per-skill accuracy (exact match, or pass/fail of generated code run with
 its tests in a sandbox), per-byte cross-entropy of held-out text,
-and per-domain CE/byte of held-out responses next to the domain's limit (its true NLL per byte).
+and per-domain CE/byte of held-out responses next to the domain's limit (its true NLL per byte), each aggregate with
+its standard error over the items.
 
 Pure functions, usable outside the evaluate stage; skills are data (JSONL items), so hub models work too.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -423,8 +424,9 @@ def evaluate_model(
     pairs: list[PreferencePair] | None = None,
     code_limits: Any = None,
 ) -> dict[str, Any]:
-    """One model's metrics; `pairs` adds held-out preference accuracy, `lm_eval` (LmEvalSettings with tasks)
-    lm-evaluation-harness results; `code_limits` (fuse.code_exec.Limits) bound code items' test runs."""
+    """One model's metrics, their standard errors (under `stderr`, keyed as the values) and per-item scores; `pairs`
+    adds held-out preference accuracy, `lm_eval` (LmEvalSettings with tasks) lm-evaluation-harness results with the
+    harness's standard errors; `code_limits` (fuse.code_exec.Limits) bound code items' test runs."""
     import torch
 
     from fuse.models import load_model, load_tokenizer
@@ -472,6 +474,9 @@ def evaluate_model(
         lm = run_lm_eval(spec.path, lm_eval, spec.trust_remote_code)
         result["lm_eval"], result["lm_eval_stderr"] = lm.metrics, lm.stderr
         per_item["lm_eval"] = lm.per_sample
+    result[STDERR] = standard_errors(
+        per_item, [i.skill for i in items], [s.domain for s in domains or ()], [p.group for p in pairs or ()]
+    )
     result[ITEMS] = per_item
     return result
 
@@ -524,78 +529,169 @@ PREFERENCE = (
     "pref acc"  # held-out preference accuracy (the share of pairs whose chosen response is likelier per byte)
 )
 MEAN_DOMAIN = "CE mean"
+STDERR = "stderr"  # a result's standard errors, keyed as the values they belong to
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One number of a model's evaluation and its standard error: a cell of evaluate's table, a row of the model
+    card's results, an entry of its model-index."""
+
+    label: str  # the table column: "capital", "mean", "CE/byte", "CE harbor", "pref acc", "mmlu acc"
+    kind: str  # skill | mean | preference | text | domain | mean_domain | lm_eval
+    group: str  # the skill, domain or lm-eval task; "" for an aggregate over them
+    metric: str  # accuracy | ce_per_byte | the lm-eval metric (acc, exact_match, ...)
+    value: float
+    stderr: float | None
+    lower_is_better: bool = False
+
+    def format(self, digits: int | None = None) -> str:
+        digits = digits if digits is not None else (3 if self.lower_is_better else 2)
+        text = f"{self.value:.{digits}f}"
+        return text if self.stderr is None else f"{text} ± {self.stderr:.{digits}f}"
+
+
+def measurements(
+    result: Mapping[str, Any], skills: Sequence[str] = (), domains: Sequence[str] = ()
+) -> list[Measurement]:
+    """Every number of one model's result (evaluate_model's), in the table's column order: skills, mean accuracy,
+    preference accuracy, CE/byte, CE per domain and their mean, then lm-eval's task metrics; each with its
+    standard error where the items were kept (lm-eval's own for its tasks)."""
+    errors = result.get(STDERR, {})
+
+    def one(label: str, kind: str, group: str, metric: str, key: str, lower: bool, within: str = "") -> list:
+        """The value under result[within][key] (or result[key]) with its standard error, if it was measured."""
+        values, errs = (result.get(within, {}), errors.get(within) or {}) if within else (result, errors)
+        if values.get(key) is None:
+            return []
+        return [Measurement(label, kind, group, metric, float(values[key]), errs.get(key), lower)]
+
+    found: list[Measurement] = []
+    for skill in skills or result.get("skills", {}):
+        found += one(skill, "skill", skill, "accuracy", skill, False, "skills")
+    found += one("mean", "mean", "", "accuracy", "mean_accuracy", False)
+    found += one(PREFERENCE, "preference", "", "accuracy", "preference_accuracy", False)
+    found += one("CE/byte", "text", "", "ce_per_byte", "ce_per_byte", True)
+    for domain in domains or result.get("domain_ce", {}):
+        found += one(DOMAIN_PREFIX + domain, "domain", domain, "ce_per_byte", domain, True, "domain_ce")
+    found += one(MEAN_DOMAIN, "mean_domain", "", "ce_per_byte", "mean_domain_ce", True)
+    lm_errors = result.get("lm_eval_stderr", {})
+    for task, values in sorted(result.get("lm_eval", {}).items()):
+        for metric, value in sorted(values.items()):
+            error = lm_errors.get(task, {}).get(metric)
+            found.append(Measurement(f"{task} {metric}", "lm_eval", task, metric, float(value), error))
+    return found
 
 
 def markdown_table(metrics: Mapping[str, Any], best: Mapping[str, str | None] | None = None) -> str:
-    """Rows = models (+ a `limit` row with domains), columns = skills + mean accuracy + CE/byte of general text
-    + CE/byte per domain and their mean. Bold: `best[column]` when given (the significantly best model, from
-    paired tests: fuse.compare.best_models), else the best value in each column (never the limit)."""
+    """Rows = models (+ a `limit` row with domains), columns = skills + mean accuracy + preference accuracy +
+    CE/byte of general text + CE/byte per domain and their mean; a cell is `value ± standard error` where the
+    items were kept. Bold: `best[column]` when given (the significantly best model, from paired tests:
+    fuse.compare.best_models), else the best value in each column (never the limit)."""
     skills = list(metrics["skills"])
     domains = list(metrics.get("domains", []))
-    rows = metrics["models"]
-    columns = [*skills, "mean"] if skills else []
-    columns += [PREFERENCE] if any("preference_accuracy" in r for r in rows.values()) else []
-    columns += ["CE/byte"] if any("ce_per_byte" in r for r in rows.values()) else []
-    columns += [*(DOMAIN_PREFIX + d for d in domains), MEAN_DOMAIN] if domains else []
+    rows = {
+        name: {m.label: m for m in measurements(r, skills, domains) if m.kind != "lm_eval"}
+        for name, r in metrics["models"].items()
+    }
+    present = {label for cells in rows.values() for label in cells}
+    canonical = [*skills, "mean"] if skills else []
+    canonical += [PREFERENCE, "CE/byte"]
+    canonical += [*(DOMAIN_PREFIX + d for d in domains), MEAN_DOMAIN] if domains else []
+    # skills and domains as the evaluation asked for them (a model without them shows –); the others where measured
+    asked = {*skills, "mean", *(DOMAIN_PREFIX + d for d in domains), MEAN_DOMAIN}
+    columns = [c for c in canonical if c in present or c in asked]
     lower_is_better = {"CE/byte", MEAN_DOMAIN, *(DOMAIN_PREFIX + d for d in domains)}
-
-    def value(result: Mapping[str, Any], column: str) -> float | None:
-        if column == "mean":
-            return result.get("mean_accuracy")
-        if column == "CE/byte":
-            return result.get("ce_per_byte")
-        if column == PREFERENCE:
-            return result.get("preference_accuracy")
-        if column == MEAN_DOMAIN:
-            return result.get("mean_domain_ce")
-        if column.startswith(DOMAIN_PREFIX) and column.removeprefix(DOMAIN_PREFIX) in domains:
-            return result.get("domain_ce", {}).get(column.removeprefix(DOMAIN_PREFIX))
-        return result.get("skills", {}).get(column)
 
     bold: dict[str, float | None] = {}
     for column in columns:
-        values = [v for r in rows.values() if (v := value(r, column)) is not None]
+        values = [cells[column].value for cells in rows.values() if column in cells]
         # a column where every model scores the same (all 0.00) has no best
         distinct = len(set(values)) > 1
         bold[column] = (min if column in lower_is_better else max)(values) if distinct else None
         if best is not None:
             leader = best.get(column)
-            bold[column] = value(rows[leader], column) if leader in rows else None
+            bold[column] = rows[leader][column].value if leader in rows and column in rows[leader] else None
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, result in rows.items():
-        cells = []
+    for name, cells in rows.items():
+        texts = []
         for column in columns:
-            v = value(result, column)
-            text = "–" if v is None else (f"{v:.3f}" if column in lower_is_better else f"{v:.2f}")
-            cells.append(f"**{text}**" if v is not None and v == bold[column] and len(rows) > 1 else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            cell = cells.get(column)
+            text = "–" if cell is None else cell.format()
+            texts.append(
+                f"**{text}**" if cell is not None and cell.value == bold[column] and len(rows) > 1 else text
+            )
+        lines.append(f"| {name} | " + " | ".join(texts) + " |")
     if "limit" in metrics:
-        cells = [value(metrics["limit"], c) for c in columns]
-        lines.append("| limit | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
+        limit = {m.label: m for m in measurements(metrics["limit"], (), domains)}
+        cells = [f"{limit[c].value:.3f}" if c in limit else "–" for c in columns]
+        lines.append("| limit | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
-    """Grouped bars, one group per skill, one bar per model; returns False when there is nothing to plot."""
-    skills = list(metrics["skills"])
-    names = [n for n, r in metrics["models"].items() if "skills" in r]
-    if not skills or not names:
-        return False
-    import matplotlib
+# --------------------------------------------------------------------------------------------- standard errors
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    width = 0.8 / len(names)
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(skills) * max(1, len(names) / 4)), 4))
-    for k, name in enumerate(names):
-        values = [metrics["models"][name]["skills"].get(s, 0.0) for s in skills]
-        axis.bar([i + k * width for i in range(len(skills))], values, width, label=name)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(skills))], skills)
-    axis.set_ylabel("exact match")
-    axis.set_ylim(0, 1.05)
-    axis.legend(fontsize=7, ncol=min(5, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    figure.tight_layout()
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return True
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """The standard error of a mean over items: their sample SD (n − 1) / √n, as lm-eval computes it for its
+    per-sample means (acc, exact_match); None under two items."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """The standard error of sum(x)/sum(b) over items (CE/byte: summed NLL over summed bytes), by the delta
+    method: √(Σ(x_i − R·b_i)² / (n(n − 1))) / mean(b); None under two items."""
+    n = len(numerators)
+    total = sum(denominators)
+    if n < 2 or total <= 0:
+        return None
+    ratio = sum(numerators) / total
+    spread = sum((x - ratio * b) ** 2 for x, b in zip(numerators, denominators, strict=True))
+    return math.sqrt(spread / (n * (n - 1))) / (total / n)
+
+
+def mean_of_independent_stderr(errors: Sequence[float | None]) -> float | None:
+    """The standard error of the plain mean of independent estimates (skills on disjoint items): √Σse² / k."""
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)  # type: ignore[operator]
+
+
+def _by_group(groups: Sequence[str], *columns: Sequence[float]) -> dict[str, list[list[float]]]:
+    grouped: dict[str, list[list[float]]] = {}
+    for index, group in enumerate(groups):
+        rows = grouped.setdefault(group, [[] for _ in columns])
+        for row, column in zip(rows, columns, strict=True):
+            row.append(column[index])
+    return dict(sorted(grouped.items()))
+
+
+def standard_errors(
+    per_item: Mapping[str, Any],
+    skills: Sequence[str] = (),
+    domains: Sequence[str] = (),
+    groups: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Every aggregate's standard error from the per-item scores it is computed from, keyed as the result's values
+    (skills, mean_accuracy, ce_per_byte, domain_ce, mean_domain_ce, preference, preference_accuracy). `skills`,
+    `domains`, `groups`: the skill of each item, the domain of each held-out response, the group of each pair."""
+    errors: dict[str, Any] = {}
+    if "skill" in per_item:
+        grouped = _by_group(skills, per_item["skill"])
+        errors["skills"] = {s: mean_stderr(v) for s, (v,) in grouped.items()}
+        errors["mean_accuracy"] = mean_of_independent_stderr(list(errors["skills"].values()))
+    if "text" in per_item:
+        errors["ce_per_byte"] = ratio_stderr(per_item["text"]["nll"], per_item["text"]["bytes"])
+    if "domain" in per_item:
+        grouped = _by_group(domains, per_item["domain"]["nll"], per_item["domain"]["bytes"])
+        errors["domain_ce"] = {d: ratio_stderr(nll, size) for d, (nll, size) in grouped.items()}
+        errors["mean_domain_ce"] = mean_of_independent_stderr(list(errors["domain_ce"].values()))
+    if "preference" in per_item:
+        correct = [float(m > 0) for m in per_item["preference"]["margin"]]
+        errors["preference"] = {g: mean_stderr(v) for g, (v,) in _by_group(groups, correct).items()}
+        errors["preference_accuracy"] = mean_stderr(correct)
+    return errors

@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import load_from_disk
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
+from fuse.heads import last_hidden, plain_head
 from fuse.losses import token_logprobs
-from fuse.models import load_model, load_tokenizer, pad_id
+from fuse.models import load_tokenizer, pad_id
 from fuse.preference import infifpo_loss, reward_accuracy
-from fuse.recipe import ModelSpec
-from fuse.training import RecordedMetrics, TrainingJob
+from fuse.recipe import FpoSettings, ModelSpec
+from fuse.training import RecordedMetrics, TrainingJob, load_trainable
 
 PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps", "picked", "clipped_terms")
 
@@ -56,39 +57,14 @@ def pair_collator(pad_token_id: int):
     return collate
 
 
-LOGIT_SCALES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
-
-
-def plain_head(model: Any) -> torch.nn.Linear | None:
-    """The LM head when the response log-probs can be taken from the backbone's hidden states with
-    fuse.losses.token_logprobs: an unwrapped model (DDP and DeepSpeed engines need their own forward), a bias-free
-    linear head whose weight is whole (not ZeRO-3 partitioned), logits neither scaled nor soft-capped. Else None."""
-    if not isinstance(model, PreTrainedModel):  # a DDP or DeepSpeed engine around it
-        return None
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "ds_id"):
-        return None
-    config = model.config.get_text_config()
-    if any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_SCALES):
-        return None
-    return head if hasattr(model, model.base_model_prefix) else None
-
-
 def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the response tokens' log-probs per sequence [2B], no [B, T, V] logits: the backbone's hidden states at
-    the response positions through fuse.losses.token_logprobs (plain_head), else TRL's fused LM head."""
-    head = plain_head(model)
-    if head is not None:
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+    the response positions through fuse.losses.token_logprobs (plain_head), else TRL's fused LM head. A LoRA policy
+    goes through its base model, whose layers carry the adapters."""
+    found = plain_head(model)
+    if found is not None:
+        backbone, head = found
+        hidden = last_hidden(backbone, batch)
         # position t predicts token t + 1: the response tokens from the second position on
         rows, cols = batch["completion_mask"][:, 1:].nonzero(as_tuple=True)
         logps = token_logprobs(hidden[rows, cols], head.weight, batch["input_ids"][rows, cols + 1])
@@ -152,26 +128,32 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
                 self.record(f"picked/{name}", (picked == k).float().mean().item())
 
 
-def dpo_config(args: TrainingArguments, **dpo: Any) -> DPOConfig:
-    """The shared TrainingArguments as a DPOConfig: every Trainer field carried over, DPO fields from `dpo`."""
+def dpo_config(args: TrainingArguments, settings: FpoSettings | None = None, **dpo: Any) -> DPOConfig:
+    """The shared TrainingArguments as a DPOConfig: every Trainer field carried over, DPO fields from `dpo` and from
+    the recipe's trainer_args (disable_dropout, activation_offloading)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    return DPOConfig(**values, precompute_ref_log_probs=True, **dpo)
+    extra = {k: v for k, v in settings.trainer_args.items() if k in settings.CONFIG_ONLY} if settings else {}
+    return DPOConfig(**values, precompute_ref_log_probs=True, **extra, **dpo)
 
 
 def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrainer:
     """The builder named in fpo jobs. params: model (a ModelSpec dump), train_data (a dataset folder), beta,
-    label_smoothing, sources (names, index = picked), terms_per_pair."""
+    label_smoothing, sources (names, index = picked), terms_per_pair. With settings.peft, TRL wraps the policy in
+    LoRA adapters (its peft_config path); the reference stays the precomputed fused columns."""
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
     tokenizer = load_tokenizer(spec)
-    # float32 weights: bf16 runs under autocast (the Trainer's bf16), with the recipe's attention kernel
-    model = load_model(spec, dtype="float32", attn_implementation=job.load_settings().attn_implementation)
+    settings = job.load_settings()
     config = dpo_config(
-        args, beta=float(params["beta"]), label_smoothing=float(params.get("label_smoothing", 0.0))
+        args,
+        settings,
+        beta=float(params["beta"]),
+        label_smoothing=float(params.get("label_smoothing", 0.0)),
     )
     return InfiFpoTrainer(
-        model=model,
+        model=load_trainable(spec, settings),
         args=config,
+        peft_config=settings.peft.lora_config() if settings.peft is not None else None,
         train_dataset=load_from_disk(params["train_data"]),
         data_collator=pair_collator(pad_id(tokenizer)),
         processing_class=tokenizer,

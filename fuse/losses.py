@@ -232,6 +232,44 @@ def sparse_divergence(
 # --------------------------------------------------------------------------------------------- fused gold + teacher
 
 
+def _fused_forward(
+    logits: torch.Tensor, gold: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """CE(gold) and the bucket CE per row of logits [N, V] (float32), and what `_fused_grad` needs besides the
+    logits: their logsumexp, the student's probabilities at the ids, r = p_tail / q_tail and S (FusedSparseCE)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    gold_ce = lse - logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+    logq, log_tail = _log_buckets(logits, ids, lse)
+    teacher_ce = bucket_ce(probs, tail, logq, log_tail.clamp(min=LOG_TAIL_EPS))
+    clamped = log_tail < LOG_TAIL_EPS  # where the clamp passes no gradient
+    ratio = torch.where(clamped, torch.zeros_like(tail), tail / log_tail.exp())
+    mass = probs.sum(-1) + torch.where(clamped, torch.zeros_like(tail), tail)
+    return gold_ce, teacher_ce, (lse, logq.exp(), ratio, mass)
+
+
+def _fused_grad_(
+    logits: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    gold: torch.Tensor,
+    ids: torch.Tensor,
+    probs: torch.Tensor,
+    grad_gold: torch.Tensor,
+    grad_teacher: torch.Tensor,
+) -> torch.Tensor:
+    """d(grad_gold·CE(gold) + grad_teacher·bucket CE) / d logits, written over `logits` (float32, consumed)."""
+    lse, q_ids, ratio, mass = saved
+    valid = ids >= 0
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # the softmax, in the logits' own buffer
+    grad.mul_((grad_gold + grad_teacher * (mass - ratio)).unsqueeze(-1))  # every token, as if in the tail
+    # the ids are overwritten, not corrected (same value for a repeated id), then get their −p_i
+    rows, slots = valid.nonzero(as_tuple=True)
+    at_ids = q_ids * (grad_gold + grad_teacher * mass).unsqueeze(-1)
+    grad[rows, ids[rows, slots]] = at_ids[rows, slots]
+    grad.scatter_add_(-1, ids.clamp(min=0), -grad_teacher.unsqueeze(-1) * probs * valid)
+    grad.scatter_add_(-1, gold.unsqueeze(-1), -grad_gold.unsqueeze(-1))
+    return grad
+
+
 class FusedSparseCE(torch.autograd.Function):
     """Per position, CE(gold) and the bucket CE against a sparse teacher, from logits [N, V] at temperature 1, with
     a hand-written backward that needs one [N, V] buffer (the softmax, turned into the gradient in place) instead
@@ -245,29 +283,64 @@ class FusedSparseCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, gold, ids, probs, tail):
-        lse = torch.logsumexp(logits, dim=-1)
-        gold_ce = lse - logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
-        logq, log_tail = _log_buckets(logits, ids, lse)
-        teacher_ce = bucket_ce(probs, tail, logq, log_tail.clamp(min=LOG_TAIL_EPS))
-        clamped = log_tail < LOG_TAIL_EPS  # where the clamp passes no gradient
-        ratio = torch.where(clamped, torch.zeros_like(tail), tail / log_tail.exp())
-        mass = probs.sum(-1) + torch.where(clamped, torch.zeros_like(tail), tail)
-        ctx.save_for_backward(logits, lse, gold, ids, probs, logq.exp(), ratio, mass)
+        gold_ce, teacher_ce, saved = _fused_forward(logits, gold, ids, probs, tail)
+        ctx.save_for_backward(logits, gold, ids, probs, *saved)
         return gold_ce, teacher_ce
 
     @staticmethod
     def backward(ctx, grad_gold, grad_teacher):
-        logits, lse, gold, ids, probs, q_ids, ratio, mass = ctx.saved_tensors
-        valid = ids >= 0
-        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # the softmax: the only [N, V] buffer
-        grad.mul_((grad_gold + grad_teacher * (mass - ratio)).unsqueeze(-1))  # every token, as if in the tail
-        # the ids are overwritten, not corrected (same value for a repeated id), then get their −p_i
-        rows, slots = valid.nonzero(as_tuple=True)
-        at_ids = q_ids * (grad_gold + grad_teacher * mass).unsqueeze(-1)
-        grad[rows, ids[rows, slots]] = at_ids[rows, slots]
-        grad.scatter_add_(-1, ids.clamp(min=0), -grad_teacher.unsqueeze(-1) * probs * valid)
-        grad.scatter_add_(-1, gold.unsqueeze(-1), -grad_gold.unsqueeze(-1))
+        logits, gold, ids, probs, *saved = ctx.saved_tensors
+        grad = _fused_grad_(logits.clone(), tuple(saved), gold, ids, probs, grad_gold, grad_teacher)
         return grad, None, None, None, None
+
+
+class ChunkedFusedSparseCE(torch.autograd.Function):
+    """FusedSparseCE from hidden states [N, d] and the LM head's weight [V, d], `chunk` rows at a time: the forward
+    keeps per row only what the backward needs besides the logits (logsumexp, q at the ids, r, S), the backward
+    recomputes each chunk's logits once and turns them into their gradient in place. No [N, V] tensor: at a 262k
+    vocabulary the logits of 8 × 512 tokens alone are 4.3 GB in float32. Same values and gradients as
+    FusedSparseCE on hidden @ weightᵀ."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, gold, ids, probs, tail, chunk):
+        gold_ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        teacher_ce = torch.empty_like(gold_ce)
+        saved: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, hidden.shape[0], chunk):
+            end = start + chunk
+            logits = (hidden[start:end] @ weight.T).float()
+            g, t, keep = _fused_forward(
+                logits, gold[start:end], ids[start:end], probs[start:end], tail[start:end]
+            )
+            gold_ce[start:end], teacher_ce[start:end] = g, t
+            saved.append(keep)
+        parts = [torch.cat(column) for column in zip(*saved, strict=True)] if saved else []
+        ctx.save_for_backward(hidden, weight, gold, ids, probs, *parts)
+        ctx.chunk = chunk
+        return gold_ce, teacher_ce
+
+    @staticmethod
+    def backward(ctx, grad_gold, grad_teacher):
+        hidden, weight, gold, ids, probs, *saved = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            h = hidden[start:end]
+            grad = _fused_grad_(
+                (h @ weight.T).float(),
+                tuple(part[start:end] for part in saved),
+                gold[start:end],
+                ids[start:end],
+                probs[start:end],
+                grad_gold[start:end].float(),
+                grad_teacher[start:end].float(),
+            ).to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, h)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def teacher_entropy(probs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
@@ -311,7 +384,7 @@ def distill_loss(
     # only [B·T, V] buffers are the logits and their gradient.
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab).float()
-    gold = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    gold = shifted_labels(labels)
     mask = gold != IGNORE_INDEX
     tokens = int(mask.sum())
 
@@ -324,8 +397,7 @@ def distill_loss(
     if target_ids is None or lambda_ >= 1.0:
         gold_mean = gold_term()
         return LossParts(gold_mean, gold_mean.detach(), None, tokens)
-    ids = F.pad(target_ids[:, 1:], (0, 0, 0, 1), value=PAD_ID).reshape(-1, target_ids.shape[-1])
-    probs = F.pad(target_probs[:, 1:], (0, 0, 0, 1), value=0.0).reshape(-1, target_ids.shape[-1])
+    ids, probs = shifted_targets(target_ids, target_probs)
     # Positions without a teacher (no stored ids, or outside the response) get the gold term only.
     has_teacher = (ids >= 0).any(dim=-1) & mask
     n_teacher = max(int(has_teacher.sum()), 1)
@@ -342,6 +414,59 @@ def distill_loss(
         sel = has_teacher
         distill_mean = sparse_divergence(flat[sel], ids[sel], probs[sel], temperature, kind).sum() / n_teacher
     distill_mean = temperature**2 * distill_mean
+    loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean
+    return LossParts(loss, gold_mean.detach(), distill_mean.detach(), tokens)
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """[B·T]: the token each position predicts (labels shifted left, IGNORE_INDEX at each row's last position)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+
+
+def shifted_targets(
+    target_ids: torch.Tensor, target_probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B·T, J] each: the teacher's targets for the token each position predicts, shifted like `shifted_labels`."""
+    width = target_ids.shape[-1]
+    ids = F.pad(target_ids[:, 1:], (0, 0, 0, 1), value=PAD_ID).reshape(-1, width)
+    probs = F.pad(target_probs[:, 1:], (0, 0, 0, 1), value=0.0).reshape(-1, width)
+    return ids, probs
+
+
+def distill_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    *,
+    lambda_: float,
+    kind: str = "ce",
+    chunk: int = 1024,
+) -> LossParts:
+    """`distill_loss` at temperature 1 without label smoothing, from the backbone's hidden states [B, T, d] and a
+    plain LM head's weight [V, d]: only the response positions go through the head, `chunk` rows at a time
+    (`ChunkedFusedSparseCE`; the gold term alone: `token_logprobs`), so no [B·T, V] logits exist. Same loss and
+    gradients as `distill_loss` on hidden @ weightᵀ."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}")
+    gold = shifted_labels(labels)
+    mask = gold != IGNORE_INDEX
+    tokens = int(mask.sum())
+    rows = hidden.reshape(-1, hidden.shape[-1])[mask]
+    gold = gold[mask]
+    if target_ids is None or lambda_ >= 1.0:
+        gold_mean = -token_logprobs(rows, weight, gold, chunk).sum() / max(tokens, 1)
+        return LossParts(gold_mean, gold_mean.detach(), None, tokens)
+    ids, probs = (part[mask] for part in shifted_targets(target_ids, target_probs))
+    has_teacher = (ids >= 0).any(dim=-1)
+    p, p_tail = teacher_buckets(probs.float(), 1.0)
+    p, p_tail = p * has_teacher.unsqueeze(-1), p_tail * has_teacher
+    gold_ce, teacher = ChunkedFusedSparseCE.apply(rows, weight, gold, ids, p, p_tail, chunk)
+    if kind == "kl":
+        teacher = teacher - teacher_entropy(p, p_tail)
+    gold_mean = gold_ce.sum() / max(tokens, 1)
+    distill_mean = (teacher * has_teacher).sum() / max(int(has_teacher.sum()), 1)
     loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean
     return LossParts(loss, gold_mean.detach(), distill_mean.detach(), tokens)
 

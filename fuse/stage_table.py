@@ -47,10 +47,12 @@ STAGE_TABLE: dict[str, StageInfo] = {
         # 2: sce = FuseChat's SCE, one target copied, diagnostics
         StageInfo("merge", 2, "run"),
         # 2: per-domain CE/byte and the limit row; 3: every item's score (scores.parquet), paired differences; 4: held-out
-        # preference accuracy; 5: code items pass/fail by their tests
-        StageInfo("evaluate", 5, "run"),
-        # 3: the merge diagnostics in the model card
-        StageInfo("publish", 3, "run"),
+        # preference accuracy; 5: code items pass/fail by their tests; 6: standard errors of every aggregate, accuracy
+        # plot in distinct colours with error bars
+        StageInfo("evaluate", 6, "run"),
+        # 3: the merge diagnostics in the model card; 4: the card through huggingface_hub (model-index with standard
+        # errors, licence name/link, usage, model revisions), the recipe, images and LICENSES.md beside it
+        StageInfo("publish", 4, "run"),
     )
 }
 STAGES = tuple(STAGE_TABLE)  # in the order a run does them

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
-from fuse.io import atomic_write, publish_dir, write_json_atomic
+from fuse.io import publish_dir, write_json_atomic
 from fuse.launch import multinode_command
 from fuse.logs import setup_logging
 from fuse.process_group import die_with_parent, run_in_group
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_FOLDER = "adapter"  # out/adapter: a LoRA run's trained adapter, beside the merged out/model
 LOG_FILE = "train.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -58,7 +59,9 @@ class TrainingJob:
     log_dir: str  # JSONL log and loss plot
     settings_key: str = "stages"  # YAML path of the settings, for error messages
     params: dict[str, Any] = field(default_factory=dict)  # builder-specific
-    run_name: str = ""  # the stage instance: progress lines and the trackers' run name
+    # the stage instance: progress lines, and the trackers' run name where `tracking` has none
+    run_name: str = ""
+    tracking: dict[str, str] = field(default_factory=dict)  # project, group, run_name: tracking_names()
 
     def load_settings(self) -> TrainSettings:
         return _import(self.settings_class).model_validate(self.settings)
@@ -70,16 +73,38 @@ class TrainingJob:
     def load(cls, path: str | os.PathLike) -> TrainingJob:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
+    @property
+    def adapter_dir(self) -> Path:
+        """Where a LoRA run keeps its trained adapter: beside the final model (out/adapter)."""
+        return Path(self.model_dir).parent / ADAPTER_FOLDER
+
 
 def _import(dotted: str) -> Any:
     module, _, name = dotted.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
+def tracking_names(settings: TrainSettings, recipe_name: str, instance: str) -> dict[str, str]:
+    """What the trackers file a stage instance's run under: the recipe's tracking names (default: the recipe's name)
+    and the run <recipe name>/<instance>."""
+    return {
+        "project": settings.tracking.project or recipe_name,
+        "group": settings.tracking.group or recipe_name,
+        "run_name": f"{recipe_name}/{instance}",
+    }
+
+
 def make_job(
-    builder: str, settings: TrainSettings, stage_dir: Path, out: Path, settings_key: str, **params
+    builder: str,
+    settings: TrainSettings,
+    stage_dir: Path,
+    out: Path,
+    settings_key: str,
+    recipe_name: str = "",
+    **params,
 ) -> TrainingJob:
-    """The usual layout: checkpoints in <stage>/checkpoints (kept across reruns), logs in <stage>/logs."""
+    """The usual layout: checkpoints in <stage>/checkpoints (kept across reruns), logs in <stage>/logs; with the
+    recipe's name, the trackers' names (tracking_names)."""
     cls = type(settings)
     return TrainingJob(
         builder=builder,
@@ -91,6 +116,7 @@ def make_job(
         settings_key=settings_key,
         params=params,
         run_name=stage_dir.name,
+        tracking=tracking_names(settings, recipe_name, stage_dir.name) if recipe_name else {},
     )
 
 
@@ -131,6 +157,18 @@ def check_settings(settings: TrainSettings, key: str) -> None:
         raise TrainingError(
             f"{key}.attn_implementation: flash-attn is not installed (pip install flash-attn)"
         )
+    if settings.peft is not None and find_spec("peft") is None:
+        raise TrainingError(f"{key}.peft: peft is not installed (pip install peft)")
+    if settings.peft is not None and settings.peft.load_in_4bit:
+        if find_spec("bitsandbytes") is None:
+            raise TrainingError(
+                f"{key}.peft.load_in_4bit: bitsandbytes is not installed (pip install bitsandbytes)"
+            )
+        if not on_gpu():
+            raise TrainingError(
+                f"{key}.peft.load_in_4bit: QLoRA needs a CUDA GPU (bitsandbytes' 4-bit weights) and there is none "
+                "here: train LoRA on full-precision weights (load_in_4bit: false), or run on a GPU node"
+            )
 
 
 def merge_config(base: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +220,7 @@ def training_arguments(
     gpu = on_gpu()
     if settings.bf16 and not gpu:
         log.info("bf16 is requested but there is no GPU: training in float32")
+    zero3_adapters = settings.peft is not None and launched and settings.deepspeed.zero_stage == 3
     values: dict[str, Any] = dict(
         output_dir=output_dir,
         learning_rate=settings.learning_rate,
@@ -201,7 +240,10 @@ def training_arguments(
         data_seed=settings.seed,
         bf16=settings.bf16 and gpu,
         gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        # PEFT under ZeRO-3 needs reentrant checkpointing (as TRL sets it: trl#2514)
+        gradient_checkpointing_kwargs={"use_reentrant": zero3_adapters}
+        if settings.gradient_checkpointing
+        else None,
         use_cpu=not gpu,
         report_to=list(settings.report_to),
         use_liger_kernel=settings.liger,
@@ -219,11 +261,161 @@ def training_arguments(
             metric_for_best_model="eval_loss",
             greater_is_better=False,
         )
+    values.update(passthrough(settings))
     if launched:
         values["deepspeed"] = deepspeed_config(settings, gpu)
         values["accelerator_config"] = {"use_configured_state": True}
     values.update(overrides)
-    return TrainingArguments(**values)
+    try:
+        return TrainingArguments(**values)
+    except (TypeError, ValueError) as error:
+        if not settings.trainer_args:
+            raise
+        raise TrainingError(
+            f"{settings.STAGE}.trainer_args: the Trainer refuses these arguments: {error}"
+        ) from None
+
+
+def passthrough(settings: TrainSettings) -> dict[str, Any]:
+    """The recipe's trainer_args that are TrainingArguments fields (fpo's DPOConfig-only ones go to
+    fuse.fpo_trainer.dpo_config). Any other key is refused here too, for a recipe loaded where the installed
+    transformers' fields could not be read."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    unknown = sorted(set(settings.trainer_args) - fields - set(settings.CONFIG_ONLY))
+    if unknown:
+        raise TrainingError(
+            f"{settings.STAGE}.trainer_args: {', '.join(unknown)}: not a {settings.TRAINER_CONFIG} field"
+        )
+    return {key: value for key, value in settings.trainer_args.items() if key in fields}
+
+
+def job_arguments(job: TrainingJob, settings: TrainSettings, launched: bool) -> TrainingArguments:
+    """The job's TrainingArguments: the recipe's, with the trackers' run name (and trackio's project)."""
+    names = job.tracking
+    overrides: dict[str, Any] = {"run_name": names.get("run_name") or job.run_name or None}
+    if names.get("project"):
+        overrides["project"] = names["project"]
+    return training_arguments(settings, job.checkpoint_dir, launched, **overrides)
+
+
+# Where each tracker reads a run's project and group (its run name is TrainingArguments.run_name; trackio's project
+# is TrainingArguments.project). mlflow has no group: it gets a `group` tag (MLFLOW_TAGS).
+TRACKER_VARIABLES = {
+    "wandb": {"WANDB_PROJECT": "project", "WANDB_RUN_GROUP": "group"},
+    "mlflow": {"MLFLOW_EXPERIMENT_NAME": "project", "MLFLOW_TAGS": "group"},
+    "comet_ml": {"COMET_PROJECT_NAME": "project"},
+    "clearml": {"CLEARML_PROJECT": "project", "CLEARML_TASK": "run_name"},
+    "swanlab": {"SWANLAB_PROJECT": "project"},
+}
+
+
+def training_env(
+    job: TrainingJob, settings: TrainSettings, environ: dict[str, str] | os._Environ = os.environ
+) -> dict[str, str]:
+    """The environment variables the job's trackers read: the tensorboard folder of this instance, and the project,
+    group and run names. A name the recipe sets (tracking.project, tracking.group) is set; a default one (the
+    recipe's name) only where `environ` does not already set that variable."""
+    env: dict[str, str] = {}
+    if "tensorboard" in settings.report_to:  # each instance's events beside its other logs
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path(job.log_dir) / "tensorboard")
+    explicit = {name for name in ("project", "group") if getattr(settings.tracking, name) is not None}
+    for tracker in settings.report_to:
+        for variable, name in TRACKER_VARIABLES.get(tracker, {}).items():
+            value = job.tracking.get(name)
+            if not value or (name not in explicit and variable in environ):
+                continue
+            env[variable] = json.dumps({"group": value}) if variable == "MLFLOW_TAGS" else value
+    return env
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]):
+    """`values` in os.environ for the duration (the training's trackers read them), the previous state after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --------------------------------------------------------------------------------------------- LoRA / QLoRA
+
+
+def load_trainable(spec: Any, settings: TrainSettings) -> Any:
+    """The model a training starts from: float32 weights (bf16 runs under autocast), with the recipe's attention
+    kernel; for QLoRA (peft.load_in_4bit) frozen 4-bit NF4 weights on this rank's GPU, computing in bf16 or float32."""
+    from fuse.models import load_model
+
+    if settings.peft is None or not settings.peft.load_in_4bit:
+        return load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fuse.models import resolve_model_dir
+
+    compute = torch.bfloat16 if settings.bf16 else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(spec),
+        quantization_config=quantization,
+        dtype=compute,
+        device_map={"": PartialState().local_process_index},
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True if not spec.allow_pickle else None,
+        **extra,
+    )
+
+
+def with_adapters(model: Any, settings: TrainSettings) -> Any:
+    """`model` with LoRA adapters (settings.peft) on its target modules, everything else frozen, as TRL's trainers
+    wrap a model they are given a peft_config for."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, settings.peft.lora_config())
+    if settings.gradient_checkpointing:
+        # checkpointed blocks need an input that requires grad when every weight before them is frozen
+        model.enable_input_require_grads()
+    return model
+
+
+def merge_adapter(job: TrainingJob, tokenizer: Any) -> None:
+    """The trained adapter (out/adapter) merged into a fresh float32 copy of the model the job started from, written
+    as the job's final model: a full checkpoint, the same files as full fine-tuning writes. For QLoRA the base is
+    loaded in full precision, not 4-bit: the merge adds the adapter to the real weights."""
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from fuse.models import load_model
+    from fuse.recipe import ModelSpec
+
+    # Under a live ZeRO-3 config, from_pretrained partitions a model as it loads (deepspeed.zero.Init: collective
+    # calls that the other ranks, waiting at the barrier, never join). The training is over: let its config go.
+    unset_hf_deepspeed_config()
+    base = load_model(ModelSpec.model_validate(job.params["model"]), dtype="float32")
+    merged = PeftModel.from_pretrained(base, str(job.adapter_dir)).merge_and_unload()
+    model_dir = Path(job.model_dir)
+    staging = model_dir.parent / f".{model_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    publish_dir(staging, model_dir)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -328,45 +520,11 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curves(entries: list[dict[str, Any]], png: Path, title: str = "") -> None:
-    """Every logged loss-like series (loss, gold_ce, distill, ...) against the step; beside it, for a preference
-    run, what it is judged by: rewards/accuracies and rewards/margins (TRL's names)."""
-    import matplotlib
+    """The run's curves as fuse.plots draws them: losses smoothed over their raw points with the learning rate on
+    a second axis; beside them, for a preference run, rewards/accuracies and rewards/margins (TRL's names)."""
+    from fuse import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(key: str) -> list[tuple[Any, float]]:
-        return [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
-
-    keys = sorted(
-        {k for e in entries for k in e if k == "loss" or k.startswith(("loss_", "gold", "distill"))}
-    )
-    rewards = [k for k in ("rewards/margins", "rewards/accuracies") if series(k)]
-    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
-    ax = axes[0][0]
-    for key in keys:
-        if points := series(key):
-            ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if rewards:
-        margins, accuracy = axes[0][1], axes[0][1].twinx()
-        for axis, key, color in ((margins, rewards[0], "C0"), (accuracy, rewards[-1], "C1")):
-            points = series(key)
-            axis.plot(
-                *zip(*points, strict=True), color=color, label=key, marker="." if len(points) < 30 else None
-            )
-            axis.set_ylabel(key, color=color)
-        accuracy.set_ylim(-0.05, 1.05)
-        margins.set_xlabel("step")
-        margins.set_title("train batches: reward margin and accuracy against the reference")
-        margins.grid(alpha=0.3)
-    with atomic_write(png) as handle:
-        fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    plots.plot_loss_curves(entries, png, title)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -409,15 +567,28 @@ def run_job(
     progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Build the Trainer, resume from the newest complete checkpoint, train, save the model, plot the losses.
-    `progress(step, max_steps, "step", loss=...)` is called on rank 0 after each step (default: lines on stderr)."""
-    from transformers import PrinterCallback
+    `progress(step, max_steps, "step", loss=...)` is called on rank 0 after each step (default: lines on stderr).
+    The trackers' variables (training_env) are set for this run only."""
+    settings = job.load_settings()
+    with scoped_environ(training_env(job, settings)):
+        return _run(job, settings, launched, callbacks, progress)
+
+
+def _run(
+    job: TrainingJob,
+    settings: TrainSettings,
+    launched: bool,
+    callbacks: tuple,
+    progress: Callable[..., None] | None,
+) -> dict[str, Any]:
+    from transformers import PrinterCallback, set_seed
 
     from fuse.progress import training_callback
 
-    settings = job.load_settings()
-    if "tensorboard" in settings.report_to:  # each instance's events beside its other logs
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(job.log_dir) / "tensorboard")
-    args = training_arguments(settings, job.checkpoint_dir, launched, run_name=job.run_name or None)
+    args = job_arguments(job, settings, launched)
+    # what the builder draws at random (LoRA's initial A matrices) must be the same in every run of the job, as the
+    # Trainer then seeds its own draws
+    set_seed(args.seed)
     trainer = _import(job.builder)(job, args)
     log_path = Path(job.log_dir) / LOG_FILE
     trainer.add_callback(jsonl_logger(log_path))
@@ -434,7 +605,13 @@ def run_job(
     with preemption.checkpointing():  # SIGUSR1 (SLURM preemption): save a checkpoint at the next step, stop
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     preemption.raise_if_requested()  # a stopped run is not a finished one: never save it as the final model
-    save_final_model(trainer, Path(job.model_dir))
+    if settings.peft is None:
+        save_final_model(trainer, Path(job.model_dir))
+    else:  # the adapter, then the full model merged from it: what merge, evaluate and publish read
+        save_final_model(trainer, job.adapter_dir)
+        if trainer.is_world_process_zero():
+            merge_adapter(job, trainer.processing_class)
+        trainer.accelerator.wait_for_everyone()
     summary = {
         "resumed_from": resume and resume.name,
         "global_step": trainer.state.global_step,

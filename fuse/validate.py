@@ -212,6 +212,10 @@ def _optional_dependencies(recipe: Recipe) -> list[tuple[str, str, str]]:
             needs.append((f"stages.{stage}.liger", "liger_kernel", "liger-kernel"))
         if settings.deepspeed.zero_stage or settings.num_processes > 1:
             needs.append((f"stages.{stage}.deepspeed / num_processes", "deepspeed", "deepspeed"))
+        if settings.peft is not None:
+            needs.append((f"stages.{stage}.peft", "peft", "peft"))
+            if settings.peft.load_in_4bit:
+                needs.append((f"stages.{stage}.peft.load_in_4bit", "bitsandbytes", "bitsandbytes"))
     for stage in ("extract", "score"):
         if getattr(recipe.stages, stage).enabled and getattr(recipe.stages, stage).backend == "vllm":
             needs.append((f"stages.{stage}.backend: vllm", "vllm", "vllm"))
@@ -278,6 +282,42 @@ def check_dependencies(recipe: Recipe) -> list[str]:
         f"{setting} needs the package {pip!r}, which is not installed here (pip install {pip})"
         for setting, module, pip in _optional_dependencies(recipe)
         if importlib.util.find_spec(module) is None
+    ]
+
+
+def check_qlora(recipe: Recipe) -> list[str]:
+    """QLoRA (peft.load_in_4bit) keeps the frozen weights in bitsandbytes' 4-bit format, which needs CUDA: on this
+    machine for a local run, in the stage's jobs for a SLURM one."""
+    stages = [
+        name
+        for name in ("distill", "fpo")
+        if getattr(recipe.stages, name).enabled
+        and getattr(recipe.stages, name).peft is not None
+        and getattr(recipe.stages, name).peft.load_in_4bit
+    ]
+    if not stages:
+        return []
+    if recipe.executor.kind == "slurm":
+        from fuse.slurm.site import load_site, resources_for
+
+        try:
+            site = load_site(recipe.executor.slurm.site_config)
+        except RecipeError:
+            return []  # reported by check_executor
+        return [
+            f"stages.{instance.stage}.peft.load_in_4bit: QLoRA needs a CUDA GPU, and the job of {instance.name} asks "
+            f"for none (executor.resources.{instance.stage}.gpus_per_node)"
+            for instance in build_dag(recipe).order()
+            if instance.stage in stages and not resources_for(recipe, instance, site).gpus_per_node
+        ]
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [
+        f"stages.{stage}.peft.load_in_4bit: QLoRA needs a CUDA GPU (bitsandbytes' 4-bit weights) and this machine "
+        "has none: set load_in_4bit: false (LoRA on full-precision weights) or run where there is a GPU"
+        for stage in stages
     ]
 
 
@@ -519,7 +559,7 @@ def validate(recipe: Recipe, files: bool = True, load: bool = True) -> None:
     build_dag(recipe)  # cross-stage checks raise RecipeError themselves
     problems = check_executor(recipe) + check_registries(recipe)
     if files:  # the environment the jobs run in (a laptop's --no-load check does without)
-        problems += check_dependencies(recipe) + check_job_cache(recipe)
+        problems += check_dependencies(recipe) + check_job_cache(recipe) + check_qlora(recipe)
         found = check_files(recipe)
         problems = found + (check_contents(recipe) if not found else []) + problems
     if load and not problems:

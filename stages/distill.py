@@ -3,8 +3,9 @@ where P_fused fuses, per sequence, the pivot's own top-K and the source's top-K 
 
 Reads extract.pivot and align.<source> (same store format, same samples, the pivot's tokens); distill.sft_baseline
 (option sft_only) reads the prepared SFT split only and trains with λ = 1; the control arms (distill.self_distill,
-distill.label_smoothing, distill.oracle) train the same way with one teacher, or none. Writes out/model (a full HF checkpoint)
-and out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the loss plot to <stage>/logs.
+distill.label_smoothing, distill.oracle) train the same way with one teacher, or none. Writes out/model (a full HF checkpoint;
+with stages.distill.peft the LoRA adapter merged into the pivot's weights, the adapter itself in out/adapter) and
+out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the loss plot to <stage>/logs.
 """
 
 from __future__ import annotations
@@ -283,6 +284,7 @@ def run(ctx: StageContext) -> None:
         ctx.dir,
         ctx.out,
         "stages.distill",
+        recipe_name=ctx.recipe.name,
         model=ctx.model_spec("pivot").model_dump(mode="json"),
         train_data=str(data_path),
         validation_data=validation and str(validation),
@@ -302,5 +304,7 @@ def run(ctx: StageContext) -> None:
             "label_smoothing": settings.label_smoothing,
             "data": report,
             "training": result_of(summary),
+            # only when set: a report written before LoRA existed stays byte for byte what a rerun writes
+            **({"peft": settings.peft.model_dump(mode="json")} if settings.peft is not None else {}),
         },
     )

@@ -1,5 +1,5 @@
 """The evaluate stage: per-skill exact-match accuracy, per-byte cross-entropy of held-out text and per-domain
-CE/byte next to the domain's limit, for every model of the run.
+CE/byte next to the domain's limit, for every model of the run, each with its standard error over the items.
 
 Models come from the recipe (pivot, sources) and from the parents' `out/model` folders (targets, fused model, SFT
 baseline); the math lives in fuse.evaluation so it can be used outside a run.
@@ -16,9 +16,10 @@ from typing import Any
 from fuse import code_exec, compare, evaluation, item_scores
 from fuse.context import StageContext
 from fuse.data.prepared import load_split
-from fuse.evaluation import load_texts, markdown_table, plot_accuracy
+from fuse.evaluation import load_texts, markdown_table
 from fuse.fingerprint import files_digest
 from fuse.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from fuse.plots import plot_accuracy
 from fuse.recipe import ModelSpec
 
 MADE = (
@@ -146,7 +147,8 @@ def run(ctx: StageContext) -> None:
 
 
 def lm_eval_markdown(metrics: dict[str, Any]) -> list[str]:
-    """lm-evaluation-harness results, one row per model, one column per task metric (empty without tasks)."""
+    """lm-evaluation-harness results, one row per model, one column per task metric, `value ± stderr` as the harness
+    computed it (empty without tasks)."""
     rows = {name: r["lm_eval"] for name, r in metrics["models"].items() if r.get("lm_eval")}
     columns = sorted({(task, m) for table in rows.values() for task, values in table.items() for m in values})
     if not columns:
@@ -190,7 +192,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], settings: Any, scores: Any
         "CE/byte: next-token cross-entropy in nats per UTF-8 byte of held-out text (lower is better); "
         "CE <domain>: the same over held-out responses of that domain given their prompt (own chat template); "
         "limit: the domain generator's own NLL per byte of those responses, the floor no model beats in "
-        "expectation.\n"
+        "expectation; ± one standard error over the items (the mean of skills or domains: of the mean).\n"
     )
     if best is not None:
         lines.append(compare.SIGNIFICANCE_NOTE.strip() + f" Every item's score: {item_scores.FILE}.\n")

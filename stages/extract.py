@@ -95,7 +95,12 @@ def run(ctx: StageContext) -> None:
         settings.top_k,
         backend.vocab_size,
         model={"name": key, **identity(spec)},
-        meta={"template": settings.template, "backend": settings.backend, "max_length": max_length},
+        meta={
+            "template": settings.template,
+            "backend": settings.backend,
+            "max_length": max_length,
+            "dtype": backend.dtype,  # what ran (`auto` resolved)
+        },
     )
     label = f"{ctx.instance.name} shard {shard}"
     progress = track_batches(backend, label, len(indices), "rows", ctx.log, ctx.progress)

@@ -2,7 +2,8 @@
 reference fused from the sources' sequence-level scores, on TRL's DPO trainer; held-out reward accuracy before/after.
 
 Inputs: prepare (preference pairs), the stage that made the policy (distill.<s> or merge: its out/model), score.<p> of
-the policy at its initial weights (score.target-<s> or score.merged), and score.<k> for every fused source k.
+the policy at its initial weights (score.target-<s> or score.merged), and score.<k> for every fused source k. Writes
+out/model (with stages.fpo.peft: the LoRA adapter merged into the policy, the adapter itself in out/adapter).
 """
 
 from __future__ import annotations
@@ -360,7 +361,13 @@ def run(ctx: StageContext) -> None:
         "terms_per_pair": reference.terms_per_pair if settings.clip != "none" else 0,
     }
     job = training.make_job(
-        "fuse.fpo_trainer:build_fpo_trainer", settings, ctx.dir, ctx.out, "stages.fpo", **params
+        "fuse.fpo_trainer:build_fpo_trainer",
+        settings,
+        ctx.dir,
+        ctx.out,
+        "stages.fpo",
+        recipe_name=ctx.recipe.name,
+        **params,
     )
     trained = training.train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display
 

@@ -1,9 +1,10 @@
-"""The merge stage: the targets (fpo.* or distill.* models) merged with the pivot as base, tensor by tensor.
+"""The merge stage: the targets (fpo.* or distill.* models) merged with the pivot (or the SFT-only model) as base,
+tensor by tensor.
 
 Writes out/model/ (a full HF checkpoint with the pivot's tokenizer, chat template and generation config) and
 out/merge_report.json + .md (method, parameters, per-tensor weights, and the diagnostics: each target's delta norm,
 pairwise cosines per tensor family, the share of each target's delta energy that survives). One target (a
-one-source recipe) is copied unchanged, whatever the method.
+one-source recipe) is copied unchanged, except by slerp (an interpolation between the base and it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from fuse.models import load_tokenizer, resolve_model_dir
 
 
 def merge_config(ctx: StageContext) -> MergeConfig:
-    """The stage settings as a standalone merge config: the pivot as base, one entry per target."""
+    """The stage settings as a standalone merge config: the pivot (or the SFT-only model) as base, one entry per
+    target."""
     settings = ctx.settings
     targets = ctx.made_models("targets")  # source -> the folder of its target
     unknown = sorted(set(settings.model_parameters) - set(targets))
@@ -29,8 +31,12 @@ def merge_config(ctx: StageContext) -> MergeConfig:
         {"path": str(folder), "name": name, "parameters": settings.model_parameters.get(name, {})}
         for name, folder in targets.items()
     ]
+    if settings.base == "sft_baseline":
+        base = ctx.made_model("sft_baseline")
+    else:
+        base = resolve_model_dir(ctx.model_spec("pivot"))
     return MergeConfig(
-        base_model=str(resolve_model_dir(ctx.model_spec("pivot"))),
+        base_model=str(base),
         models=models,
         method=settings.method,
         parameters=settings.parameters,
@@ -51,12 +57,15 @@ def _pivot_files(tokenizer, folder: Path, base_dir: Path) -> None:  # noqa: ANN0
 def run(ctx: StageContext) -> None:
     config = merge_config(ctx)
     tokenizer = load_tokenizer(ctx.model_spec("pivot"))
-    ctx.log.info("merging %s into the pivot with %s", [m.label for m in config.models], config.method)
+    base = "the SFT-only model" if ctx.settings.base == "sft_baseline" else "the pivot"
+    ctx.log.info("merging %s into %s with %s", [m.label for m in config.models], base, config.method)
     report = run_merge(
         config,
         ctx.model_out,
         tokenizer_vocab=len(tokenizer),
-        finish_folder=lambda folder: _pivot_files(tokenizer, folder, Path(config.base_model)),
+        finish_folder=lambda folder: _pivot_files(
+            tokenizer, folder, resolve_model_dir(ctx.model_spec("pivot"))
+        ),
         progress=lambda done, total: ctx.progress(done, total, "tensor"),
     )
     outputs = {k: v for k, v in report.items() if k != "seconds"}  # the time goes to the log, not the outputs

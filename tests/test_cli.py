@@ -315,3 +315,13 @@ def test_validate_checks_gpus_against_tensor_parallel_size(tmp_path):
     assert "extract.a:" not in result.stderr and "extract.pivot:" not in result.stderr
     recipe["executor"]["resources"]["extract.b"] = {"gpus_per_node": 8}
     assert fuse("validate", str(write_recipe(tmp_path, recipe)), "--no-load").returncode == 0
+
+
+def test_import_errors_are_one_line_with_exit_codes(tmp_path):
+    """`fuse import` without a cache to import into is a usage error (2); a folder that is not an export, one line
+    naming it (1), no traceback."""
+    missing = fuse("import", str(tmp_path / "nowhere"), toy=False, FUSE_ARTIFACT_CACHE="")
+    assert missing.returncode == 2 and "--cache DIR" in missing.stderr
+    gone = fuse("import", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"), toy=False)
+    assert gone.returncode == 1 and f"{tmp_path / 'nowhere'}: no such dataset folder" in gone.stderr
+    assert "Traceback" not in gone.stderr and "ExportError" not in gone.stderr

@@ -273,9 +273,11 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def stores_ready(tmp, pivot_dir, distill: dict, heldout_fraction: float, conversations_n: int):
+def stores_ready(
+    tmp, pivot_dir, distill: dict, heldout_fraction: float, conversations_n: int, later: dict | None = None
+):
     """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once; returns the
-    recipe, whose distill settings are `distill` (every other stage after align off)."""
+    recipe, whose distill settings are `distill` (every other stage after align off, but those `later` sets)."""
     from fuse.executor import run_stage
     from fuse.recipe import parse_recipe
 
@@ -297,6 +299,7 @@ def stores_ready(tmp, pivot_dir, distill: dict, heldout_fraction: float, convers
                 "extract": {"top_k": 4, "max_length": 96},
                 "distill": distill,
                 **{stage: off for stage in ("fpo", "score", "merge", "evaluate", "publish")},
+                **(later or {}),
             },
         }
     )
@@ -500,3 +503,38 @@ def test_a_forced_rerun_that_trains_the_same_weights_keeps_its_children(distill_
     assert read_json(store.dir("distill.src") / "logs" / "summary.json")["train_runtime"] > 0
     weights = store.out("distill.src") / "model" / "model.safetensors"  # readable by whoever shares the store
     assert stat.S_IMODE(weights.stat().st_mode) == published_mode()
+
+
+@pytest.mark.parametrize("lambda_", [0.5, 1.0])
+def test_the_trainer_takes_the_loss_from_hidden_states_and_it_equals_the_logits_loss(
+    pivot_dir, train_data, lambda_
+):
+    """DistillTrainer.compute_loss on a bare model goes through the backbone's hidden states (no [B, T, V] logits)
+    and gives the loss and gradients of the full-logits path (which validation, with return_outputs, still takes)."""
+    from types import SimpleNamespace
+
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from fuse.distill_trainer import DistillTrainer, sparse_collator
+    from fuse.heads import plain_head
+
+    model = AutoModelForCausalLM.from_pretrained(pivot_dir, dtype=torch.float32)
+    model.train()
+    assert plain_head(model) is not None
+    rows = load_from_disk(str(train_data)).select(range(3))
+    batch = sparse_collator(0)(list(rows))
+    if lambda_ == 1.0:
+        batch = {k: v for k, v in batch.items() if not k.startswith("target")}
+    trainer = SimpleNamespace(settings=DistillSettings(lambda_=lambda_), _record=lambda *_: None)
+    results = []
+    for outputs in (False, True):  # hidden states, then full logits
+        model.zero_grad()
+        loss = DistillTrainer.compute_loss(trainer, model, dict(batch), return_outputs=outputs)
+        loss = loss[0] if outputs else loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (hidden_loss, hidden_grads), (logits_loss, logits_grads) = results
+    torch.testing.assert_close(hidden_loss, logits_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(hidden_grads, logits_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

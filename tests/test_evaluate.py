@@ -70,6 +70,67 @@ def test_markdown_table_marks_the_best_per_column():
     )
 
 
+def test_standard_errors_are_lm_evals_for_means_and_the_delta_methods_for_ce_per_byte():
+    """A mean's standard error is lm-eval's (sample SD / √n); CE/byte's (summed NLL / summed bytes) is the delta
+    method's, which a bootstrap over the same items agrees with."""
+    import numpy as np
+    from lm_eval.api.metrics import mean_stderr as lm_eval_mean_stderr
+
+    from fuse.evaluation import mean_stderr, ratio_stderr
+
+    rng = np.random.default_rng(0)
+    correct = [float(x) for x in rng.integers(0, 2, 60)]
+    assert mean_stderr(correct) == pytest.approx(lm_eval_mean_stderr(correct))
+    assert mean_stderr([1.0]) is None
+    size = rng.integers(20, 200, 300).astype(float)
+    nll = size * rng.gamma(4.0, 0.25, 300)
+    draws = rng.integers(0, 300, (4000, 300))
+    bootstrap = (nll[draws].sum(1) / size[draws].sum(1)).std()
+    assert ratio_stderr(list(nll), list(size)) == pytest.approx(bootstrap, rel=0.1)
+    assert ratio_stderr([1.0], [2.0]) is None
+
+
+def test_every_aggregate_gets_its_standard_error_from_the_items():
+    from fuse.evaluation import mean_stderr, ratio_stderr, standard_errors
+
+    per_item = {
+        "skill": [1, 0, 1, 1, 0, 0],
+        "text": {"nll": [3.0, 5.0, 4.0], "bytes": [10, 12, 9]},
+        "domain": {"nll": [2.0, 2.5, 7.0, 6.0], "bytes": [5, 6, 10, 11]},
+        "preference": {"margin": [0.1, -0.2, 0.3, 0.4], "group": ["x", "x", "y", "y"]},
+    }
+    errors = standard_errors(
+        per_item, ["a", "a", "a", "b", "b", "b"], ["d", "d", "e", "e"], per_item["preference"]["group"]
+    )
+    assert errors["skills"] == {"a": mean_stderr([1, 0, 1]), "b": mean_stderr([1, 0, 0])}
+    assert errors["mean_accuracy"] == pytest.approx(math.hypot(*errors["skills"].values()) / 2)
+    assert errors["ce_per_byte"] == ratio_stderr([3.0, 5.0, 4.0], [10, 12, 9])
+    assert errors["domain_ce"] == {
+        "d": ratio_stderr([2.0, 2.5], [5, 6]),
+        "e": ratio_stderr([7.0, 6.0], [10, 11]),
+    }
+    assert errors["preference"] == {"x": mean_stderr([1.0, 0.0]), "y": 0.0}
+    assert errors["preference_accuracy"] == mean_stderr([1.0, 0.0, 1.0, 1.0])
+
+
+def test_markdown_table_shows_each_value_with_its_standard_error():
+    metrics = {
+        "skills": ["s"],
+        "models": {
+            "m1": {
+                "skills": {"s": 0.75},
+                "mean_accuracy": 0.75,
+                "ce_per_byte": 0.5,
+                "stderr": {"skills": {"s": 0.125}, "mean_accuracy": 0.125, "ce_per_byte": 0.0123},
+            },
+            "m2": {"skills": {"s": 0.25}, "mean_accuracy": 0.25, "ce_per_byte": 0.25},  # kept no items
+        },
+    }
+    lines = markdown_table(metrics).splitlines()
+    assert lines[2] == "| m1 | **0.75 ± 0.12** | **0.75 ± 0.12** | 0.500 ± 0.012 |"
+    assert lines[3] == "| m2 | 0.25 | 0.25 | **0.250** |"
+
+
 def test_markdown_table_has_domain_columns_and_the_limit_row():
     metrics = {
         "skills": [],
@@ -272,6 +333,12 @@ def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
     )
     table = (ctx.out / "metrics.md").read_text()
     assert "| distill.llama |" in table and "CE/byte" in table and "| limit |" in table
+    # every aggregate with its standard error from the items it was computed from
+    pivot = metrics["models"]["pivot"]
+    assert set(pivot["stderr"]["skills"]) == set(pivot["skills"]) and pivot["stderr"]["ce_per_byte"] > 0
+    assert set(pivot["stderr"]["domain_ce"]) == set(zoo.domains) and pivot["stderr"]["mean_domain_ce"] > 0
+    row = next(line for line in table.splitlines() if line.startswith("| llama |"))
+    assert row.count(" ± ") == len(row.split("|")) - 3, row  # every cell: value ± standard error
     assert (ctx.out / "accuracy.png").stat().st_size > 1000
 
 

@@ -105,6 +105,8 @@ def test_resume_after_interruption_is_identical(tmp_path, models, monkeypatch):
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.done"]
     assert not (out / "out/shard-00001").exists()
     first_shard_written = (out / "out/shard-00000/header.json").stat().st_mtime_ns
+    header = json.loads((out / "out/shard-00000/header.json").read_text())
+    assert header["meta"]["dtype"] == "float32"  # what the model ran in, recorded beside the backend
     calls.clear()
 
     def counted(self, sequences, top_k):

@@ -354,6 +354,51 @@ def test_deepspeed_zero2_on_two_processes(world, tmp_path):
     assert any("picked/a" in e for e in log)
 
 
+@pytest.mark.slow
+def test_a_lora_policy_learns_against_the_fused_reference(world, tmp_path):
+    """With peft the policy trains adapters (TRL's peft_config path) against the same precomputed fused reference;
+    out/model is the adapter merged into the policy, a full checkpoint, which the held-out check then reads."""
+    from fuse.stages import fpo
+
+    fpo.run(world.ctx(tmp_path, peft={"r": 8, "lora_alpha": 16}, learning_rate=1e-2))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["training"]["global_step"] == 12 and summary["heldout"]["pairs"] == 16
+    before, after = summary["heldout"]["before"], summary["heldout"]["after"]
+    assert after["rewards/margins"] > before["rewards/margins"] and summary["moved"]
+    log = [json.loads(line) for line in (tmp_path / "logs" / training.LOG_FILE).read_text().splitlines()]
+    assert any("picked/a" in e for e in log)
+    policy, trained = weights(world.distill / "model"), weights(tmp_path / "out" / "model")
+    assert trained.keys() == policy.keys()
+    changed = {name for name in policy if not torch.equal(trained[name], policy[name])}
+    assert changed == {
+        name for name in policy if name.endswith("proj.weight")
+    }  # all-linear: no embedding, no head
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_lora_under_zero3_on_two_processes(world, tmp_path):
+    """ZeRO-3 partitions the policy, adapters included: the saved adapter is gathered whole, and rank 0 merges it
+    into a copy of the policy it loads unpartitioned while the other rank waits (a partitioned load there would
+    wait on that rank forever)."""
+    from safetensors.torch import load_file
+
+    from fuse.stages import fpo
+
+    peft = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    run = dict(num_processes=2, deepspeed={"stage": 3}, max_steps=2, per_device_batch_size=2)
+    fpo.run(world.ctx(tmp_path, **run, gradient_checkpointing=True, peft=peft))
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["training"]["global_step"] == 2
+    policy, trained = weights(world.distill / "model"), weights(tmp_path / "out" / "model")
+    changed = {name for name in policy if not torch.equal(trained[name], policy[name])}
+    assert changed == {name for name in policy if name.endswith(("q_proj.weight", "v_proj.weight"))}
+    adapter = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 2 * 2 and all(
+        4 in t.shape for t in adapter.values()
+    )  # A, B x 2 targets x 2 layers
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
@@ -455,7 +500,8 @@ def test_summed_logps_from_hidden_states_match_trls_fused_head(real_families, fa
     fused LM head's, values and gradients, on a real family's tiny model (Gemma's scaled embeddings included)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from fuse.fpo_trainer import plain_head, summed_logps
+    from fuse.fpo_trainer import summed_logps
+    from fuse.heads import plain_head
     from fuse.models import load_model
     from fuse.recipe import ModelSpec
 

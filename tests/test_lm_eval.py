@@ -5,10 +5,13 @@ log-likelihoods of each choice. Generation in the model's chat template: it scor
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
+from lm_eval.api.metrics import mean_stderr
 
 from fuse.lm_eval import LmEvalError, metrics_table, per_sample_table, run_lm_eval, stderr_table
 from fuse.recipe import LmEvalSettings
@@ -103,7 +106,9 @@ def test_a_local_task_runs_offline_and_matches_the_models_own_likelihoods(zoo, t
         per_sample = result.per_sample[f"zoo_{skill}"]["acc"]
         assert len(per_sample) == len(rows) and set(per_sample) <= {0.0, 1.0}
         assert sum(per_sample) / len(rows) == pytest.approx(table[f"zoo_{skill}"]["acc"])
-        assert result.stderr[f"zoo_{skill}"]["acc"] >= 0.0
+        # the harness's standard error is kept: a mean's, sample SD / √n of the per-sample scores
+        spread = statistics.stdev(per_sample) / math.sqrt(len(per_sample))
+        assert result.stderr[f"zoo_{skill}"]["acc"] == pytest.approx(spread) == mean_stderr(per_sample)
 
 
 def test_a_generation_task_in_the_models_chat_template_sees_its_skill(zoo, tmp_path):
@@ -165,3 +170,5 @@ def test_the_evaluate_stage_reports_lm_eval_beside_its_table(zoo, tmp_path):
     assert 0.0 <= result["lm_eval"]["zoo_capital"]["acc"] <= 1.0
     lines = lm_eval_markdown(collect_metrics({"pivot": result}, [], []))
     assert lines[0] == "## lm-evaluation-harness" and lines[4].startswith("| pivot | ")
+    value, error = result["lm_eval"]["zoo_capital"]["acc"], result["lm_eval_stderr"]["zoo_capital"]["acc"]
+    assert lines[4] == f"| pivot | {value:.3f} ± {error:.3f} |"  # value ± the harness's standard error

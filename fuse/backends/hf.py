@@ -246,6 +246,7 @@ class TransformersBackend:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_length = model_max_length(model.config)
         self.device = next(model.parameters()).device
+        self.dtype = str(model.dtype).removeprefix("torch.")  # what `auto` resolved to
         self.on_batch: Callable[[int, int], None] | None = None  # (sequences, tokens) after each batch
 
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fuse.backends import BackendError, TokenLogprobs, check_request
+from fuse.backends import BackendError, TokenLogprobs, check_request, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,13 @@ def engine_arguments(
     gpu: bool = False,
 ) -> dict[str, Any]:
     """The vllm.LLM arguments: fuse's fixed ones, then the recipe's engine settings (`stages.<stage>.vllm`, per
-    model under `models.<name>.vllm`). CUDA graphs are on by default on GPU (eager only where vLLM runs on CPU)."""
+    model under `models.<name>.vllm`). CUDA graphs are on by default on GPU (eager only where vLLM runs on CPU).
+    `dtype` is resolved already (resolve_dtype): vLLM's own `auto` would run a float32 checkpoint in half precision."""
+    if dtype == "auto":
+        raise BackendError("engine_arguments: resolve the dtype first (fuse.backends.resolve_dtype)")
     arguments: dict[str, Any] = dict(
         model=str(model_dir),
-        dtype="float32" if dtype == "auto" else dtype,
+        dtype=dtype,
         max_model_len=max_length + 1,  # vLLM wants room for the one generated token
         max_logprobs=top_k,
         enforce_eager=not gpu,
@@ -99,7 +102,7 @@ class VllmBackend:
         model_dir: str | os.PathLike,
         top_k: int,
         max_length: int,
-        dtype: str = "float32",
+        dtype: str = "float32",  # a dtype name, or "auto" (resolve_dtype)
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         scratch: str | os.PathLike | None = None,
@@ -125,18 +128,20 @@ class VllmBackend:
         # No tokenizer is loaded (token-id prompts, no detokenizing), so vLLM's chat-template warm-up fails and
         # logs a traceback that is not an error for us.
         logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+        gpu = torch.cuda.is_available()
+        self.dtype, why = resolve_dtype(dtype, config, gpu)
         arguments = engine_arguments(
             str(model_dir),
             self.top_k,
             self.max_length,
-            dtype,
+            self.dtype,
             tensor_parallel_size,
             gpu_memory_utilization,
             trust_remote_code,
             engine,
-            gpu=torch.cuda.is_available(),
+            gpu=gpu,
         )
-        log.info("vLLM engine for %s: %s", name, arguments)
+        log.info("vLLM engine for %s in %s (%s): %s", name, self.dtype, why, arguments)
         self.llm = LLM(**arguments)
 
     @classmethod

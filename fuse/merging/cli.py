@@ -1,4 +1,7 @@
-"""`fuse merge CONFIG`: merge homologous checkpoints outside a recipe run (base, models, method, output)."""
+"""`fuse merge CONFIG [OUTPUT]`: merge homologous checkpoints outside a recipe run (base, models, method, output).
+
+CONFIG is fuse's format or mergekit's, read as written (`fuse merge config.yml OUT` as `mergekit-yaml config.yml OUT`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,31 @@ from pathlib import Path
 
 from fuse.io import write_json_atomic, write_text_atomic
 
-EXAMPLE = """example CONFIG:
+EXAMPLE = """example CONFIG (fuse's format):
   base_model: ./pivot
   models:
     - {path: ./target-a, parameters: {weight: 1.0, density: 0.5}}
     - {path: ./target-b, parameters: {weight: 1.0, density: 0.5}}
-  method: ties            # linear task_arithmetic ties dare_linear dare_ties breadcrumbs sce sce_mergekit varm
+  method: ties            # see the methods below
   parameters: {normalize: true}
   output: ./merged
   dtype: bfloat16         # or float32, float16, auto (the base's)
   max_shard_size: 2GB
   seed: 0
+
+or mergekit's, as written (`fuse merge CONFIG OUTPUT`, like `mergekit-yaml CONFIG OUTPUT`):
+  merge_method: ties
+  base_model: ./pivot
+  models:
+    - model: ./target-a
+      parameters: {weight: 1.0, density: 0.5}
+    - model: ./target-b
+      parameters: {weight: 1.0, density: 0.5}
+  parameters: {normalize: true}
+  dtype: bfloat16
+
+methods: linear task_arithmetic ties dare_linear dare_ties breadcrumbs breadcrumbs_ties della della_linear
+  slerp nuslerp model_stock karcher sce sce_mergekit varm (fuse/merging/README.md)
 """
 
 
@@ -30,9 +47,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "config", help="merge YAML (base_model, models, method, parameters, output, dtype, …)"
+        "config", help="merge YAML: fuse's (base_model, models, method, …) or mergekit's (merge_method, …)"
     )
-    parser.add_argument("--output", "-o", help="override the config's output folder")
+    parser.add_argument(
+        "output_dir", nargs="?", metavar="OUTPUT", help="output folder (as mergekit-yaml's OUT_PATH)"
+    )
+    parser.add_argument("--output", "-o", help="output folder; overrides the config's output:")
     parser.set_defaults(handler=cmd_merge)
 
 
@@ -44,10 +64,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     logging.getLogger("fuse.merging").setLevel(logging.INFO)
     try:
+        if args.output and args.output_dir and Path(args.output) != Path(args.output_dir):
+            raise MergeConfigError(f"two output folders: {args.output_dir} and --output {args.output}")
         config = load_merge_config(args.config)
-        output = Path(args.output or config.output)
-        if not str(args.output or config.output):
-            raise MergeConfigError(f"{args.config}: output: no output folder (set output: or pass --output)")
+        chosen = args.output_dir or args.output or config.output
+        if not chosen:
+            raise MergeConfigError(
+                f"{args.config}: no output folder: `fuse merge CONFIG OUTPUT`, --output, or output: in the config"
+            )
+        output = Path(chosen)
         report = run_merge(config, output)
     except (MergeConfigError, PreflightError, FileNotFoundError) as error:
         print(f"error: {error}")

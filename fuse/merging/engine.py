@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fuse.io import publish_dir, read_json, sha256_json, write_json_atomic
+from fuse.io import publish_dir, read_json, sha256_json, write_json_atomic, write_text_atomic
 from fuse.merging.checkpoint import (
     CheckpointReader,
     ShardWriter,
@@ -115,9 +116,10 @@ def merge_tensor(inputs: MergeInputs, plan: TensorPlan) -> torch.Tensor:
     base, deltas = read_deltas(inputs, plan.name, plan.rows)
     head = base if plan.rows is None else base[: plan.rows]
     gram = delta_gram(deltas)  # before a method overwrites the deltas
-    if len(inputs.models) == 1:
-        # one target merges to itself, whatever the method: pruning or re-weighting its only delta (SCE's
-        # variance is zero everywhere, TIES/DARE drop entries) could only throw its learning away
+    if len(inputs.models) == 1 and inputs.method.max_models is None:
+        # one target merges to itself with every method that merges any number of models: pruning or
+        # re-weighting its only delta (SCE's variance is zero everywhere, TIES/DARE drop entries) could only throw
+        # its learning away. slerp, defined on the base and exactly one model, is applied.
         target = next(iter(inputs.models.values())).read(plan.name, head.dtype)
         merged = Merged(target if plan.rows is None else target[: plan.rows], kept=1.0, weights=[1.0])
         dots = gram[0]
@@ -230,6 +232,41 @@ def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
+def read_chat_template(folder: Path) -> str | None:
+    """A checkpoint's chat template as its files hold it (chat_template.jinja, chat_template.json or
+    tokenizer_config.json; of a named set, the default one)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        value = read_json(folder / name).get("chat_template") if (folder / name).is_file() else None
+        if isinstance(value, list):
+            value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def chat_template_for(config: MergeConfig) -> str | None:
+    """The template `chat_template` asks for: its text, or for auto the most common template of the base and
+    the models (mergekit's rule; None when none has one)."""
+    if config.chat_template != "auto":
+        return config.chat_template
+    folders = [config.base_model, *(m.path for m in config.models)]
+    templates = [t.strip() for t in (read_chat_template(Path(f)) for f in folders) if t]
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """`template` as the folder's chat template: chat_template.jinja, and no other copy that could win over it."""
+    write_text_atomic(folder / "chat_template.jinja", template)
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = read_json(tokenizer_config)
+        if settings.pop("chat_template", None) is not None:
+            write_json_atomic(tokenizer_config, settings)
+
+
 def run_merge(
     config: MergeConfig,
     output: str | Path | None = None,
@@ -256,6 +293,9 @@ def run_merge(
         inputs.close()
     _write_config(staging, Path(config.base_model), config.dtype)
     (finish_folder or (lambda folder: copy_tokenizer_files(Path(config.base_model), folder)))(staging)
+    template = chat_template_for(config) if config.chat_template else None
+    if template:
+        write_chat_template(staging, template)
     report = build_report(
         config, plans, _load_stats(staging / "tensor-stats.jsonl"), files, time.monotonic() - started
     )
@@ -288,7 +328,7 @@ def build_report(
         if kept
         else None,
     }
-    if len(labels) == 1:
+    if len(labels) == 1 and method.max_models is None:  # copied unchanged (merge_tensor)
         summary["single_target"] = labels[0]
     if weighted:
         weighted_total = sum(s["numel"] for s in weighted)
@@ -297,6 +337,7 @@ def build_report(
             for i, label in enumerate(labels)
         }
     return {
+        **({"name": config.name} if config.name else {}),
         "method": {"name": method.name, "paper": method.paper, "reference_url": method.reference_url},
         "parameters": params.shared,
         "models": [
@@ -318,7 +359,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     """A short human-readable merge report."""
     summary = report["summary"]
     lines = [
-        f"# Merge report: {report['method']['name']}",
+        f"# Merge report: {report['method']['name']}"
+        + (f" ({report['name']})" if report.get("name") else ""),
         "",
         f"Method: {report['method']['paper']} ({report['method']['reference_url']})",
         "",

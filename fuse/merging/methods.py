@@ -21,6 +21,15 @@ sce, which follows FuseChat's own code (mergekit's variant is sce_mergekit):
                      the weights and the merge (default select_topk 1.0 = mergekit's = nothing erased).
   * varm             FuseChat-1.0 (Wan et al. 2024): per tensor, w_i ∝ mean(Δ_i²); θ = θ_base + Σ w_i Δ_i
                      (equal weights when no model moved). mergekit has no VaRM.
+  * breadcrumbs_ties breadcrumbs' masks, then TIES sign election (mergekit's breadcrumbs_ties).
+  * della/_linear    DELLA (Deep et al. 2024): MagPrune keeps each entry with a probability that grows with its
+                     magnitude rank in its row, density ± epsilon, then TIES (della) or task arithmetic.
+  * slerp            spherical interpolation between the base (t = 0) and exactly one model (t = 1).
+  * nuslerp          mergekit's NuSLERP: slerp of exactly two task vectors, t = w_2 / (w_1 + w_2), whole tensor
+                     (nuslerp_flatten) or per row/column.
+  * model_stock      Model Stock (Jang et al. 2024): θ_base + t·mean(Δ_i), t = k·cos/(1 + (k − 1)·cos) from the
+                     mean pairwise cosine of ≥ 2 deltas, per tensor or per row (filter_wise).
+  * karcher          the Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
 
 Where we differ on purpose (and document it):
   * DARE rescaling: the paper rescales kept entries by 1/density; mergekit (`rescale: true`) rescales each
@@ -36,8 +45,15 @@ Where we differ on purpose (and document it):
     on keeps the base value (divisor 1), as FuseChat's code does; mergekit uses absolute thresholds (1e-6) for
     both, which make realistic fine-tunes (Δ RMS ~1e-4) merge with equal weights. sce_mergekit follows
     FuseChat here too, so it differs from mergekit only below those thresholds.
-  * One target: the engine copies it (fuse.merging.engine.merge_tensor), whatever the method; no method is
-    called with a single delta, since pruning or re-weighting the only delta can only throw learning away.
+  * DELLA rescaling and masks as DARE's: `rescale: true` divides each kept entry by its own keep probability
+    (DELLA's code), `rescale: "l1"` is mergekit's `rescale: true`; the draws come from the same per (seed, tensor,
+    model) generator, so mergekit's global-RNG draws differ (the parity test hands mergekit our draws, while
+    mergekit computes its own probabilities). A one-column row keeps with p = density (mergekit divides 0 by 0).
+  * Model Stock's cosine takes only a zero norm as undefined (cos 0); mergekit clamps the norm product at 1e-6,
+    which shrinks the cosine, and so t, of filter-wise rows of realistic fine-tunes (row Δ norms ~1e-3).
+  * One target: the engine copies it (fuse.merging.engine.merge_tensor) for every method that merges any number
+    of models, since pruning or re-weighting the only delta can only throw learning away. Methods defined on a
+    fixed number of models (slerp: one; nuslerp: two) are applied, and model_stock refuses fewer than two.
 """
 
 from __future__ import annotations
@@ -82,15 +98,20 @@ class Merged:
 MethodFn = Callable[[str, Tensor, Tensor, MethodParams], Merged]
 
 
+REQUIRED: Any = "<required>"  # a shared parameter with no default (slerp's t): the config must give it
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     fn: MethodFn
     reference_url: str
     paper: str
-    shared: dict[str, Any] = field(default_factory=dict)  # parameter -> default
+    shared: dict[str, Any] = field(default_factory=dict)  # parameter -> default (or REQUIRED)
     per_model: dict[str, float] = field(default_factory=dict)  # parameter -> default
     uses_base: bool = True
+    min_models: int = 1  # merged models besides the base
+    max_models: int | None = None  # None: any number, and one model is copied unchanged (the engine's rule)
 
 
 METHODS: Registry[MergeMethod] = Registry("merge method", MergeConfigError, key="method")
@@ -104,14 +125,16 @@ def merge_method(
     shared: dict[str, Any] | None = None,
     per_model: dict[str, float] | None = None,
     uses_base: bool = True,
+    models: tuple[int, int | None] = (1, None),
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn(name, base, deltas, params) -> Merged` under `name`; duplicate names are errors."""
+    """Register `fn(name, base, deltas, params) -> Merged` under `name`; duplicate names are errors. `models` is
+    the (min, max) number of merged models besides the base; a method with a max is applied to a single model."""
 
     def register(fn: MethodFn) -> MethodFn:
-        METHODS.add(
-            name,
-            MergeMethod(name, fn, reference_url, paper, dict(shared or {}), dict(per_model or {}), uses_base),
+        spec = MergeMethod(
+            name, fn, reference_url, paper, dict(shared or {}), dict(per_model or {}), uses_base, *models
         )
+        METHODS.add(name, spec)
         return fn
 
     return register
@@ -401,24 +424,277 @@ def varm(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merge
     return Merged(weighted_sum(deltas, weights).add_(base), kept=1.0, weights=weights.tolist())
 
 
+@merge_method(
+    "breadcrumbs_ties",
+    reference_url="https://arxiv.org/abs/2312.06795",
+    paper="Davari & Belilovsky 2023, Model Breadcrumbs + TIES sign election",
+    shared=_TA_SHARED,
+    per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+)
+def breadcrumbs_ties(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    for delta, density, gamma in zip(
+        deltas, params.per_model["density"], params.per_model["gamma"], strict=True
+    ):
+        delta.mul_(outlier_mask(delta, density, gamma))
+    return combine(base, deltas, params, consensus=True)
+
+
+def magprune_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities, shaped [rows, cols] (a 1-D tensor is one row): within a row, the entry
+    of rank r by |Δ| (1 = smallest) keeps with p = density − ε + 2ε·(r − 1)/(cols − 1), as DELLA's code
+    (rank_magnitude) and mergekit (della_magprune) compute it, in the same operations. A one-column row, where
+    both divide 0 by 0, keeps with p = density."""
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    if rows.shape[1] < 2:
+        return torch.full_like(rows, density)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(rows.dtype) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def magprune_(
+    delta: Tensor, density: float, epsilon: float, rescale: bool | str, generator: torch.Generator
+) -> Tensor:
+    """DELLA's drop step in place: keep each entry with its MagPrune probability; rescale each kept entry by
+    1/its probability (True, DELLA's code), to the old L1 norm ("l1", mergekit's `rescale: true`), or not."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    probs = magprune_probs(delta, density, epsilon)
+    mask = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+    if rescale is True:
+        return delta.mul_(mask).div_(probs.reshape(delta.shape))
+    return prune_(delta, mask, density, rescale)
+
+
+def _della(name: str, base: Tensor, deltas: Tensor, params: MethodParams, consensus: bool) -> Merged:
+    """MagPrune every delta, then merge as TIES (consensus) or task arithmetic. The draws come from a generator
+    seeded by (seed, tensor, model), as DARE's: reproducible and resumable, but not mergekit's draws (torch's
+    global RNG in execution order), so equal seeds give different masks in the two tools; everything else (keep
+    probabilities, rescaling, merge) is mergekit's, which the parity test checks by handing mergekit our draws."""
+    per = params.per_model
+    for i, (delta, density, epsilon) in enumerate(zip(deltas, per["density"], per["epsilon"], strict=True)):
+        generator = torch.Generator().manual_seed(tensor_seed(params.seed, name, i))
+        magprune_(delta, density, epsilon, params.shared["rescale"], generator)
+    return combine(base, deltas, params, consensus=consensus)
+
+
+# DELLA's own settings prune (its paper keeps density ~0.3-0.7); as for DARE and TIES, density defaults to 1 here.
+@merge_method(
+    "della",
+    reference_url="https://arxiv.org/abs/2406.11617",
+    paper="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune) + TIES sign election",
+    shared={"normalize": True, "lambda": 1.0, "rescale": True},
+    per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+)
+def della(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return _della(name, base, deltas, params, consensus=True)
+
+
+@merge_method(
+    "della_linear",
+    reference_url="https://arxiv.org/abs/2406.11617",
+    paper="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune), task arithmetic",
+    shared={**_TA_SHARED, "rescale": True},
+    per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+)
+def della_linear(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return _della(name, base, deltas, params, consensus=False)
+
+
+def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation from v0 (t = 0) to v1 (t = 1), as mergekit: the angle between the flattened,
+    normalised tensors, applied to the tensors themselves; a norm ≤ eps counts as 1, and nearly parallel or
+    antiparallel pairs (|cos| > dot_threshold) are interpolated linearly."""
+    norm0, norm1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    norm0 = torch.where(norm0 > eps, norm0, 1)
+    norm1 = torch.where(norm1 > eps, norm1, 1)
+    dot = torch.dot(v0.reshape(-1) / norm0, v1.reshape(-1) / norm1).clamp(-1, 1)
+    if float(dot.abs()) > dot_threshold:
+        return v0 * (1 - t) + v1 * t
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return v0 * (torch.sin((1 - t) * theta) / sin_theta) + v1 * (torch.sin(t * theta) / sin_theta)
+
+
+@merge_method(
+    "slerp",
+    reference_url="https://en.wikipedia.org/wiki/Slerp",
+    paper="Shoemake 1985, spherical linear interpolation, between the base (t = 0) and one model (t = 1)",
+    shared={"t": REQUIRED},
+    models=(1, 1),
+)
+def slerp(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return Merged(slerp_pair(params.shared["t"], base, deltas[0].add_(base)))
+
+
+def nuslerp_pair(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool, eps: float = 1e-8) -> Tensor:
+    """mergekit's NuSLERP of two tensors: over the whole flattened tensor, or along `dim` (one slerp per slice);
+    exactly (anti)parallel vectors are interpolated linearly."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    unit0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    unit1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(unit0 * unit1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(shape)
+
+
+@merge_method(
+    "nuslerp",
+    reference_url="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/nuslerp.py",
+    paper="mergekit's NuSLERP: spherical interpolation of two task vectors, t = w_2 / (w_1 + w_2)",
+    shared={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    per_model={"weight": 1.0},
+    models=(2, 2),
+)
+def nuslerp(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    first, second = params.per_model["weight"]
+    t = 0.5 if abs(first + second) < 1e-6 else second / (first + second)
+    dim = 0 if params.shared["nuslerp_row_wise"] else -1
+    return Merged(base + nuslerp_pair(t, deltas[0], deltas[1], dim, params.shared["nuslerp_flatten"]))
+
+
+def stock_ratio(cos: Tensor, k: int) -> Tensor:
+    """Model Stock's interpolation ratio t = k·cos / (1 + (k − 1)·cos) (Jang et al. 2024, eq. 4); 0 (the base)
+    where the denominator vanishes, as mergekit."""
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator))
+
+
+@merge_method(
+    "model_stock",
+    reference_url="https://arxiv.org/abs/2403.19522",
+    paper="Jang et al. 2024, Model Stock: all we need is just a few fine-tuned models",
+    shared={"filter_wise": False},
+    models=(2, None),
+)
+def model_stock(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    filter_wise = params.shared["filter_wise"]
+    # filter-wise: one cosine, and one t, per row of the last dimension; else one for the whole tensor
+    vectors = deltas if filter_wise else deltas.reshape(len(deltas), -1)
+    norms = torch.linalg.vector_norm(vectors, dim=-1)
+    cosines = []
+    for i in range(len(vectors)):
+        for j in range(i + 1, len(vectors)):
+            product = norms[i] * norms[j]
+            dot = (vectors[i] * vectors[j]).sum(dim=-1)
+            cosine = torch.where(product > 0, dot / torch.where(product > 0, product, 1), 0)
+            cosines.append(cosine.clamp(-1, 1))
+    t = stock_ratio(torch.stack(cosines).mean(dim=0), len(vectors))
+    mean = deltas.sum(dim=0).div_(len(deltas))
+    return Merged(mean.mul_(t.unsqueeze(-1) if filter_wise else t).add_(base))
+
+
+def karcher_mean(tensors: Tensor, max_iter: int, tol: float) -> Tensor:
+    """mergekit's Karcher mean: the equal-weight Riemannian mean of the flattened tensors' directions on the unit
+    sphere (fixed-point iterations until the tangent step is below `tol`), scaled by the mean norm. Tensors with a
+    norm ≤ tol take no part in the direction."""
+    alpha = 1 / len(tensors)
+    norms = [torch.linalg.vector_norm(x) for x in tensors]
+    valid = [i for i, norm in enumerate(norms) if float(norm) > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    units = [tensors[i] / norms[i] for i in valid]
+    share = 1 / len(valid)
+    mean = torch.zeros_like(units[0])
+    for unit in units:
+        mean += share * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in units:
+            dot = torch.clamp(torch.dot(mean.reshape(-1), unit.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += share * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    return sum(alpha * norm for norm in norms) * mean
+
+
+@merge_method(
+    "karcher",
+    reference_url="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/karcher.py",
+    paper="Karcher mean of the models' weights on the unit sphere (Riemannian centre of mass), as mergekit",
+    shared={"max_iter": 10, "tol": 1e-5},
+    uses_base=False,
+)
+def karcher(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    models = deltas.add_(base)  # θ_i; the base takes no part (mergekit-format configs list it as a model)
+    return Merged(karcher_mean(models, params.shared["max_iter"], params.shared["tol"]))
+
+
 # --------------------------------------------------------------------------------------------- parameters
+
+
+def _count_problem(method: MergeMethod, count: int) -> str | None:
+    low, high = method.min_models, method.max_models
+    if low <= count and (high is None or count <= high):
+        return None
+    if high == 1:
+        wanted = "exactly one model besides base_model (it interpolates between the two)"
+    elif low == high:
+        wanted = f"exactly {low} models besides base_model"
+    else:
+        wanted = f"at least {low} models besides base_model"
+    return f"models: {method.name} merges {wanted}; got {count}"
+
+
+def _check_shared_type(key: str, default: Any, value: Any) -> None:
+    if key == "rescale":
+        if value not in (True, False, "l1", "inverse_density"):
+            raise MergeConfigError(
+                "parameters.rescale: true/'inverse_density' (paper), 'l1' (mergekit) or false"
+            )
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise MergeConfigError(f"parameters.{key}: must be true or false, got {value!r}")
+    elif isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MergeConfigError(f"parameters.{key}: must be a whole number ≥ 1, got {value!r}")
+    elif not isinstance(value, int | float) or isinstance(value, bool):  # numbers, and required ones (t)
+        raise MergeConfigError(f"parameters.{key}: must be a number, got {value!r}")
 
 
 def resolve_params(
     method: MergeMethod, shared: dict[str, Any], per_model: list[dict[str, Any]], seed: int = 0
 ) -> MethodParams:
-    """Fill defaults and reject unknown or ill-typed parameters, naming the YAML key."""
+    """Fill defaults and reject unknown or ill-typed parameters and a wrong number of models, naming the YAML key."""
     unknown = sorted(set(shared) - set(method.shared))
     if unknown:
         raise MergeConfigError(
             f"parameters: {method.name} does not take {unknown}; it takes {sorted(method.shared)}"
         )
+    missing = sorted(
+        key for key, default in method.shared.items() if default is REQUIRED and key not in shared
+    )
+    if missing:
+        raise MergeConfigError(f"parameters.{missing[0]}: {method.name} needs it (it has no default)")
+    problem = _count_problem(method, len(per_model))
+    if problem:
+        raise MergeConfigError(problem)
     values = {**method.shared, **shared}
-    for key in ("lambda", "select_topk"):
-        if key in values and not isinstance(values[key], int | float):
-            raise MergeConfigError(f"parameters.{key}: must be a number, got {values[key]!r}")
-    if "rescale" in values and values["rescale"] not in (True, False, "l1", "inverse_density"):
-        raise MergeConfigError("parameters.rescale: true/'inverse_density' (paper), 'l1' (mergekit) or false")
+    for key, value in values.items():
+        _check_shared_type(key, method.shared[key], value)
     if values.get("rescale") == "inverse_density":
         values["rescale"] = True
     columns: dict[str, list[float]] = {key: [] for key in method.per_model}
@@ -433,7 +709,14 @@ def resolve_params(
             value = model_params.get(key, default)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise MergeConfigError(f"models[{index}].parameters.{key}: must be a number, got {value!r}")
-            if key in ("density", "gamma") and not 0 <= value <= 1:
+            if key in ("density", "gamma", "epsilon") and not 0 <= value <= 1:
                 raise MergeConfigError(f"models[{index}].parameters.{key}: must be in [0, 1], got {value}")
             columns[key].append(float(value))
+        if "epsilon" in columns:  # DELLA: every keep probability density ± epsilon must lie in (0, 1)
+            density, epsilon = columns["density"][-1], columns["epsilon"][-1]
+            if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise MergeConfigError(
+                    f"models[{index}].parameters: {method.name} keeps entries with probabilities density ± "
+                    f"epsilon, which must lie in (0, 1); got density {density}, epsilon {epsilon}"
+                )
     return MethodParams(values, columns, seed)

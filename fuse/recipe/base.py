@@ -60,6 +60,22 @@ def operational(default: Any = PydanticUndefined, *, description: str | None = N
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+ADDED = "added"
+
+
+def added(default: Any, *, description: str | None = None, **kwargs: Any) -> Any:
+    """A result setting introduced after recipes were already fingerprinted: hashed only when it differs from its
+    default, so adding it leaves every finished instance that does not set it valid (its default must be what the
+    stage computed before the field existed)."""
+    extra = {"class": ADDED}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def is_added(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("class") == ADDED
+
+
 def is_operational(field: Any) -> bool:
     extra = field.json_schema_extra
     return isinstance(extra, dict) and extra.get("class") == OPERATIONAL
@@ -79,10 +95,12 @@ class Frozen(BaseModel):
         dumped = self.model_dump(mode="json")
         skip = self.operational_fields()
         result: dict[str, Any] = {}
-        for name in type(self).model_fields:
+        for name, field in type(self).model_fields.items():
             if name in skip:
                 continue
             value = getattr(self, name)
+            if is_added(field) and value == field.get_default(call_default_factory=True):
+                continue
             if isinstance(value, Frozen):
                 result[name] = value.result_settings()
             elif isinstance(value, dict) and value and all(isinstance(v, Frozen) for v in value.values()):

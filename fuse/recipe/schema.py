@@ -100,6 +100,11 @@ class Recipe(Frozen):
                 f"({fpo.max_length}): the reference must score every token the policy sees"
             )
         distill = self.stages.distill
+        merge = self.stages.merge
+        if merge.enabled and merge.base == "sft_baseline" and not (distill.enabled and distill.sft_baseline):
+            raise ValueError(
+                "stages.merge.base: sft_baseline needs the SFT-only model: set stages.distill.sft_baseline: true"
+            )
         if distill.enabled and distill.validation and self.data.heldout_fraction <= 0:
             raise ValueError(
                 "stages.distill.validation scores the prepared held-out split: set data.heldout_fraction > 0"

@@ -8,12 +8,13 @@ itself and a bad key is reported with its YAML path before anything runs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fuse.recipe.base import Frozen, StageSettings, operational
+from fuse.recipe.base import Frozen, StageSettings, added, operational
 from fuse.recipe.inference_settings import ExtractSettings, ScoreSettings
 from fuse.recipe.training_settings import DistillSettings, FpoSettings
 
@@ -91,6 +92,12 @@ class AlignSettings(StageSettings):
 
 class MergeSettings(StageSettings):
     method: str = "sce"
+    base: Literal["pivot", "sft_baseline"] = added(
+        "pivot",
+        description="What the targets' deltas are taken against. pivot: FuseChat's choice. sft_baseline: the SFT-only "
+        "model (needs stages.distill.sft_baseline), which trained on the same data and budget, so each target's delta "
+        "holds what its teacher added and not the fine-tuning every target shares.",
+    )
     parameters: dict[str, Any] = Field(default_factory=dict)
     model_parameters: dict[str, dict[str, float]] = Field(
         default_factory=dict,
@@ -166,11 +173,24 @@ class EvaluateSettings(StageSettings):
     )
 
 
+LICENSE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+
+
 class PublishSettings(StageSettings):
     license: str | None = Field(
         None,
         description="The card's Hub license id (apache-2.0, llama3.1, gemma, ...); default 'other': a fused model "
         "inherits its base models' terms, which only you can reconcile.",
+    )
+    license_name: str | None = added(
+        None,
+        description="With license other (the default): the licence's short id (lowercase, digits, '-', '.'); "
+        "default base-model-licenses.",
+    )
+    license_link: str | None = added(
+        None,
+        description="With license other (the default): the licence's URL; default LICENSES.md, a file publish "
+        "writes beside the card listing every model that went in.",
     )
     push: bool = False
     repo_id: str | None = None
@@ -182,6 +202,19 @@ class PublishSettings(StageSettings):
     def _push_needs_repo(self) -> PublishSettings:
         if self.push and not self.repo_id:
             raise ValueError("push: true needs repo_id")
+        return self
+
+    @model_validator(mode="after")
+    def _license_other(self) -> PublishSettings:
+        named = [k for k in ("license_name", "license_link") if getattr(self, k) is not None]
+        if named and self.license not in (None, "other"):
+            raise ValueError(f"{' and '.join(named)} describe a license other, not license {self.license}")
+        if self.license_name is not None and not LICENSE_NAME_RE.match(self.license_name):
+            raise ValueError(
+                f"license_name {self.license_name!r}: lowercase letters, digits, '-' and '.' only"
+            )
+        if self.license_link is not None and not self.license_link.startswith(("https://", "http://")):
+            raise ValueError(f"license_link {self.license_link!r}: a URL (http:// or https://)")
         return self
 
 

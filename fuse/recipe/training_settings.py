@@ -1,4 +1,5 @@
-"""Settings of the stages that train (distill, fpo): the HF Trainer's knobs, DeepSpeed and trackers.
+"""Settings of the stages that train (distill, fpo): the HF Trainer's knobs (first-class ones and a passthrough of
+any other TrainingArguments / DPOConfig field), LoRA/QLoRA, DeepSpeed, trackers and their project/group/run names.
 
 TrainingJob records a settings class as "module:Class" (fuse/training.py); jobs written before the recipe became a
 package say "fuse.recipe:DistillSettings", which still resolves through fuse/recipe/__init__.py's re-export.
@@ -6,13 +7,18 @@ package say "fuse.recipe:DistillSettings", which still resolves through fuse/rec
 
 from __future__ import annotations
 
+import ast
+import difflib
+import functools
+import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fuse.recipe.base import Frozen, StageSettings, operational
+from fuse.recipe.base import Frozen, StageSettings, added, operational
 
 # DeepSpeed keys the HF Trainer fills from the recipe ("auto"): a number in a user's config could disagree with it.
 DEEPSPEED_AUTO_KEYS = (
@@ -103,6 +109,295 @@ Tracker = Literal[
 ]
 
 
+# --------------------------------------------------------------------------------------------- LoRA / QLoRA
+
+
+class PeftSettings(Frozen):
+    """LoRA adapters in place of full fine-tuning (peft's LoraConfig; its defaults but target_modules). The stage
+    merges the trained adapter into the full weights (out/model, what merge, evaluate and publish read) and keeps the
+    adapter itself in out/adapter (PeftModel.from_pretrained(<the stage's base model>, out/adapter))."""
+
+    r: int = Field(8, ge=1, description="The adapters' rank.")
+    lora_alpha: float = Field(8, gt=0, description="Scale: the update is (lora_alpha / r) B A.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="The modules that get adapters: all-linear (peft: every linear layer but the output head, i.e. "
+        "attention and MLP), a list of module names (q_proj, v_proj, ...) or a regex of full module names.",
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside the adapters (e.g. embed_tokens)."
+    )
+    use_rslora: bool = Field(False, description="Scale by lora_alpha / sqrt(r) (rank-stabilized LoRA).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: the base weights frozen in 4-bit NF4 (bitsandbytes, CUDA only) while the adapters train; "
+        "the adapter is merged into the full-precision base.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("name at least one module, or all-linear")
+        return value
+
+    def lora_config(self) -> Any:
+        """peft's LoraConfig for these settings."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            modules_to_save=list(self.modules_to_save) or None,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+        )
+
+
+# --------------------------------------------------------------------------------------------- tracking
+
+
+class TrackingSettings(Frozen):
+    """The names trackers file a run under. Run name: <recipe name>/<stage instance> (TrainingArguments.run_name);
+    project and group default to the recipe's name (or to WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ... where the
+    environment already sets them), set for the training process only."""
+
+    project: str | None = operational(
+        None,
+        description="wandb/comet/swanlab/clearml project, mlflow experiment, trackio project; default: the recipe "
+        "name.",
+    )
+    group: str | None = operational(
+        None, description="wandb run group (mlflow: the `group` tag); default: the recipe name."
+    )
+
+
+# --------------------------------------------------------------------------------------------- Trainer passthrough
+
+
+@functools.cache
+def trainer_argument_fields() -> frozenset[str]:
+    """The fields of the installed transformers' TrainingArguments, read from its source without importing it (an
+    import costs seconds and pulls torch; loading a recipe must not). Empty where the source cannot be read: then
+    the fields are checked when the Trainer's arguments are built."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            return frozenset(
+                item.target.id
+                for item in node.body
+                if isinstance(item, ast.AnnAssign)
+                and isinstance(item.target, ast.Name)
+                and not item.target.id.startswith("_")
+            )
+    return frozenset()
+
+
+# TrainingArguments fields fuse sets from a setting of its own: the setting to write instead.
+OWNED_BY_SETTING = {
+    "per_device_train_batch_size": "per_device_batch_size",
+    "per_device_eval_batch_size": "per_device_batch_size",
+    "num_train_epochs": "epochs",
+    "max_steps": "max_steps",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio",
+    "warmup_ratio": "warmup_ratio",  # gone from TrainingArguments 5 (warmup_steps < 1 is a ratio), still written
+    "weight_decay": "weight_decay",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "bf16": "bf16",
+    "fp16": "bf16",
+    "bf16_full_eval": "bf16",
+    "fp16_full_eval": "bf16",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing",
+    "use_liger_kernel": "liger",
+    "report_to": "report_to",
+    "run_name": "tracking",
+    "project": "tracking",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "seed": "seed",
+    "data_seed": "seed",
+    "deepspeed": "deepspeed",
+    "label_smoothing_factor": "label_smoothing",
+}
+RESUME = "a rerun resumes from the newest complete checkpoint, with its optimizer, scheduler, RNG and data position"
+EVALUATION = (
+    "fuse evaluates itself (distill: `validation` scores the held-out split at every save_steps and keeps the best "
+    "checkpoint; fpo: held-out pairs before and after)"
+)
+# TrainingArguments fields fuse must decide itself, and why.
+OWNED_FOR = {
+    "output_dir": "checkpoints go to <instance>/checkpoints in the run store",
+    "save_strategy": "fuse saves every save_steps: the checkpoints a rerun resumes from",
+    "save_only_model": RESUME,
+    "resume_from_checkpoint": RESUME,
+    "ignore_data_skip": RESUME,
+    "use_cpu": "fuse trains on the GPU where there is one",
+    "accelerator_config": "fuse's launcher (accelerate launch) configures it",
+    "local_rank": "fuse's launcher (accelerate launch) sets it",
+    "fsdp": "fuse shards training with DeepSpeed ZeRO: set `deepspeed.stage`",
+    "fsdp_config": "fuse shards training with DeepSpeed ZeRO: set `deepspeed.stage`",
+    "parallelism_config": "fuse shards training with DeepSpeed ZeRO: set `deepspeed.stage`",
+    "remove_unused_columns": "fuse's collators read every column of the rows the stage writes",
+    "label_names": "fuse's collators read every column of the rows the stage writes",
+    **dict.fromkeys(
+        (
+            "push_to_hub",
+            "hub_token",
+            "hub_private_repo",
+            "hub_model_id",
+            "hub_strategy",
+            "hub_always_push",
+            "hub_revision",
+        ),
+        "the publish stage pushes the fused model (stages.publish.push)",
+    ),
+    **dict.fromkeys(
+        (
+            "eval_strategy",
+            "eval_steps",
+            "eval_delay",
+            "eval_on_start",
+            "load_best_model_at_end",
+            "metric_for_best_model",
+            "greater_is_better",
+        ),
+        EVALUATION,
+    ),
+}
+# DPOConfig fields beyond TrainingArguments: the fpo stage's own settings, or fuse's InfiFPO machinery.
+DPO_BY_SETTING = {"beta": "beta", "label_smoothing": "label_smoothing", "max_length": "max_length"}
+INFIFPO_LOSS = "fpo's loss is InfiFPO's (fusion: none is plain DPO with the sigmoid loss)"
+FUSED_REFERENCE = "fpo's reference is the fused score tables, computed before training"
+OWN_TOKENIZATION = "fpo tokenizes the pairs itself, the way the score stage does"
+DPO_OWNED_FOR = {
+    **dict.fromkeys(
+        (
+            "loss_type",
+            "loss_weights",
+            "ld_alpha",
+            "f_divergence_type",
+            "f_alpha_divergence_coef",
+            "use_weighting",
+            "discopop_tau",
+            "router_aux_loss_coef",
+        ),
+        INFIFPO_LOSS,
+    ),
+    **dict.fromkeys(
+        (
+            "precompute_ref_log_probs",
+            "precompute_ref_batch_size",
+            "sync_ref_model",
+            "ref_model_mixup_alpha",
+            "ref_model_sync_steps",
+        ),
+        FUSED_REFERENCE,
+    ),
+    **dict.fromkeys(
+        ("truncation_mode", "padding_free", "pad_to_multiple_of", "pad_token", "dataset_num_proc"),
+        OWN_TOKENIZATION,
+    ),
+    **dict.fromkeys(
+        ("model_init_kwargs", "trust_remote_code"),
+        "the policy loads with its model's options (pivot: dtype, trust_remote_code, ...)",
+    ),
+}
+DPO_PASSTHROUGH = (
+    "disable_dropout",
+    "activation_offloading",
+)  # DPOConfig fields that act in fuse's fpo trainer
+
+# Passthrough keys that say how a run goes, not what it computes (logging, saving, data loading, kernels, process
+# groups, evaluation bookkeeping): left out of the fingerprint. Every other passthrough key is a result setting.
+OPERATIONAL_TRAINER_ARGS = frozenset(
+    {
+        "logging_strategy",
+        "logging_first_step",
+        "log_on_each_node",
+        "logging_nan_inf_filter",
+        "include_num_input_tokens_seen",
+        "log_level",
+        "log_level_replica",
+        "disable_tqdm",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        "save_on_each_node",
+        "enable_jit_checkpoint",
+        "restore_callback_states_from_checkpoint",
+        "eval_accumulation_steps",
+        "eval_do_concat_batches",
+        "eval_use_gather_object",
+        "prediction_loss_only",
+        "include_for_metrics",
+        "batch_eval_metrics",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "ddp_find_unused_parameters",
+        "ddp_bucket_cap_mb",
+        "ddp_broadcast_buffers",
+        "ddp_static_graph",
+        "ddp_backend",
+        "ddp_timeout",
+        "debug",
+        "skip_memory_metrics",
+        "torch_empty_cache_steps",
+        "torch_compile",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "liger_kernel_config",
+        "use_cache",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "activation_offloading",
+    }
+)
+
+
+def trainer_key_problem(
+    key: str,
+    stage: str,
+    config: str,
+    known: frozenset[str],
+    by_setting: dict[str, str],
+    owned: dict[str, str],
+) -> str | None:
+    """Why `key` cannot be a passthrough key of `stage` (an owned field, with what to set instead; not a field of
+    `config`, with the nearest one), or None."""
+    if key in by_setting:
+        return f"fuse sets it from {stage}.{by_setting[key]}: set that instead"
+    if key in owned:
+        return f"fuse sets it: {owned[key]}"
+    if not known or key in known:
+        return None
+    if key in {*DPO_BY_SETTING, *DPO_OWNED_FOR, *DPO_PASSTHROUGH}:
+        return f"not a {config} field (a DPOConfig one: stages.fpo.trainer_args takes it)"
+    near = difflib.get_close_matches(key, sorted(known | set(by_setting)), n=1, cutoff=0.6)
+    return f"not a {config} field" + (f"; did you mean {near[0]}?" if near else "")
+
+
 class TrainSettings(StageSettings):
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler: str = "cosine"
@@ -138,9 +433,81 @@ class TrainSettings(StageSettings):
     liger: bool = operational(
         False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel."
     )
+    trainer_args: dict[str, Any] = added(
+        {},
+        description="Any other TrainingArguments field (for fpo: DPOConfig), handed to the Trainer as written: "
+        "max_grad_norm, optim, adam_beta2, lr_scheduler_kwargs, dataloader_num_workers, ... A field fuse sets from a "
+        "setting of its own is refused with that setting's key. Logging, saving, data-loading, kernel and process-group "
+        "keys are operational (OPERATIONAL_TRAINER_ARGS); every other key is a result setting.",
+    )
+    peft: PeftSettings | None = added(
+        None, description="LoRA (QLoRA with load_in_4bit) adapters instead of full fine-tuning; unset: full."
+    )
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings, description="Project and group names for the trackers in report_to."
+    )
+
+    STAGE: ClassVar[str] = "stages.<stage>"  # the YAML key of these settings, for the passthrough's errors
+    TRAINER_CONFIG: ClassVar[str] = "TrainingArguments"  # the class trainer_args fills
+    # the fields of that class beyond TrainingArguments' that trainer_args may set
+    CONFIG_ONLY: ClassVar[tuple[str, ...]] = ()
+    BY_SETTING: ClassVar[dict[str, str]] = OWNED_BY_SETTING
+    OWNED: ClassVar[dict[str, str]] = OWNED_FOR
+
+    @classmethod
+    def trainer_fields(cls) -> frozenset[str]:
+        """What trainer_args may name (before the owned fields are taken out); empty: unknown here."""
+        fields = trainer_argument_fields()
+        return fields | set(cls.CONFIG_ONLY) if fields else fields
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _trainer_args_are_free_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Each key a field of the Trainer's arguments that fuse does not set itself; every bad key is reported, at
+        its own YAML key."""
+        known = cls.trainer_fields()
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", "{problem}", {"problem": problem}),
+                loc=(key,),
+                input=item,
+            )
+            for key, item in value.items()
+            if (
+                problem := trainer_key_problem(
+                    key, cls.STAGE, cls.TRAINER_CONFIG, known, cls.BY_SETTING, cls.OWNED
+                )
+            )
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return value
+
+    @model_validator(mode="after")
+    def _qlora_fits(self) -> TrainSettings:
+        if self.peft is not None and self.peft.load_in_4bit and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "peft.load_in_4bit: QLoRA is not supported under ZeRO-3 (4-bit weights cannot be partitioned here); "
+                "use deepspeed.stage 0, 1 or 2, or LoRA on full-precision weights"
+            )
+        return self
+
+    def result_settings(self) -> dict[str, Any]:
+        """The fingerprinted settings: without the trackers' names (tracking) and the passthrough's operational keys
+        (a passthrough of only those hashes as if unset)."""
+        result = super().result_settings()
+        result.pop("tracking", None)
+        kept = {
+            key: item
+            for key, item in result.pop("trainer_args", {}).items()
+            if key not in OPERATIONAL_TRAINER_ARGS
+        }
+        return result | ({"trainer_args": kept} if kept else {})
 
 
 class DistillSettings(TrainSettings):
+    STAGE: ClassVar[str] = "stages.distill"
+
     lambda_: float = Field(0.9, alias="lambda", ge=0, le=1, description="Weight of CE(gold).")
     temperature: float = Field(1.0, gt=0)
     fusion: Literal["min_ce", "avg_ce", "source_only"] = "min_ce"
@@ -212,6 +579,12 @@ class DistillSettings(TrainSettings):
 
 
 class FpoSettings(TrainSettings):
+    STAGE: ClassVar[str] = "stages.fpo"
+    TRAINER_CONFIG: ClassVar[str] = "DPOConfig"
+    CONFIG_ONLY: ClassVar[tuple[str, ...]] = DPO_PASSTHROUGH
+    BY_SETTING: ClassVar[dict[str, str]] = OWNED_BY_SETTING | DPO_BY_SETTING
+    OWNED: ClassVar[dict[str, str]] = OWNED_FOR | DPO_OWNED_FOR
+
     placement: Literal["per_target", "after_merge"] = "per_target"
     fusion: Literal["max_margin", "mean", "none"] = "max_margin"
     normalization: Literal["tokens", "bytes", "none"] = "tokens"
@@ -231,6 +604,16 @@ class FpoSettings(TrainSettings):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
     include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
+
+    @model_validator(mode="after")
+    def _no_adapter_on_the_head(self) -> FpoSettings:
+        targets = self.peft.target_modules if self.peft is not None else []
+        if isinstance(targets, list) and "lm_head" in targets:
+            raise ValueError(
+                "peft.target_modules: lm_head cannot take an adapter in fpo (the log-probs are computed from "
+                "lm_head.weight directly, as in TRL's DPO)"
+            )
+        return self
 
     @field_validator("clip", mode="before")
     @classmethod
