@@ -82,3 +82,22 @@ def load_all(directory: Path) -> dict[str, torch.Tensor]:
     for path in sorted(directory.glob("*.safetensors")):
         state.update(load_file(path))
     return state
+
+
+def merge_context(recipe, made: dict[str, Path], tmp_path: Path):  # noqa: ANN001, ANN201
+    """A StageContext of the recipe's merge instance whose parents' out/model are the given folders (parent
+    instance name -> model folder), linked into tmp_path; its out/ folder made."""
+    import os
+
+    from fuse.context import StageContext
+    from fuse.dag import build_dag
+
+    instance = build_dag(recipe)["merge"]
+    inputs = {}
+    for parent, path in made.items():
+        (tmp_path / parent / "out").mkdir(parents=True)
+        os.symlink(path, tmp_path / parent / "out" / "model")
+        inputs[parent] = tmp_path / parent / "out"
+    ctx = StageContext(recipe=recipe, instance=instance, dir=tmp_path / "run" / "merge", inputs=inputs)
+    ctx.out.mkdir(parents=True)
+    return ctx

@@ -15,7 +15,8 @@ import torch
 from fuse.merging import MergeConfig, MergeConfigError, PreflightError, run_merge
 from fuse.merging.engine import report_markdown
 from fuse.merging.methods import METHODS, bernoulli_mask, get_method, merge_method, resolve_params
-from tests.merge_models import load_all, make_family, rewrite, save_tokenizer
+
+from merge_models import load_all, make_family, merge_context, rewrite, save_tokenizer
 
 ALL_METHODS = [
     "linear",
@@ -592,7 +593,6 @@ def test_cli_merges_from_yaml_and_reports_bad_config(family, tmp_path, capsys):
 def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fuse.context import StageContext
     from fuse.dag import build_dag
     from fuse.recipe import parse_recipe
     from fuse.stages import merge as stage
@@ -611,14 +611,8 @@ def test_merge_stage_writes_model_with_pivot_tokenizer_and_report(family, tmp_pa
             },
         }
     )
-    instance = build_dag(recipe)["merge"]
-    inputs = {}
-    for parent, path in zip(instance.parents, family[1:], strict=True):
-        (tmp_path / parent / "out").mkdir(parents=True)
-        os.symlink(path, tmp_path / parent / "out" / "model")
-        inputs[parent] = tmp_path / parent / "out"
-    ctx = StageContext(recipe=recipe, instance=instance, dir=tmp_path / "run" / "merge", inputs=inputs)
-    ctx.out.mkdir(parents=True)
+    parents = build_dag(recipe)["merge"].parents
+    ctx = merge_context(recipe, dict(zip(parents, family[1:], strict=True)), tmp_path)
     stage.run(ctx)
     model_dir = ctx.out / "model"
     assert AutoTokenizer.from_pretrained(model_dir).chat_template

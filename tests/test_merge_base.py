@@ -3,19 +3,17 @@ same data and budget as every target, so what the targets share is not counted o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from fuse.context import StageContext
 from fuse.dag import build_dag
 from fuse.plan import fingerprints
 from fuse.recipe import RecipeError, parse_recipe
 from fuse.stages import merge as stage
 
-from merge_models import load_all, make_family, save_tokenizer
+from merge_models import load_all, make_family, merge_context, save_tokenizer
 
 
 def recipe_dict(tmp_path: Path, family: list[Path], merge: dict, sft_baseline: bool = True) -> dict:
@@ -45,16 +43,8 @@ def test_task_arithmetic_over_the_sft_model_adds_each_targets_own_delta(family, 
             tmp_path, family, {"method": "task_arithmetic", "base": "sft_baseline", "dtype": "float32"}
         )
     )
-    instance = build_dag(recipe)["merge"]
-    assert set(instance.parents) == {"distill.a", "distill.b", "distill.sft_baseline"}
-    made = {"distill.a": a, "distill.b": b, "distill.sft_baseline": sft}
-    inputs = {}
-    for parent, path in made.items():
-        (tmp_path / parent / "out").mkdir(parents=True)
-        os.symlink(path, tmp_path / parent / "out" / "model")
-        inputs[parent] = tmp_path / parent / "out"
-    ctx = StageContext(recipe=recipe, instance=instance, dir=tmp_path / "run" / "merge", inputs=inputs)
-    ctx.out.mkdir(parents=True)
+    assert set(build_dag(recipe)["merge"].parents) == {"distill.a", "distill.b", "distill.sft_baseline"}
+    ctx = merge_context(recipe, {"distill.a": a, "distill.b": b, "distill.sft_baseline": sft}, tmp_path)
     stage.run(ctx)
 
     merged, base, ta, tb = (load_all(p) for p in (ctx.out / "model", sft, a, b))

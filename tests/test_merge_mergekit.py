@@ -20,7 +20,8 @@ import torch
 
 from fuse.merging import MergeConfig, run_merge
 from fuse.merging.methods import bernoulli_mask, tensor_seed
-from tests.merge_models import load_all, make_family
+
+from merge_models import load_all, make_family
 
 CASES = {  # case: (method, shared parameters, per-model parameters: one entry per merged model)
     "linear": ("linear", {}, [{"weight": 1.0}, {"weight": 0.5}]),

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from fuse.merging import MergeConfigError, load_merge_config, run_merge
-from tests.merge_models import load_all, make_family, save_tokenizer
+
+from merge_models import load_all, make_family, save_tokenizer
 
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 TEMPLATE_YAML = TEMPLATE.replace("\n", "\\n")  # inside a double-quoted YAML string

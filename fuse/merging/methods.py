@@ -332,11 +332,16 @@ def dare_ties(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> 
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
 )
 def breadcrumbs(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
+    return _breadcrumbs(deltas, base, params, consensus=False)
+
+
+def _breadcrumbs(deltas: Tensor, base: Tensor, params: MethodParams, consensus: bool) -> Merged:
+    """Each delta without its largest (gamma) and smallest entries (keeping `density`), then combined."""
     for delta, density, gamma in zip(
         deltas, params.per_model["density"], params.per_model["gamma"], strict=True
     ):
         delta.mul_(outlier_mask(delta, density, gamma))
-    return combine(base, deltas, params, consensus=False)
+    return combine(base, deltas, params, consensus=consensus)
 
 
 def variance_mask(deltas: Tensor, topk: float) -> Tensor | None:
@@ -432,11 +437,7 @@ def varm(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merge
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
 )
 def breadcrumbs_ties(name: str, base: Tensor, deltas: Tensor, params: MethodParams) -> Merged:
-    for delta, density, gamma in zip(
-        deltas, params.per_model["density"], params.per_model["gamma"], strict=True
-    ):
-        delta.mul_(outlier_mask(delta, density, gamma))
-    return combine(base, deltas, params, consensus=True)
+    return _breadcrumbs(deltas, base, params, consensus=True)
 
 
 def magprune_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
