@@ -139,8 +139,8 @@ def write_sft(folder: Path) -> tuple[Path, list[dict]]:
 def extract_renderings(tokenizer, domain_rows: list[dict], max_length: int) -> list:
     """(prepared row, chat) as prepare and the pivot's extract make them, with their own functions."""
     from fuse.recipe import DatasetSpec
-    from stages.extract import render_rows
-    from stages.prepare import normalize
+    from fuse.stages.extract import render_rows
+    from fuse.stages.prepare import normalize
 
     spec = DatasetSpec(path="sft.jsonl", format="messages")
     prepared, _ = normalize(domain_rows, spec, "data.sft", "sft", 1)
