@@ -527,14 +527,13 @@ def check_models(recipe: Recipe) -> list[str]:
 
 
 def require_files(recipe: Recipe) -> None:
-    """The cheap checks `fuse run` and `fuse submit` make before any work (the files, their contents, the algorithms
-    the recipe names and their parameters); one error listing every problem."""
+    """The cheap checks `fuse run` and `fuse submit` make before any work; one error listing every problem."""
     problems = check_files(recipe)
     problems += check_contents(recipe) if not problems else []
-    # a merge's parameters, say, would otherwise fail after every training
-    problems += check_registries(recipe)
     if problems:
-        raise RecipeError("the recipe cannot run as written:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise RecipeError(
+            "the recipe does not fit the files it names:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 def check_push(recipe: Recipe) -> list[str]:

@@ -160,18 +160,3 @@ def test_fetch_downloads_the_weights_validate_left_out(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert asked == [("org/source-7B", ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])]
     assert "pivot: local folder" in out and f"a: org/source-7B -> {tmp_path / 'snapshot'}" in out
-
-
-def test_run_refuses_a_merge_parameter_its_method_does_not_take_before_any_work(tmp_path):
-    """`fuse run` / `fuse submit` check the merge method's parameters with the files (fuse.validate.require_files):
-    SCE's select_topk left in a recipe switched to task arithmetic would otherwise fail after every training."""
-    from fuse.validate import require_files
-
-    recipe = toy_recipe(tmp_path)
-    recipe["stages"] = {"merge": {"method": "task_arithmetic", "parameters": {"select_topk": 0.5}}}
-    with pytest.raises(
-        RecipeError, match=r"stages\.merge\.parameters: task_arithmetic does not take \['select_topk'\]"
-    ):
-        require_files(parse_recipe(recipe))
-    recipe["stages"]["merge"]["parameters"] = {"lambda": 0.5}
-    require_files(parse_recipe(recipe))
