@@ -675,12 +675,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["texts", "data", "run", "report", "causes"])
-    parser.add_argument("pivots", nargs="*", choices=list(DIRECTIONS), default=list(DIRECTIONS))
+    parser.add_argument("pivots", nargs="*", choices=[*DIRECTIONS, []], help="default: both directions")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
     parser.add_argument(
         "--variant", choices=list(VARIANTS), help="the recipe with these overrides, in its own run store"
     )
     args = parser.parse_args()
+    # a list default would fail argparse's choices check (Python 3.11): no pivot named means both
+    args.pivots = args.pivots or list(DIRECTIONS)
     cache = Path(args.cache)
     RESULTS.mkdir(exist_ok=True)
     if args.command == "texts":
