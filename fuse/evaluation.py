@@ -18,6 +18,7 @@ from typing import Any
 
 from fuse.models import pad_id
 from fuse.recipe import ModelSpec
+from fuse.stats import mean_of_independent_stderr, mean_stderr, ratio_stderr
 
 log = logging.getLogger(__name__)
 
@@ -630,35 +631,6 @@ def markdown_table(metrics: Mapping[str, Any], best: Mapping[str, str | None] | 
 
 
 # --------------------------------------------------------------------------------------------- standard errors
-
-
-def mean_stderr(values: Sequence[float]) -> float | None:
-    """The standard error of a mean over items: their sample SD (n − 1) / √n, as lm-eval computes it for its
-    per-sample means (acc, exact_match); None under two items."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
-    """The standard error of sum(x)/sum(b) over items (CE/byte: summed NLL over summed bytes), by the delta
-    method: √(Σ(x_i − R·b_i)² / (n(n − 1))) / mean(b); None under two items."""
-    n = len(numerators)
-    total = sum(denominators)
-    if n < 2 or total <= 0:
-        return None
-    ratio = sum(numerators) / total
-    spread = sum((x - ratio * b) ** 2 for x, b in zip(numerators, denominators, strict=True))
-    return math.sqrt(spread / (n * (n - 1))) / (total / n)
-
-
-def mean_of_independent_stderr(errors: Sequence[float | None]) -> float | None:
-    """The standard error of the plain mean of independent estimates (skills on disjoint items): √Σse² / k."""
-    if not errors or any(e is None for e in errors):
-        return None
-    return math.sqrt(sum(e * e for e in errors)) / len(errors)  # type: ignore[operator]
 
 
 def _by_group(groups: Sequence[str], *columns: Sequence[float]) -> dict[str, list[list[float]]]:

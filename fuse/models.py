@@ -174,10 +174,12 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
     """A causal LM from safetensors. `device_map` ("auto", or module -> device) shards a model too big for one
     device over the GPUs, then CPU memory, then `offload_folder` (within `max_memory`); otherwise it goes whole to
-    `device`. `attn_implementation`: sdpa, flash_attention_2, eager (default: transformers' choice)."""
+    `device`. `attn_implementation`: sdpa, flash_attention_2, eager (default: transformers' choice).
+    `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) goes to from_pretrained; place it with device_map."""
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_dir(spec)
@@ -192,6 +194,8 @@ def load_model(
         extra["attn_implementation"] = attn_implementation
     if device_map is not None:
         extra.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if quantization_config is not None:
+        extra["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(
         directory,
         dtype=_torch_dtype(dtype or spec.dtype),

@@ -195,3 +195,35 @@ def seed_summary(values: ArrayLike, level: float = 0.95) -> SeedSummary:
     se = sd / math.sqrt(n)
     half = float(scipy_stats.t.ppf((1 + level) / 2, df=n - 1)) * se
     return SeedSummary(mean, sd, se, mean - half, mean + half, n)
+
+
+# --------------------------------------------------------------------------------------------- standard errors
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """The standard error of a mean over items: their sample SD (n − 1) / √n, as lm-eval computes it for its
+    per-sample means (acc, exact_match); None under two items."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """The standard error of sum(x)/sum(b) over items (CE/byte: summed NLL over summed bytes), by the delta
+    method: √(Σ(x_i − R·b_i)² / (n(n − 1))) / mean(b); None under two items."""
+    n = len(numerators)
+    total = sum(denominators)
+    if n < 2 or total <= 0:
+        return None
+    ratio = sum(numerators) / total
+    spread = sum((x - ratio * b) ** 2 for x, b in zip(numerators, denominators, strict=True))
+    return math.sqrt(spread / (n * (n - 1))) / (total / n)
+
+
+def mean_of_independent_stderr(errors: Sequence[float | None]) -> float | None:
+    """The standard error of the plain mean of independent estimates (skills on disjoint items): √Σse² / k."""
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)  # type: ignore[operator]

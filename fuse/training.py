@@ -359,9 +359,7 @@ def load_trainable(spec: Any, settings: TrainSettings) -> Any:
         return load_model(spec, dtype="float32", attn_implementation=settings.attn_implementation)
     import torch
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from fuse.models import resolve_model_dir
+    from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if settings.bf16 else torch.float32
     quantization = BitsAndBytesConfig(
@@ -370,15 +368,12 @@ def load_trainable(spec: Any, settings: TrainSettings) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
-    extra = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(spec),
-        quantization_config=quantization,
-        dtype=compute,
+    return load_model(
+        spec,
+        dtype="bfloat16" if settings.bf16 else "float32",
+        attn_implementation=settings.attn_implementation,
         device_map={"": PartialState().local_process_index},
-        trust_remote_code=spec.trust_remote_code,
-        use_safetensors=True if not spec.allow_pickle else None,
-        **extra,
+        quantization_config=quantization,
     )
 
 

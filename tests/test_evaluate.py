@@ -76,7 +76,7 @@ def test_standard_errors_are_lm_evals_for_means_and_the_delta_methods_for_ce_per
     import numpy as np
     from lm_eval.api.metrics import mean_stderr as lm_eval_mean_stderr
 
-    from fuse.evaluation import mean_stderr, ratio_stderr
+    from fuse.stats import mean_stderr, ratio_stderr
 
     rng = np.random.default_rng(0)
     correct = [float(x) for x in rng.integers(0, 2, 60)]
@@ -91,7 +91,8 @@ def test_standard_errors_are_lm_evals_for_means_and_the_delta_methods_for_ce_per
 
 
 def test_every_aggregate_gets_its_standard_error_from_the_items():
-    from fuse.evaluation import mean_stderr, ratio_stderr, standard_errors
+    from fuse.evaluation import standard_errors
+    from fuse.stats import mean_stderr, ratio_stderr
 
     per_item = {
         "skill": [1, 0, 1, 1, 0, 0],
