@@ -18,7 +18,6 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +118,6 @@ def find_store(path: str | Path) -> FinishedStore:
     return FinishedStore(folder, record)
 
 
-def fuse_version() -> str | None:
-    try:
-        return metadata.version("fuse-llm")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def dataset_metadata(found: FinishedStore, reader: LogprobReader) -> dict[str, Any]:
     """What names the data (fingerprint and its parts, the parent outputs it was made from, model, settings, K) and
     what `fuse import` rebuilds the store from (each shard's header facts, the stage's report)."""
@@ -158,7 +150,7 @@ def dataset_metadata(found: FinishedStore, reader: LogprobReader) -> dict[str, A
         "num_samples": len(reader),
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "settings": parts.get("settings"),
-        "fuse_version": fuse_version(),
+        "fuse_version": environment()["versions"].get("fuse-llm"),
         "git_sha": environment().get("git_sha"),
         "exported_at": time.time(),
         "parts": parts,

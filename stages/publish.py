@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from fuse.io import atomic_dir, read_json, sha256_json, write_json_atomic
 from fuse.models import identity, load_model, load_tokenizer_dir, pad_id
 from fuse.plan import fingerprints
 from fuse.recipe import ModelSpec, PublishSettings, Recipe
+from fuse.store import environment
 
 log = logging.getLogger(__name__)
 
@@ -539,10 +539,7 @@ def run(ctx: StageContext) -> None:
         for name, out in ctx.inputs_of("teacher_signal").items()
         if (out / "report.json").is_file()
     }
-    try:
-        fuse_version = version("fuse-llm")
-    except PackageNotFoundError:
-        fuse_version = "unknown"
+    fuse_version = environment()["versions"].get("fuse-llm", "unknown")
     rows = lineage(ctx.recipe)
     card = model_card(
         ctx.recipe,
