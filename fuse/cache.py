@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fuse.io import TMP_SUFFIX, published_mode, read_json, sha256_json, write_json_atomic
-from fuse.store import RunStore, list_outputs, output_problems
+from fuse.io import TMP_SUFFIX, published_mode, read_json, write_json_atomic
+from fuse.store import RunStore, list_outputs, output_problems, outputs_digest
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class ArtifactCache:
                     "stage": stage,
                     **record,
                     "outputs": outputs,
-                    "outputs_digest": record.get("outputs_digest") or sha256_json(outputs)[:20],
+                    "outputs_digest": record.get("outputs_digest") or outputs_digest(outputs),
                     "created_at": time.time(),
                 },
             )

@@ -286,7 +286,7 @@ class RunStore:
             finished_at=time.time(),
             elapsed_s=round(elapsed, 3),
             outputs=outputs,
-            outputs_digest=sha256_json(outputs)[:20],
+            outputs_digest=outputs_digest(outputs),
             error=None,
         )
 
@@ -308,6 +308,11 @@ def _output_files(out: Path) -> list[Path]:
         for p in sorted(out.rglob("*"))
         if p.is_file() and not any(part.endswith(TMP_SUFFIX) for part in p.relative_to(out).parts)
     ]
+
+
+def outputs_digest(outputs: dict[str, dict[str, Any]]) -> str:
+    """The digest that names an instance's outputs (list_outputs') in its manifest and its children's inputs."""
+    return sha256_json(outputs)[:20]
 
 
 def list_outputs(out: Path) -> dict[str, dict[str, Any]]:
