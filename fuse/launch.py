@@ -18,6 +18,9 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
     """One `accelerate launch` per node of this SLURM allocation, through srun, from a single-node one
     (`python -m accelerate.commands.launch [options] -m module args`). The rendezvous comes from the variables
     the job script exports (MASTER_ADDR, MASTER_PORT, FUSE_NUM_MACHINES) and each node's SLURM_NODEID.
+    The rendezvous is static: node i's ranks are i*P .. i*P+P-1, so global rank 0, the one writer of a training's
+    outputs, runs on the first node beside the job script (a c10d rendezvous numbers the nodes as they arrive).
+    DeepSpeed starts through the same per-node launcher ("standard"), not its own pdsh runner.
     Outside a multi-node allocation the command is returned unchanged."""
     env = os.environ if environ is None else environ
     nodes = int(env.get("FUSE_NUM_MACHINES") or env.get("SLURM_NNODES") or 1)
@@ -29,7 +32,7 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
         raise ValueError(f"not an `accelerate launch` command: {shlex.join(command)}") from None
     head, rest = list(command[:at]), list(command[at:])
     per_node = int(_pop_option(rest, "--num_processes") or 1)
-    for name in (
+    for name in (  # ours to set, per node
         "--num_machines",
         "--machine_rank",
         "--main_process_ip",
@@ -43,9 +46,14 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
         "--machine_rank", "$SLURM_NODEID",
         "--main_process_ip", "$MASTER_ADDR",
         "--main_process_port", "$MASTER_PORT",
-        "--rdzv_backend", "c10d",
+        "--rdzv_backend", "static",
         "--same_network",
     ]  # fmt: skip
+    if (
+        "--use_deepspeed" in rest
+    ):  # accelerate's default for DeepSpeed on several machines is pdsh from one node
+        _pop_option(rest, "--deepspeed_multinode_launcher")
+        launch += ["--deepspeed_multinode_launcher", "standard"]
     inner = " ".join(shell_word(a) for a in [*head, *launch, *rest])
     return [
         "srun",

@@ -561,6 +561,7 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "git_sha": _git_sha(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
     }
 
 

@@ -609,6 +609,7 @@ def _run(
         trainer.accelerator.wait_for_everyone()
     summary = {
         "resumed_from": resume and resume.name,
+        "ranks": rank_placement(),
         "global_step": trainer.state.global_step,
         **result.metrics,
         **best_checkpoint(trainer.state),
@@ -621,7 +622,15 @@ def _run(
     return summary
 
 
-RUN_FACTS = ("resumed_from", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+RUN_FACTS = ("resumed_from", "ranks", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def rank_placement() -> list[str]:
+    """Where each rank ran, in rank order: its SLURM node (SLURMD_NODENAME), else its host. A collective: every rank
+    calls it."""
+    from accelerate.utils import gather_object
+
+    return gather_object([os.environ.get("SLURMD_NODENAME") or socket.gethostname()])
 
 
 def result_of(summary: dict[str, Any]) -> dict[str, Any]:

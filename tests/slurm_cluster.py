@@ -1,8 +1,10 @@
-"""A private single-node SLURM for the tests, started once per session by slurm/local/start-cluster.sh (which
-installs the Debian packages if sbatch is missing) and stopped by stop-cluster.sh, which stops only what it started.
+"""Private SLURM clusters for the tests, started by slurm/local/start-cluster.sh (which installs the Debian
+packages if sbatch is missing) and stopped by stop-cluster.sh, which stops only what it started.
 
 Use: `from slurm_cluster import slurm_cluster  # noqa: F401` in a test module, then ask for the `slurm_cluster`
-fixture. It sets SLURM_CONF for the session, so sbatch/squeue/scontrol in the tests and in fuse talk to it.
+fixture (one node, once per session). It sets SLURM_CONF for the session, so sbatch/squeue/scontrol in the tests and
+in fuse talk to it. `two_node_cluster` is a second cluster of two compute nodes (node1, node2) on this host, for
+the multi-node tests: ask for it in a module-scoped fixture that sets SLURM_CONF for that module.
 """
 
 from __future__ import annotations
@@ -25,34 +27,54 @@ STOP = REPO / "slurm" / "local" / "stop-cluster.sh"
 class Cluster:
     run_dir: Path
     conf: Path
+    nodes: tuple[str, ...] = ("localhost",)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports nobody listens on, so a cluster already running on this host (6817/6818) is left alone."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive ports nobody listens on (slurmctld's, then one for each slurmd), so a
+    cluster already running on this host (6817/6818) is left alone."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for port, sock in zip(range(first, first + count), sockets, strict=True):
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
-def start_cluster(run_dir: Path) -> Cluster:
+def start_cluster(run_dir: Path, nodes: int = 1) -> Cluster:
     """Start (or skip with the reason why SLURM cannot be had here: not root and no sbatch, or no packages)."""
     if os.geteuid() != 0:
         have = "sbatch is installed" if shutil.which("sbatch") else "sbatch is not installed"
         pytest.skip(f"the SLURM tests start a private slurmctld/slurmd, which needs root ({have}, not root)")
-    ctld, slurmd = _free_ports(2)
-    env = {**os.environ, "SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd)}
+    ctld = _free_ports(1 + nodes)
+    env = {
+        **os.environ,
+        "SLURMCTLD_PORT": str(ctld),
+        "SLURMD_PORT": str(ctld + 1),
+        "SLURM_NODES": str(nodes),
+    }
     result = subprocess.run([str(START), str(run_dir)], env=env, capture_output=True, text=True, timeout=900)
     if result.returncode == 3:
         pytest.skip(f"sbatch cannot be had on this machine: {result.stderr.strip()}")
     if result.returncode != 0:
         logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("*.log")))
         pytest.fail(f"start-cluster.sh failed (exit {result.returncode}): {result.stderr.strip()}{logs}")
-    return Cluster(run_dir, run_dir / "slurm.conf")
+    names = ("localhost",) if nodes == 1 else tuple(f"node{i}" for i in range(1, nodes + 1))
+    return Cluster(run_dir, run_dir / "slurm.conf", names)
 
 
 def stop_cluster(cluster: Cluster) -> None:
@@ -70,3 +92,14 @@ def slurm_cluster(tmp_path_factory):
             yield cluster
         finally:
             stop_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """Two compute nodes, node1 and node2 (two slurmd on this host). SLURM_CONF is not set: a module that uses it
+    sets it for its own tests (the session's one-node cluster stays the default for the others)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)

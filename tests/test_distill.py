@@ -274,10 +274,18 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, pivot_dir, train_data, stage):
 
 
 def stores_ready(
-    tmp, pivot_dir, distill: dict, heldout_fraction: float, conversations_n: int, later: dict | None = None
+    tmp,
+    pivot_dir,
+    distill: dict,
+    heldout_fraction: float,
+    conversations_n: int,
+    later: dict | None = None,
+    top: dict | None = None,
+    ready: tuple[str, ...] = ("prepare", "extract.pivot", "extract.src", "align.src"),
 ):
     """prepare -> extract (pivot, src) -> align.src on tiny models of different vocabularies, run once; returns the
-    recipe, whose distill settings are `distill` (every other stage after align off, but those `later` sets)."""
+    recipe, whose distill settings are `distill` (every other stage after align off, but those `later` sets).
+    `top`: more top-level recipe keys (a `data.preference` path is merged into `data`); `ready`: the instances run."""
     from fuse.executor import run_stage
     from fuse.recipe import parse_recipe
 
@@ -288,22 +296,25 @@ def stores_ready(
     rows = conversations(conversations_n)
     sft.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
     off = {"enabled": False}
+    top = dict(top or {})
+    data = {"sft": {"path": str(sft)}, "heldout_fraction": heldout_fraction, **top.pop("data", {})}
     recipe = parse_recipe(
         {
             "name": "distill-test",
             "workdir": str(tmp / "run"),
             "pivot": {"path": str(pivot_dir)},
             "sources": [{"name": "src", "path": str(source_dir)}],
-            "data": {"sft": {"path": str(sft)}, "heldout_fraction": heldout_fraction},
+            "data": data,
             "stages": {
                 "extract": {"top_k": 4, "max_length": 96},
                 "distill": distill,
                 **{stage: off for stage in ("fpo", "score", "merge", "evaluate", "publish")},
                 **(later or {}),
             },
+            **top,
         }
     )
-    for name in ("prepare", "extract.pivot", "extract.src", "align.src"):
+    for name in ready:
         run_stage(recipe, name)
     return recipe
 

@@ -257,8 +257,9 @@ def test_multinode_command_runs_one_launcher_per_node(tmp_path):
         "--machine_rank 2",
         "--main_process_ip node01",
         "--main_process_port 29555",
-        "--rdzv_backend c10d",
+        "--rdzv_backend static",
         "--use_deepspeed",
+        "--deepspeed_multinode_launcher standard",
     ):
         assert option in out
     assert "1234" not in out and out.endswith(f"-m fuse.training {tmp_path / 'a b.json'}")

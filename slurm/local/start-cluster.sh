@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# Start a private single-node SLURM (slurmctld + slurmd on localhost, munge) for tests and demos.
+# Start a private SLURM (slurmctld, one or more slurmd, munge) on this host for tests and demos.
 #
 #   eval "$(slurm/local/start-cluster.sh /tmp/fuse-slurm)"     # prints: export SLURM_CONF=<run dir>/slurm.conf
+#   SLURM_NODES=2 slurm/local/start-cluster.sh /tmp/fuse-slurm2   # a two-node cluster: node1, node2
 #   slurm/local/stop-cluster.sh /tmp/fuse-slurm
+#
+# One node is called "localhost". With SLURM_NODES=N > 1 the cluster has N compute nodes node1..nodeN, each its own
+# slurmd (Debian's Slurm is built with multiple-slurmd support) with its own port, spool, pid and log file, all on
+# this host (NodeAddr 127.0.0.1): jobs see SLURM_NNODES, SLURM_NODEID and SLURMD_NODENAME as on a real cluster, and
+# a node can be lost (its slurmd and its jobs killed) while the other runs on. They share this host's filesystem, as
+# nodes share a cluster filesystem. The partition places each job on its least loaded nodes (LLN), so an array's
+# tasks spread over the nodes instead of filling node1 first; slurmctld declares a node that stops answering DOWN
+# after SLURMD_TIMEOUT seconds (10) and requeues its jobs.
 #
 # Everything lives in RUN_DIR (config, state, spool, logs, pid files); /etc/slurm is not touched, clients find the
 # cluster through SLURM_CONF. Missing Debian packages are installed with apt-get; a munge key is created if
 # absent; munged is started only if none answers. The pid files name exactly what this script started, which
 # is all stop-cluster.sh stops. Needs root (slurmd runs jobs as their users). Settings from the environment:
-#   SLURM_CPUS (8: more job slots than cores, so a DAG's parallel jobs run together), SLURMCTLD_PORT (6817),
-#   SLURMD_PORT (6818), SLURM_CRED_EXPIRE (5 s: the default 120 s makes each requeue wait ~3 minutes).
+#   SLURM_NODES (1), SLURM_CPUS (8 a node: more job slots than cores, so a DAG's parallel jobs run together),
+#   SLURMCTLD_PORT (6817), SLURMD_PORT (6818; node i listens on SLURMD_PORT + i - 1), SLURMD_TIMEOUT (10 s),
+#   SLURM_CRED_EXPIRE (5 s: the default 120 s makes each requeue wait ~3 minutes).
 # Exit codes: 0 running, 2 not root, 3 the packages cannot be had, 4 a daemon did not come up (see its log).
 set -euo pipefail
 
 RUN_DIR="$(mkdir -p "${1:-${FUSE_SLURM_RUN_DIR:-/tmp/fuse-slurm}}" && cd "${1:-${FUSE_SLURM_RUN_DIR:-/tmp/fuse-slurm}}" && pwd)"
 CPUS="${SLURM_CPUS:-8}"
+NODES="${SLURM_NODES:-1}"
+SLURMD_TIMEOUT="${SLURMD_TIMEOUT:-10}"
 CTLD_PORT="${SLURMCTLD_PORT:-6817}"
 SLURMD_PORT="${SLURMD_PORT:-6818}"
 CRED_EXPIRE="${SLURM_CRED_EXPIRE:-5}"
@@ -28,6 +40,13 @@ alive() {  # alive PIDFILE NAME: the pid in PIDFILE runs a process called NAME (
     [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$2" ]
 }
 
+node_names() {  # the compute nodes' names, one a line
+    if [ "$NODES" = 1 ]; then echo localhost; else seq -f "node%g" 1 "$NODES"; fi
+}
+
+if ! [[ "$NODES" =~ ^[1-9][0-9]*$ ]]; then
+    say "SLURM_NODES must be a positive integer, not '$NODES'"; exit 2
+fi
 if [ "$(id -u)" != 0 ]; then
     say "needs root (slurmd and munged run as system daemons)"; exit 2
 fi
@@ -73,14 +92,14 @@ start_munge() {
 write_conf() {
     local mem
     mem="$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')"
-    mem=$(( ${mem:-4096} * 95 / 100 ))  # a RealMemory above what slurmd measures drains the node
-    mkdir -p "$RUN_DIR/state" "$RUN_DIR/slurmd"
+    mem=$(( ${mem:-4096} * 95 / 100 / NODES ))  # a RealMemory above what slurmd measures drains the node
+    mkdir -p "$RUN_DIR/state"
+    for node in $(node_names); do mkdir -p "$RUN_DIR/slurmd/$node"; done
     cat >"$CONF" <<CONF
-# Written by slurm/local/start-cluster.sh: a private single-node cluster, state in $RUN_DIR.
+# Written by slurm/local/start-cluster.sh: a private $NODES-node cluster on this host, state in $RUN_DIR.
 ClusterName=fuselocal
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -101,42 +120,55 @@ ReturnToService=2
 MinJobAge=86400
 KillWait=5
 InactiveLimit=0
+SlurmdTimeout=$SLURMD_TIMEOUT
 SlurmdParameters=config_overrides
 StateSaveLocation=$RUN_DIR/state
-SlurmdSpoolDir=$RUN_DIR/slurmd
+SlurmdSpoolDir=$RUN_DIR/slurmd/%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$RUN_DIR/slurmctld.log
-SlurmdLogFile=$RUN_DIR/slurmd.log
+SlurmdLogFile=$RUN_DIR/slurmd-%n.log
 
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
+    local port=$SLURMD_PORT node
+    for node in $(node_names); do
+        echo "NodeName=$node NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN" >>"$CONF"
+        port=$((port + 1))
+    done
+    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP$([ "$NODES" = 1 ] || echo " LLN=YES")" >>"$CONF"
 }
 
-wait_idle() {
+wait_idle() {  # wait_idle NODE
     local state=""
     for _ in $(seq 150); do
-        state="$(SLURM_CONF="$CONF" sinfo -h -n localhost -o %T 2>/dev/null || true)"
+        state="$(SLURM_CONF="$CONF" sinfo -h -n "$1" -o %T 2>/dev/null || true)"
         case "$state" in
             idle*|mixed*|allocated*) return 0 ;;
-            down*|drain*) SLURM_CONF="$CONF" scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
+            down*|drain*) SLURM_CONF="$CONF" scontrol update nodename="$1" state=resume >/dev/null 2>&1 || true ;;
         esac
         sleep 0.2
     done
-    say "the node did not become idle (state: '${state:-none}'; see $RUN_DIR/slurmctld.log and slurmd.log)"; exit 4
+    say "node $1 did not become idle (state: '${state:-none}'; see $RUN_DIR/slurmctld.log and slurmd-$1.log)"; exit 4
+}
+
+all_alive() {
+    alive "$RUN_DIR/slurmctld.pid" slurmctld || return 1
+    local node
+    for node in $(node_names); do alive "$RUN_DIR/slurmd-$node.pid" slurmd || return 1; done
 }
 
 install_packages
 resolve_hostname
 start_munge
-if alive "$RUN_DIR/slurmctld.pid" slurmctld && alive "$RUN_DIR/slurmd.pid" slurmd; then
+if all_alive; then
     say "already running in $RUN_DIR"
 else
-    write_conf
+    alive "$RUN_DIR/slurmctld.pid" slurmctld || write_conf
     alive "$RUN_DIR/slurmctld.pid" slurmctld || /usr/sbin/slurmctld -f "$CONF" -i
-    alive "$RUN_DIR/slurmd.pid" slurmd || /usr/sbin/slurmd -f "$CONF" -N localhost
+    for node in $(node_names); do
+        alive "$RUN_DIR/slurmd-$node.pid" slurmd || /usr/sbin/slurmd -f "$CONF" -N "$node"
+    done
 fi
-wait_idle
-say "single-node SLURM up in $RUN_DIR"
+for node in $(node_names); do wait_idle "$node"; done
+say "$NODES-node SLURM up in $RUN_DIR ($(node_names | paste -sd ' '))"
 echo "export SLURM_CONF=$CONF"

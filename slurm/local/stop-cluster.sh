@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop what slurm/local/start-cluster.sh started in RUN_DIR, and nothing else: its jobs, slurmd, slurmctld and
+# Stop what slurm/local/start-cluster.sh started in RUN_DIR, and nothing else: its jobs, its slurmd (one a node), slurmctld and
 # munged if (and only if) that script started it. The run dir (state, logs) is kept; delete it to start fresh.
 set -uo pipefail
 
@@ -26,7 +26,7 @@ if pid_of "$RUN_DIR/slurmctld.pid" slurmctld >/dev/null; then
     SLURM_CONF="$CONF" scancel --user="$(id -un)" 2>/dev/null || true
     sleep 1
 fi
-stop "$RUN_DIR/slurmd.pid" slurmd
+for pidfile in "$RUN_DIR"/slurmd-*.pid; do [ -e "$pidfile" ] && stop "$pidfile" slurmd; done
 stop "$RUN_DIR/slurmctld.pid" slurmctld
 stop "$RUN_DIR/munged.pid" munged
 echo "stop-cluster: stopped the cluster in $RUN_DIR" >&2

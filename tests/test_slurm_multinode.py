@@ -1,0 +1,144 @@
+"""Training on two nodes, for real: a two-node SLURM cluster on this host (tests/slurm_cluster.py: two slurmd,
+node1 and node2), `fuse submit` of distill and fpo instances with `nodes: 2`, one `accelerate launch` per node
+through srun, one gloo process group across both nodes, DeepSpeed ZeRO-2 and ZeRO-3. A SIGUSR1 mid-training
+(what SLURM sends before a time limit) checkpoints, requeues and resumes; the result must equal a one-node run of
+the same global batch (two processes on one node), which is the claim a team moving to more nodes relies on.
+
+The upstream stages (prepare, extract, align, score) run locally first, on tiny models of different vocabularies,
+so only the training jobs go to the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_distill import stores_ready, weights
+from test_fpo import pairs
+
+from fuse import slurm
+from fuse.executor import run_stage
+from fuse.store import RunStore
+
+from slurm_cluster import two_node_cluster  # noqa: F401  (the session's two-node cluster)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
+
+TRAIN = {  # per rank; two ranks in both layouts: 1 process x 2 nodes, 2 processes x 1 node
+    "max_steps": 6,
+    "save_steps": 2,
+    "logging_steps": 1,
+    "per_device_batch_size": 2,
+    "learning_rate": 1e-3,
+    "lr_scheduler": "constant",
+    "max_length": 96,
+    "seed": 7,
+}
+FPO = {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "per_device_batch_size": 2, "learning_rate": 1e-3}
+ATOL = 1e-5  # float32 on CPU; the two layouts reduce the same two gradients over gloo
+
+
+@pytest.fixture(scope="module")
+def cluster(two_node_cluster):  # noqa: F811
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(two_node_cluster.conf))
+        yield two_node_cluster
+
+
+def _recipe(tmp: Path, pivot_dir: Path, stage: int, nodes: int, processes: int, ready: tuple[str, ...]):
+    preference = tmp / "pref.jsonl"
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not preference.exists():
+        preference.write_text("".join(json.dumps(r) + "\n" for r in pairs(24, 3, "yes", "no", "p")))
+    deepspeed = {"deepspeed": {"stage": stage}, "num_processes": processes}
+    executor = {
+        "kind": "slurm" if nodes > 1 else "local",
+        "resources": {"distill": {"nodes": nodes}, "fpo": {"nodes": nodes}},
+        "slurm": {"signal_grace_seconds": 60},
+    }
+    return stores_ready(
+        tmp,
+        pivot_dir,
+        TRAIN | deepspeed,
+        0.25,
+        16,
+        later={"fpo": FPO | deepspeed, "score": {"enabled": True}},
+        top={"data": {"preference": {"path": str(preference), "format": "preference"}}, "executor": executor},
+        ready=ready,
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _logged_steps(workdir: Path, instance: str) -> int:
+    log = workdir / instance / "logs" / "train.jsonl"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def pivot(tmp_path_factory) -> Path:
+    from tiny_lm import build
+
+    return build(tmp_path_factory.mktemp("multinode-pivot") / "pivot", arch="qwen2")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot, tmp_path, stage):
+    upstream = ("prepare", "extract.pivot", "extract.src", "align.src", "score.src")
+    two = _recipe(tmp_path / "two", pivot, stage, nodes=2, processes=1, ready=upstream)
+    workdir = Path(two.workdir)
+    jobs = {s.instance: s for s in slurm.submit(two, tmp_path / "two" / "recipe.yaml")}
+    assert {name for name, s in jobs.items() if s.job_id} == {"distill.src", "score.target-src", "fpo.src"}
+    assert "#SBATCH --nodes=2" in jobs["distill.src"].script.read_text()
+
+    log_path = workdir / "distill.src" / "logs" / f"slurm-{jobs['distill.src'].job_id}.out"
+
+    def two_steps_or_ended() -> bool:
+        ended = log_path.is_file() and "distill.src: exit" in log_path.read_text()
+        return ended or _logged_steps(workdir, "distill.src") >= 2
+
+    _wait_for(two_steps_or_ended, 400, "two distill steps on two nodes")
+    assert _logged_steps(workdir, "distill.src") >= 2, log_path.read_text()[-4000:]
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["distill.src"].job_id], check=True)
+    final = slurm.wait([s.job_id for s in jobs.values() if s.job_id], timeout=900, poll=1)
+    states = {name: final[s.job_id] for name, s in jobs.items() if s.job_id}
+    log = log_path.read_text()
+    assert {s.state for s in states.values()} == {"COMPLETED"}, f"{states}\n{log[-4000:]}"
+    assert states["distill.src"].restarts == 1 and "requeueing job" in log and "restart 1" in log
+
+    store = RunStore(workdir)
+    for instance in ("distill.src", "fpo.src"):
+        summary = json.loads((workdir / instance / "logs" / "summary.json").read_text())
+        assert summary["ranks"] == ["node1", "node2"], summary  # one process group across both nodes
+        manifest = store.manifest(instance)
+        assert manifest["status"] == "done" and manifest["environment"]["slurm_node"] == "node1"
+    assert json.loads((workdir / "distill.src" / "logs" / "summary.json").read_text())["resumed_from"]
+    # one writer: rank 0 logs each step once, even across the requeue (a step redone after it is logged again)
+    steps = [json.loads(line)["step"] for line in (workdir / "distill.src" / "logs" / "train.jsonl").open()]
+    assert sorted(set(steps)) == list(range(1, TRAIN["max_steps"] + 1))
+
+    # the same global batch on one node: two processes, run locally from a copy of the upstream stores
+    one_dir = tmp_path / "one"
+    one = _recipe(one_dir, pivot, stage, nodes=1, processes=2, ready=upstream)
+    for instance in ("distill.src", "score.target-src", "fpo.src"):
+        run_stage(one, instance)
+    for instance in ("distill.src", "fpo.src"):
+        a = weights(workdir / instance / "out" / "model")
+        b = weights(Path(one.workdir) / instance / "out" / "model")
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(
+            f"ZeRO-{stage} {instance}: max |two nodes - one node| = {worst:.2e}"
+        )  # the closing note's figure
+        assert worst <= ATOL, f"{instance}: two nodes vs one node differ by {worst}"
+        assert any(not torch.equal(a[k], weights(pivot)[k]) for k in a)
+    shutil.rmtree(tmp_path, ignore_errors=True)  # checkpoints of tiny models, but four runs of them
