@@ -22,8 +22,7 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
     outputs, runs on the first node beside the job script (a c10d rendezvous numbers the nodes as they arrive).
     DeepSpeed starts through the same per-node launcher ("standard"), not its own pdsh runner.
     Outside a multi-node allocation the command is returned unchanged."""
-    env = os.environ if environ is None else environ
-    nodes = int(env.get("FUSE_NUM_MACHINES") or env.get("SLURM_NNODES") or 1)
+    nodes = allocated_nodes(environ)
     if nodes <= 1:
         return list(command)
     try:
@@ -64,6 +63,13 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
         "-c",
         f"exec {inner}",
     ]
+
+
+def allocated_nodes(environ: Mapping[str, str] | None = None) -> int:
+    """The nodes of the SLURM allocation this process runs in (1 outside SLURM): what the job script exports for a
+    multi-node training (FUSE_NUM_MACHINES), else SLURM's own count."""
+    env = os.environ if environ is None else environ
+    return int(env.get("FUSE_NUM_MACHINES") or env.get("SLURM_NNODES") or 1)
 
 
 def shell_word(arg: str) -> str:

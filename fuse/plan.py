@@ -122,7 +122,17 @@ def instance_parts(recipe: Recipe, instance: Instance, parent_fps: dict[str, str
         "parents": {p: parent_fps[p] for p in instance.parents},
         "seed": recipe.seed,
         **_extra_parts(recipe, instance),
+        **_nodes_part(recipe, instance),
     }
+
+
+def _nodes_part(recipe: Recipe, instance: Instance) -> dict[str, int]:
+    """A training on several nodes has num_processes x nodes ranks, another global batch: another result. One node
+    adds nothing, so fingerprints made before multi-node runs stay valid."""
+    if not STAGE_TABLE[instance.stage].trains:
+        return {}
+    nodes = recipe.executor.nodes_for(instance.stage, instance.name)
+    return {"nodes": nodes} if nodes > 1 else {}
 
 
 def fingerprints(recipe: Recipe, dag: Dag) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -16,14 +16,14 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
 from fuse.io import publish_dir, write_json_atomic
-from fuse.launch import multinode_command
+from fuse.launch import allocated_nodes, multinode_command
 from fuse.logs import setup_logging
 from fuse.process_group import die_with_parent, run_in_group
 from fuse.recipe import TrainSettings
@@ -62,6 +62,9 @@ class TrainingJob:
     # the stage instance: progress lines, and the trackers' run name where `tracking` has none
     run_name: str = ""
     tracking: dict[str, str] = field(default_factory=dict)  # project, group, run_name: tracking_names()
+    nodes: int = (
+        1  # the nodes its ranks span (num_processes on each): what the recipe planned, checked at launch
+    )
 
     def load_settings(self) -> TrainSettings:
         return _import(self.settings_class).model_validate(self.settings)
@@ -101,6 +104,7 @@ def make_job(
     out: Path,
     settings_key: str,
     recipe_name: str = "",
+    nodes: int = 1,
     **params,
 ) -> TrainingJob:
     """The usual layout: checkpoints in <stage>/checkpoints (kept across reruns), logs in <stage>/logs; with the
@@ -117,6 +121,7 @@ def make_job(
         params=params,
         run_name=stage_dir.name,
         tracking=tracking_names(settings, recipe_name, stage_dir.name) if recipe_name else {},
+        nodes=nodes,
     )
 
 
@@ -129,10 +134,11 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def needs_launcher(settings: TrainSettings) -> bool:
-    """DeepSpeed or several processes need `accelerate launch`; plain single-process training runs in-process."""
+def needs_launcher(settings: TrainSettings, nodes: int = 1) -> bool:
+    """DeepSpeed or several processes (on one node or more) need `accelerate launch`; plain single-process training
+    runs in-process."""
     ds = settings.deepspeed
-    return settings.num_processes > 1 or ds.zero_stage > 0 or ds.config is not None
+    return nodes > 1 or settings.num_processes > 1 or ds.zero_stage > 0 or ds.config is not None
 
 
 # Modules that make each `report_to` tracker work (any one of them), when it is not the tracker's own name.
@@ -689,7 +695,8 @@ def train(
     (`callbacks` and `progress` apply in-process; launched ranks print their own progress lines from rank 0)."""
     settings = job.load_settings()
     check_settings(settings, job.settings_key)
-    if not needs_launcher(settings):
+    check_nodes(job)
+    if not needs_launcher(settings, job.nodes):
         return run_job(job, callbacks=callbacks, progress=progress)
     job_path = Path(job.log_dir) / "job.json"
     job.save(job_path)
@@ -704,6 +711,19 @@ def train(
     if returncode != 0:
         raise TrainingError(f"training ranks failed (exit {returncode}); see the log above and {job.log_dir}")
     return json.loads((Path(job.log_dir) / "summary.json").read_text(encoding="utf-8"))
+
+
+def check_nodes(job: TrainingJob, environ: Mapping[str, str] | None = None) -> None:
+    """Before any rank starts: the job runs on the nodes its recipe planned, or its global batch, and so its
+    weights, would not be what its fingerprint says."""
+    nodes = allocated_nodes(environ)
+    if nodes != job.nodes:
+        where = "outside SLURM" if nodes == 1 and job.nodes > 1 else f"in an allocation of {nodes} nodes"
+        raise TrainingError(
+            f"{job.run_name or job.log_dir}: planned for {job.nodes} node(s) (executor.resources.<stage>.nodes, "
+            f"{job.nodes} x num_processes ranks) but running {where}: submit it with `fuse submit`, or change "
+            f"the recipe's node count"
+        )
 
 
 def init_distributed_state() -> None:

@@ -285,6 +285,7 @@ def run(ctx: StageContext) -> None:
         ctx.out,
         "stages.distill",
         recipe_name=ctx.recipe.name,
+        nodes=ctx.recipe.executor.nodes_for(ctx.instance.stage, ctx.instance.name),
         model=ctx.model_spec("pivot").model_dump(mode="json"),
         train_data=str(data_path),
         validation_data=validation and str(validation),

@@ -367,6 +367,7 @@ def run(ctx: StageContext) -> None:
         ctx.out,
         "stages.fpo",
         recipe_name=ctx.recipe.name,
+        nodes=ctx.recipe.executor.nodes_for(ctx.instance.stage, ctx.instance.name),
         **params,
     )
     trained = training.train(job, progress=ctx.progress)  # steps, rate, ETA and loss on the run's display

@@ -142,6 +142,40 @@ def test_resources_are_layered_site_then_recipe(tmp_path):
     )  # not a training stage
 
 
+def test_a_trainings_node_count_is_part_of_its_result_and_checked_at_launch(tmp_path):
+    """nodes x num_processes ranks make the global batch: two nodes fingerprint differently from one (one node as
+    before: fingerprints made before multi-node runs stay valid), a site config cannot change it, and a job planned
+    for two nodes refuses to start on one."""
+    from fuse import training
+
+    one_path, _ = _toy(tmp_path / "one", kind="slurm")
+    two_path, _ = _toy(tmp_path / "two", kind="slurm", resources={"distill.b": {"nodes": 2}})
+    local_path, _ = _toy(tmp_path / "local", kind="local", resources={"distill.b": {"nodes": 2}})
+    fps = {}
+    for name, path in (("one", one_path), ("two", two_path), ("local", local_path)):
+        recipe = load_recipe(path)
+        fps[name] = {k: v[1] for k, v in fingerprints(recipe, build_dag(recipe)).items()}
+    assert fps["two"]["distill.b"]["nodes"] == 2
+    for instance, parts in fps["one"].items():
+        assert "nodes" not in parts and "nodes" not in fps["local"][instance]  # one node, or run locally
+        assert ("nodes" in fps["two"][instance]) == (instance == "distill.b")
+
+    site = tmp_path / "site.yaml"
+    site.write_text("resources:\n  distill: {nodes: 4, partition: gpu}\n")
+    recipe = load_recipe(two_path)
+    with pytest.raises(RecipeError, match=r"site\.yaml: resources give distill\.a 4 node\(s\), the recipe 1"):
+        slurm.check_resource_keys(recipe, build_dag(recipe), slurm.load_site(site), "site.yaml")
+
+    job = training.TrainingJob("m:f", "m:C", {}, "c", "m", "l", run_name="distill.b", nodes=2)
+    with pytest.raises(training.TrainingError, match=r"distill\.b: planned for 2 node\(s\).*outside SLURM"):
+        training.check_nodes(job, {})
+    training.check_nodes(job, {"SLURM_NNODES": "2"})
+    with pytest.raises(training.TrainingError, match="in an allocation of 2 nodes"):
+        training.check_nodes(
+            training.TrainingJob("m:f", "m:C", {}, "c", "m", "l"), {"FUSE_NUM_MACHINES": "2"}
+        )
+
+
 def test_bad_resource_keys_are_named(tmp_path):
     path, recipe = _toy(tmp_path, resources={"distil": {"nodes": 2}})
     with pytest.raises(RecipeError, match=r"executor\.resources\.distil: not 'default', a stage"):

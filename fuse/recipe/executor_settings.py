@@ -3,6 +3,7 @@ scripts, so each is checked for control characters (fuse/slurm renders them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -46,6 +47,17 @@ class Resources(Frozen):
         return no_control_characters(value)
 
 
+def layered_resources(tables: Iterable[Mapping[str, Resources]], stage: str, instance: str) -> Resources:
+    """Resources from tables in order (later wins), each layered default < stage < instance. Only the keys a layer
+    sets override (an `extra` list replaces the one below it)."""
+    merged: dict[str, Any] = {}
+    for table in tables:
+        for key in ("default", stage, instance):
+            if key in table:
+                merged.update(table[key].model_dump(exclude_unset=True))
+    return Resources.model_validate(merged)
+
+
 class SlurmSettings(Frozen):
     site_config: str | None = Field(None, description="YAML with defaults for resources and env_setup.")
     env_setup: list[str] = Field(
@@ -79,3 +91,11 @@ class ExecutorSpec(Frozen):
         description="Keyed by stage (e.g. 'distill') or instance (e.g. 'distill.llama').",
     )
     slurm: SlurmSettings = SlurmSettings()
+
+    def nodes_for(self, stage: str, instance: str) -> int:
+        """The nodes a training instance's ranks span: `resources.<..>.nodes` under SLURM, one node locally. The
+        recipe alone says it (a site config cannot): with `num_processes` per node it makes the global batch, so it is
+        part of what the instance computes."""
+        if self.kind != "slurm":
+            return 1
+        return layered_resources([self.resources], stage, instance).nodes

@@ -4,15 +4,15 @@ the site's defaults and the recipe's `executor.resources`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 
 from fuse.dag import Dag, Instance, stage_of
 from fuse.recipe import Frozen, Recipe, RecipeError, Resources, format_error
+from fuse.recipe.executor_settings import layered_resources
 from fuse.recipe.safe_yaml import load_yaml
-from fuse.stage_table import STAGES
+from fuse.stage_table import STAGE_TABLE, STAGES
 
 
 class SiteConfig(Frozen):
@@ -57,7 +57,8 @@ def load_site(path: str | Path | None) -> SiteConfig:
 
 
 def check_resource_keys(recipe: Recipe, dag: Dag, site: SiteConfig, site_name: str = "site config") -> None:
-    """A misspelt key would silently not apply: the recipe's must name this DAG's instances, the site's stages."""
+    """A misspelt key would silently not apply: the recipe's must name this DAG's instances, the site's stages. A
+    site config cannot move a training to another number of nodes (ExecutorSpec.nodes_for)."""
     for key in recipe.executor.resources:
         if key != "default" and key not in STAGES and key not in dag.instances:
             raise RecipeError(
@@ -67,14 +68,20 @@ def check_resource_keys(recipe: Recipe, dag: Dag, site: SiteConfig, site_name: s
     for key in site.resources:
         if key != "default" and stage_of(key) not in STAGES:
             raise RecipeError(f"{site_name}: resources.{key}: not 'default', a stage or a stage instance")
+    for instance in dag.instances.values():
+        if not STAGE_TABLE[instance.stage].trains:
+            continue
+        planned = recipe.executor.nodes_for(instance.stage, instance.name)
+        nodes = resources_for(recipe, instance, site).nodes
+        if nodes != planned:
+            raise RecipeError(
+                f"{site_name}: resources give {instance.name} {nodes} node(s), the recipe {planned}: a training's "
+                f"node count makes its global batch (num_processes per node x nodes ranks), so it is part of the "
+                f"result and only the recipe's executor.resources may set it"
+            )
 
 
 def resources_for(recipe: Recipe, instance: Instance, site: SiteConfig) -> Resources:
     """Layered, later wins: site default < site stage < site instance < recipe default < stage < instance.
     Only the keys a layer sets override (an `extra` list replaces the one below it)."""
-    merged: dict[str, Any] = {}
-    for table in (site.resources, recipe.executor.resources):
-        for key in ("default", instance.stage, instance.name):
-            if key in table:
-                merged.update(table[key].model_dump(exclude_unset=True))
-    return Resources.model_validate(merged)
+    return layered_resources((site.resources, recipe.executor.resources), instance.stage, instance.name)
