@@ -400,14 +400,43 @@ def _mine(owner: dict[str, Any] | None) -> bool:
     return bool(owner) and _same_namespace(owner) and owner.get("pid") == os.getpid()
 
 
+def slurm_run() -> dict[str, Any]:
+    """Which run of which SLURM job this process belongs to (empty outside SLURM): a lock's owner records it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    return {
+        "slurm_job": job,
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
+        "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+    }
+
+
+def _earlier_run_of_this_job(owner: dict[str, Any]) -> bool:
+    """The owner was an earlier run of the SLURM job this process is a later run of. SLURM starts a requeued job only
+    once its previous run has ended, or its node has been declared DOWN (and the run is killed there if the node
+    comes back): that owner is gone, on whatever host. Without this, a job requeued off a lost node would find its
+    own lock from another host fresh, and wait out LOCK_TTL_S."""
+    here = slurm_run()
+    if not here or owner.get("slurm_job") != here["slurm_job"]:
+        return False
+    if owner.get("slurm_cluster") != here["slurm_cluster"]:
+        return False
+    restart = owner.get("slurm_restart")
+    return isinstance(restart, int) and restart < here["slurm_restart"]
+
+
 def owner_alive(path: Path, owner: dict[str, Any] | None) -> bool:
     """Same host and PID namespace: the pid exists and started when the lock says. Another host or namespace:
     refreshed within LOCK_TTL_S (the owner touches its lock every LOCK_HEARTBEAT_S). Unreadable: alive until it
     ages like a foreign one. A heartbeat more than LOCK_TTL_S in the future is no heartbeat (a clock can be that
-    far off only when something set the time by hand): abandoned."""
+    far off only when something set the time by hand): abandoned. An owner that was an earlier run of this
+    process's own SLURM job (requeued) is gone."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
+        return False
+    if owner is not None and _earlier_run_of_this_job(owner):
         return False
     if owner is None or not _same_namespace(owner):
         return -LOCK_TTL_S < age < LOCK_TTL_S
@@ -437,7 +466,7 @@ def describe_lock(path: Path, owner: dict[str, Any] | None) -> str:
 
 
 class FileLock:
-    """An exclusive lock file holding {pid, host, since, start, command}, created atomically (link of a complete
+    """An exclusive lock file holding {pid, host, since, start, command, SLURM job and run}, created atomically (link of a complete
     temporary file, which works on NFS too). A lock whose owner is gone is broken: dead pid on this host, or no
     heartbeat for LOCK_TTL_S from another host. While held, a thread refreshes its mtime (the heartbeat)."""
 
@@ -454,6 +483,7 @@ class FileLock:
             "start": _process_start(os.getpid()),
             "pidns": pid_namespace(),
             "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+            **slurm_run(),
         }
         deadline = time.monotonic() + self.wait
         while True:

@@ -1,5 +1,6 @@
-"""Who holds a lock, across PID namespaces and broken clocks: a pid from another namespace on the same host is not
-looked up here (it is judged by its heartbeat), and a heartbeat from the future is no heartbeat."""
+"""Who holds a lock, across PID namespaces, broken clocks and requeued SLURM jobs: a pid from another namespace on
+the same host is not looked up here (it is judged by its heartbeat), a heartbeat from the future is no heartbeat, and
+an earlier run of this process's own SLURM job is gone."""
 
 from __future__ import annotations
 
@@ -46,3 +47,24 @@ def test_a_heartbeat_from_the_future_is_no_heartbeat(tmp_path):
     near = time.time() + 60  # a clock a minute off is still a live heartbeat
     os.utime(lock, (near, near))
     assert owner_alive(lock, json.loads(lock.read_text()))
+
+
+def test_a_lock_from_an_earlier_run_of_this_slurm_job_is_gone_on_any_host(tmp_path, monkeypatch):
+    """A job requeued off a lost node finds the lock its first run took there: another host, a fresh heartbeat. SLURM
+    starts a requeued run only once the previous one is over, so that owner is gone; anyone else's lock is not."""
+    lock = tmp_path / "shard.lock"
+    first_run = {"slurm_job": "812", "slurm_cluster": "gpu", "slurm_restart": 0}
+    write_lock(lock, pid=4242, host="node2", **first_run)
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "gpu")
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert owner_alive(lock, json.loads(lock.read_text()))  # the same run (restart 0): as any foreign lock
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert not owner_alive(lock, json.loads(lock.read_text()))
+    held = FileLock(lock, "the shard").acquire()  # broken and taken, recording this run
+    taken = json.loads(lock.read_text())
+    assert (taken["pid"], taken["slurm_job"], taken["slurm_restart"]) == (os.getpid(), "812", 1)
+    held.release()
+    for other in ({"slurm_job": "813"}, {"slurm_cluster": "cpu"}, {"slurm_restart": 1}, {"slurm_job": None}):
+        write_lock(lock, pid=4242, host="node2", **{**first_run, **other})
+        assert owner_alive(lock, json.loads(lock.read_text())), other  # another job or cluster, or this run

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
 
 TRAIN = {  # per rank; two ranks in both layouts: 1 process x 2 nodes, 2 processes x 1 node
     "max_steps": 6,
-    "save_steps": 2,
+    "save_steps": 50,
     "logging_steps": 1,
     "per_device_batch_size": 2,
     "learning_rate": 1e-3,
@@ -39,7 +39,16 @@ TRAIN = {  # per rank; two ranks in both layouts: 1 process x 2 nodes, 2 process
     "max_length": 96,
     "seed": 7,
 }
-FPO = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "per_device_batch_size": 2, "learning_rate": 1e-3}
+FPO = {
+    "max_steps": 6,
+    "save_steps": 50,
+    "logging_steps": 1,
+    "per_device_batch_size": 2,
+    "learning_rate": 1e-3,
+}
+# The preempted training runs long enough for the signal to land mid-run: a tiny model's steps take ~25 ms here, so
+# after the first logged step some 5 s remain; the signal takes well under one.
+PREEMPTED_STEPS = 240
 ATOL = 1e-5  # float32 on CPU; the two layouts reduce the same two gradients over gloo
 
 
@@ -50,12 +59,18 @@ def cluster(two_node_cluster):  # noqa: F811
         yield two_node_cluster
 
 
-def _recipe(tmp: Path, pivot_dir: Path, stage: int, nodes: int, processes: int, ready: tuple[str, ...]):
+def _recipe(
+    tmp: Path, pivot_dir: Path, stage: int, preempted: str, nodes: int, processes: int, ready: tuple[str, ...]
+):
     preference = tmp / "pref.jsonl"
     tmp.mkdir(parents=True, exist_ok=True)
     if not preference.exists():
         preference.write_text("".join(json.dumps(r) + "\n" for r in pairs(24, 3, "yes", "no", "p")))
     deepspeed = {"deepspeed": {"stage": stage}, "num_processes": processes}
+    steps = {
+        name: {"max_steps": PREEMPTED_STEPS} if preempted.startswith(name) else {}
+        for name in ("distill", "fpo")
+    }
     executor = {
         "kind": "slurm" if nodes > 1 else "local",
         "resources": {"distill": {"nodes": nodes}, "fpo": {"nodes": nodes}},
@@ -64,10 +79,10 @@ def _recipe(tmp: Path, pivot_dir: Path, stage: int, nodes: int, processes: int, 
     return stores_ready(
         tmp,
         pivot_dir,
-        TRAIN | deepspeed,
+        TRAIN | deepspeed | steps["distill"],
         0.25,
         16,
-        later={"fpo": FPO | deepspeed, "score": {"enabled": True}},
+        later={"fpo": FPO | deepspeed | steps["fpo"], "score": {"enabled": True}},
         top={"data": {"preference": {"path": str(preference), "format": "preference"}}, "executor": executor},
         ready=ready,
     )
@@ -96,7 +111,7 @@ def pivot(tmp_path_factory) -> Path:
 def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot, tmp_path, stage, preempted):
     """Both trainings run on two nodes under each ZeRO stage; one of them is preempted mid-training."""
     upstream = ("prepare", "extract.pivot", "extract.src", "align.src", "score.src")
-    two = _recipe(tmp_path / "two", pivot, stage, nodes=2, processes=1, ready=upstream)
+    two = _recipe(tmp_path / "two", pivot, stage, preempted, nodes=2, processes=1, ready=upstream)
     workdir = Path(two.workdir)
     jobs = {s.instance: s for s in slurm.submit(two, tmp_path / "two" / "recipe.yaml")}
     assert {name for name, s in jobs.items() if s.job_id} == {"distill.src", "score.target-src", "fpo.src"}
@@ -109,7 +124,7 @@ def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot,
         return ended or _logged_steps(workdir, preempted) >= 1
 
     _wait_for(a_step_or_ended, 600, f"a {preempted} step on two nodes")
-    assert _logged_steps(workdir, preempted) < FPO["max_steps"], log_path.read_text()[-4000:]
+    assert _logged_steps(workdir, preempted) < PREEMPTED_STEPS, log_path.read_text()[-4000:]
     subprocess.run(["scancel", "--batch", "--signal=USR1", jobs[preempted].job_id], check=True)
     final = slurm.wait([s.job_id for s in jobs.values() if s.job_id], timeout=900, poll=1)
     states = {name: final[s.job_id] for name, s in jobs.items() if s.job_id}
@@ -118,6 +133,11 @@ def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot,
     assert states[preempted].restarts == 1 and "requeueing job" in log and "restart 1" in log
 
     store = RunStore(workdir)
+    assert {row.state for row in slurm.collect_status(two)} == {
+        "done"
+    }  # every output matches its recorded digest
+    debris = [p for p in workdir.rglob("*") if p.name.endswith((".tmp", ".staging"))]
+    assert not debris, debris  # no writer left a half-written file behind
     for instance in ("distill.src", "fpo.src"):
         summary = json.loads((workdir / instance / "logs" / "summary.json").read_text())
         assert summary["ranks"] == ["node1", "node2"], summary  # one process group across both nodes
@@ -126,11 +146,11 @@ def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot,
     assert json.loads((workdir / preempted / "logs" / "summary.json").read_text())["resumed_from"]
     # one writer: rank 0 logs the steps, none missing across the requeue
     steps = [json.loads(line)["step"] for line in (workdir / preempted / "logs" / "train.jsonl").open()]
-    assert sorted(set(steps)) == list(range(1, 7))
+    assert sorted(set(steps)) == list(range(1, PREEMPTED_STEPS + 1))
 
     # the same global batch on one node: two processes, run locally from a copy of the upstream stores
     one_dir = tmp_path / "one"
-    one = _recipe(one_dir, pivot, stage, nodes=1, processes=2, ready=upstream)
+    one = _recipe(one_dir, pivot, stage, preempted, nodes=1, processes=2, ready=upstream)
     for instance in ("distill.src", "score.target-src", "fpo.src"):
         run_stage(one, instance)
     for instance in ("distill.src", "fpo.src"):
