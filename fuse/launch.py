@@ -14,15 +14,14 @@ from collections.abc import Mapping
 EXPANDABLE = re.compile(r"(--[\w-]+=)?[\w:,.-]*\$[A-Za-z_][\w:,.$-]*")
 
 
-def multinode_command(command: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
-    """One `accelerate launch` per node of this SLURM allocation, through srun, from a single-node one
+def multinode_command(command: list[str], nodes: int) -> list[str]:
+    """One `accelerate launch` on each of `nodes` nodes of this SLURM allocation, through srun, from a single-node one
     (`python -m accelerate.commands.launch [options] -m module args`). The rendezvous comes from the variables
     the job script exports (MASTER_ADDR, MASTER_PORT, FUSE_NUM_MACHINES) and each node's SLURM_NODEID.
     The rendezvous is static: node i's ranks are i*P .. i*P+P-1, so global rank 0, the one writer of a training's
     outputs, runs on the first node beside the job script (a c10d rendezvous numbers the nodes as they arrive).
     DeepSpeed starts through the same per-node launcher ("standard"), not its own pdsh runner.
-    Outside a multi-node allocation the command is returned unchanged."""
-    nodes = allocated_nodes(environ)
+    For one node the command is returned unchanged."""
     if nodes <= 1:
         return list(command)
     try:
@@ -48,9 +47,8 @@ def multinode_command(command: list[str], environ: Mapping[str, str] | None = No
         "--rdzv_backend", "static",
         "--same_network",
     ]  # fmt: skip
-    if (
-        "--use_deepspeed" in rest
-    ):  # accelerate's default for DeepSpeed on several machines is pdsh from one node
+    if "--use_deepspeed" in rest:
+        # accelerate's default for DeepSpeed on several machines is DeepSpeed's pdsh runner, started on one node
         _pop_option(rest, "--deepspeed_multinode_launcher")
         launch += ["--deepspeed_multinode_launcher", "standard"]
     inner = " ".join(shell_word(a) for a in [*head, *launch, *rest])

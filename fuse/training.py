@@ -62,9 +62,8 @@ class TrainingJob:
     # the stage instance: progress lines, and the trackers' run name where `tracking` has none
     run_name: str = ""
     tracking: dict[str, str] = field(default_factory=dict)  # project, group, run_name: tracking_names()
-    nodes: int = (
-        1  # the nodes its ranks span (num_processes on each): what the recipe planned, checked at launch
-    )
+    # the nodes its ranks span (num_processes on each): what the recipe planned, checked at launch
+    nodes: int = 1
 
     def load_settings(self) -> TrainSettings:
         return _import(self.settings_class).model_validate(self.settings)
@@ -703,7 +702,7 @@ def train(
     # Inside a multi-node SLURM allocation: one launcher per node through srun (unchanged otherwise). The launcher
     # and its ranks end with this process (fuse.process_group); a SIGUSR1 is passed on to the ranks, which save a
     # checkpoint and stop, and then this stage stops too.
-    command = multinode_command(launch_command(job_path, settings))
+    command = multinode_command(launch_command(job_path, settings), job.nodes)
     log.info("launching %d processes: %s", settings.num_processes, " ".join(command))
     with preemption.checkpointing():
         returncode = run_in_group(command, {**os.environ, **LAUNCHER_ENV})
@@ -714,11 +713,11 @@ def train(
 
 
 def check_nodes(job: TrainingJob, environ: Mapping[str, str] | None = None) -> None:
-    """Before any rank starts: the job runs on the nodes its recipe planned, or its global batch, and so its
-    weights, would not be what its fingerprint says."""
+    """Before any rank starts: a job planned for several nodes runs in an allocation of exactly those, or its global
+    batch, and so its weights, would not be what its fingerprint says. (A one-node job runs on one node of any.)"""
     nodes = allocated_nodes(environ)
-    if nodes != job.nodes:
-        where = "outside SLURM" if nodes == 1 and job.nodes > 1 else f"in an allocation of {nodes} nodes"
+    if job.nodes > 1 and nodes != job.nodes:
+        where = "outside SLURM" if nodes == 1 else f"in an allocation of {nodes} nodes"
         raise TrainingError(
             f"{job.run_name or job.log_dir}: planned for {job.nodes} node(s) (executor.resources.<stage>.nodes, "
             f"{job.nodes} x num_processes ranks) but running {where}: submit it with `fuse submit`, or change "
@@ -743,6 +742,18 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(logging.INFO)
     init_distributed_state()
     run_job(TrainingJob.load(argv[0]), launched=True)
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """After a finished training, every rank waits for rank 0 to write the last files, then leaves the process
+    group. A rank that exits with the group open while another still works can abort in its communication threads
+    ("terminate called without an active exception", seen on two nodes), and the launcher then fails the job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -466,7 +466,7 @@ def test_multinode_launch_and_dry_run_lines_do_not_expand_paths(tmp_path):
         "fuse.training",
         job,
     ]
-    srun_command = launch.multinode_command(command, {"FUSE_NUM_MACHINES": "2"})
+    srun_command = launch.multinode_command(command, 2)
     assert srun_command[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
     env = {"PATH": "/usr/bin:/bin", "ARGS_FILE": str(tmp_path / "args"), "SLURM_NODEID": "1"}
     env |= {"MASTER_ADDR": "node7", "MASTER_PORT": "29500"}

@@ -170,10 +170,10 @@ def test_a_trainings_node_count_is_part_of_its_result_and_checked_at_launch(tmp_
     with pytest.raises(training.TrainingError, match=r"distill\.b: planned for 2 node\(s\).*outside SLURM"):
         training.check_nodes(job, {})
     training.check_nodes(job, {"SLURM_NNODES": "2"})
-    with pytest.raises(training.TrainingError, match="in an allocation of 2 nodes"):
-        training.check_nodes(
-            training.TrainingJob("m:f", "m:C", {}, "c", "m", "l"), {"FUSE_NUM_MACHINES": "2"}
-        )
+    with pytest.raises(training.TrainingError, match="in an allocation of 3 nodes"):
+        training.check_nodes(job, {"FUSE_NUM_MACHINES": "3"})
+    one_node = training.TrainingJob("m:f", "m:C", {}, "c", "m", "l")
+    training.check_nodes(one_node, {"SLURM_NNODES": "2"})  # runs on one node of the allocation
 
 
 def test_bad_resource_keys_are_named(tmp_path):
@@ -276,8 +276,8 @@ def test_multinode_command_runs_one_launcher_per_node(tmp_path):
         "fuse.training",
         str(tmp_path / "a b.json"),
     ]
-    assert launch.multinode_command(single, {"SLURM_NNODES": "1"}) == single
-    command = launch.multinode_command(single, {"SLURM_NNODES": "3"})
+    assert launch.multinode_command(single, 1) == single
+    command = launch.multinode_command(single, 3)
     assert command[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     # What each node's shell makes of it (echo instead of exec'ing python):
     inner = command[-1].replace(f"exec {sys.executable}", "echo", 1)
