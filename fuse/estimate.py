@@ -358,10 +358,12 @@ def clock(seconds: float) -> str:
     return f"{days}-{text}" if days else text
 
 
-def _trained_tokens(settings: Any, rows: int, per_row: float) -> float:
-    """Tokens a training goes through: max_steps × the global batch's rows, else epochs over the rows."""
+def _trained_tokens(settings: Any, rows: int, per_row: float, nodes: int = 1) -> float:
+    """Tokens a training goes through: max_steps × the global batch's rows (num_processes ranks on each of
+    `nodes`), else epochs over the rows."""
     if settings.max_steps and settings.max_steps > 0:
-        batch = settings.per_device_batch_size * settings.gradient_accumulation_steps * settings.num_processes
+        ranks = settings.num_processes * nodes
+        batch = settings.per_device_batch_size * settings.gradient_accumulation_steps * ranks
         return settings.max_steps * batch * per_row
     return settings.epochs * rows * per_row
 
@@ -454,7 +456,7 @@ def instance_estimate(
         else:  # a preference pair: two sequences, its tokens counted over both
             rows, per_row = data.rows.get("preference/train", 0), data.pair_tokens.get("pivot", 0.0)
             sequence, sequences = per_row, 2
-        tokens = _trained_tokens(settings, rows, per_row)
+        tokens = _trained_tokens(settings, rows, per_row, nodes)
         flops = 6 * (pivot.params or 0) * tokens * (4 / 3 if settings.gradient_checkpointing else 1)
         seconds += flops / (cal.train_flops * scale)
         peak = _training_gb(pivot, settings, cal, gpus, sequence, per_row=sequences)

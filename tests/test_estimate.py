@@ -126,3 +126,14 @@ def test_what_does_not_fit_is_named():
         "asks no --time",
     ]
     assert check_fit(mixtral, Resources(mem="0", time="08:00:00"), calibrations()["h200"]).problems == []
+
+
+def test_a_training_on_two_nodes_goes_through_twice_the_tokens_per_step():
+    from fuse.estimate import _trained_tokens
+    from fuse.recipe import DistillSettings
+
+    settings = DistillSettings(max_steps=10, per_device_batch_size=4, num_processes=8)
+    assert _trained_tokens(settings, rows=10_000, per_row=100.0) == 10 * 4 * 8 * 100.0
+    assert _trained_tokens(settings, rows=10_000, per_row=100.0, nodes=2) == 10 * 4 * 8 * 2 * 100.0
+    epochs = DistillSettings(epochs=2, num_processes=8)  # epochs: the rows, however many ranks share them
+    assert _trained_tokens(epochs, 10_000, 100.0, nodes=2) == _trained_tokens(epochs, 10_000, 100.0)
