@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOPPING = (signal.SIGTERM, signal.SIGINT)  # once forwarded, the group is already being stopped
@@ -44,13 +44,19 @@ def run_in_group(
     the signal that ended it). A forwarded signal goes to the whole group, then to this process's own handler
     (preemption's SIGUSR1 flag, Ctrl-C's KeyboardInterrupt). However this call is left, what is left of the group
     is terminated (SIGTERM, SIGKILL after `grace_s`) and the command is reaped."""
-    process = subprocess.Popen(dying_with_this_process(command), env=env, start_new_session=True)
+    # Forwarding is in place before the start: a signal that came between the start and the handlers would stop this
+    # process and leave the new group running. One that comes before the group is known waits, and is passed on
+    # (and acted on) once it is.
     forwarded: list[int] = []
-    try:
-        with forwarding(process.pid, forwarded):
+    group: list[int] = []
+    with forwarding(group, forwarded) as early:
+        process = subprocess.Popen(dying_with_this_process(command), env=env, start_new_session=True)
+        try:
+            group.append(process.pid)
+            early.replay()
             return process.wait()
-    finally:
-        end_group(process, grace_s, asked=any(s in STOPPING for s in forwarded))
+        finally:
+            end_group(process, grace_s, asked=any(s in STOPPING for s in forwarded))
 
 
 def dying_with_this_process(command: Sequence[str]) -> list[str]:
@@ -60,29 +66,51 @@ def dying_with_this_process(command: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "fuse.process_group", str(os.getpid()), *command]
 
 
+class _Early:
+    """Signals that came while the group was not yet known: `replay` passes them on and acts on them."""
+
+    def __init__(self, group: list[int], act: Callable[[int, object], None]) -> None:
+        self.group, self.act, self.waiting = group, act, []
+
+    def replay(self) -> None:
+        while self.waiting:
+            signum = self.waiting.pop(0)
+            signal_group(self.group[0], signum)
+            self.act(signum, None)
+
+
 @contextlib.contextmanager
-def forwarding(pgid: int, forwarded: list[int]) -> Iterator[None]:
-    """Inside this block the FORWARDED signals (those this process does not ignore) also go to group `pgid`.
-    Python runs signal handlers in the main thread only: elsewhere, signals are left as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def forwarding(group: list[int], forwarded: list[int]) -> Iterator[_Early]:
+    """Inside this block the FORWARDED signals (those this process does not ignore) also go to the process group
+    `group[0]`; until the caller has put it there, they wait for the caller's `replay()`. Python runs signal
+    handlers in the main thread only: elsewhere, signals are left as they are."""
     previous: dict[int, object] = {}
 
-    def forward(signum: int, frame: object) -> None:
-        forwarded.append(signum)
-        signal_group(pgid, signum)
-        handler = previous[signum]
+    def act(signum: int, frame: object) -> None:
+        handler = previous.get(signum)
         if callable(handler):
             handler(signum, frame)
         elif handler == signal.SIG_DFL:
             raise Terminated(signum)
 
+    early = _Early(group, act)
+    if threading.current_thread() is not threading.main_thread():
+        yield early
+        return
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        if not group:
+            early.waiting.append(signum)
+            return
+        signal_group(group[0], signum)
+        act(signum, frame)
+
     for signum in FORWARDED:
         if signal.getsignal(signum) not in (signal.SIG_IGN, None):
             previous[signum] = signal.signal(signum, forward)
     try:
-        yield
+        yield early
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -45,7 +45,10 @@ CHILD = textwrap.dedent(
 # The fuse side: run CHILD through the helper, inside preemption's checkpointing block as training does.
 PARENT = textwrap.dedent(
     """
-    import sys
+    import signal, sys
+    # Ctrl-C raises KeyboardInterrupt, as in a shell, even when the suite was started in the background (`cmd &`
+    # makes a non-interactive shell's jobs ignore SIGINT, and that is inherited: the parent would never stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from fuse import preemption
     from fuse.process_group import run_in_group
     with preemption.checkpointing():
