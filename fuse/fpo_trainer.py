@@ -81,13 +81,30 @@ def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return outputs.log_probs.sum(dim=1)
 
 
+def chosen_nll(summed: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """TRL's `sft` loss term (RPO, Pang et al. 2024): the chosen answers' negative log-likelihood per token, over
+    every chosen response token of the batch. `summed` [2B] are the sequences' summed response log-probs (chosen
+    first); a response token is one the completion mask marks after the first position (position t predicts t + 1)."""
+    chosen_sums, _ = summed.chunk(2, dim=0)
+    chosen_mask, _ = completion_mask[:, 1:].chunk(2, dim=0)
+    return -chosen_sums.sum() / chosen_mask.sum().clamp(min=1).to(chosen_sums.dtype)
+
+
 class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
     """DPOTrainer with the fused reference as precomputed columns; logs reward accuracy, margins, rewards,
     normalized log-probs, the share of clipped terms and which source max_margin picked."""
 
-    def __init__(self, *args: Any, sources: Sequence[str] = (), terms_per_pair: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        sources: Sequence[str] = (),
+        terms_per_pair: int = 0,
+        sft_weight: float = 0.0,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.sources, self.terms_per_pair = tuple(sources), int(terms_per_pair)
+        self.sft_weight = float(sft_weight)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized by the fpo stage with the score stage's rendering, not TRL's
@@ -96,7 +113,8 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
         return dataset  # the reference columns are the fused scores, computed before training
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        normalized = summed_logps(model, inputs) / inputs["norm"].to(torch.float32)
+        summed = summed_logps(model, inputs)
+        normalized = summed / inputs["norm"].to(torch.float32)
         chosen, rejected = normalized.chunk(2, dim=0)
         ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         losses, margins = infifpo_loss(
@@ -107,9 +125,15 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
             self.beta,
             self.label_smoothing,
         )
+        loss = losses.mean()
+        nll = None
+        if self.sft_weight > 0:
+            nll = chosen_nll(summed, inputs["completion_mask"])
+            loss = loss + self.sft_weight * nll
         if model.training:
             self._record_step(chosen.detach(), rejected.detach(), margins.detach(), inputs)
-        loss = losses.mean()
+            if nll is not None:
+                self.record("nll_loss", self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         return (loss, {"margins": margins}) if return_outputs else loss
 
     def _record_step(self, chosen, rejected, margins, inputs) -> None:
@@ -138,7 +162,7 @@ def dpo_config(args: TrainingArguments, settings: FpoSettings | None = None, **d
 
 def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrainer:
     """The builder named in fpo jobs. params: model (a ModelSpec dump), train_data (a dataset folder), beta,
-    label_smoothing, sources (names, index = picked), terms_per_pair. With settings.peft, TRL wraps the policy in
+    label_smoothing, sources (names, index = picked), terms_per_pair, sft_weight. With settings.peft, TRL wraps the policy in
     LoRA adapters (its peft_config path); the reference stays the precomputed fused columns."""
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
@@ -159,6 +183,7 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
         processing_class=tokenizer,
         sources=params.get("sources", ()),
         terms_per_pair=int(params.get("terms_per_pair", 0)),
+        sft_weight=float(params.get("sft_weight", 0.0)),
     )
 
 

@@ -23,6 +23,10 @@ PAD_ID = -1
 # The student's (tempered) tail mass is clamped here before its log: it keeps the tail term bounded (at most
 # −p_tail·log TAIL_EPS) and finite where the ids cover the vocabulary; below it the tail bucket passes no gradient.
 TAIL_EPS = 1e-6
+# Logit entries a chunked head computes at once (64 Mi floats, 256 MiB): its rows per chunk follow the vocabulary, so
+# the head's working memory (a chunk's logits and one temporary) stays about 0.5 GB at any vocabulary. 1,024 rows at a
+# 262k vocabulary took 2 GB at once and was a third of a gemma-3-270m fpo step's peak.
+HEAD_CHUNK_ELEMENTS = 1 << 26
 LOG_TAIL_EPS = math.log(TAIL_EPS)
 
 
@@ -442,17 +446,18 @@ def distill_loss_from_hidden(
     *,
     lambda_: float,
     kind: str = "ce",
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> LossParts:
     """`distill_loss` at temperature 1 without label smoothing, from the backbone's hidden states [B, T, d] and a
-    plain LM head's weight [V, d]: only the response positions go through the head, `chunk` rows at a time
-    (`ChunkedFusedSparseCE`; the gold term alone: `token_logprobs`), so no [B·T, V] logits exist. Same loss and
+    plain LM head's weight [V, d]: only the response positions go through the head, `chunk` rows at a time (default:
+    `head_chunk_rows`; `ChunkedFusedSparseCE`, the gold term alone `token_logprobs`), so no [B·T, V] logits exist. Same loss and
     gradients as `distill_loss` on hidden @ weightᵀ."""
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}")
     gold = shifted_labels(labels)
     mask = gold != IGNORE_INDEX
     tokens = int(mask.sum())
+    chunk = head_chunk_rows(weight.shape[0], chunk)
     rows = hidden.reshape(-1, hidden.shape[-1])[mask]
     gold = gold[mask]
     if target_ids is None or lambda_ >= 1.0:
@@ -469,6 +474,12 @@ def distill_loss_from_hidden(
     distill_mean = (teacher * has_teacher).sum() / max(int(has_teacher.sum()), 1)
     loss = lambda_ * gold_mean + (1.0 - lambda_) * distill_mean
     return LossParts(loss, gold_mean.detach(), distill_mean.detach(), tokens)
+
+
+def head_chunk_rows(vocab_size: int, chunk: int | None = None) -> int:
+    """Rows of hidden states per chunk of a chunked LM head: `chunk` where given, else as many as keep a chunk's
+    logits within HEAD_CHUNK_ELEMENTS."""
+    return int(chunk) if chunk else max(1, HEAD_CHUNK_ELEMENTS // max(int(vocab_size), 1))
 
 
 # --------------------------------------------------------------------------------------------- dense reference
@@ -554,8 +565,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """log p(label) under the LM head `weight` [V, d] for hidden states [N, d] (the positions that predict each
-    label), without an [N, V] tensor."""
-    return ChunkedTokenLogprobs.apply(hidden, weight, labels, chunk)
+    label), without an [N, V] tensor (`chunk` rows at a time, default `head_chunk_rows`)."""
+    return ChunkedTokenLogprobs.apply(hidden, weight, labels, head_chunk_rows(weight.shape[0], chunk))

@@ -27,6 +27,7 @@ from fuse.launch import allocated_nodes, multinode_command
 from fuse.logs import setup_logging
 from fuse.process_group import die_with_parent, run_in_group
 from fuse.recipe import TrainSettings
+from fuse.resources import return_freed_memory
 from fuse.store import MODEL_FOLDER
 
 if TYPE_CHECKING:
@@ -740,6 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m fuse.training JOB.json")
     die_with_parent()  # the launcher's ranks run in sessions of their own: none outlives it, even a SIGKILLed one
     setup_logging(logging.INFO)
+    return_freed_memory()
     init_distributed_state()
     run_job(TrainingJob.load(argv[0]), launched=True)
     leave_process_group()

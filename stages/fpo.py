@@ -357,6 +357,7 @@ def run(ctx: StageContext) -> None:
         "train_data": str(data),
         "beta": beta,
         "label_smoothing": settings.label_smoothing,
+        "sft_weight": settings.sft_weight,
         "sources": list(reference.sources),
         "terms_per_pair": reference.terms_per_pair if settings.clip != "none" else 0,
     }
@@ -407,6 +408,7 @@ def stage_summary(
         "clip": s.clip,
         "beta": beta,
         "label_smoothing": s.label_smoothing,
+        "sft_weight": s.sft_weight,
         "pairs": {
             "train": len(train.rows),
             "heldout": len(heldout.rows),
@@ -431,7 +433,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         f"Policy: `{summary['policy']}/model`; reference pivot `{summary['reference_pivot']}`; sources: "
         f"{', '.join(summary['sources']) or '-'}. Normalization `{summary['normalization']}`, clip "
-        f"{summary['clip']}, beta {summary['beta']}, label smoothing {summary['label_smoothing']}.",
+        f"{summary['clip']}, beta {summary['beta']}, label smoothing {summary['label_smoothing']}, sft weight "
+        f"{summary.get('sft_weight', 0.0)}.",
         "",
         f"Pairs: {summary['pairs']['train']} train, {summary['pairs']['heldout']} held-out; skipped "
         f"{json.dumps(summary['pairs']['skipped_train'])} (train), {json.dumps(summary['pairs']['skipped_heldout'])} "

@@ -204,9 +204,11 @@ def load_rows(prepare: Path, split: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path, sft_weight):
     """fusion `none` with per-token normalization is TRL's `sigmoid_norm` loss with p as the reference model;
-    the reference is perturbed so that the loss is not the trivial log 2 of a policy equal to its reference."""
+    the reference is perturbed so that the loss is not the trivial log 2 of a policy equal to its reference.
+    With an sft weight, TRL's two-term loss (`sigmoid_norm` + weight x `sft`, the chosen answers' NLL per token)."""
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -247,6 +249,7 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
         model=spec.model_dump(),
         train_data=str(save_rows(rows, tmp_path / "data")),
         beta=2.5,
+        sft_weight=sft_weight,
     )
     ours = build_fpo_trainer(job, args)
     conversational = Dataset.from_list(
@@ -260,7 +263,12 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path):
     )
     theirs = DPOTrainer(
         model=load_model(spec, dtype="float32"),
-        args=dpo_config(args, beta=2.5, loss_type=["sigmoid_norm"]),
+        args=dpo_config(
+            args,
+            beta=2.5,
+            loss_type=["sigmoid_norm", "sft"] if sft_weight else ["sigmoid_norm"],
+            loss_weights=[1.0, sft_weight] if sft_weight else None,
+        ),
         train_dataset=conversational,
         processing_class=tokenizer,
     )

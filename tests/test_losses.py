@@ -387,6 +387,21 @@ def test_chunked_token_logprobs_match_the_dense_log_softmax_and_its_gradients():
     assert torch.allclose(hidden.grad, want[0], atol=1e-4) and torch.allclose(weight.grad, want[1], atol=1e-4)
 
 
+def test_the_head_chunk_bounds_the_logits_whatever_the_vocabulary(monkeypatch):
+    """A chunk's rows follow the vocabulary (at 262k: 256 rows, 256 MiB of float32 logits), an explicit chunk is
+    kept, and the default chunking gives the same log-probs as one chunk."""
+    import fuse.losses as losses
+
+    assert losses.head_chunk_rows(262_144) * 262_144 <= losses.HEAD_CHUNK_ELEMENTS
+    assert losses.head_chunk_rows(262_144) == 256 and losses.head_chunk_rows(32_000) == 2097
+    assert losses.head_chunk_rows(262_144, chunk=7) == 7 and losses.head_chunk_rows(1 << 40) == 1
+    monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 50 * 6)  # 6 rows a chunk at a 50-token vocabulary
+    torch.manual_seed(0)
+    hidden, weight, labels = torch.randn(37, 16), torch.randn(50, 16), torch.randint(0, 50, (37,))
+    dense = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    assert torch.allclose(losses.token_logprobs(hidden, weight, labels), dense, atol=1e-5)
+
+
 @pytest.mark.parametrize(("lambda_", "kind"), [(0.5, "ce"), (0.3, "kl"), (1.0, "ce")])
 def test_the_loss_from_hidden_states_equals_the_loss_on_full_logits(lambda_, kind):
     """distill_loss_from_hidden (the head applied in chunks to the response rows only) against distill_loss on

@@ -284,7 +284,10 @@ OWNED_FOR = {
 }
 # DPOConfig fields beyond TrainingArguments: the fpo stage's own settings, or fuse's InfiFPO machinery.
 DPO_BY_SETTING = {"beta": "beta", "label_smoothing": "label_smoothing", "max_length": "max_length"}
-INFIFPO_LOSS = "fpo's loss is InfiFPO's (fusion: none is plain DPO with the sigmoid loss)"
+INFIFPO_LOSS = (
+    "fpo's loss is InfiFPO's (fusion: none is plain DPO with the sigmoid loss); TRL's sft term is "
+    "stages.fpo.sft_weight"
+)
 FUSED_REFERENCE = "fpo's reference is the fused score tables, computed before training"
 OWN_TOKENIZATION = "fpo tokenizes the pairs itself, the way the score stage does"
 DPO_OWNED_FOR = {
@@ -602,6 +605,12 @@ class FpoSettings(TrainSettings):
         "weights as the reference, fusion none): what InfiFPO's fused reference is measured against.",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = added(
+        0.0,
+        ge=0,
+        description="Weight of the chosen answers' negative log-likelihood per token added to the preference loss "
+        "(TRL's `sft` loss term; RPO, Pang et al. 2024). README, 'Preference optimization (fpo), measured'.",
+    )
     weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
     include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
 
