@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from fuse.store import RunStore
 
 from demo_recipe import check_metrics, demo_recipe
 from recipes import toy_recipe, write_recipe
-from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
+from slurm_cluster import slurm_cluster, wait_for  # noqa: F401  (the session's cluster)
 from toy_stages import OVERRIDES, read_calls
 
 TESTS = Path(__file__).parent
@@ -65,13 +64,6 @@ def _wait(submissions: dict[str, slurm.Submission], timeout: float = 180) -> dic
     ids = {name: s.job_id for name, s in submissions.items() if s.job_id}
     final = slurm.wait(list(ids.values()), timeout=timeout, poll=0.5)
     return {name: final[job_id] for name, job_id in ids.items()}
-
-
-def _wait_for(predicate, timeout: float = 90, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def _call_name(call: str) -> str:
@@ -143,7 +135,7 @@ def test_scancel_mid_stage_then_submit_finishes_without_redoing_work(tmp_path, m
     workdir = tmp_path / "run"
     monkeypatch.setenv("TOY_STEPS", "400")  # distill.a would run 40 s
     first = _submit(path)
-    _wait_for(lambda: (workdir / "steps.log").exists(), what="distill.a to start")
+    wait_for(lambda: (workdir / "steps.log").exists(), 90, "distill.a to start")
 
     second = _submit(path)  # while it runs: nothing is submitted twice
     assert {s.action for s in second.values()} == {"skip", "keep"}
@@ -185,7 +177,7 @@ def test_fuse_cancel_cancels_only_this_runs_jobs(tmp_path, monkeypatch, capsys):
     try:
         monkeypatch.setenv("TOY_SLEEP", "prepare=60")
         jobs = _submit(path)
-        _wait_for(lambda: read_calls(tmp_path / "run") == ["prepare"], what="prepare to start")
+        wait_for(lambda: read_calls(tmp_path / "run") == ["prepare"], 90, "prepare to start")
         assert main(["cancel", str(path)]) == 0
         assert f"{len(jobs)} jobs cancelled" in capsys.readouterr().out
         assert {s.state for s in _wait(jobs, timeout=60).values()} == {"CANCELLED"}
@@ -209,8 +201,8 @@ def test_requeued_training_job_resumes_from_its_checkpoint(tmp_path, monkeypatch
     monkeypatch.setenv("TOY_STEP_SECONDS", "0.3")
     jobs = _submit(path)
     steps_log = workdir / "steps.log"
-    _wait_for(
-        lambda: steps_log.exists() and len(steps_log.read_text().splitlines()) >= 3, what="3 training steps"
+    wait_for(
+        lambda: steps_log.exists() and len(steps_log.read_text().splitlines()) >= 3, 90, "3 training steps"
     )
     job_id = jobs["distill.a"].job_id
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from fuse import slurm
 from fuse.executor import run_stage
 from fuse.store import RunStore
 
-from slurm_cluster import two_node_cluster  # noqa: F401  (the session's two-node cluster)
+from slurm_cluster import two_node_cluster, wait_for  # noqa: F401  (the session's two-node cluster)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -88,13 +87,6 @@ def _recipe(
     )
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def _logged_steps(workdir: Path, instance: str) -> int:
     log = workdir / instance / "logs" / "train.jsonl"
     return len(log.read_text().splitlines()) if log.is_file() else 0
@@ -123,7 +115,7 @@ def test_two_node_training_preempted_and_resumed_equals_one_node(cluster, pivot,
         ended = log_path.is_file() and f"{preempted}: exit" in log_path.read_text()
         return ended or _logged_steps(workdir, preempted) >= 1
 
-    _wait_for(a_step_or_ended, 600, f"a {preempted} step on two nodes")
+    wait_for(a_step_or_ended, 600, f"a {preempted} step on two nodes")
     assert _logged_steps(workdir, preempted) < PREEMPTED_STEPS, log_path.read_text()[-4000:]
     subprocess.run(["scancel", "--batch", "--signal=USR1", jobs[preempted].job_id], check=True)
     final = slurm.wait([s.job_id for s in jobs.values() if s.job_id], timeout=900, poll=1)

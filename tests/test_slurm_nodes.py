@@ -38,7 +38,7 @@ from fuse.recipe import load_recipe
 from fuse.store import RunStore
 
 from recipes import toy_recipe, write_recipe
-from slurm_cluster import Cluster, start_cluster, stop_cluster
+from slurm_cluster import Cluster, start_cluster, stop_cluster, wait_for
 from toy_stages import OVERRIDES, read_calls
 
 TESTS = Path(__file__).parent
@@ -94,13 +94,6 @@ def _recipe(tmp_path: Path) -> Path:
 
 def _submit(path: Path) -> dict[str, slurm.Submission]:
     return {s.instance: s for s in slurm.submit(load_recipe(path), path)}
-
-
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(poll)
 
 
 def _runs(workdir: Path, instance: str) -> list[tuple[int, str, int]]:
@@ -260,15 +253,15 @@ def test_node_lost_mid_array_requeues_only_its_shards(cluster, tmp_path, monkeyp
     def pivot_over_and_a_running() -> bool:
         return not slurm.Slurm().status(pivot).active and len(_runs(workdir, "extract.a")) == SHARDS
 
-    _wait_for(pivot_over_and_a_running, 60, "extract.pivot done and every extract.a shard started")
-    _wait_for(lambda: sum(c.startswith("extract.a#") for c in read_calls(workdir)) == SHARDS, 30, "a's calls")
+    wait_for(pivot_over_and_a_running, 60, "extract.pivot done and every extract.a shard started")
+    wait_for(lambda: sum(c.startswith("extract.a#") for c in read_calls(workdir)) == SHARDS, 30, "a's calls")
     victims = _job_processes(cluster, "node2")
     running = {shard for pid in victims if (shard := _shard_of(pid))}
     on_node1 = {shard for pid in _job_processes(cluster, "node1") if (shard := _shard_of(pid))}
     slurmd = int((cluster.run_dir / "slurmd-node2.pid").read_text())
     _kill([slurmd, *victims])
     killed_at = time.monotonic()
-    _wait_for(lambda: not any(_alive(p) for p in [slurmd, *victims]), 10, "node2's processes to die")
+    wait_for(lambda: not any(_alive(p) for p in [slurmd, *victims]), 10, "node2's processes to die")
     assert _job_processes(cluster, "node2") == []  # nothing of node2 runs on
     # On a real cluster the locks node2's runs held name node2's host, where no pid can be looked up, and their last
     # heartbeat is seconds old: only the requeued run of the same SLURM job may break them. Make them so here.
@@ -286,7 +279,7 @@ def test_node_lost_mid_array_requeues_only_its_shards(cluster, tmp_path, monkeyp
     assert not lost & finished, f"node2's extract.a shards {sorted(lost & finished)} finished before the kill"
 
     # slurmctld hears nothing from node2: NOT_RESPONDING, then DOWN, and its tasks requeued
-    _wait_for(lambda: _node_state("node2").startswith("DOWN"), 60, "node2 to be declared DOWN", poll=0.5)
+    wait_for(lambda: _node_state("node2").startswith("DOWN"), 60, "node2 to be declared DOWN", poll=0.5)
     down_after = time.monotonic() - killed_at
     node = subprocess.run(["scontrol", "-o", "show", "node", "node2"], capture_output=True, text=True).stdout
     assert "Reason=Not responding" in node, node
