@@ -282,26 +282,28 @@ class CandidateScorer:
         return scored
 
     def logprobs(self, kept: list[tuple[int, int, int]], sequences: list[np.ndarray]) -> list[float]:
-        """Each candidate's summed log-prob past its boundary: through the transformers model with one prefix
-        forward per row (its cache shared by the row's candidates), or the backend's full sequences (vLLM caches
-        the shared prefixes itself)."""
+        """Each candidate's summed log-prob past its boundary: through the transformers model in one packed
+        forward for all of a sample's rows (`shared_prefix_logprobs`: every candidate sees the source's text up to
+        its row's boundary), or the backend's full sequences (vLLM caches the shared prefixes itself)."""
         if not sequences:
             return []
-        shared = getattr(self.backend, "continuation_logprobs", None)
+        shared = getattr(self.backend, "shared_prefix_logprobs", None)
         if shared is None:
             results = self.backend.logprobs(sequences, 1)
             return [
                 float(r.target_logprobs[b - 1 :].astype(np.float64).sum())
                 for (_, _, b), r in zip(kept, results, strict=True)
             ]
-        out = np.zeros(len(kept))
         rows: dict[int, list[int]] = {}
         for index, (j, _, _) in enumerate(kept):
             rows.setdefault(j, []).append(index)
-        for members in rows.values():
-            boundary = kept[members[0]][2]
-            prefix = sequences[members[0]][:boundary]
-            out[members] = shared(prefix, [sequences[m][boundary:] for m in members])
+        # every candidate's ids begin with the source's own up to its boundary: the longest of those is the prefix
+        last = max(range(len(kept)), key=lambda i: kept[i][2])
+        sequence = sequences[last][: kept[last][2]]
+        asks = [(kept[m[0]][2], [sequences[i][kept[i][2] :] for i in m]) for m in rows.values()]
+        out = np.zeros(len(kept))
+        for members, scores in zip(rows.values(), shared(sequence, asks), strict=True):
+            out[members] = scores
         return out.tolist()
 
     @staticmethod

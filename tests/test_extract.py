@@ -292,3 +292,46 @@ def test_progress_line_reads_in_plain_logs():
     line = progress.line()
     assert line.startswith("extract.x shard 0: 4/10 rows (40.0%), 2000 tokens, ") and "tokens/s" in line
     assert line.endswith("ETA 0:15")  # 6 rows left at 0.4 rows/s
+
+
+SHARED_PREFIX = [
+    *HEADS,
+    # sliding-window layers (every other one) whose window the later boundaries pass
+    ("gemma3_text", 1024, {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    ("qwen2", 1536, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    ("llama", 1000, {"_attn_implementation": "eager"}),
+]
+
+
+@pytest.mark.parametrize(
+    "arch,vocab,extra", SHARED_PREFIX, ids=[f"{h[0]}-{i}" for i, h in enumerate(SHARED_PREFIX)]
+)
+def test_shared_prefix_scoring_equals_one_forward_per_continuation(arch, vocab, extra):
+    """Candidate scoring's packed forward (every boundary's continuations after one prefix, each under its own
+    mask and positions) against the brute force: each prefix + continuation run alone, its tokens' log-probs
+    summed. Multi-token continuations, single-token ones, boundaries past a sliding window, and parts split
+    between forwards (packed_tokens 5)."""
+    import torch
+
+    from fuse.backends.hf import shared_prefix_logprobs
+
+    model = tiny_model(arch, vocab, **extra)
+    rng = np.random.default_rng(1)
+    top = min(vocab, 1000)
+    sequence = rng.integers(0, top, 40).tolist()
+    asks = [
+        (b, [rng.integers(0, top, n).tolist() for n in (1, 3, 2, 1)] + [sequence[b : b + 2]])
+        for b in (1, 5, 17, 30, 39)
+    ]
+
+    def alone(prefix: list[int], continuation: list[int]) -> float:
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix + continuation])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        return float(sum(logp[len(prefix) - 1 + t, tok] for t, tok in enumerate(continuation)))
+
+    for packed in (1024, 5):
+        got = shared_prefix_logprobs(model, sequence, asks, packed_tokens=packed)
+        for (b, continuations), scores in zip(asks, got, strict=True):
+            want = [alone(sequence[:b], c) for c in continuations]
+            np.testing.assert_allclose(scores, want, atol=2e-4, err_msg=f"boundary {b}, packed {packed}")
