@@ -289,6 +289,9 @@ VARIANTS = {
     "within-topk": ["stages.align.within=true", "stages.align.within_norm=topk", *TARGET_ONLY],
     # source ids outside the exact and statistics maps go to the pivot token they begin with, not the nearest spelling
     "first-piece": ["stages.align.vocab_map=exact+stats+first_piece", *TARGET_ONLY],
+    # candidate scoring (the zoo's default), affordable since its packed forward: the source asked for the
+    # probability of each candidate word at every response position
+    "scored": ["stages.align.score_candidates=true", *TARGET_ONLY],
     # memory with gradient checkpointing: four steps of each training stage, peaks and step times only
     "checkpointing": [
         "stages.align.within=true",
