@@ -278,25 +278,58 @@ def shared_prefix_logprobs(
             sliding = _additive(_packed_mask(positions, visible, group, window), dtype, device)
             masks = {"full_attention": masks, "sliding_attention": sliding}
         rows = first if start == 0 else []
-        keep = rows + list(range(longest, longest + len(part)))
+        keep = torch.tensor(rows + list(range(longest, longest + len(part))), device=device)
+        # (kept row, token) pairs: each ask's first tokens at its boundary's row, then each packed token's next
+        at = {r: i for i, r in enumerate(rows)}
+        pairs = [(at[b - 1], int(c[0])) for b, conts in asks for c in conts] if rows else []
+        pairs += [(len(rows) + i, int(asks[a][1][c][t + 1])) for i, (a, c, t) in enumerate(part)]
+        inputs = {
+            "input_ids": torch.from_numpy(ids)[None].to(device),
+            "attention_mask": masks,
+            "position_ids": torch.from_numpy(positions)[None].to(device),
+            "use_cache": False,
+        }
+        head = output_head(model)
         with torch.inference_mode():
-            logits = model(
-                input_ids=torch.from_numpy(ids)[None].to(device),
-                attention_mask=masks,
-                position_ids=torch.from_numpy(positions)[None].to(device),
-                logits_to_keep=torch.tensor(keep, device=device),
-                use_cache=False,
-            ).logits[0]
-            logp = torch.log_softmax(logits.double(), dim=-1).cpu()
-        if start == 0:
-            at = {r: i for i, r in enumerate(rows)}
-            for a, (b, conts) in enumerate(asks):
-                totals[a] += logp[at[b - 1], [int(cont[0]) for cont in conts]].numpy()
-        for i, (a, c, t) in enumerate(part):
-            totals[a][c] += float(logp[len(rows) + i, int(asks[a][1][c][t + 1])])
+            if head is not None:  # the head at the kept positions only, a chunk of them at a time
+                kept, to_logits = head.body(**inputs).last_hidden_state[0, keep], head.logits
+            else:
+                logits = model(**inputs, logits_to_keep=keep).logits[0]
+                kept, to_logits = torch.arange(len(keep)), logits.__getitem__
+            values = iter(pair_logprobs(to_logits, kept, pairs))
+        if rows:
+            for a, (_, conts) in enumerate(asks):
+                totals[a] += [next(values) for _ in conts]
+        for a, c, _ in part:
+            totals[a][c] += next(values)
         start = stop
         if start >= len(work):
             return totals
+
+
+def pair_logprobs(
+    to_logits: Callable[[Any], Any],
+    rows: Any,
+    pairs: Sequence[tuple[int, int]],
+    chunk: int = HEAD_CHUNK_TOKENS,
+) -> np.ndarray:
+    """log p(token | row) for each (row index, token) pair (float64 [P], in the pairs' order), with `chunk` rows
+    of float32 logits at a time: a row asked about many tokens runs through the head once."""
+    import torch
+
+    out = np.zeros(len(pairs))
+    index = np.asarray([r for r, _ in pairs], np.int64)
+    tokens = np.asarray([t for _, t in pairs], np.int64)
+    for start in range(0, rows.shape[0], chunk):
+        logits = to_logits(rows[start : start + chunk]).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        here = np.flatnonzero((index >= start) & (index < start + len(logits)))
+        if here.size:
+            local = torch.as_tensor(index[here] - start, device=logits.device)
+            picked = logits[local, torch.as_tensor(tokens[here], device=logits.device)] - lse[local]
+            out[here] = picked.double().cpu().numpy()
+        del logits
+    return out
 
 
 def _additive(allowed: np.ndarray, dtype: Any, device: Any) -> Any:
