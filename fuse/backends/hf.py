@@ -19,7 +19,7 @@ from fuse.backends import TokenLogprobs, check_request
 log = logging.getLogger(__name__)
 
 # Positions whose logits exist at once: bounds the head's working memory to about 3 x this x vocab x 4 bytes
-# (262,144 entries: 0.8 GB) whatever the batch and the vocabulary.
+# (262,144 entries: 0.8 GB) whatever the batch.
 HEAD_CHUNK_TOKENS = 256
 
 
