@@ -208,19 +208,15 @@ def continuation_logprobs(
 PACKED_TOKENS = 1024
 
 
-def _packed_mask(
-    positions: np.ndarray, visible: np.ndarray, group: np.ndarray, window: int | None
-) -> np.ndarray:
+def _packed_mask(visible: np.ndarray, group: np.ndarray) -> np.ndarray:
     """allowed[q, k] for a prefix of P tokens followed by packed continuation tokens: a prefix token sees the
     prefix up to itself; a packed token sees the prefix before its boundary (`visible`) and its own continuation's
-    tokens up to itself (`group`: -1 on the prefix). With a window, only keys within it of the query's position."""
-    n = len(positions)
+    tokens up to itself (`group`: -1 on the prefix)."""
+    n = len(group)
     q, k = np.arange(n)[:, None], np.arange(n)[None, :]
     prefix = group < 0
     allowed = np.where(prefix[:, None], prefix[None, :] & (k <= q), k < visible[:, None])
     allowed |= (group[:, None] == group[None, :]) & ~prefix[:, None] & (k <= q)
-    if window is not None:
-        allowed &= (positions[:, None] - positions[None, :]) < window
     return allowed
 
 
@@ -255,6 +251,7 @@ def shared_prefix_logprobs(
         for c, cont in enumerate(conts)
         for t in range(len(cont) - 1)
     ]
+    head = output_head(model)
     totals = [np.zeros(len(conts)) for _, conts in asks]
     first = sorted({b - 1 for b, _ in asks})  # the positions that predict each continuation's first token
     start = 0
@@ -270,13 +267,15 @@ def shared_prefix_logprobs(
             np.int64
         )
         visible = np.concatenate([np.zeros(longest), [asks[a][0] for a, _, _ in part]]).astype(np.int64)
-        group = np.concatenate([np.full(longest, -1), [a * 1_000_000 + c for a, c, _ in part]]).astype(
+        # one group per continuation (its tokens are consecutive in `part`: a new one starts at offset 0)
+        group = np.concatenate([np.full(longest, -1), np.cumsum([t == 0 for _, _, t in part]) - 1]).astype(
             np.int64
         )
-        masks: Any = _additive(_packed_mask(positions, visible, group, None), dtype, device)
+        allowed = _packed_mask(visible, group)
+        masks: Any = _additive(allowed, dtype, device)
         if window is not None:
-            sliding = _additive(_packed_mask(positions, visible, group, window), dtype, device)
-            masks = {"full_attention": masks, "sliding_attention": sliding}
+            within = (positions[:, None] - positions[None, :]) < window
+            masks = {"full_attention": masks, "sliding_attention": _additive(allowed & within, dtype, device)}
         rows = first if start == 0 else []
         keep = torch.tensor(rows + list(range(longest, longest + len(part))), device=device)
         # (kept row, token) pairs: each ask's first tokens at its boundary's row, then each packed token's next
@@ -289,7 +288,6 @@ def shared_prefix_logprobs(
             "position_ids": torch.from_numpy(positions)[None].to(device),
             "use_cache": False,
         }
-        head = output_head(model)
         with torch.inference_mode():
             if head is not None:  # the head at the kept positions only, a chunk of them at a time
                 kept, to_logits = head.body(**inputs).last_hidden_state[0, keep], head.logits
