@@ -231,7 +231,7 @@ def prepared_rows(recipe: Recipe, store: RunStore) -> tuple[dict[str, int], dict
             step = max(1, len(data) // SAMPLE_ROWS)
             samples[kind] = [data[i] for i in range(0, len(data), step)][:SAMPLE_ROWS]
         return rows, samples, "the prepared data"
-    from stages.prepare import load_raw, normalize
+    from fuse.stages.prepare import load_raw, normalize
 
     rows = {}
     for kind, key, spec in (

@@ -4,7 +4,8 @@ l_fu of `fuse.preference`) and whose compute_loss is `fuse.preference.infifpo_lo
 Training rows (an Arrow dataset on disk, written by the fpo stage): chosen_input_ids / rejected_input_ids [T] and
 chosen_completion_mask / rejected_completion_mask [T] (1 on the response tokens the score stage sums, in the policy's
 own chat template), chosen_norm / rejected_norm (what the policy's summed log-prob is divided by), ref_chosen_logps /
-ref_rejected_logps (l_fu, normalized), picked (the source max_margin chose, -1 otherwise), clipped_terms.
+ref_rejected_logps (l_fu, normalized), picked (the source max_margin chose, -1 otherwise), clipped_terms; with a
+replay, replay_input_ids / replay_completion_mask (an SFT conversation and its assistant tokens, in the same template).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fuse.recipe import FpoSettings, ModelSpec
 from fuse.training import RecordedMetrics, TrainingJob, load_trainable
 
 PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps", "picked", "clipped_terms")
+REPLAY = "replay_"  # the prefix of a row's replayed SFT conversation: replay_input_ids, replay_completion_mask
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -52,6 +54,11 @@ def pair_collator(pad_token_id: int):
         for name in PER_PAIR:
             if name in rows[0]:
                 batch[name] = torch.tensor([r[name] for r in rows])
+        if REPLAY + "input_ids" in rows[0]:
+            replay = [r[REPLAY + "input_ids"] for r in rows]
+            batch[REPLAY + "input_ids"] = _pad(replay, pad_token_id)
+            batch[REPLAY + "attention_mask"] = _pad([[1] * len(i) for i in replay], 0)
+            batch[REPLAY + "completion_mask"] = _pad([r[REPLAY + "completion_mask"] for r in rows], 0)
         return batch
 
     return collate
@@ -81,6 +88,15 @@ def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return outputs.log_probs.sum(dim=1)
 
 
+def replay_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The replayed SFT conversations' negative log-likelihood per token: over every assistant token of the batch's
+    replay rows (those their completion mask marks after the first position), as the distill stage's SFT term."""
+    replay = {name: batch[REPLAY + name] for name in ("input_ids", "attention_mask", "completion_mask")}
+    tokens = replay["completion_mask"][:, 1:].sum().clamp(min=1)
+    summed = summed_logps(model, replay)
+    return -summed.sum() / tokens.to(summed.dtype)
+
+
 def chosen_nll(summed: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """TRL's `sft` loss term (RPO, Pang et al. 2024): the chosen answers' negative log-likelihood per token, over
     every chosen response token of the batch. `summed` [2B] are the sequences' summed response log-probs (chosen
@@ -100,11 +116,12 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
         sources: Sequence[str] = (),
         terms_per_pair: int = 0,
         sft_weight: float = 0.0,
+        replay_weight: float = 0.0,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.sources, self.terms_per_pair = tuple(sources), int(terms_per_pair)
-        self.sft_weight = float(sft_weight)
+        self.sft_weight, self.replay_weight = float(sft_weight), float(replay_weight)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized by the fpo stage with the score stage's rendering, not TRL's
@@ -130,10 +147,17 @@ class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
         if self.sft_weight > 0:
             nll = chosen_nll(summed, inputs["completion_mask"])
             loss = loss + self.sft_weight * nll
+        replayed = None
+        if self.replay_weight > 0 and REPLAY + "input_ids" in inputs:
+            replayed = replay_nll(model, inputs)
+            loss = loss + self.replay_weight * replayed
         if model.training:
             self._record_step(chosen.detach(), rejected.detach(), margins.detach(), inputs)
+            gather = self.accelerator.gather_for_metrics
             if nll is not None:
-                self.record("nll_loss", self.accelerator.gather_for_metrics(nll.detach()).mean().item())
+                self.record("nll_loss", gather(nll.detach()).mean().item())
+            if replayed is not None:
+                self.record("replay_nll", gather(replayed.detach()).mean().item())
         return (loss, {"margins": margins}) if return_outputs else loss
 
     def _record_step(self, chosen, rejected, margins, inputs) -> None:
@@ -162,7 +186,8 @@ def dpo_config(args: TrainingArguments, settings: FpoSettings | None = None, **d
 
 def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrainer:
     """The builder named in fpo jobs. params: model (a ModelSpec dump), train_data (a dataset folder), beta,
-    label_smoothing, sources (names, index = picked), terms_per_pair, sft_weight. With settings.peft, TRL wraps the policy in
+    label_smoothing, sources (names, index = picked), terms_per_pair, sft_weight, replay_weight (with the rows'
+    replay_* columns). With settings.peft, TRL wraps the policy in
     LoRA adapters (its peft_config path); the reference stays the precomputed fused columns."""
     params = job.params
     spec = ModelSpec.model_validate(params["model"])
@@ -184,6 +209,7 @@ def build_fpo_trainer(job: TrainingJob, args: TrainingArguments) -> InfiFpoTrain
         sources=params.get("sources", ()),
         terms_per_pair=int(params.get("terms_per_pair", 0)),
         sft_weight=float(params.get("sft_weight", 0.0)),
+        replay_weight=float(params.get("replay_weight", 0.0)),
     )
 
 

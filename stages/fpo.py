@@ -24,7 +24,7 @@ from fuse.context import StageContext
 from fuse.data.chat import ChatRenderError, render_chat, response_mask
 from fuse.data.prepared import load_split
 from fuse.data.scores import ScoreError, read_scores
-from fuse.fpo_trainer import policy_scores
+from fuse.fpo_trainer import REPLAY, policy_scores
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
 from fuse.models import load_model, load_tokenizer, pad_id
 from fuse.preference import (
@@ -38,6 +38,7 @@ from fuse.preference import (
     reward_accuracy,
 )
 from fuse.recipe import FpoSettings, ModelSpec
+from fuse.stages.distill import sft_rows
 
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
@@ -312,6 +313,24 @@ def check_weights(settings: FpoSettings, sources: list[str]) -> None:
         )
 
 
+def with_replay(rows: list[dict], replay: list[dict], seed: int) -> list[dict]:
+    """Each training pair with one SFT conversation for the replay term (replay_input_ids, replay_completion_mask:
+    1 on the tokens distill's SFT loss counts): the conversations shuffled with the training seed and cycled, so
+    every one is replayed before any twice."""
+    if not replay:
+        raise FpoInputError("stages.fpo.replay_weight: the prepared sft/train split has no usable conversation")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(replay)) for _ in range(-(-len(rows) // len(replay)))])
+    return [
+        {
+            **row,
+            REPLAY + "input_ids": replay[k]["input_ids"],
+            REPLAY + "completion_mask": [int(label != -100) for label in replay[k]["labels"]],
+        }
+        for row, k in zip(rows, order.tolist(), strict=False)
+    ]
+
+
 def save_rows(rows: list[dict], path: Path) -> Path:
     with atomic_dir(path) as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp))
@@ -350,7 +369,11 @@ def run(ctx: StageContext) -> None:
     before = policy_scores(model, heldout.rows, pad) if heldout.rows else None
     del model
 
-    data = save_rows(train.rows, ctx.dir / "data" / "train")
+    rows = train.rows
+    if settings.replay_weight > 0:
+        replay = list(sft_rows(ctx.input("data"), spec.model_dump(mode="json"), settings.max_length))
+        rows = with_replay(rows, [r for r in replay if any(x != -100 for x in r["labels"][1:])], settings.seed)
+    data = save_rows(rows, ctx.dir / "data" / "train")
     reference = train.reference
     params = {
         "model": spec.model_dump(mode="json"),
@@ -358,6 +381,7 @@ def run(ctx: StageContext) -> None:
         "beta": beta,
         "label_smoothing": settings.label_smoothing,
         "sft_weight": settings.sft_weight,
+        "replay_weight": settings.replay_weight,
         "sources": list(reference.sources),
         "terms_per_pair": reference.terms_per_pair if settings.clip != "none" else 0,
     }
@@ -409,6 +433,7 @@ def stage_summary(
         "beta": beta,
         "label_smoothing": s.label_smoothing,
         "sft_weight": s.sft_weight,
+        "replay_weight": s.replay_weight,
         "pairs": {
             "train": len(train.rows),
             "heldout": len(heldout.rows),
@@ -434,7 +459,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Policy: `{summary['policy']}/model`; reference pivot `{summary['reference_pivot']}`; sources: "
         f"{', '.join(summary['sources']) or '-'}. Normalization `{summary['normalization']}`, clip "
         f"{summary['clip']}, beta {summary['beta']}, label smoothing {summary['label_smoothing']}, sft weight "
-        f"{summary.get('sft_weight', 0.0)}.",
+        f"{summary.get('sft_weight', 0.0)}, replay weight {summary.get('replay_weight', 0.0)}.",
         "",
         f"Pairs: {summary['pairs']['train']} train, {summary['pairs']['heldout']} held-out; skipped "
         f"{json.dumps(summary['pairs']['skipped_train'])} (train), {json.dumps(summary['pairs']['skipped_heldout'])} "

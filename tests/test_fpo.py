@@ -17,6 +17,7 @@ import torch
 from fuse import training
 from fuse.context import StageContext
 from fuse.dag import build_dag
+from fuse.data.chat import render_chat
 from fuse.recipe import FpoSettings, parse_recipe
 
 WORDS = [
@@ -286,6 +287,89 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path, sft_weight):
     torch.testing.assert_close(ours_loss, trl_loss, rtol=1e-5, atol=1e-6)
 
 
+def conversations(n: int, seed: int) -> list[dict]:
+    """SFT rows (prepare's sft split layout): a question and an answer of random words."""
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [
+        {
+            "id": f"s{i:03d}",
+            "messages": [
+                {"role": "user", "content": say(rng.randint(2, 5)) + "?"},
+                {"role": "assistant", "content": say(rng.randint(3, 9)) + "."},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def test_with_replay_cycles_the_conversations_and_keeps_distills_labels():
+    from fuse.stages.fpo import FpoInputError, with_replay
+
+    replay = [{"input_ids": [1, 2, 3 + k], "labels": [-100, 2, 3 + k]} for k in range(3)]
+    rows = with_replay([{"id": i} for i in range(7)], replay, seed=0)
+    assert [r["id"] for r in rows] == list(range(7))
+    used = [r["replay_input_ids"][-1] - 3 for r in rows]
+    assert sorted(used[:3]) == [0, 1, 2] and sorted(used[3:6]) == [0, 1, 2]  # every one before any twice
+    assert all(r["replay_completion_mask"] == [0, 1, 1] for r in rows)
+    with pytest.raises(FpoInputError, match="replay_weight"):
+        with_replay([{"id": 0}], [], seed=0)
+
+
+@pytest.mark.slow
+def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
+    """replay_weight w: the loss is the preference loss + w x the replayed conversations' next-token NLL per
+    assistant token, which the reference computes from the model's own dense logits (its `labels` loss)."""
+    from fuse.fpo_trainer import build_fpo_trainer, pair_collator
+    from fuse.models import load_model, load_tokenizer
+    from fuse.recipe import ModelSpec
+    from fuse.stages.fpo import encode_split, save_rows, with_replay
+
+    spec = ModelSpec(name="policy", path=str(world.distill / "model"))
+    tokenizer = load_tokenizer(spec)
+    rows, _ = encode_split(tokenizer, load_rows(world.prepare, "train")[:5], FpoSettings())
+    rng = np.random.default_rng(1)
+    rows = [
+        {**r, "ref_chosen_logps": -rng.uniform(1, 3), "ref_rejected_logps": -rng.uniform(1, 3)}
+        for r in rows
+    ]
+    replay = []
+    for row in conversations(4, 5):
+        chat = render_chat(tokenizer, row["messages"])
+        replay.append(
+            {"input_ids": chat.input_ids.tolist(), "labels": np.where(chat.mask, chat.input_ids, -100).tolist()}
+        )
+    rows = with_replay(rows, replay, seed=2)
+    batch = pair_collator(0)(rows)
+
+    losses = {}
+    for weight in (0.0, 0.6):
+        settings = FpoSettings(**RUN)
+        args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
+        job = training.make_job(
+            "x:y",
+            settings,
+            tmp_path,
+            tmp_path / "out",
+            "stages.fpo",
+            model=spec.model_dump(),
+            train_data=str(save_rows(rows, tmp_path / f"data-{weight}")),
+            beta=2.5,
+            replay_weight=weight,
+        )
+        trainer = build_fpo_trainer(job, args)
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
+
+    ids, mask = batch["replay_input_ids"], batch["replay_completion_mask"]
+    with torch.no_grad():
+        dense = load_model(spec, dtype="float32")(
+            input_ids=ids, attention_mask=batch["replay_attention_mask"], labels=ids.masked_fill(mask == 0, -100)
+        ).loss
+    assert dense.item() > 0.5 and int(mask[:, 1:].sum()) > 20
+    torch.testing.assert_close(losses[0.6] - losses[0.0], 0.6 * dense, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- the stage
 
 
@@ -382,6 +466,31 @@ def test_a_lora_policy_learns_against_the_fused_reference(world, tmp_path):
         name for name in policy if name.endswith("proj.weight")
     }  # all-linear: no embedding, no head
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_with_replay_trains_on_the_sft_split(world, tmp_path):
+    """The stage renders prepare's sft/train split in the policy's template (distill's SFT rows), gives every training
+    pair one conversation, and the trainer logs the replay term next to the preference loss."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    from fuse.stages import fpo
+
+    prepare = tmp_path / "prepare"
+    shutil.copytree(world.prepare, prepare)
+    save_split(conversations(12, 3), prepare / "sft" / "train")
+    fpo.run(world.ctx(tmp_path / "run", inputs={"prepare": prepare}, replay_weight=0.5))
+    summary = json.loads((tmp_path / "run" / "out" / "summary.json").read_text())
+    assert summary["replay_weight"] == 0.5 and summary["training"]["global_step"] == 12
+    rows = load_from_disk(str(tmp_path / "run" / "data" / "train"))
+    assert len(rows) == 32 and len({tuple(r) for r in rows["replay_input_ids"]}) == 12
+    assert all(sum(m[1:]) > 0 for m in rows["replay_completion_mask"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / training.LOG_FILE).read_text().splitlines()]
+    replayed = [e["replay_nll"] for e in log if "replay_nll" in e]
+    assert len(replayed) == 12 and all(math.isfinite(v) and v > 0 for v in replayed)
+    assert replayed[-1] < 0.8 * replayed[0]  # the replayed conversations are learned
 
 
 @pytest.mark.slow

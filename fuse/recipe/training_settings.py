@@ -286,7 +286,7 @@ OWNED_FOR = {
 DPO_BY_SETTING = {"beta": "beta", "label_smoothing": "label_smoothing", "max_length": "max_length"}
 INFIFPO_LOSS = (
     "fpo's loss is InfiFPO's (fusion: none is plain DPO with the sigmoid loss); TRL's sft term is "
-    "stages.fpo.sft_weight"
+    "stages.fpo.sft_weight, a replay of the SFT data stages.fpo.replay_weight"
 )
 FUSED_REFERENCE = "fpo's reference is the fused score tables, computed before training"
 OWN_TOKENIZATION = "fpo tokenizes the pairs itself, the way the score stage does"
@@ -610,6 +610,14 @@ class FpoSettings(TrainSettings):
         ge=0,
         description="Weight of the chosen answers' negative log-likelihood per token added to the preference loss "
         "(TRL's `sft` loss term; RPO, Pang et al. 2024). README, 'Preference optimization (fpo), measured'.",
+    )
+    replay_weight: float = added(
+        0.0,
+        ge=0,
+        description="Weight of a replay term: each batch of pairs also carries as many conversations of the recipe's "
+        "SFT data (the distill stage's), whose assistant tokens' negative log-likelihood per token is added to the "
+        "loss (InstructGPT's PPO-ptx, Ouyang et al. 2022): it keeps what distill taught while preferences move. "
+        "README, 'Preference optimization (fpo), measured'.",
     )
     weights: dict[str, float] = Field(default_factory=dict, description="Per-source weights for `mean`.")
     include_pivot: bool = Field(False, description="Count the pivot among the fused sources.")
