@@ -28,7 +28,8 @@ from fuse.recipe import FpoSettings, ModelSpec
 from fuse.training import RecordedMetrics, TrainingJob, load_trainable
 
 PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps", "picked", "clipped_terms")
-REPLAY = "replay_"  # the prefix of a row's replayed SFT conversation: replay_input_ids, replay_completion_mask
+# the prefix of a row's replayed SFT conversation: replay_input_ids, replay_completion_mask
+REPLAY = "replay_"
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -318,7 +318,9 @@ def with_replay(rows: list[dict], replay: list[dict], seed: int) -> list[dict]:
     1 on the tokens distill's SFT loss counts): the conversations shuffled with the training seed and cycled, so
     every one is replayed before any twice."""
     if not replay:
-        raise FpoInputError("stages.fpo.replay_weight: the prepared sft/train split has no usable conversation")
+        raise FpoInputError(
+            "stages.fpo.replay_weight: the prepared sft/train split has no usable conversation"
+        )
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(replay)) for _ in range(-(-len(rows) // len(replay)))])
     return [
@@ -372,7 +374,9 @@ def run(ctx: StageContext) -> None:
     rows = train.rows
     if settings.replay_weight > 0:
         replay = list(sft_rows(ctx.input("data"), spec.model_dump(mode="json"), settings.max_length))
-        rows = with_replay(rows, [r for r in replay if any(x != -100 for x in r["labels"][1:])], settings.seed)
+        rows = with_replay(
+            rows, [r for r in replay if any(x != -100 for x in r["labels"][1:])], settings.seed
+        )
     data = save_rows(rows, ctx.dir / "data" / "train")
     reference = train.reference
     params = {

@@ -330,14 +330,16 @@ def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
     rows, _ = encode_split(tokenizer, load_rows(world.prepare, "train")[:5], FpoSettings())
     rng = np.random.default_rng(1)
     rows = [
-        {**r, "ref_chosen_logps": -rng.uniform(1, 3), "ref_rejected_logps": -rng.uniform(1, 3)}
-        for r in rows
+        {**r, "ref_chosen_logps": -rng.uniform(1, 3), "ref_rejected_logps": -rng.uniform(1, 3)} for r in rows
     ]
     replay = []
     for row in conversations(4, 5):
         chat = render_chat(tokenizer, row["messages"])
         replay.append(
-            {"input_ids": chat.input_ids.tolist(), "labels": np.where(chat.mask, chat.input_ids, -100).tolist()}
+            {
+                "input_ids": chat.input_ids.tolist(),
+                "labels": np.where(chat.mask, chat.input_ids, -100).tolist(),
+            }
         )
     rows = with_replay(rows, replay, seed=2)
     batch = pair_collator(0)(rows)
@@ -364,7 +366,9 @@ def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
     ids, mask = batch["replay_input_ids"], batch["replay_completion_mask"]
     with torch.no_grad():
         dense = load_model(spec, dtype="float32")(
-            input_ids=ids, attention_mask=batch["replay_attention_mask"], labels=ids.masked_fill(mask == 0, -100)
+            input_ids=ids,
+            attention_mask=batch["replay_attention_mask"],
+            labels=ids.masked_fill(mask == 0, -100),
         ).loss
     assert dense.item() > 0.5 and int(mask[:, 1:].sum()) > 20
     torch.testing.assert_close(losses[0.6] - losses[0.0], 0.6 * dense, rtol=1e-5, atol=1e-6)
@@ -487,7 +491,9 @@ def test_a_run_with_replay_trains_on_the_sft_split(world, tmp_path):
     rows = load_from_disk(str(tmp_path / "run" / "data" / "train"))
     assert len(rows) == 32 and len({tuple(r) for r in rows["replay_input_ids"]}) == 12
     assert all(sum(m[1:]) > 0 for m in rows["replay_completion_mask"])
-    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / training.LOG_FILE).read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / training.LOG_FILE).read_text().splitlines()
+    ]
     replayed = [e["replay_nll"] for e in log if "replay_nll" in e]
     assert len(replayed) == 12 and all(math.isfinite(v) and v > 0 for v in replayed)
     assert replayed[-1] < 0.8 * replayed[0]  # the replayed conversations are learned
