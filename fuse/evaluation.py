@@ -144,16 +144,19 @@ def generate_greedy(
     batch_size: int = 32,
     chat: list[bool] | None = None,
 ) -> list[str]:
-    """Greedy completions (left-padded batches), decoded without special tokens; `chat[i]` False continues prompt i
-    as plain text instead of answering it in the chat template."""
+    """Greedy completions (left-padded batches of prompts of similar length), decoded without special tokens, in
+    the prompts' order; `chat[i]` False continues prompt i as plain text instead of answering it in the chat
+    template."""
     import torch
 
     pad = pad_id(tokenizer)
     chat = chat or [True] * len(prompts)
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        rows = [prompt_ids(tokenizer, p, c) for p, c in zip(prompts[start:end], chat[start:end], strict=True)]
+    encoded = [prompt_ids(tokenizer, p, c) for p, c in zip(prompts, chat, strict=True)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding to run through
+    outputs: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = [encoded[i] for i in batch]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
@@ -166,7 +169,10 @@ def generate_greedy(
                 eos_token_id=stop_ids(model, tokenizer),
                 pad_token_id=pad,
             )
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i, text in zip(
+            batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True
+        ):
+            outputs[i] = text
     return outputs
 
 
@@ -296,18 +302,13 @@ def domain_limits(samples: list[DomainSample]) -> dict[str, float]:
     return {domain: nll[domain] / max(1, size[domain]) for domain in sorted(nll)}
 
 
-def response_nll(
-    model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
-) -> list[float]:
-    """Summed NLL (nats) of each sample's last (assistant) content given the conversation before it, in the
-    model's own chat template: every token after the generation prompt up to the last one that overlaps the
-    response's text. So a separator the template puts before the content (Llama's ' ') counts whether or not
-    the tokenizer merges it into the first word, and the end-of-turn marker (no bytes) does not. Right-padded
-    batches through the chunked output head, each row as if alone."""
+def response_rows(tokenizer: Any, samples: list[DomainSample]) -> list[tuple[list[int], Any]]:
+    """Per sample: its conversation's ids in the model's own chat template and which tokens response_nll counts:
+    every token after the generation prompt up to the last one that overlaps the last (assistant) content. So a
+    separator the template puts before the content (Llama's ' ') counts whether or not the tokenizer merges it into
+    the first word, and the end-of-turn marker (no bytes) does not. The counted tokens are consecutive."""
     import numpy as np
-    import torch
 
-    from fuse.backends.hf import batch_logprobs, pad_right
     from fuse.data.chat import content_spans, render_text, tokenize_with_offsets
 
     rows = []
@@ -320,12 +321,21 @@ def response_nll(
         )
         # where the assistant's turn starts: the end of the generation prompt when it is a prefix of the text
         start = len(prompt) if text.startswith(prompt) and len(prompt) <= response.start else response.start
-        rows.append(
-            (
-                ids.tolist(),
-                (offsets[:, 1] > start) & (offsets[:, 0] < response.end) & (np.arange(len(ids)) > 0),
-            )
-        )
+        counted = (offsets[:, 1] > start) & (offsets[:, 0] < response.end) & (np.arange(len(ids)) > 0)
+        rows.append((ids.tolist(), counted))
+    return rows
+
+
+def response_nll(
+    model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
+) -> list[float]:
+    """Summed NLL (nats) of each sample's last (assistant) content given the conversation before it, over the
+    tokens response_rows counts. Right-padded batches through the chunked output head, each row as if alone."""
+    import torch
+
+    from fuse.backends.hf import batch_logprobs, pad_right
+
+    rows = response_rows(tokenizer, samples)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     totals = [0.0] * len(rows)
     device = next(model.parameters()).device
@@ -338,6 +348,34 @@ def response_nll(
             counted = torch.as_tensor(rows[i][1][1:], dtype=torch.bool)  # token t is predicted at t - 1
             totals[i] = -float(row_logprobs[counted].sum())
     return totals
+
+
+def pair_nll(
+    model: Any, chosen: tuple[list[int], Any], rejected: tuple[list[int], Any]
+) -> list[float] | None:
+    """[NLL of chosen, NLL of rejected] over their counted tokens (response_rows) in one packed forward: the prompt
+    and the responses' shared first tokens once, then each side's own tail after them
+    (fuse.backends.hf.shared_prefix_logprobs), the output head only where a counted token is predicted. A minimal
+    pair shares its prompt and about half its response. None when the two do not start from the same prompt
+    tokens (a template that renders the turn before the response differently)."""
+    import numpy as np
+
+    from fuse.backends.hf import shared_prefix_logprobs
+
+    (ids_w, counted_w), (ids_l, counted_l) = chosen, rejected
+    start = int(np.argmax(counted_w))
+    if start == 0 or start != int(np.argmax(counted_l)) or ids_w[:start] != ids_l[:start]:
+        return None
+    end_w, end_l = (int(np.flatnonzero(counted)[-1]) + 1 for counted in (counted_w, counted_l))
+    common = start  # the first token where the responses differ; each side keeps a token of its own after it
+    while common < min(end_w, end_l) - 1 and ids_w[common] == ids_l[common]:
+        common += 1
+    asks = [(common, [ids_w[common:end_w], ids_l[common:end_l]])]
+    if common > start:
+        asks.insert(0, (start, [ids_w[start:common]]))
+    sums = shared_prefix_logprobs(model, ids_w, asks)
+    shared = float(sums[0][0]) if common > start else 0.0
+    return [-(shared + float(sums[-1][0])), -(shared + float(sums[-1][1]))]
 
 
 def domain_ce_per_byte(
@@ -382,18 +420,20 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def preference_margins(
-    model: Any, tokenizer: Any, pairs: list[PreferencePair], batch_size: int = 16
-) -> list[float]:
+def preference_margins(model: Any, tokenizer: Any, pairs: list[PreferencePair]) -> list[float]:
     """Per pair: l(y_w)/b(y_w) - l(y_l)/b(y_l), the log-prob per UTF-8 byte of the chosen response minus the
     rejected one's, each given the prompt in the model's own chat template (bytes: one unit for every tokenizer).
-    The model prefers y_w where it is > 0."""
+    The model prefers y_w where it is > 0. Each pair in one packed forward (pair_nll)."""
     samples = [
         DomainSample(p.group, (*p.prompt, {"role": "assistant", "content": side}), 0.0)
         for p in pairs
         for side in (p.chosen, p.rejected)
     ]
-    nll = response_nll(model, tokenizer, samples, batch_size)
+    rows = response_rows(tokenizer, samples)
+    nll = []
+    for k in range(len(pairs)):
+        packed = pair_nll(model, rows[2 * k], rows[2 * k + 1])
+        nll += packed if packed is not None else response_nll(model, tokenizer, samples[2 * k : 2 * k + 2])
     per_byte = [value / max(1, s.response_bytes) for value, s in zip(nll, samples, strict=True)]
     return [per_byte[2 * i + 1] - per_byte[2 * i] for i in range(len(pairs))]
 

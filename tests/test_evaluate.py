@@ -223,14 +223,23 @@ def test_preference_margin_is_the_per_byte_log_prob_difference(zoo: Zoo):
     know them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fuse.evaluation import DomainSample, response_nll
+    from fuse.evaluation import DomainSample, pair_nll, response_nll, response_rows
 
     pairs = [p for p in load_preference_pairs(zoo.preference_heldout) if p.group == "shout"][:12]
     accuracy = {}
     for name in ("gpt2", "pivot"):
         tokenizer = AutoTokenizer.from_pretrained(zoo.models[name])
         model = AutoModelForCausalLM.from_pretrained(zoo.models[name]).eval()
-        margins = preference_margins(model, tokenizer, pairs, batch_size=5)
+        margins = preference_margins(model, tokenizer, pairs)
+        for pair in pairs[:3]:  # the packed forward is taken (the prompt tokens are shared)
+            rows = response_rows(
+                tokenizer,
+                [
+                    DomainSample("x", (*pair.prompt, {"role": "assistant", "content": r}), 0)
+                    for r in (pair.chosen, pair.rejected)
+                ],
+            )
+            assert pair_nll(model, *rows) is not None
         for pair, margin in zip(pairs[:3], margins, strict=False):
             sides = [
                 response_nll(
@@ -241,7 +250,7 @@ def test_preference_margin_is_the_per_byte_log_prob_difference(zoo: Zoo):
                 / len(r.encode())
                 for r in (pair.chosen, pair.rejected)
             ]
-            assert margin == pytest.approx(sides[1] - sides[0], rel=1e-6, abs=1e-9)
+            assert margin == pytest.approx(sides[1] - sides[0], abs=1e-5)  # packed vs one forward a side
         accuracy[name] = preference_accuracy(pairs, margins)["shout"]
     assert accuracy["gpt2"] >= 0.9 and accuracy["gpt2"] > accuracy["pivot"], accuracy
 
@@ -265,6 +274,27 @@ def test_ce_per_byte_matches_a_position_by_position_reference(zoo: Zoo):
 
 
 @pytest.mark.slow
+def test_batched_generation_returns_each_prompts_own_completion_in_order(zoo: Zoo):
+    """Prompts go through generate in batches of similar length (fewer pad tokens to run); each completion is the
+    one its prompt gets alone, in the prompts' order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fuse.evaluation import generate_greedy
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo.models["pivot"])
+    model = AutoModelForCausalLM.from_pretrained(zoo.models["pivot"]).eval()
+    items = load_items(zoo.eval_items)
+    prompts = [i.prompt for i in items[:2]] + ["Tell me about the garden and the weather today, please."]
+    prompts += [i.prompt + " " + i.prompt for i in items[2:5]]
+    chat = [True, False, True, True, False, True]
+    batched = generate_greedy(model, tokenizer, prompts, 8, batch_size=2, chat=chat)
+    alone = [
+        generate_greedy(model, tokenizer, [p], 8, batch_size=1, chat=[c])[0]
+        for p, c in zip(prompts, chat, strict=True)
+    ]
+    assert batched == alone and len(set(alone)) > 1
+
+
 def test_random_weights_score_zero_and_trained_pivot_does_not(zoo: Zoo, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
