@@ -350,34 +350,6 @@ def response_nll(
     return totals
 
 
-def pair_nll(
-    model: Any, chosen: tuple[list[int], Any], rejected: tuple[list[int], Any]
-) -> list[float] | None:
-    """[NLL of chosen, NLL of rejected] over their counted tokens (response_rows) in one packed forward: the prompt
-    and the responses' shared first tokens once, then each side's own tail after them
-    (fuse.backends.hf.shared_prefix_logprobs), the output head only where a counted token is predicted. A minimal
-    pair shares its prompt and about half its response. None when the two do not start from the same prompt
-    tokens (a template that renders the turn before the response differently)."""
-    import numpy as np
-
-    from fuse.backends.hf import shared_prefix_logprobs
-
-    (ids_w, counted_w), (ids_l, counted_l) = chosen, rejected
-    start = int(np.argmax(counted_w))
-    if start == 0 or start != int(np.argmax(counted_l)) or ids_w[:start] != ids_l[:start]:
-        return None
-    end_w, end_l = (int(np.flatnonzero(counted)[-1]) + 1 for counted in (counted_w, counted_l))
-    common = start  # the first token where the responses differ; each side keeps a token of its own after it
-    while common < min(end_w, end_l) - 1 and ids_w[common] == ids_l[common]:
-        common += 1
-    asks = [(common, [ids_w[common:end_w], ids_l[common:end_l]])]
-    if common > start:
-        asks.insert(0, (start, [ids_w[start:common]]))
-    sums = shared_prefix_logprobs(model, ids_w, asks)
-    shared = float(sums[0][0]) if common > start else 0.0
-    return [-(shared + float(sums[-1][0])), -(shared + float(sums[-1][1]))]
-
-
 def domain_ce_per_byte(
     model: Any, tokenizer: Any, samples: list[DomainSample], batch_size: int = 16
 ) -> dict[str, float]:
@@ -423,17 +395,23 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
 def preference_margins(model: Any, tokenizer: Any, pairs: list[PreferencePair]) -> list[float]:
     """Per pair: l(y_w)/b(y_w) - l(y_l)/b(y_l), the log-prob per UTF-8 byte of the chosen response minus the
     rejected one's, each given the prompt in the model's own chat template (bytes: one unit for every tokenizer).
-    The model prefers y_w where it is > 0. Each pair in one packed forward (pair_nll)."""
+    The model prefers y_w where it is > 0. Each pair in one packed forward (fuse.backends.hf.pair_sums)."""
     samples = [
         DomainSample(p.group, (*p.prompt, {"role": "assistant", "content": side}), 0.0)
         for p in pairs
         for side in (p.chosen, p.rejected)
     ]
+    from fuse.backends.hf import pair_sums
+
     rows = response_rows(tokenizer, samples)
     nll = []
     for k in range(len(pairs)):
-        packed = pair_nll(model, rows[2 * k], rows[2 * k + 1])
-        nll += packed if packed is not None else response_nll(model, tokenizer, samples[2 * k : 2 * k + 2])
+        sums = pair_sums(model, rows[2 * k], rows[2 * k + 1])
+        nll += (
+            [-v for v in sums]
+            if sums is not None
+            else response_nll(model, tokenizer, samples[2 * k : 2 * k + 2])
+        )
     per_byte = [value / max(1, s.response_bytes) for value, s in zip(nll, samples, strict=True)]
     return [per_byte[2 * i + 1] - per_byte[2 * i] for i in range(len(pairs))]
 

@@ -90,13 +90,21 @@ def score_rows(
     counts: Counter,
     vocab_size: int | None = None,
 ) -> list[dict]:
+    """Each pair's two response log-probs. A backend with `pair_sums` (transformers) scores a pair in one packed
+    forward, its prompt and shared response tokens once; the others, and a pair it cannot pack, go through
+    `logprobs` as two sequences."""
     pairs = renderable_pairs(tokenizer, rows, max_length, counts, vocab_size)
-    results = backend.logprobs([chat.input_ids for _, chats in pairs for chat in chats], 1) if pairs else []
+    packed = getattr(backend, "pair_sums", None)
+    sums = [packed(*((c.input_ids, c.mask) for c in chats)) if packed else None for _, chats in pairs]
+    apart = [i for i, s in enumerate(sums) if s is None]
+    results = backend.logprobs([c.input_ids for i in apart for c in pairs[i][1]], 1) if apart else []
+    for k, i in enumerate(apart):
+        sums[i] = [response_sum(chat, results[2 * k + j])[0] for j, chat in enumerate(pairs[i][1])]
     scored = []
     for i, (row, chats) in enumerate(pairs):
         record: dict[str, Any] = {"id": row["id"]}
         for j, side in enumerate(("chosen", "rejected")):
-            logp, tokens = response_sum(chats[j], results[2 * i + j])
+            logp, tokens = sums[i][j], int(chats[j].mask[1:].sum())
             record |= {
                 f"{side}_logp": logp,
                 f"{side}_tokens": tokens,

@@ -223,7 +223,8 @@ def test_preference_margin_is_the_per_byte_log_prob_difference(zoo: Zoo):
     know them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fuse.evaluation import DomainSample, pair_nll, response_nll, response_rows
+    from fuse.backends.hf import pair_sums
+    from fuse.evaluation import DomainSample, response_nll, response_rows
 
     pairs = [p for p in load_preference_pairs(zoo.preference_heldout) if p.group == "shout"][:12]
     accuracy = {}
@@ -239,7 +240,7 @@ def test_preference_margin_is_the_per_byte_log_prob_difference(zoo: Zoo):
                     for r in (pair.chosen, pair.rejected)
                 ],
             )
-            assert pair_nll(model, *rows) is not None
+            assert pair_sums(model, *rows) is not None
         for pair, margin in zip(pairs[:3], margins, strict=False):
             sides = [
                 response_nll(

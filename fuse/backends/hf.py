@@ -305,6 +305,33 @@ def shared_prefix_logprobs(
             return totals
 
 
+def pair_sums(
+    model: Any, first: tuple[Sequence[int], Any], second: tuple[Sequence[int], Any]
+) -> list[float] | None:
+    """The summed log-probs of two sequences' masked tokens (each (ids, mask), the mask True on consecutive tokens:
+    a response), in one packed forward: what comes before the first masked token and the two sequences' shared
+    masked tokens once, then each one's own tail (shared_prefix_logprobs), the head only where a masked token is
+    predicted. A preference pair shares its prompt and, when minimal, about half its response. None where the two
+    differ before their masked tokens start (a template that renders the turn before the response differently) or
+    a mask is empty: then score them apart."""
+    ids_a, ids_b = list(first[0]), list(second[0])
+    masks = [np.flatnonzero(np.asarray(first[1], bool)), np.flatnonzero(np.asarray(second[1], bool))]
+    if any(m.size == 0 or m[-1] - m[0] + 1 != m.size for m in masks):
+        return None
+    start, end_a, end_b = int(masks[0][0]), int(masks[0][-1]) + 1, int(masks[1][-1]) + 1
+    if start == 0 or int(masks[1][0]) != start or ids_a[:start] != ids_b[:start]:
+        return None
+    common = start  # the first token where the two differ; each keeps a token of its own after it
+    while common < min(end_a, end_b) - 1 and ids_a[common] == ids_b[common]:
+        common += 1
+    asks = [(common, [ids_a[common:end_a], ids_b[common:end_b]])]
+    if common > start:
+        asks.insert(0, (start, [ids_a[start:common]]))
+    sums = shared_prefix_logprobs(model, ids_a, asks)
+    shared = float(sums[0][0]) if common > start else 0.0
+    return [shared + float(sums[-1][0]), shared + float(sums[-1][1])]
+
+
 def pair_logprobs(
     to_logits: Callable[[Any], Any],
     rows: Any,
@@ -389,6 +416,12 @@ class TransformersBackend:
     ) -> list[np.ndarray]:
         """Summed log-prob of each continuation after each boundary of one sequence (candidate scoring)."""
         return shared_prefix_logprobs(self.model, sequence, asks)
+
+    def pair_sums(
+        self, first: tuple[Sequence[int], Any], second: tuple[Sequence[int], Any]
+    ) -> list[float] | None:
+        """Summed log-probs of two sequences' masked tokens in one packed forward (the score stage's pairs)."""
+        return pair_sums(self.model, first, second)
 
     def close(self) -> None:
         self.model = None
