@@ -195,7 +195,10 @@ def step_seconds(store: Path) -> dict[str, float]:
     for stage in ("fpo", "distill"):
         rates = []
         for target in ("llama", "gpt2", "gemma"):  # the whole training summary, timings included, is in logs/
-            training = json.loads((store / f"{stage}.{target}" / "logs" / "summary.json").read_text())
+            path = store / f"{stage}.{target}" / "logs" / "summary.json"
+            if not path.is_file():  # restored from the shared cache: it did not train in this run
+                continue
+            training = json.loads(path.read_text())
             if training.get("resumed_from") is None and training.get("global_step"):
                 rates.append(training["train_runtime"] / training["global_step"])
         out[stage] = float(np.mean(rates)) if rates else float("nan")
