@@ -139,7 +139,8 @@ def request(paragraph: Paragraph) -> str:
 
 def humaneval_items(problems: list[dict]) -> list[dict]:
     """The code task: a held-out HumanEval function given with its canonical solution up to the last line, continued
-    as plain text (no chat template: gemma-3-270m is a base model), passed or failed by the problem's tests."""
+    as plain text (no chat template: gemma-3-270m is a base model) up to the end of that line, passed or failed by
+    the problem's tests."""
     items = []
     for index in HUMANEVAL_TASK:
         problem = problems[index]
@@ -152,6 +153,7 @@ def humaneval_items(problems: list[dict]) -> list[dict]:
                 "prompt": prefix,
                 "prefix": prefix,
                 "chat": False,
+                "stop": ["\n"],  # the last line, not what the model would write after it
                 "answer": solution[-1],
                 "test": problem["test"],
                 "entry_point": problem["entry_point"],

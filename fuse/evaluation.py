@@ -41,6 +41,8 @@ class EvalItem:
     prefix: str = ""
     # False: the prompt is continued as plain text (a base model's protocol), no chat template
     chat: bool = True
+    # the completion ends before the first of these (lm-evaluation-harness's `until`); () : at EOS or the token budget
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: dict) -> EvalItem:
@@ -55,6 +57,7 @@ class EvalItem:
             None if test is None else str(row["entry_point"]),
             str(row.get("prefix", "")),
             bool(row.get("chat", True)),
+            stop_strings(row.get("stop", ())),
         )
 
 
@@ -136,6 +139,20 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
+def stop_strings(value: Any) -> tuple[str, ...]:
+    """An item's `stop`: a string or a list of non-empty strings."""
+    stops = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError("'stop' must be a non-empty string or a list of them")
+    return stops
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def generate_greedy(
     model: Any,
     tokenizer: Any,
@@ -143,23 +160,29 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 32,
     chat: list[bool] | None = None,
+    stops: list[tuple[str, ...]] | None = None,
 ) -> list[str]:
     """Greedy completions (left-padded batches of prompts of similar length), decoded without special tokens, in
     the prompts' order; `chat[i]` False continues prompt i as plain text instead of answering it in the chat
-    template."""
+    template; `stops[i]` ends completion i before the first of its strings (a batch shares its stop strings, and
+    stops generating once every row has met one: a one-line answer costs a line's tokens, not the budget's)."""
     import torch
 
     pad = pad_id(tokenizer)
     chat = chat or [True] * len(prompts)
+    stops = stops or [()] * len(prompts)
     encoded = [prompt_ids(tokenizer, p, c) for p, c in zip(prompts, chat, strict=True)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding to run through
+    # little padding to run through, one set of stop strings a batch
+    order = sorted(range(len(encoded)), key=lambda i: (stops[i], len(encoded[i])))
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = [part for b in batches for part in _split_by(b, lambda i: stops[i])]
     outputs: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    for batch in batches:
         rows = [encoded[i] for i in batch]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        until = list(stops[batch[0]])
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
@@ -168,12 +191,24 @@ def generate_greedy(
                 do_sample=False,
                 eos_token_id=stop_ids(model, tokenizer),
                 pad_token_id=pad,
+                **({"stop_strings": until, "tokenizer": tokenizer} if until else {}),
             )
         for i, text in zip(
             batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True
         ):
-            outputs[i] = text
+            outputs[i] = cut_at_stop(text, until)
     return outputs
+
+
+def _split_by(items: list[int], key: Callable[[int], Any]) -> list[list[int]]:
+    """Consecutive runs of `items` with the same key."""
+    runs: list[list[int]] = []
+    for item in items:
+        if runs and key(runs[-1][-1]) == key(item):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def item_correct(item: EvalItem, completion: str, limits: Any = None) -> int:
@@ -462,7 +497,13 @@ def evaluate_model(
     per_item: dict[str, Any] = {}  # every item's score, for paired comparisons (fuse.item_scores)
     if items:
         completions = generate_greedy(
-            model, tokenizer, [i.prompt for i in items], max_new_tokens, batch_size, [i.chat for i in items]
+            model,
+            tokenizer,
+            [i.prompt for i in items],
+            max_new_tokens,
+            batch_size,
+            [i.chat for i in items],
+            [i.stop for i in items],
         )
         per_item["skill"] = [item_correct(i, c, code_limits) for i, c in zip(items, completions, strict=True)]
         result["skills"] = skill_accuracy(items, completions, per_item["skill"])

@@ -296,6 +296,31 @@ def test_batched_generation_returns_each_prompts_own_completion_in_order(zoo: Zo
     assert batched == alone and len(set(alone)) > 1
 
 
+def test_a_stop_string_ends_the_completion_before_it(zoo: Zoo, tmp_path):
+    """An item's `stop` (lm-evaluation-harness's `until`): the completion is the budget's completion cut before the
+    first stop string, whether generation stopped there or not; items without one keep the whole budget."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fuse.evaluation import cut_at_stop, generate_greedy
+
+    assert cut_at_stop("a b\nc\n", ["\n", " "]) == "a" and cut_at_stop("abc", ["\n"]) == "abc"
+    tokenizer = AutoTokenizer.from_pretrained(zoo.models["pivot"])
+    model = AutoModelForCausalLM.from_pretrained(zoo.models["pivot"]).eval()
+    prompts = [i.prompt for i in load_items(zoo.eval_items)[:6]]
+    whole = generate_greedy(model, tokenizer, prompts, 12, batch_size=4)
+    stops = [("a", "o") if k % 2 else () for k in range(len(prompts))]
+    cut = generate_greedy(model, tokenizer, prompts, 12, batch_size=4, stops=stops)
+    assert cut == [cut_at_stop(w, s) for w, s in zip(whole, stops, strict=True)]
+    assert any(c != w for c, w in zip(cut, whole, strict=True))
+
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"skill": "s", "prompt": "p", "answer": "a", "stop": "\n"}) + "\n")
+    assert load_items(path)[0].stop == ("\n",)
+    path.write_text(json.dumps({"skill": "s", "prompt": "p", "answer": "a", "stop": [""]}) + "\n")
+    with pytest.raises(EvaluationError, match=r"items.jsonl:1"):
+        load_items(path)
+
+
 def test_random_weights_score_zero_and_trained_pivot_does_not(zoo: Zoo, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
