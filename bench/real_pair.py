@@ -529,6 +529,9 @@ def report_markdown(result: dict) -> str:
         )
     if result.get("run_seconds"):
         lines += ["", f"Whole run: {result['run_seconds'] / 60:.1f} min."]
+    else:  # reported from a run store: the stages' own wall times, those made in this run
+        own = [row["seconds"] or 0 for row in result["stages"].values() if not row["made_in"]]
+        lines += ["", f"Stages run here, wall time summed: {sum(own) / 60:.1f} min ({len(own)} instances)."]
     lines.append(f"Machine: {result['machine']}.")
     return "\n".join(lines) + "\n"
 
