@@ -204,6 +204,27 @@ def load_rows(prepare: Path, split: str) -> list[dict]:
     return load_split(prepare, "preference", split).to_list()
 
 
+def fpo_trainer(spec, rows: list[dict], tmp_path: Path, data: str, **params):
+    """(fuse's InfiFPO trainer on these encoded rows at beta 2.5 with `params`, its TrainingArguments)."""
+    from fuse.fpo_trainer import build_fpo_trainer
+    from fuse.stages.fpo import save_rows
+
+    settings = FpoSettings(**RUN)
+    args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
+    job = training.make_job(
+        "x:y",
+        settings,
+        tmp_path,
+        tmp_path / "out",
+        "stages.fpo",
+        model=spec.model_dump(),
+        train_data=str(save_rows(rows, tmp_path / data)),
+        beta=2.5,
+        **params,
+    )
+    return build_fpo_trainer(job, args), args
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sft_weight", [0.0, 0.7])
 def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path, sft_weight):
@@ -214,11 +235,11 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path, sft_weight):
     from trl import DPOTrainer
 
     from fuse.data.scores import read_scores
-    from fuse.fpo_trainer import build_fpo_trainer, dpo_config, pair_collator
+    from fuse.fpo_trainer import dpo_config, pair_collator
     from fuse.models import load_model, load_tokenizer
     from fuse.preference import join_scores
     from fuse.recipe import ModelSpec
-    from fuse.stages.fpo import encode_split, save_rows
+    from fuse.stages.fpo import encode_split
 
     spec = ModelSpec(name="policy", path=str(world.distill / "model"))
     tokenizer = load_tokenizer(spec)
@@ -239,20 +260,7 @@ def test_none_equals_trl_sigmoid_norm_dpo_loss(world, tmp_path, sft_weight):
         for k, r in enumerate(rows)
     ]
 
-    settings = FpoSettings(**RUN)
-    args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
-    job = training.make_job(
-        "x:y",
-        settings,
-        tmp_path,
-        tmp_path / "out",
-        "stages.fpo",
-        model=spec.model_dump(),
-        train_data=str(save_rows(rows, tmp_path / "data")),
-        beta=2.5,
-        sft_weight=sft_weight,
-    )
-    ours = build_fpo_trainer(job, args)
+    ours, args = fpo_trainer(spec, rows, tmp_path, "data", sft_weight=sft_weight)
     conversational = Dataset.from_list(
         [
             {
@@ -320,10 +328,10 @@ def test_with_replay_cycles_the_conversations_and_keeps_distills_labels():
 def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
     """replay_weight w: the loss is the preference loss + w x the replayed conversations' next-token NLL per
     assistant token, which the reference computes from the model's own dense logits (its `labels` loss)."""
-    from fuse.fpo_trainer import build_fpo_trainer, pair_collator
+    from fuse.fpo_trainer import pair_collator
     from fuse.models import load_model, load_tokenizer
     from fuse.recipe import ModelSpec
-    from fuse.stages.fpo import encode_split, save_rows, with_replay
+    from fuse.stages.fpo import encode_split, with_replay
 
     spec = ModelSpec(name="policy", path=str(world.distill / "model"))
     tokenizer = load_tokenizer(spec)
@@ -346,20 +354,7 @@ def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
 
     losses = {}
     for weight in (0.0, 0.6):
-        settings = FpoSettings(**RUN)
-        args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
-        job = training.make_job(
-            "x:y",
-            settings,
-            tmp_path,
-            tmp_path / "out",
-            "stages.fpo",
-            model=spec.model_dump(),
-            train_data=str(save_rows(rows, tmp_path / f"data-{weight}")),
-            beta=2.5,
-            replay_weight=weight,
-        )
-        trainer = build_fpo_trainer(job, args)
+        trainer, _ = fpo_trainer(spec, rows, tmp_path, f"data-{weight}", replay_weight=weight)
         with torch.no_grad():
             losses[weight] = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
 
