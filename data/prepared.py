@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +152,37 @@ def load_split(prepare_out: str | Path, kind: str, split: str):
         features = DatasetInfo.from_directory(str(path)).features
         return Dataset.from_dict({name: [] for name in features}, features=features)
     return load_from_disk(str(path))
+
+
+def labels_for(input_ids: Any, mask: Any) -> Any:
+    """Token ids where the mask is set (the tokens a loss counts), -100 elsewhere."""
+    import numpy as np
+
+    return np.where(mask, input_ids, -100).astype(np.int64)
+
+
+def sft_rows(
+    prepare_out: str, model: dict[str, Any], max_length: int, split: str = "train"
+) -> Iterator[dict[str, Any]]:
+    """Gold rows of a prepared SFT split rendered with the pivot's template, tokens as extract makes them: the
+    SFT-only arms' training rows, every arm's validation rows (split "heldout") and fpo's replayed conversations."""
+    import logging
+
+    from fuse.data.chat import ChatRenderError, render_chat
+    from fuse.models import load_tokenizer
+    from fuse.recipe import ModelSpec
+
+    tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
+    for number, row in enumerate(load_split(prepare_out, "sft", split)):
+        try:
+            chat = render_chat(
+                tokenizer, row["messages"], max_length=max_length, where=f"sft/{split} row {number}: "
+            )
+        except ChatRenderError as error:  # extract skips the same rows for the targets
+            logging.getLogger(__name__).warning("skipped: %s", error)
+            continue
+        yield {
+            "id": row["id"],
+            "input_ids": chat.input_ids.tolist(),
+            "labels": labels_for(chat.input_ids, chat.mask).tolist(),
+        }

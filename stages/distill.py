@@ -10,7 +10,6 @@ out/distill_report.json; checkpoints go to <stage>/checkpoints, logs and the los
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,11 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from fuse.context import StageContext
-from fuse.data.chat import ChatRenderError, render_chat
 from fuse.data.logprobs import LogprobReader
-from fuse.data.prepared import load_split
+from fuse.data.prepared import labels_for, sft_rows
 from fuse.data.response import ce_per_byte
 from fuse.io import atomic_dir, write_json_atomic
 from fuse.losses import fuse_sparse, get_fusion
-from fuse.models import load_tokenizer
-from fuse.recipe import ModelSpec
 from fuse.training import check_settings, make_job, result_of, train
 
 if TYPE_CHECKING:
@@ -49,10 +45,6 @@ def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
     logprobs = np.asarray(sample.topk_logprobs, dtype=np.float32)
     ids = np.where(np.isfinite(logprobs), sample.topk_ids, -1).astype(np.int64)
     return ids, np.where(np.isfinite(logprobs), logprobs, -np.inf)
-
-
-def labels_for(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return np.where(mask, input_ids, -100).astype(np.int64)
 
 
 def fused_targets(
@@ -133,27 +125,6 @@ def single_teacher_rows(pivot_path: str, teacher_path: str, max_length: int) -> 
         else:
             ids, probs = np.full((len(pivot.input_ids), 1), -1), np.zeros((len(pivot.input_ids), 1))
         yield training_row(pivot, ids, probs, max_length)
-
-
-def sft_rows(
-    prepare_out: str, model: dict[str, Any], max_length: int, split: str = "train"
-) -> Iterator[dict[str, Any]]:
-    """Gold rows of a prepared SFT split rendered with the pivot's template, tokens as extract makes them: the
-    SFT-only arms' training rows, and every arm's validation rows (split "heldout")."""
-    tokenizer = load_tokenizer(ModelSpec.model_validate(model), require_chat_template=True)
-    for number, row in enumerate(load_split(prepare_out, "sft", split)):
-        try:
-            chat = render_chat(
-                tokenizer, row["messages"], max_length=max_length, where=f"sft/{split} row {number}: "
-            )
-        except ChatRenderError as error:  # extract skips the same rows for the targets
-            logging.getLogger(__name__).warning("skipped: %s", error)
-            continue
-        yield {
-            "id": row["id"],
-            "input_ids": chat.input_ids.tolist(),
-            "labels": labels_for(chat.input_ids, chat.mask).tolist(),
-        }
 
 
 def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:

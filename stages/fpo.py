@@ -22,7 +22,7 @@ from trl.trainer.utils import add_fused_lm_head
 from fuse import training
 from fuse.context import StageContext
 from fuse.data.chat import ChatRenderError, render_chat, response_mask
-from fuse.data.prepared import load_split
+from fuse.data.prepared import load_split, sft_rows
 from fuse.data.scores import ScoreError, read_scores
 from fuse.fpo_trainer import REPLAY, policy_scores
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
@@ -38,7 +38,6 @@ from fuse.preference import (
     reward_accuracy,
 )
 from fuse.recipe import FpoSettings, ModelSpec
-from fuse.stages.distill import sft_rows
 
 INIT_CHECK_ROWS = 16
 # Normalized log-probs of the policy at step 0 and the score stage's numbers for p agree to float32 round-off;
