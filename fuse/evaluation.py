@@ -8,6 +8,7 @@ Pure functions, usable outside the evaluate stage; skills are data (JSONL items)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -175,7 +176,7 @@ def generate_greedy(
     # little padding to run through, one set of stop strings a batch
     order = sorted(range(len(encoded)), key=lambda i: (stops[i], len(encoded[i])))
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    batches = [part for b in batches for part in _split_by(b, lambda i: stops[i])]
+    batches = [list(part) for b in batches for _, part in itertools.groupby(b, key=lambda i: stops[i])]
     outputs: list[str] = [""] * len(encoded)
     for batch in batches:
         rows = [encoded[i] for i in batch]
@@ -198,17 +199,6 @@ def generate_greedy(
         ):
             outputs[i] = cut_at_stop(text, until)
     return outputs
-
-
-def _split_by(items: list[int], key: Callable[[int], Any]) -> list[list[int]]:
-    """Consecutive runs of `items` with the same key."""
-    runs: list[list[int]] = []
-    for item in items:
-        if runs and key(runs[-1][-1]) == key(item):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
 
 
 def item_correct(item: EvalItem, completion: str, limits: Any = None) -> int:

@@ -35,10 +35,9 @@ def scored_spec(ctx: StageContext) -> Any:
     return ctx.model_spec(ctx.instance.key)
 
 
-def response_sum(chat: Any, logprobs: Any) -> tuple[float, int]:
-    """Sum of the realized log-probs over the response's tokens (row t predicts token t+1), and their count."""
-    labels = chat.mask[1:]
-    return float(np.sum(logprobs.target_logprobs[labels], dtype=np.float64)), int(labels.sum())
+def response_sum(chat: Any, logprobs: Any) -> float:
+    """Sum of the realized log-probs over the response's tokens (row t predicts token t+1)."""
+    return float(np.sum(logprobs.target_logprobs[chat.mask[1:]], dtype=np.float64))
 
 
 def render_pair_side(
@@ -99,7 +98,7 @@ def score_rows(
     apart = [i for i, s in enumerate(sums) if s is None]
     results = backend.logprobs([c.input_ids for i in apart for c in pairs[i][1]], 1) if apart else []
     for k, i in enumerate(apart):
-        sums[i] = [response_sum(chat, results[2 * k + j])[0] for j, chat in enumerate(pairs[i][1])]
+        sums[i] = [response_sum(chat, results[2 * k + j]) for j, chat in enumerate(pairs[i][1])]
     scored = []
     for i, (row, chats) in enumerate(pairs):
         record: dict[str, Any] = {"id": row["id"]}
