@@ -149,3 +149,35 @@ def test_heldout_pairs_are_scored_and_truncated_sides_flagged(tmp_path, models):
     assert any(r[f"{s}_bytes"] < len(rows[r["id"]][s].encode()) for r, s in flagged)
     whole = [(r, s) for r in table for s in ("chosen", "rejected") if not r[f"{s}_truncated"]]
     assert all(r[f"{s}_bytes"] == len(rows[r["id"]][s].encode()) for r, s in whole)
+
+
+def test_a_pair_scored_packed_equals_its_sides_scored_apart(tmp_path, models):
+    """The transformers backend scores a pair in one packed forward (pair_sums); a backend without it (vLLM) scores
+    the two sides as full sequences: the same records, to float rounding."""
+    from collections import Counter
+
+    from fuse.backends.hf import TransformersBackend
+    from fuse.models import load_model, load_tokenizer
+    from fuse.recipe import ModelSpec
+
+    spec = ModelSpec(name="q", path=str(models["qwen2"]))
+    tokenizer = load_tokenizer(spec)
+    backend = TransformersBackend(load_model(spec, dtype="float32"))
+
+    class Apart:  # the backend's sequence path only
+        logprobs = staticmethod(backend.logprobs)
+
+    rows = [
+        {**p, "id": f"p{i}", "prompt": [{"role": "user", "content": p["prompt"]}]}
+        for i, p in enumerate(pairs(6))
+    ]
+    batches: list[int] = []
+    backend.on_batch = lambda sequences, tokens: batches.append(sequences)
+    packed = score.score_rows(backend, tokenizer, rows, 2048, Counter())
+    assert batches == []  # every pair went through pair_sums, none through the sequence path
+    apart = score.score_rows(Apart(), tokenizer, rows, 2048, Counter())
+    assert [r["id"] for r in packed] == [r["id"] for r in apart] and len(packed) == 6
+    for a, b in zip(packed, apart, strict=True):
+        for side in ("chosen", "rejected"):
+            assert a[f"{side}_logp"] == pytest.approx(b[f"{side}_logp"], abs=1e-4)
+            assert a[f"{side}_tokens"] == b[f"{side}_tokens"]
