@@ -16,6 +16,7 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments
 
 from fuse.heads import last_hidden, plain_head
+from fuse.length_grouping import LengthGrouping
 from fuse.losses import IGNORE_INDEX, PAD_ID, LossParts, distill_loss, distill_loss_from_hidden
 from fuse.models import load_tokenizer, pad_id
 from fuse.recipe import DistillSettings, ModelSpec
@@ -67,7 +68,7 @@ def sparse_collator(pad_token_id: int):
     return collate
 
 
-class DistillTrainer(RecordedMetrics, Trainer):
+class DistillTrainer(RecordedMetrics, LengthGrouping, Trainer):
     """compute_loss = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ) on response tokens; logs gold_ce and distill."""
 
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps

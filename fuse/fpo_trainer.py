@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from fuse.heads import last_hidden, plain_head
+from fuse.length_grouping import LengthGrouping
 from fuse.losses import token_logprobs
 from fuse.models import load_tokenizer, pad_id
 from fuse.preference import infifpo_loss, reward_accuracy
@@ -107,7 +108,7 @@ def chosen_nll(summed: torch.Tensor, completion_mask: torch.Tensor) -> torch.Ten
     return -chosen_sums.sum() / chosen_mask.sum().clamp(min=1).to(chosen_sums.dtype)
 
 
-class InfiFpoTrainer(RecordedMetrics, DPOTrainer):
+class InfiFpoTrainer(RecordedMetrics, LengthGrouping, DPOTrainer):
     """DPOTrainer with the fused reference as precomputed columns; logs reward accuracy, margins, rewards,
     normalized log-probs, the share of clipped terms and which source max_margin picked."""
 

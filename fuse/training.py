@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fuse import preemption
 from fuse.io import publish_dir, write_json_atomic
 from fuse.launch import allocated_nodes, multinode_command
+from fuse.length_grouping import STRATEGY
 from fuse.logs import setup_logging
 from fuse.process_group import die_with_parent, run_in_group
 from fuse.recipe import TrainSettings
@@ -257,6 +258,8 @@ def training_arguments(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if settings.group_by_length:  # fuse.length_grouping.LengthGrouping answers it in fuse's trainers
+        values["train_sampling_strategy"] = STRATEGY
     if getattr(settings, "validation", False):
         # one selection rule for every arm: the validation loss at every checkpoint, the best one kept
         values.update(

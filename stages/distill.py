@@ -24,6 +24,7 @@ from fuse.data.logprobs import LogprobReader
 from fuse.data.prepared import labels_for, sft_rows
 from fuse.data.response import ce_per_byte
 from fuse.io import atomic_dir, write_json_atomic
+from fuse.length_grouping import LENGTH_COLUMN
 from fuse.losses import fuse_sparse, get_fusion
 from fuse.training import check_settings, make_job, result_of, train
 
@@ -131,6 +132,9 @@ def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
     """Materialize the rows as an Arrow dataset at `path` (atomically), for this process and every rank."""
     dataset = Dataset.from_generator(generator, gen_kwargs=gen_kwargs, cache_dir=str(path.parent / ".cache"))
     dataset = dataset.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
+    dataset = dataset.add_column(
+        LENGTH_COLUMN, [len(ids) for ids in dataset["input_ids"]]
+    )  # group_by_length's
     with atomic_dir(path) as tmp:
         dataset.save_to_disk(str(tmp))
     return dataset

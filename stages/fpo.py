@@ -26,6 +26,7 @@ from fuse.data.prepared import load_split, sft_rows
 from fuse.data.scores import ScoreError, read_scores
 from fuse.fpo_trainer import REPLAY, policy_scores
 from fuse.io import atomic_dir, write_json_atomic, write_text_atomic
+from fuse.length_grouping import LENGTH_COLUMN
 from fuse.models import load_model, load_tokenizer, pad_id
 from fuse.preference import (
     default_beta,
@@ -334,7 +335,9 @@ def with_replay(rows: list[dict], replay: list[dict], seed: int) -> list[dict]:
 
 def save_rows(rows: list[dict], path: Path) -> Path:
     with atomic_dir(path) as tmp:
-        Dataset.from_list(rows).save_to_disk(str(tmp))
+        # group_by_length's key: a pair's two sides are padded together
+        lengths = [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows]
+        Dataset.from_list(rows).add_column(LENGTH_COLUMN, lengths).save_to_disk(str(tmp))
     return path
 
 

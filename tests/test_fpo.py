@@ -204,12 +204,13 @@ def load_rows(prepare: Path, split: str) -> list[dict]:
     return load_split(prepare, "preference", split).to_list()
 
 
-def fpo_trainer(spec, rows: list[dict], tmp_path: Path, data: str, **params):
-    """(fuse's InfiFPO trainer on these encoded rows at beta 2.5 with `params`, its TrainingArguments)."""
+def fpo_trainer(spec, rows: list[dict], tmp_path: Path, data: str, run: dict | None = None, **params):
+    """(fuse's InfiFPO trainer on these encoded rows at beta 2.5 with `params` and RUN | `run` settings, its
+    TrainingArguments)."""
     from fuse.fpo_trainer import build_fpo_trainer
     from fuse.stages.fpo import save_rows
 
-    settings = FpoSettings(**RUN)
+    settings = FpoSettings(**(RUN | (run or {})))
     args = training.training_arguments(settings, str(tmp_path / "ckpt"), launched=False)
     job = training.make_job(
         "x:y",
@@ -367,6 +368,25 @@ def test_replay_adds_the_replayed_conversations_sft_loss(world, tmp_path):
         ).loss
     assert dense.item() > 0.5 and int(mask[:, 1:].sum()) > 20
     torch.testing.assert_close(losses[0.6] - losses[0.0], 0.6 * dense, rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_are_grouped_by_their_longer_side(world, tmp_path):
+    """group_by_length in fpo: the stage's rows carry max(chosen, rejected) as their length (the two sides are padded
+    together), and the trainer's batches follow fuse.length_grouping's order of them."""
+    from fuse.length_grouping import length_grouped_order
+    from fuse.models import load_tokenizer
+    from fuse.recipe import ModelSpec
+    from fuse.stages.fpo import encode_split
+
+    spec = ModelSpec(name="policy", path=str(world.distill / "model"))
+    rows, _ = encode_split(load_tokenizer(spec), load_rows(world.prepare, "train")[:12], FpoSettings())
+    rows = [{**r, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0} for r in rows]
+    trainer, _ = fpo_trainer(spec, rows, tmp_path, "data", run={"group_by_length": True})
+    lengths = [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows]
+    assert len(set(lengths)) > 3
+    order = length_grouped_order(lengths, 4, seed=RUN["seed"])
+    expected = [max(lengths[i] for i in order[k : k + 4]) for k in range(0, len(order), 4)]
+    assert [batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()] == expected
 
 
 # --------------------------------------------------------------------------------------------- the stage

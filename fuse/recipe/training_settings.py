@@ -236,6 +236,8 @@ OWNED_BY_SETTING = {
     "data_seed": "seed",
     "deepspeed": "deepspeed",
     "label_smoothing_factor": "label_smoothing",
+    "train_sampling_strategy": "group_by_length",
+    "length_column_name": "group_by_length",
 }
 RESUME = "a rerun resumes from the newest complete checkpoint, with its optimizer, scheduler, RNG and data position"
 EVALUATION = (
@@ -435,6 +437,13 @@ class TrainSettings(StageSettings):
     )
     liger: bool = operational(
         False, description="Liger kernels (fused RMSNorm/RoPE/SwiGLU); needs liger-kernel."
+    )
+    group_by_length: bool = added(
+        False,
+        description="Batches of rows of similar length, in random order (fuse.length_grouping): the same rows and "
+        "epochs with less padding (the real pair's UDHR paragraphs: 57% of a random batch's padded tokens are real, "
+        "95% grouped). Changes which rows share a batch, so a result setting; the order is a function of the seed "
+        "and the epoch, so a resumed run sees the rest of the same order.",
     )
     trainer_args: dict[str, Any] = added(
         {},
