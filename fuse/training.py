@@ -536,7 +536,11 @@ def plot_loss_curves(entries: list[dict[str, Any]], png: Path, title: str = "") 
 
 def save_final_model(trainer: Trainer, model_dir: Path) -> None:
     """Every rank calls save_model (ZeRO-3 gathers collectively); rank 0 moves the files into place atomically,
-    with the tokenizer, chat template and generation config, and without the pickled training_args.bin."""
+    with the tokenizer, chat template and generation config, and without the pickled training_args.bin. The config
+    keeps the KV cache on (the Trainer turns it off for gradient checkpointing; a saved model generates with it)."""
+    config = getattr(trainer.model, "config", None)
+    if getattr(config, "use_cache", None) is False:
+        config.use_cache = True
     staging = model_dir.parent / f".{model_dir.name}.staging"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)

@@ -78,6 +78,8 @@ WEIGHT_AND_TOKENIZER = (
     "*.model",
 )
 CONFIGS = ("config.json", "generation_config.json")
+# how a model runs, not what it computes: a trained model saved with its KV cache off is the same model
+RUNTIME_CONFIG_KEYS = ("transformers_version", "use_cache")
 
 
 def same_model_key(spec: ModelSpec) -> str | None:
@@ -93,7 +95,7 @@ def same_model_key(spec: ModelSpec) -> str | None:
         if (folder / name).is_file():
             config = json.loads((folder / name).read_text())
             configs[name] = {
-                k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+                k: v for k, v in config.items() if not k.startswith("_") and k not in RUNTIME_CONFIG_KEYS
             }
     return sha256_json({"files": files_digest(files), "configs": configs, "trust": spec.trust_remote_code})
 

@@ -173,7 +173,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 def test_single_process_training_writes_a_reloadable_checkpoint(tmp_path, pivot_dir, train_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=4)
+    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=4, gradient_checkpointing=True)
     summary = training.train(job)
     model_dir = Path(job.model_dir)
     assert summary["global_step"] == 4 and summary["resumed_from"] is None
@@ -184,6 +184,9 @@ def test_single_process_training_writes_a_reloadable_checkpoint(tmp_path, pivot_
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert AutoTokenizer.from_pretrained(model_dir).chat_template  # the chat template travels with the model
+    assert (
+        model.config.use_cache
+    )  # the Trainer turned it off for gradient checkpointing; a saved model has it on
     before, after = weights(pivot_dir), weights(model_dir)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     entries = [json.loads(line) for line in (Path(job.log_dir) / training.LOG_FILE).read_text().splitlines()]
