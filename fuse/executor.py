@@ -21,6 +21,7 @@ from fuse.logs import LOG_FORMAT
 from fuse.plan import PlanError, Step, fingerprints, stage_module
 from fuse.progress import Progress
 from fuse.recipe import Recipe
+from fuse.stage_table import STAGE_TABLE
 from fuse.start import RunStart, start_run, write_resolved_recipe
 from fuse.store import MODEL_FOLDER, FileLock, LockHeld, RunStore
 
@@ -28,6 +29,13 @@ log = logging.getLogger("fuse")
 
 
 JOB_LOCK_WAIT_S = 90.0
+
+
+def returns_freed_memory(stage: str) -> bool:
+    """Whether a stage runs with freed host memory returned to the OS (fuse.resources.set_allocator): the training
+    stages, whose peaks it bounds; the others run at glibc's speed (a stage unknown to the table: returned)."""
+    info = STAGE_TABLE.get(stage)
+    return info is None or info.trains
 
 
 class StageFailed(RuntimeError):
@@ -184,7 +192,7 @@ def _work(
                     ctx.shard = index if instance.num_shards > 1 else None
                     quiet_libraries()
                     before = store.out_snapshot(name)
-                    with resources.recorded(store.dir(name), index):
+                    with resources.recorded(store.dir(name), index, returns_freed_memory(instance.stage)):
                         module.run(ctx)
                     store.mark_shard(name, index, before=before)
             if len(store.shards_done(name, instance.num_shards)) < instance.num_shards:

@@ -27,29 +27,50 @@ FOLDER = (
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Blocks from this size up are mapped on their own and unmapped when freed.
 MMAP_THRESHOLD = 128 * 1024
+# glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): where a long run leaves it
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 @functools.cache
-def return_freed_memory() -> bool:
-    """Make freed tensors go back to the OS (Linux with glibc; once per process). glibc raises its mmap threshold
-    each time a mapped block is freed, up to 32 MiB, so a training's layer-sized tensors end up in the heap, where
-    freed memory stays resident: measured on a gemma-3-270m fpo step, 1.4 GB of the peak
-    (bench/results/train_memory.md). A fixed threshold keeps every block of 128 KiB and more mapped on its own.
-    The price is the kernel's page faults on every such block: measured on the real pair's SFT-only stage (gemma-3
-    pivot, 8 steps), 9.50 s a step and a 5.48 GB peak against 8.23 s and 5.87 GB with glibc's own behaviour (+15%
-    time). Left alone where the user set glibc's MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (to keep glibc's
-    own behaviour: MALLOC_MMAP_THRESHOLD_=33554432), or preloads another allocator (LD_PRELOAD)."""
+def _tunable_libc() -> Any:
+    """glibc, when fuse may set its thresholds: Linux with glibc, and the user has not set them (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_) or preloaded another allocator (LD_PRELOAD); else None."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
+        return None
+
+
+def set_allocator(return_freed: bool) -> bool:
+    """How freed host memory is handled from now on in this process (Linux with glibc; False where it is left alone).
+
+    return_freed: freed tensors go back to the OS. glibc raises its mmap threshold each time a mapped block is freed,
+    up to 32 MiB, so a training's layer-sized tensors end up in the heap, where freed memory stays resident: measured
+    on a gemma-3-270m fpo step, 1.4 GB of the peak (bench/results/train_memory.md). A fixed 128 KiB threshold keeps
+    every block of that size and more mapped on its own. The price is the kernel's page faults on every such block:
+    measured on the real pair's SFT-only stage (gemma-3 pivot, 8 steps), 9.50 s a step and a 5.48 GB peak against
+    8.23 s and 5.87 GB with glibc's own behaviour (+15% time); on evaluating SmolLM2-135M (generation, held-out CE,
+    preference margins) 149 s against 123 s (+21%).
+    Else: glibc's threshold fixed at its own ceiling (32 MiB), where its dynamic threshold ends up in a long run,
+    so a stage after a training one runs at glibc's speed again (a set threshold cannot be made dynamic again).
+    Left alone where the user set glibc's MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (to keep glibc's own
+    behaviour: MALLOC_MMAP_THRESHOLD_=33554432), or preloads another allocator (LD_PRELOAD)."""
+    libc = _tunable_libc()
+    if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+    threshold = MMAP_THRESHOLD if return_freed else GLIBC_MMAP_THRESHOLD_MAX
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold)
     )
+
+
+def return_freed_memory() -> bool:
+    """Freed tensors go back to the OS from now on (set_allocator(True)): training stages and ranks."""
+    return set_allocator(True)
 
 
 def _reset_host_peak() -> bool:
@@ -83,10 +104,11 @@ def _cuda() -> Any:
 
 
 @contextlib.contextmanager
-def measure() -> Iterator[dict[str, Any]]:
-    """Measure the peaks of the enclosed work; the dict is filled on leaving (also after an error)."""
+def measure(return_freed: bool = True) -> Iterator[dict[str, Any]]:
+    """Measure the peaks of the enclosed work, with freed memory returned to the OS or not (set_allocator); the dict
+    is filled on leaving (also after an error)."""
     peaks: dict[str, Any] = {}
-    return_freed_memory()
+    set_allocator(return_freed)
     scoped = _reset_host_peak()
     children_before = _children_peak_mb()
     cuda = _cuda()
@@ -108,9 +130,11 @@ def measure() -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def recorded(stage_dir: Path, shard: int) -> Iterator[None]:
-    """Measure the enclosed shard's work and keep its peaks in <stage dir>/resources/."""
-    with measure() as peaks:
+def recorded(stage_dir: Path, shard: int, return_freed: bool = True) -> Iterator[None]:
+    """Measure the enclosed shard's work and keep its peaks in <stage dir>/resources/. return_freed: see
+    set_allocator (the executor asks it for training stages, whose peaks it bounds, and not for the others, whose
+    time it costs)."""
+    with measure(return_freed) as peaks:
         yield
     write_json_atomic(stage_dir / FOLDER / f"shard-{shard:05d}.json", peaks)
 
