@@ -15,11 +15,17 @@ stage, the proof in bench/results/real_pair-<pivot>.{json,md}.
           gemma-3 source; gemma3: the reverse), then report.
   causes  where the target gains or loses against SFT-only: held-out NLL split by how the two tokenizations
           relate at each pivot token (bench/results/real_pair-<pivot>[-variant]-causes.md).
+  margins did fpo move what it trained on? Preference accuracy and mean per-byte margin of the target and the fpo
+          policy on the training pairs themselves, beside the held-out ones (bench/results/real_pair-<pivot>
+          [-variant]-margins.md): a policy that does not move here has too small a step, one that moves here but
+          not on held-out pairs does not generalize.
+  probe   this machine's float32 matmul speed, appended to the run store's speed_probe.jsonl (`run` does it before
+          and after its run; --when start|end for runs started by hand).
   report  the table from a finished run store: every arm's held-out CE/byte, preference accuracy and code pass
           rate, paired differences with bootstrap CIs, the source's lead per language, each stage's wall time,
           peak RSS and seconds per step (manifests and trainer summaries).
 
-Usage: .venv/bin/python bench/real_pair.py {texts,pairs,data,run,report,causes} [smollm2] [gemma3] [--cache .cache/released]
+Usage: .venv/bin/python bench/real_pair.py {texts,pairs,data,run,report,causes,margins,probe} [smollm2] [gemma3] [--cache .cache/released]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -437,6 +444,9 @@ VARIANTS = {
     # candidate scoring (the zoo's default), affordable since its packed forward: the source asked for the
     # probability of each candidate word at every response position
     "scored": ["stages.align.score_candidates=true", *TARGET_ONLY],
+    # fpo at distill's learning rate (10x the recipe's): its policy alone evaluated, against the recipe's own run
+    # (session 34: declared before it ran, the one learning rate tried besides the recipe's)
+    "fpo-lr1e-4": ["stages.fpo.learning_rate=1e-4", "stages.evaluate.include=[targets]"],
     # memory with gradient checkpointing: four steps of each training stage, peaks and step times only
     "checkpointing": [
         "stages.align.within=true",
@@ -456,6 +466,9 @@ COMPARED_WITH = {
     "within-topk": "nofpo",
     "first-piece": "nofpo",
 }  # whose target a variant's is paired with
+FPO_COMPARED_WITH = {
+    "fpo-lr1e-4": None
+}  # whose fpo policy (and target) a variant's fpo policy is paired with
 
 
 TARGET_METRICS = (("ce", "text", "nll"), ("pref", "preference", "correct"))  # what a target is compared on
@@ -465,6 +478,36 @@ def workdir_of(pivot: str, variant: str | None = None) -> Path:
     return REPO / "runs" / (f"real-pair-{pivot}" + (f"-{variant}" if variant else ""))
 
 
+PROBE_FILE = "speed_probe.jsonl"  # in a run store: the machine's speed when the run started and ended
+
+
+def speed_probe(size: int = 1024, repeats: int = 10, tries: int = 3) -> float:
+    """This machine's float32 matmul speed now (GFLOP/s, best of `tries`): shared CPUs move by a quarter within an
+    hour here, so a run's wall time is read beside the speed it ran at."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 * repeats / best / 1e9
+
+
+def record_probe(workdir: Path, when: str) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    row = {"when": when, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "gflops": round(speed_probe(), 1)}
+    with (workdir / PROBE_FILE).open("a") as out:
+        out.write(json.dumps(row) + "\n")
+
+
+def probes(workdir: Path) -> list[dict]:
+    path = workdir / PROBE_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def run_direction(pivot: str, variant: str | None = None) -> float:
     """`fuse run` of the direction's recipe, or of a variant in its own run store sharing the cache (what the
     variant does not change is linked, not recomputed); resumes whatever is done. Its wall-clock seconds."""
@@ -472,9 +515,12 @@ def run_direction(pivot: str, variant: str | None = None) -> float:
     if variant:
         overrides = [*VARIANTS[variant], f"workdir={workdir_of(pivot, variant)}"]
         command += [arg for value in overrides for arg in ("--set", value)]
+    record_probe(workdir_of(pivot, variant), "start")
     started = time.monotonic()
     subprocess.run(command, check=True, cwd=REPO)
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    record_probe(workdir_of(pivot, variant), "end")
+    return seconds
 
 
 def item_arrays(frame, model: str, kind: str, metric: str, group: str | None = None):
@@ -584,6 +630,15 @@ def report(pivot: str, cache: Path, seconds: float | None = None, variant: str |
             differences[f"target_vs_{other}_target_{what}"] = paired(
                 frame, names["target"], names["target"], kind, metric, base_frame=other_frame
             )
+    # a variant's fpo policy against the other run's fpo policy and against the target both started from
+    if variant in FPO_COMPARED_WITH and scores_of[FPO_COMPARED_WITH[variant]].is_file():
+        other_frame = read_scores(scores_of[FPO_COMPARED_WITH[variant]])
+        for what, kind, metric in TARGET_METRICS:
+            for arm in ("fpo", "target"):
+                if names["fpo"] in models and (other_frame["model"] == names[arm]).any():
+                    differences[f"fpo_vs_base_{arm}_{what}"] = paired(
+                        frame, names["fpo"], names[arm], kind, metric, base_frame=other_frame
+                    )
     # a target evaluated alone: SFT-only from a full run on the same items
     if names["sft_only"] not in models:
         for path in (f for v, f in scores_of.items() if v != variant and f.is_file()):
@@ -603,6 +658,7 @@ def report(pivot: str, cache: Path, seconds: float | None = None, variant: str |
         "differences": differences,
         "stages": stage_table(workdir),
         "run_seconds": seconds,
+        "speed_probes": probes(workdir),
         "n": {
             "texts": metrics.get("n_texts"),
             "pairs": len(item_arrays(frame, "pivot", "preference", "correct")[0]),
@@ -675,6 +731,12 @@ def report_markdown(result: dict) -> str:
     else:  # reported from a run store: the stages' own wall times, those made in this run
         own = [row["seconds"] or 0 for row in result["stages"].values() if not row["made_in"]]
         lines += ["", f"Stages run here, wall time summed: {sum(own) / 60:.1f} min ({len(own)} instances)."]
+    if result.get("speed_probes"):
+        lines.append(
+            "Machine speed (float32 matmul, GFLOP/s, `speed_probe`): "
+            + ", ".join(f"{p['when']} {p['gflops']:.0f} ({p['time']})" for p in result["speed_probes"])
+            + "."
+        )
     lines.append(f"Machine: {result['machine']}.")
     return "\n".join(lines) + "\n"
 
@@ -817,6 +879,59 @@ def cause_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_pair_margins(pivot: str, cache: Path, variant: str | None = None) -> dict:
+    """The target's and the fpo policy's preference accuracy and mean per-byte margin (evaluate's measure) on the
+    training pairs and on the held-out pairs: whether fpo moved its policy on what it trained on."""
+    import numpy as np
+
+    from fuse.evaluation import as_spec, load_preference_pairs, preference_margins
+    from fuse.models import load_model, load_tokenizer
+
+    workdir, names = workdir_of(pivot, variant), arm_names(pivot)
+    sets = {
+        "train": load_preference_pairs(cache / "data" / "preference.jsonl"),
+        "heldout": load_preference_pairs(cache / "data" / "preference_heldout.jsonl"),
+    }
+    result: dict[str, Any] = {"pivot": pivot, "variant": variant, "n": {k: len(v) for k, v in sets.items()}}
+    margins = {}
+    for arm in ("target", "fpo"):
+        spec = as_spec(arm, workdir / names[arm] / "out" / "model")
+        tokenizer, model = load_tokenizer(spec), load_model(spec, dtype="float32", device="cpu").eval()
+        margins[arm] = {k: np.array(preference_margins(model, tokenizer, v)) for k, v in sets.items()}
+        result[arm] = {
+            k: {"accuracy": float((m > 0).mean()), "mean_margin": float(m.mean())}
+            for k, m in margins[arm].items()
+        }
+    for k in sets:
+        moved = margins["fpo"][k] - margins["target"][k]
+        result.setdefault("fpo_minus_target", {})[k] = {
+            "mean_margin": float(moved.mean()),
+            "pairs_up": float((moved > 0).mean()),
+        }
+    return result
+
+
+def margins_markdown(result: dict) -> str:
+    lines = [
+        f"# Did fpo move its policy? {result['pivot']} pivot"
+        + (f", variant {result['variant']}" if result["variant"] else ""),
+        "",
+        "Preference accuracy and mean margin (log-prob per byte of the chosen paragraph minus the rejected one's, "
+        "evaluate's measure) of the target fpo started from and of the fpo policy, on the pairs fpo trained on and "
+        f"on the held-out pairs ({result['n']['train']} / {result['n']['heldout']} pairs).",
+        "",
+        "| pairs | target acc | fpo acc | target margin | fpo margin | fpo − target margin | pairs whose margin rose |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in ("train", "heldout"):
+        t, f, d = result["target"][k], result["fpo"][k], result["fpo_minus_target"][k]
+        lines.append(
+            f"| {k} | {t['accuracy']:.3f} | {f['accuracy']:.3f} | {t['mean_margin']:+.4f} | {f['mean_margin']:+.4f} | "
+            f"{d['mean_margin']:+.4f} | {d['pairs_up']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     return f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
@@ -825,12 +940,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["texts", "pairs", "data", "run", "report", "causes"])
+    parser.add_argument(
+        "command", choices=["texts", "pairs", "data", "run", "report", "causes", "probe", "margins"]
+    )
     parser.add_argument("pivots", nargs="*", choices=[*DIRECTIONS, []], help="default: both directions")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "released"))
     parser.add_argument(
         "--variant", choices=list(VARIANTS), help="the recipe with these overrides, in its own run store"
     )
+    parser.add_argument("--when", default="now", help="probe: the label of this measurement (start, end)")
     args = parser.parse_args()
     # a list default would fail argparse's choices check (Python 3.11): no pivot named means both
     args.pivots = args.pivots or list(DIRECTIONS)
@@ -848,12 +966,24 @@ def main() -> None:
         (RESULTS / "real_pair_kinds.md").write_text(pair_kinds_markdown(result))
         print(pair_kinds_markdown(result))
         return
+    if args.command == "probe":  # for runs started by hand: `probe --when start|end` around `fuse run`
+        for pivot in args.pivots:
+            record_probe(workdir_of(pivot, args.variant), args.when)
+        return
     from fuse.zoo.released import RELEASED, fetch
 
     for name in RELEASED:
         fetch(name, cache)
     build_data(cache)
     if args.command == "data":
+        return
+    if args.command == "margins":
+        for pivot in args.pivots:
+            result = train_pair_margins(pivot, cache, args.variant)
+            stem = f"real_pair-{pivot}" + (f"-{args.variant}" if args.variant else "") + "-margins"
+            (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (RESULTS / f"{stem}.md").write_text(margins_markdown(result))
+            print(margins_markdown(result))
         return
     if args.command == "causes":
         for pivot in args.pivots:

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuse import preemption
+from fuse.estimate import size_text
 from fuse.io import publish_dir, write_json_atomic
 from fuse.launch import allocated_nodes, multinode_command
 from fuse.length_grouping import STRATEGY
@@ -425,6 +427,79 @@ def merge_adapter(job: TrainingJob, tokenizer: Any) -> None:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
+# --------------------------------------------------------------------------------------------- disk space
+
+ADAM_STATE_BYTES = 8  # two float32 moments per trained parameter
+MASTER_COPY_BYTES = 4  # mixed precision keeps a float32 copy of each trained parameter in the optimizer state
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a training run writes at most: `alive` checkpoints at once, each of `checkpoint` bytes, and the final
+    model (`final` bytes)."""
+
+    checkpoint: int
+    alive: int
+    final: int
+
+    @property
+    def total(self) -> int:
+        return self.checkpoint * self.alive + self.final
+
+
+def disk_need(
+    weight_bytes: int,
+    trained_weight_bytes: int,
+    trained_params: int,
+    steps: int,
+    save_steps: int,
+    save_total_limit: int,
+    mixed_precision: bool = False,
+) -> DiskNeed:
+    """The most a run writes: a checkpoint holds the weights it trains (all of them; a LoRA run only its adapter's,
+    `trained_weight_bytes`) and Adam's state for each trained parameter; the Trainer writes a new checkpoint before
+    it deletes the oldest, so up to save_total_limit + 1 are alive, and never more than the saves the run makes plus
+    one (a preemption's); the final model has every weight (`weight_bytes`)."""
+    optimizer = trained_params * (ADAM_STATE_BYTES + (MASTER_COPY_BYTES if mixed_precision else 0))
+    saves = steps // save_steps + 1
+    return DiskNeed(trained_weight_bytes + optimizer, min(save_total_limit + 1, saves), weight_bytes)
+
+
+def planned_steps(args: TrainingArguments, rows: int, world_size: int) -> int:
+    """The optimizer steps a run makes: max_steps, else its epochs of `rows` in batches over every rank."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(rows / (args.per_device_train_batch_size * world_size))
+    return math.ceil(batches / args.gradient_accumulation_steps * args.num_train_epochs)
+
+
+def check_free_space(trainer: Trainer, key: str) -> None:
+    """Refuse to start a training whose checkpoints and final model do not fit in the free space of its folder (a
+    full disk otherwise ends it at its first checkpoint with a torn file and an error that does not say why)."""
+    model, args = trainer.model, trainer.args
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    need = disk_need(
+        weight_bytes,
+        sum(p.numel() * p.element_size() for p in trained),
+        sum(p.numel() for p in trained),
+        planned_steps(args, len(trainer.train_dataset), args.world_size),
+        args.save_steps,
+        args.save_total_limit,
+        mixed_precision=args.bf16 or args.fp16,
+    )
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need.total:
+        raise TrainingError(
+            f"{key}: {folder} has {size_text(free)} free; this training writes up to {size_text(need.total)} "
+            f"({need.alive} checkpoint(s) of {size_text(need.checkpoint)} at once with save_total_limit "
+            f"{args.save_total_limit}, and the final model of {size_text(need.final)}). Free space there, or lower "
+            "save_total_limit / raise save_steps."
+        )
+
+
 def checkpoint_step(path: Path) -> int | None:
     suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
@@ -598,6 +673,7 @@ def _run(
     # Trainer then seeds its own draws
     set_seed(args.seed)
     trainer = _import(job.builder)(job, args)
+    check_free_space(trainer, job.settings_key)
     log_path = Path(job.log_dir) / LOG_FILE
     trainer.add_callback(jsonl_logger(log_path))
     progress = progress or console_progress(job.run_name or Path(job.log_dir).parent.name)

@@ -15,16 +15,24 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "tiny-demo.yaml"
 ZOO_PREFIX = "../.zoo/"  # how the shipped recipe names the zoo (relative to examples/)
 SOURCES = ("llama", "gpt2", "gemma")
-TABLE_ROWS = (  # the models the demo's result table must show
-    "pivot",
-    *SOURCES,
-    *(f"distill.{s}" for s in SOURCES),
-    *(f"fpo.{s}" for s in SOURCES),
-    *(f"fpo.dpo-{s}" for s in SOURCES),
-    "merge",
-    "distill.sft_baseline",
-    *(f"distill.{c}" for c in ("self_distill", "label_smoothing", "oracle")),
-)
+CONTROLS = ("self_distill", "label_smoothing", "oracle")  # distill's control arms in the demo
+
+
+def table_rows(sources: tuple[str, ...] = SOURCES, controls: bool = True) -> tuple[str, ...]:
+    """The models the demo's result table must show (with `sources` only; without the control arms)."""
+    return (
+        "pivot",
+        *sources,
+        *(f"distill.{s}" for s in sources),
+        *(f"fpo.{s}" for s in sources),
+        *(f"fpo.dpo-{s}" for s in sources if controls),
+        "merge",
+        "distill.sft_baseline",
+        *(f"distill.{c}" for c in CONTROLS if controls),
+    )
+
+
+TABLE_ROWS = table_rows()
 
 
 def _point_at(value: Any, zoo_root: Path) -> Any:
@@ -46,10 +54,13 @@ def _set(recipe: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def demo_recipe(zoo_root: Path, workdir: Path, path: Path, **settings: Any) -> Path:
-    """Write the demo recipe to `path` with `workdir` and the zoo at `zoo_root`; `settings` are dotted keys
-    with "__" for "." (stages__merge__parameters__select_topk=0.7). Returns `path`."""
+def demo_recipe(
+    zoo_root: Path, workdir: Path, path: Path, sources: tuple[str, ...] = SOURCES, **settings: Any
+) -> Path:
+    """Write the demo recipe to `path` with `workdir` and the zoo at `zoo_root`, with `sources` of the demo's;
+    `settings` are dotted keys with "__" for "." (stages__merge__parameters__select_topk=0.7). Returns `path`."""
     recipe = _point_at(yaml.safe_load(DEMO.read_text(encoding="utf-8")), Path(zoo_root).resolve())
+    recipe["sources"] = [s for s in recipe["sources"] if s["name"] in sources]
     recipe["workdir"] = str(workdir)
     recipe.pop("cache", None)  # each test computes what it checks (a test that wants a cache sets one)
     relative = [line for line in yaml.safe_dump(recipe).splitlines() if "../" in line]
@@ -64,14 +75,14 @@ def demo_recipe(zoo_root: Path, workdir: Path, path: Path, **settings: Any) -> P
 DOMAINS = ("garden", "harbor", "market", "weather")  # the zoo's stochastic domains
 
 
-def check_metrics(metrics: dict[str, Any]) -> None:
-    """evaluate/out/metrics.json has a row per TABLE_ROWS model: accuracies in [0, 1], a positive finite CE, and
-    per domain a finite CE/byte above the domain's limit (which is itself positive and finite)."""
-    assert set(TABLE_ROWS) <= set(metrics["models"]), sorted(metrics["models"])
+def check_metrics(metrics: dict[str, Any], rows: tuple[str, ...] = TABLE_ROWS) -> None:
+    """evaluate/out/metrics.json has a row per `rows` model: accuracies in [0, 1], a positive finite CE, and per
+    domain a finite CE/byte above the domain's limit (which is itself positive and finite)."""
+    assert set(rows) <= set(metrics["models"]), sorted(metrics["models"])
     assert metrics["domains"] == list(DOMAINS)
     limits = metrics["limit"]["domain_ce"]
     assert set(limits) == set(DOMAINS) and all(0 < v < math.inf for v in limits.values()), limits
-    for name in TABLE_ROWS:
+    for name in rows:
         row = metrics["models"][name]
         accuracies = [row["mean_accuracy"], *row["skills"].values()]
         assert set(row["skills"]) == set(metrics["skills"]) and all(0 <= a <= 1 for a in accuracies), name

@@ -192,6 +192,37 @@ def test_single_process_training_writes_a_reloadable_checkpoint(tmp_path, pivot_
     entries = [json.loads(line) for line in (Path(job.log_dir) / training.LOG_FILE).read_text().splitlines()]
     assert any("gold_ce" in e and "distill" in e for e in entries)
     assert (Path(job.log_dir) / training.PLOT_FILE).stat().st_size > 1000
+    # the free-space check's sizes against what the run wrote: a checkpoint's weights and optimizer state, the model
+    params = sum(t.numel() for t in before.values())
+    need = training.disk_need(4 * params, 4 * params, params, steps=4, save_steps=2, save_total_limit=5)
+    checkpoint = Path(job.checkpoint_dir) / "checkpoint-4"
+    written = (checkpoint / "model.safetensors").stat().st_size + (checkpoint / "optimizer.pt").stat().st_size
+    assert 0.95 < need.checkpoint / written < 1.05
+    assert 0.95 < need.final / (model_dir / "model.safetensors").stat().st_size < 1.05
+    assert need.alive == 3  # checkpoints 2 and 4, and one a preemption may add
+
+
+def test_disk_need_by_hand():
+    # 10 trained parameters of 100 (an adapter), float32: a checkpoint holds 40 bytes of weights and 80 of Adam
+    need = training.disk_need(400, 40, 10, steps=100, save_steps=10, save_total_limit=2)
+    assert (need.checkpoint, need.alive, need.final, need.total) == (120, 3, 400, 760)
+    assert training.disk_need(400, 40, 10, steps=38, save_steps=1000, save_total_limit=2).alive == 1
+    assert training.disk_need(400, 40, 10, 5, 1000, 2, mixed_precision=True).checkpoint == 40 + 10 * 12
+
+
+def test_a_training_that_does_not_fit_on_the_disk_is_refused_before_it_starts(
+    tmp_path, pivot_dir, train_data, monkeypatch
+):
+    import shutil
+
+    job = distill_job(tmp_path, pivot_dir, train_data, max_steps=4)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    with pytest.raises(
+        training.TrainingError, match=r"stages.distill: .* has 1.0 MB free; this training writes"
+    ):
+        training.train(job)
+    assert not list(Path(job.checkpoint_dir).glob("checkpoint-*")) and not Path(job.model_dir).exists()
 
 
 class CrashAt:

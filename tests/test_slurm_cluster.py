@@ -21,7 +21,7 @@ from fuse.plan import stage_module
 from fuse.recipe import load_recipe
 from fuse.store import RunStore
 
-from demo_recipe import check_metrics, demo_recipe
+from demo_recipe import check_metrics, demo_recipe, table_rows
 from recipes import toy_recipe, write_recipe
 from slurm_cluster import slurm_cluster, wait_for  # noqa: F401  (the session's cluster)
 from toy_stages import OVERRIDES, read_calls
@@ -260,26 +260,33 @@ def test_array_runs_only_the_missing_shards(tmp_path):
 @pytest.mark.slow
 def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
     """The shipped demo, real stages, one SLURM job per instance (arrays for extract's shards) on the local cluster.
-    Evaluation on 8 items per skill, one epoch per training arm and align without candidate scoring (its three
-    changes): the job chain, not the table, is what this test is about (the demo's 10 epochs, run as 7 parallel jobs
-    on 2 cores, took 12 minutes; three aligns scoring candidates side by side on 2 cores, 8 minutes each).
-    Candidate scoring itself runs in test_demo.py and test_candidates.py."""
+    The job chain, not the table, is what this test is about, so the demo shrinks to what exercises every stage
+    and every kind of dependency (arrays, fan-out per source, fan-in at merge): two of its three sources, no
+    control arms, one epoch per training arm, evaluation on 8 items per skill and align without candidate scoring
+    (with the whole demo: 30 jobs, 7.5 minutes on 2 cores; three aligns scoring candidates side by side, 8 minutes
+    each). The whole demo runs locally in test_demo.py, candidate scoring in test_candidates.py."""
     # the autouse `toy` fixture's swap is off: real stages, here and in the jobs (they inherit this environment)
     monkeypatch.delenv("FUSE_STAGE_MODULES")
     stage_module.cache_clear()
     workdir = tmp_path / "run"
+    sources = ("llama", "gpt2")
     path = demo_recipe(
         zoo.root,
         workdir,
         tmp_path / "tiny-demo.yaml",
+        sources=sources,
         stages__evaluate__max_items_per_skill=8,
         stages__distill__epochs=1,
+        stages__distill__controls=[],
+        stages__fpo__controls=[],
+        stages__fpo__epochs=1,
         stages__align__score_candidates=False,
     )
     site = TESTS.parent / "slurm" / "sites" / "local.yaml"
     code = main(["submit", str(path), "--site", str(site), "--wait", "--timeout", "1500"])
     submitted = capsys.readouterr().out
-    assert "30 jobs submitted, 0 kept" in submitted, submitted
+    jobs = 18  # prepare, 3 extract arrays, 2 align, 3 distill, 4 score, 2 fpo, merge, evaluate, publish
+    assert f"{jobs} jobs submitted, 0 kept" in submitted, submitted
     assert main(["status", str(path)]) == 0
     status = capsys.readouterr().out
     with capsys.disabled():  # the job list (ids, states, elapsed) for the closing note of issue 9
@@ -288,10 +295,11 @@ def test_tiny_demo_dag_via_slurm(zoo, tmp_path, monkeypatch, capsys):
     assert code == 0, f"{submitted}\n{status}"
 
     rows = slurm.collect_status(load_recipe(path))
-    assert len(rows) == 30 and {r.state for r in rows} == {"done"}, status
-    assert {r.job.state for r in rows} == {"COMPLETED"} and status.count("COMPLETED") == 30, status
-    assert len({r.job.job_id for r in rows}) == 30 and all(r.elapsed for r in rows)
-    check_metrics(json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text()))
+    assert len(rows) == jobs and {r.state for r in rows} == {"done"}, status
+    assert {r.job.state for r in rows} == {"COMPLETED"} and status.count("COMPLETED") == jobs, status
+    assert len({r.job.job_id for r in rows}) == jobs and all(r.elapsed for r in rows)
+    metrics = json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text())
+    check_metrics(metrics, table_rows(sources, controls=False))
     assert (workdir / "publish" / "out" / "model" / "model.safetensors").is_file()
     assert main(["submit", str(path), "--site", str(site)]) == 0
     assert "0 jobs submitted, 0 kept" in capsys.readouterr().out
