@@ -661,7 +661,7 @@ def report(pivot: str, cache: Path, seconds: float | None = None, variant: str |
         "speed_probes": probes(workdir),
         "n": {
             "texts": metrics.get("n_texts"),
-            "pairs": len(item_arrays(frame, "pivot", "preference", "correct")[0]),
+            "pairs": len(item_arrays(frame, next(iter(models)), "preference", "correct")[0]),
         },
     }
 
@@ -886,6 +886,7 @@ def train_pair_margins(pivot: str, cache: Path, variant: str | None = None) -> d
 
     from fuse.evaluation import as_spec, load_preference_pairs, preference_margins
     from fuse.models import load_model, load_tokenizer
+    from fuse.stats import paired_bootstrap
 
     workdir, names = workdir_of(pivot, variant), arm_names(pivot)
     sets = {
@@ -899,13 +900,16 @@ def train_pair_margins(pivot: str, cache: Path, variant: str | None = None) -> d
         tokenizer, model = load_tokenizer(spec), load_model(spec, dtype="float32", device="cpu").eval()
         margins[arm] = {k: np.array(preference_margins(model, tokenizer, v)) for k, v in sets.items()}
         result[arm] = {
-            k: {"accuracy": float((m > 0).mean()), "mean_margin": float(m.mean())}
+            k: {"accuracy": float((m > 0).mean()), "mean_margin": float(m.mean()), "margins": m.tolist()}
             for k, m in margins[arm].items()
         }
     for k in sets:
         moved = margins["fpo"][k] - margins["target"][k]
+        ci = paired_bootstrap(margins["fpo"][k], margins["target"][k])
         result.setdefault("fpo_minus_target", {})[k] = {
             "mean_margin": float(moved.mean()),
+            "low": ci.low,
+            "high": ci.high,
             "pairs_up": float((moved > 0).mean()),
         }
     return result
@@ -920,14 +924,14 @@ def margins_markdown(result: dict) -> str:
         "evaluate's measure) of the target fpo started from and of the fpo policy, on the pairs fpo trained on and "
         f"on the held-out pairs ({result['n']['train']} / {result['n']['heldout']} pairs).",
         "",
-        "| pairs | target acc | fpo acc | target margin | fpo margin | fpo − target margin | pairs whose margin rose |",
+        "| pairs | target acc | fpo acc | target margin | fpo margin | fpo − target margin [95% CI] | pairs whose margin rose |",
         "|---|---|---|---|---|---|---|",
     ]
     for k in ("train", "heldout"):
         t, f, d = result["target"][k], result["fpo"][k], result["fpo_minus_target"][k]
         lines.append(
             f"| {k} | {t['accuracy']:.3f} | {f['accuracy']:.3f} | {t['mean_margin']:+.4f} | {f['mean_margin']:+.4f} | "
-            f"{d['mean_margin']:+.4f} | {d['pairs_up']:.2f} |"
+            f"{d['mean_margin']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['pairs_up']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
