@@ -424,9 +424,6 @@ def merge_adapter(job: TrainingJob, tokenizer: Any) -> None:
     publish_dir(staging, model_dir)
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
 # --------------------------------------------------------------------------------------------- disk space
 
 ADAM_STATE_BYTES = 8  # two float32 moments per trained parameter
@@ -498,6 +495,9 @@ def check_free_space(trainer: Trainer, key: str) -> None:
             f"{args.save_total_limit}, and the final model of {size_text(need.final)}). Free space there, or lower "
             "save_total_limit / raise save_steps."
         )
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_step(path: Path) -> int | None:
