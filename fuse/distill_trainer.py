@@ -87,7 +87,7 @@ class DistillTrainer(RecordedMetrics, LengthGrouping, Trainer):
             # the response rows through the head in chunks: no [B, T, V] logits (distill_loss_from_hidden)
             backbone, head = found
             parts = distill_loss_from_hidden(
-                last_hidden(backbone, inputs),
+                last_hidden(backbone, inputs, head),
                 head.weight,
                 labels,
                 target_ids,

@@ -73,7 +73,7 @@ def summed_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     found = plain_head(model)
     if found is not None:
         backbone, head = found
-        hidden = last_hidden(backbone, batch)
+        hidden = last_hidden(backbone, batch, head)
         # position t predicts token t + 1: the response tokens from the second position on
         rows, cols = batch["completion_mask"][:, 1:].nonzero(as_tuple=True)
         logps = token_logprobs(hidden[rows, cols], head.weight, batch["input_ids"][rows, cols + 1])
