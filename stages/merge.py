@@ -1,10 +1,11 @@
 """The merge stage: the targets (fpo.* or distill.* models) merged with the pivot (or the SFT-only model) as base,
 tensor by tensor.
 
-Writes out/model/ (a full HF checkpoint with the pivot's tokenizer, chat template and generation config) and
-out/merge_report.json + .md (method, parameters, per-tensor weights, and the diagnostics: each target's delta norm,
-pairwise cosines per tensor family, the share of each target's delta energy that survives). One target (a
-one-source recipe) is copied unchanged, except by slerp (an interpolation between the base and it).
+Writes out/model/ (a full HF checkpoint with the pivot's tokenizer, chat template and generation config, and the
+special-token ids its targets were trained with) and out/merge_report.json + .md (method, parameters, per-tensor
+weights, and the diagnostics: each target's delta norm, pairwise cosines per tensor family, the share of each target's
+delta energy that survives). One target (a one-source recipe) is copied unchanged, except by slerp (an interpolation
+between the base and it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from fuse.context import StageContext
-from fuse.io import write_json_atomic, write_text_atomic
+from fuse.io import read_json, write_json_atomic, write_text_atomic
 from fuse.merging import MergeConfig
 from fuse.merging.engine import report_markdown, run_merge
 from fuse.models import load_tokenizer, resolve_model_dir
@@ -47,11 +48,36 @@ def merge_config(ctx: StageContext) -> MergeConfig:
     )
 
 
-def _pivot_files(tokenizer, folder: Path, base_dir: Path) -> None:  # noqa: ANN001 — a transformers tokenizer
-    """The pivot's tokenizer (with the recipe's chat template override, if any) and generation config."""
+# the config keys a training sets from the pivot's tokenizer (the Trainer aligns them: gemma-3's eos becomes its
+# <end_of_turn>): the targets' values, where they all agree, are the merged model's
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _pivot_files(tokenizer, folder: Path, base_dir: Path, targets: list[Path]) -> None:  # noqa: ANN001
+    """The pivot's tokenizer (with the recipe's chat template override, if any) and generation config, and the
+    targets' special tokens (targets_special_tokens)."""
     tokenizer.save_pretrained(folder)
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", folder / "generation_config.json")
+    targets_special_tokens(folder, targets)
+
+
+def targets_special_tokens(folder: Path, targets: list[Path]) -> None:
+    """The special-token ids the targets were trained with, in the merged model's config.json and
+    generation_config.json, where every target has that file and they all agree on the key: a merged chat model
+    stops where its targets stop (gemma-3's base config ends at <eos>, its trained targets at <end_of_turn> too),
+    and a merge of one target is that target to the last file (evaluate scores it once)."""
+    for name in ("config.json", "generation_config.json"):
+        if not (folder / name).is_file() or not all((t / name).is_file() for t in targets):
+            continue
+        merged, configs = read_json(folder / name), [read_json(t / name) for t in targets]
+        changed = False
+        for key in SPECIAL_TOKEN_KEYS:
+            values = [c.get(key) for c in configs]
+            if values[0] is not None and all(v == values[0] for v in values) and merged.get(key) != values[0]:
+                merged[key], changed = values[0], True
+        if changed:
+            write_json_atomic(folder / name, merged)
 
 
 def run(ctx: StageContext) -> None:
@@ -64,7 +90,10 @@ def run(ctx: StageContext) -> None:
         ctx.model_out,
         tokenizer_vocab=len(tokenizer),
         finish_folder=lambda folder: _pivot_files(
-            tokenizer, folder, resolve_model_dir(ctx.model_spec("pivot"))
+            tokenizer,
+            folder,
+            resolve_model_dir(ctx.model_spec("pivot")),
+            [Path(m.path) for m in config.models],
         ),
         progress=lambda done, total: ctx.progress(done, total, "tensor"),
     )

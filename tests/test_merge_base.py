@@ -67,3 +67,37 @@ def test_the_default_base_leaves_fingerprints_and_a_missing_baseline_is_named(fa
     assert prints(on_sft)["distill.a"] == prints(default)["distill.a"]
     with pytest.raises(RecipeError, match=r"stages.merge.base: sft_baseline needs .*sft_baseline: true"):
         parse_recipe(recipe_dict(tmp_path, family, {"base": "sft_baseline"}, sft_baseline=False))
+
+
+def test_the_merged_model_keeps_the_special_tokens_its_targets_were_trained_with(family, tmp_path):
+    """A Trainer aligns a target's eos with the pivot's tokenizer (gemma-3: <end_of_turn>, not the base config's
+    <eos>): the merged model stops where its targets do; targets that disagree leave the pivot's value."""
+    import json
+    import shutil
+
+    pivot, a, b, _ = family
+    trained = []
+    for name, folder in (("a", a), ("b", b)):
+        copy = tmp_path / "trained" / name
+        shutil.copytree(folder, copy)
+        for file, eos in (("config.json", 5), ("generation_config.json", [5, 2])):
+            config = json.loads((copy / file).read_text())
+            config["eos_token_id"] = eos
+            (copy / file).write_text(json.dumps(config))
+        trained.append(copy)
+    recipe = parse_recipe(recipe_dict(tmp_path, family, {"method": "linear", "dtype": "float32"}, False))
+    ctx = merge_context(recipe, {"distill.a": trained[0], "distill.b": trained[1]}, tmp_path / "agree")
+    stage.run(ctx)
+    merged = ctx.out / "model"
+    assert json.loads((merged / "config.json").read_text())["eos_token_id"] == 5
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [5, 2]
+    base_eos = json.loads((pivot / "config.json").read_text())["eos_token_id"]
+    assert base_eos != 5
+
+    config = json.loads((trained[1] / "config.json").read_text())
+    config["eos_token_id"] = 6
+    (trained[1] / "config.json").write_text(json.dumps(config))
+    ctx = merge_context(recipe, {"distill.a": trained[0], "distill.b": trained[1]}, tmp_path / "disagree")
+    stage.run(ctx)
+    assert json.loads((ctx.out / "model" / "config.json").read_text())["eos_token_id"] == base_eos
+    assert json.loads((ctx.out / "model" / "generation_config.json").read_text())["eos_token_id"] == [5, 2]
