@@ -337,6 +337,21 @@ class ArtifactCache:
         return removed
 
 
+def evaluations_named(workdir: Path) -> set[str]:
+    """The per-model evaluation entries (evaluate.model/<key>) that a run store's evaluations were made from or
+    stored: metrics.json's models.*.evaluation_key, of the run and of its per-seed run stores."""
+    keys: set[str] = set()
+    for path in [workdir / "evaluate" / "out" / "metrics.json", *workdir.glob("*/evaluate/out/metrics.json")]:
+        try:
+            models = read_json(path).get("models") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        keys |= {
+            m["evaluation_key"] for m in models.values() if isinstance(m, dict) and m.get("evaluation_key")
+        }
+    return keys
+
+
 def _real_dirs(folder: Path) -> list[Path]:
     """The sub-folders of `folder` that are folders themselves, not links to one."""
     try:
@@ -444,6 +459,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for path in args.keep:
         recipe = load_recipe(path)
         keep |= {fp for fp, _ in fingerprints(recipe, build_dag(recipe)).values()}
+        keep |= evaluations_named(Path(recipe.workdir))
     removed = cache.gc(keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} entries; kept those of {len(args.keep)} recipe(s)")

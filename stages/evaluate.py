@@ -8,6 +8,7 @@ baseline); the math lives in fuse.evaluation so it can be used outside a run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from fuse.data.prepared import load_split
 from fuse.evaluation import load_texts, markdown_table
 from fuse.fingerprint import files_digest
 from fuse.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from fuse.plan import stage_version
 from fuse.plots import plot_accuracy
 from fuse.recipe import ModelSpec
 
@@ -100,6 +102,79 @@ def same_model_key(spec: ModelSpec) -> str | None:
     return sha256_json({"files": files_digest(files), "configs": configs, "trust": spec.trust_remote_code})
 
 
+# ------------------------------------------------------------------ one model's results, kept across runs
+EVALUATION_KEY = "evaluation_key"  # a model's entry under the cache's evaluate.model/ (metrics.json names it)
+CACHE_STAGE = "evaluate.model"
+RESULT = "result.json"
+
+
+def result_settings(settings: Any) -> dict[str, Any]:
+    """The settings a model's results depend on (which models are evaluated and the table's layout do not)."""
+    import torch
+    import transformers
+
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,  # left padding: a batch's greedy answers may differ in the last bit
+        "code_timeout_s": settings.code_timeout_s,
+        "lm_eval": settings.lm_eval.model_dump(mode="json") if settings.lm_eval is not None else None,
+        "stage": stage_version("evaluate"),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",  # float32 on CPU, the model's dtype on GPU
+        "libraries": [torch.__version__, transformers.__version__],
+    }
+
+
+def asked_digest(settings: Any, items: list, texts: list[str], domains: list, pairs: list) -> str:
+    """What every model of the stage is asked, as a digest: the data's contents and the settings' values."""
+    data = [[dataclasses.asdict(x) for x in rows] for rows in (items, domains, pairs)] + [texts]
+    return sha256_json({"settings": result_settings(settings), "data": data})
+
+
+def evaluation_key(model_key: str, asked: str) -> str:
+    """A model's evaluation: its same_model_key with the digest of the data and settings it is evaluated on."""
+    return sha256_json({"model": model_key, "asked": asked})
+
+
+def evaluation_cache(ctx: StageContext) -> Any:
+    """The recipe's shared cache (fuse.cache), where a model's results are kept under its evaluation_key: a variant
+    or a rerun evaluates only the models it changed (the pivot, the sources, an unchanged target come back)."""
+    from fuse.cache import ArtifactCache, cache_root, trusted_groups
+
+    root = cache_root(ctx.recipe)
+    return ArtifactCache(root, trusted_groups(ctx.recipe)) if root is not None else None
+
+
+def cached_result(cache: Any, key: str, log: Any) -> dict[str, Any] | None:
+    """The result stored under `key` when the entry is there, trusted and intact (ArtifactCache.lookup), else None."""
+    from fuse.cache import UntrustedEntry
+
+    try:
+        record = cache.lookup(CACHE_STAGE, key, {})
+        if record is None:
+            return None
+        return json.loads((cache.entry(CACHE_STAGE, key) / "out" / RESULT).read_text(encoding="utf-8"))
+    except (UntrustedEntry, OSError, ValueError) as error:
+        log.warning("evaluation cache entry %s not used (%s): evaluating the model", key, error)
+        return None
+
+
+def store_result(cache: Any, key: str, name: str, result: dict[str, Any], log: Any) -> None:
+    """Keep a model's result (scores per item included) in the cache; a result that is not plain JSON (an
+    lm-eval sample with other types) or an unwritable cache leaves the run as it is, with a warning."""
+    from fuse.cache import UntrustedEntry
+
+    try:
+        text = json.dumps(result, allow_nan=True)
+        cache.add(CACHE_STAGE, key, lambda out: _write_result(out, text), {"instance": name, "inputs": {}})
+    except (TypeError, ValueError, OSError, UntrustedEntry) as error:
+        log.warning("%s: results not kept in the cache (%s)", name, error)
+
+
+def _write_result(out: Path, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RESULT, text)
+
+
 def run(ctx: StageContext) -> None:
     settings = ctx.settings
     models = models_to_evaluate(ctx)
@@ -116,6 +191,8 @@ def run(ctx: StageContext) -> None:
         )
     results: dict[str, Any] = {}
     seen: dict[str, str] = {}  # same_model_key -> the model evaluated under it
+    cache = evaluation_cache(ctx)
+    asked = asked_digest(settings, items, texts, domains, pairs)
     for done, (name, spec) in enumerate(models.items()):
         key = same_model_key(spec)
         if key is not None and key in seen:
@@ -125,6 +202,15 @@ def run(ctx: StageContext) -> None:
             continue
         if key is not None:
             seen[key] = name
+        stored = evaluation_key(key, asked) if key is not None else None
+        cached = cached_result(cache, stored, ctx.log) if cache is not None and stored else None
+        if cached is not None:
+            ctx.log.info(
+                "%s: evaluated before on the same data and settings: its results from %s", name, cache.root
+            )
+            results[name] = cached | {"path": spec.path, EVALUATION_KEY: stored, "cached": True}
+            ctx.progress(done + 1, len(models), "model")
+            continue
         ctx.log.info("evaluating %s (%s)", name, spec.path)
         results[name] = evaluation.evaluate_model(
             spec,
@@ -137,6 +223,10 @@ def run(ctx: StageContext) -> None:
             pairs,
             code_exec.Limits(timeout_s=settings.code_timeout_s),
         )
+        if stored:
+            results[name][EVALUATION_KEY] = stored
+            if cache is not None:
+                store_result(cache, stored, name, results[name], ctx.log)
         ctx.progress(done + 1, len(models), "model")
     scores = item_scores.scores_table(
         results, [i.skill for i in items], [d.domain for d in domains], evaluation.ITEMS

@@ -112,7 +112,8 @@ def check_estimate(recipe_path, workdir) -> None:
 @pytest.mark.slow
 def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     workdir = tmp_path / "run"
-    recipe = demo_recipe(zoo.root, workdir, tmp_path / "tiny-demo.yaml")
+    cache = str(tmp_path / "cache")  # as the shipped demo has one: a rerun reuses what did not change
+    recipe = demo_recipe(zoo.root, workdir, tmp_path / "tiny-demo.yaml", cache=cache)
     first = fuse_run(recipe)
     assert "30 of 30 stage instances to run" in first.stdout
     finished = finished_at(recipe)
@@ -140,12 +141,20 @@ def test_tiny_demo_end_to_end_then_noop_then_one_setting(zoo, tmp_path):
     assert finished_at(recipe) == finished
 
     changed = demo_recipe(
-        zoo.root, workdir, tmp_path / "tiny-demo.yaml", stages__merge__parameters__select_topk=0.7
+        zoo.root,
+        workdir,
+        tmp_path / "tiny-demo.yaml",
+        cache=cache,
+        stages__merge__parameters__select_topk=0.7,
     )
     third = fuse_run(changed)
     assert "3 of 30 stage instances to run" in third.stdout
     now = finished_at(changed)
     assert {name for name in now if now[name] != finished[name]} == {"merge", "evaluate", "publish"}
+    # evaluate scores the new merge alone: every other model's results come back from the cache
+    rows = json.loads((workdir / "evaluate" / "out" / "metrics.json").read_text())["models"]
+    assert {name for name, row in rows.items() if not row.get("cached")} == {"merge"}
+    assert all(rows[n]["ce_per_byte"] == metrics["models"][n]["ce_per_byte"] for n in rows if n != "merge")
     assert f"published model: {model.resolve()}" in third.stdout
 
 

@@ -340,8 +340,9 @@ def test_random_weights_score_zero_and_trained_pivot_does_not(zoo: Zoo, tmp_path
     assert random["ce_per_byte"] > 0.5 * math.log(len(AutoTokenizer.from_pretrained(zoo.pivot))) / 6
 
 
-def stage_context(zoo: Zoo, tmp_path: Path, **evaluate):
-    """An evaluate StageContext over the zoo recipe; every made model (distill.*, merge) is a link to the pivot."""
+def stage_context(zoo: Zoo, tmp_path: Path, cache: Path | None = None, **evaluate):
+    """An evaluate StageContext over the zoo recipe (with `cache` as its shared cache); every made model (distill.*,
+    merge) is a link to the pivot."""
     from fuse.context import StageContext
     from fuse.dag import build_dag
     from fuse.recipe import load_recipe
@@ -353,7 +354,8 @@ def stage_context(zoo: Zoo, tmp_path: Path, **evaluate):
             "evaluate": recipe.stages.evaluate.model_copy(update=evaluate),
         }
     )
-    recipe = recipe.model_copy(update={"stages": stages, "workdir": str(tmp_path / "run")})
+    update = {"stages": stages, "workdir": str(tmp_path / "run")} | ({"cache": str(cache)} if cache else {})
+    recipe = recipe.model_copy(update=update)
     instance = build_dag(recipe)["evaluate"]
     inputs = {}
     for parent in instance.parents:
@@ -397,6 +399,66 @@ def test_evaluate_stage_writes_metrics_for_every_model(zoo: Zoo, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| llama |"))
     assert row.count(" ± ") == len(row.split("|")) - 3, row  # every cell: value ± standard error
     assert (ctx.out / "accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_models_results_come_back_from_the_cache_on_the_same_data_and_settings(
+    zoo: Zoo, tmp_path, monkeypatch
+):
+    """A rerun (or a variant in its own run store) evaluates only what changed: each model's results are kept in
+    the recipe's cache under its weights, tokenizer, configs, the data and the settings; gc keeps those a run
+    store names."""
+    import dataclasses
+
+    from fuse import evaluation
+    from fuse.cache import ArtifactCache, evaluations_named
+    from fuse.stages import evaluate
+
+    evaluated = []
+    real = evaluation.evaluate_model
+    monkeypatch.setattr(
+        evaluation, "evaluate_model", lambda spec, *a, **k: evaluated.append(spec.path) or real(spec, *a, **k)
+    )
+
+    def run(name: str, **settings):  # noqa: ANN202
+        ctx = stage_context(zoo, tmp_path / name, tmp_path / "cache", max_items_per_skill=2, **settings)
+        evaluated.clear()
+        evaluate.run(ctx)
+        return json.loads((ctx.out / "metrics.json").read_text()), list(evaluated)
+
+    first, done = run("first", max_new_tokens=4)
+    assert len(done) == 4  # the pivot (every made model links to it) and the three sources
+    second, done = run("second", max_new_tokens=4)
+    assert done == []
+    for name, row in first["models"].items():
+        again = second["models"][name]
+        assert again["skills"] == row["skills"] and again["ce_per_byte"] == row["ce_per_byte"], name
+        assert again["domain_ce"] == row["domain_ce"] and again["stderr"] == row["stderr"], name
+        assert again["evaluation_key"] == row["evaluation_key"]
+    assert second["models"]["pivot"]["cached"] and "cached" not in first["models"]["pivot"]
+    # scores per item too: the paired comparisons of the second run are the first's
+    assert (tmp_path / "second/run/evaluate/out/metrics.md").read_text() == (
+        tmp_path / "first/run/evaluate/out/metrics.md"
+    ).read_text()
+    # another setting, another text, one item changed: another key (evaluated again)
+    settings = stage_context(zoo, tmp_path / "keys").settings
+    items = evaluation.load_items(settings.items, 2)
+    asked = evaluate.asked_digest(settings, items, ["a text"], [], [])
+    longer = settings.model_copy(update={"max_new_tokens": settings.max_new_tokens + 1})
+    changed = [dataclasses.replace(items[0], answer="?"), *items[1:]]
+    assert asked == evaluate.asked_digest(settings, list(items), ["a text"], [], [])
+    assert len({asked, evaluate.asked_digest(longer, items, ["a text"], [], [])}) == 2
+    assert len({asked, evaluate.asked_digest(settings, items, ["b text"], [], [])}) == 2
+    assert len({asked, evaluate.asked_digest(settings, changed, ["a text"], [], [])}) == 2
+
+    cache = ArtifactCache(tmp_path / "cache")
+    kept = evaluations_named(tmp_path / "first" / "run")
+    assert len(kept) == 4 and {p.name for p in cache.entries()} == kept
+    other = cache.root / "extract" / ("0" * 64)  # another stage's entry, named by no recipe here
+    other.mkdir(parents=True)
+    (other / "entry.json").write_text("{}")
+    cache.gc(kept)
+    assert {p.name for p in cache.entries()} == kept
 
 
 def test_same_model_key_ignores_the_folder_around_the_weights(zoo: Zoo, tmp_path):
