@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 DEMO = REPO / "examples" / "tiny-demo.yaml"
 SFT = "distill.sft_baseline"
-CONTROLS = ("distill.self_distill", "distill.label_smoothing", "distill.oracle", "merge")
+CONTROLS = ("distill.self_distill", "distill.label_smoothing", "distill.oracle", "merge", "distill.joint")
 
 
 def zoo_root(seed: int) -> Path:

@@ -27,14 +27,16 @@ class Edge:
 ROLES = {
     "data": "prepare's splits (SFT conversations, preference pairs)",
     "pivot_logprobs": "the pivot's top-K log-prob store (extract.pivot)",
-    "source_logprobs": "the source's own top-K log-prob store, in its own tokenization (extract.<source>)",
-    "alignment": "the source's store projected onto the pivot's tokens (align.<source>)",
+    "source_logprobs": "the source's own top-K log-prob store, in its own tokenization (extract.<source>); "
+    "distill.joint's are labelled by source",
+    "alignment": "the source's store projected onto the pivot's tokens (align.<source>); distill.joint's are "
+    "labelled by source",
     "model": "the model to score or to publish (its out/model)",
     "policy": "the model fpo starts from (its out/model)",
     "policy_scores": "the score table of the policy (the pivot of the sequence-level fusion)",
     "source_scores": "the score table of one fused source, labelled by that model",
     "targets": "target models, labelled by source (merge) or by instance (evaluate)",
-    "fused": "the fused model (merge, and fpo.merged when fpo runs after it)",
+    "fused": "a fused model: merge, fpo.merged when fpo runs after it, distill.joint (every source at once)",
     "sft_baseline": "the SFT-only baseline model",
     "controls": "a control arm's model (distill.self_distill, distill.label_smoothing, distill.oracle, fpo.dpo-<s>)",
     "evaluation": "the evaluate stage's metrics",
@@ -209,6 +211,16 @@ def build_dag(recipe: Recipe) -> Dag:
                 options=(("sft_only", True),),
             )
             dag.add(baseline)
+        if s.distill.joint:  # FuseLLM: one target, every source a teacher beside the pivot
+            teachers = (
+                Edge("pivot_logprobs", "extract.pivot"),
+                *edges("source_logprobs", *(f"extract.{m}" for m in sources), labels=sources),
+                *edges("alignment", *(f"align.{m}" for m in sources), labels=sources),
+            )
+            options = (("joint", True),)
+            dag.add(
+                Instance("distill.joint", "distill", "joint", data + teachers, ("pivot",), options=options)
+            )
         for control in s.distill.controls:
             # the pivot's own store: self_distill's teacher, and the oracle's tokens are checked against it
             teacher = (
@@ -272,7 +284,7 @@ def build_dag(recipe: Recipe) -> Dag:
                 made.append(Edge("sft_baseline", instance.name, instance.name))
             elif instance.option("control"):
                 made.append(Edge("controls", instance.name, instance.name))
-            elif instance.stage == "merge" or instance.name == "fpo.merged":
+            elif instance.stage == "merge" or instance.name in ("fpo.merged", "distill.joint"):
                 made.append(Edge("fused", instance.name, instance.name))
             elif instance.stage in ("distill", "fpo"):
                 made.append(Edge("targets", instance.name, instance.name))

@@ -1,5 +1,6 @@
 """distill.<source>: train a target T_i from the pivot's weights with L = λ·CE(gold) + (1−λ)·D(P_fused ‖ q_θ),
 where P_fused fuses, per sequence, the pivot's own top-K and the source's top-K projected onto the pivot's vocab.
+distill.joint (stages.distill.joint, FuseLLM) fuses the pivot's and every source's in one target.
 
 Reads extract.pivot and align.<source> (same store format, same samples, the pivot's tokens); distill.sft_baseline
 (option sft_only) reads the prepared SFT split only and trains with λ = 1; the control arms (distill.self_distill,
@@ -49,11 +50,13 @@ def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fused_targets(
-    pivot: SampleLogprobs, aligned: SampleLogprobs, weights: np.ndarray
+    pivot: SampleLogprobs, aligned: SampleLogprobs | list[SampleLogprobs], weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused sparse distribution per position, aligned with the tokens: position t+1 holds row t; position 0
-    and positions outside the response get no teacher (-1 / 0)."""
-    candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in (pivot, aligned)]
+    and positions outside the response get no teacher (-1 / 0). `aligned`: one source's store on the pivot's
+    tokens, or several (distill.joint), weighted after the pivot in that order."""
+    teachers = [pivot, *(aligned if isinstance(aligned, list) else [aligned])]
+    candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in teachers]
     ids, probs = (t.numpy() for t in fuse_sparse(candidates, torch.from_numpy(weights)))
     train_rows = pivot.mask[1:]
     ids, probs = np.where(train_rows[:, None], ids, -1), np.where(train_rows[:, None], probs, 0.0)
@@ -92,21 +95,34 @@ def training_row(
 
 
 def distill_rows(
-    pivot_path: str, aligned_path: str, fusion: str, max_length: int, source_path: str | None = None
+    pivot_path: str,
+    aligned_path: str | list[str],
+    fusion: str,
+    max_length: int,
+    source_path: str | list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One training row per sample of the pivot's store (module-level and plain arguments: datasets hashes it).
 
-    The source's CE comes from its own extract (its own tokenization, as FuseChat does) when `source_path` is
-    given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
+    `aligned_path`: one source's aligned store (a target), or a list of them (distill.joint: every source a
+    teacher beside the pivot, the fusion function choosing among all of them per sequence). A source's CE comes
+    from its own extract (its own tokenization, as FuseChat does) when `source_path` (a list, one per aligned
+    store, for joint) is given, else from the aligned store (the projected distribution's log-prob of the pivot's
+    tokens)."""
+    aligned_paths = aligned_path if isinstance(aligned_path, list) else [aligned_path]
+    own_paths = source_path if isinstance(source_path, list) else [source_path] * len(aligned_paths)
     fuse_weights = get_fusion(fusion).fn
-    aligned_store = LogprobReader(aligned_path)
-    source_store = LogprobReader(source_path) if source_path else None
+    aligned_stores = [LogprobReader(path) for path in aligned_paths]
+    own_stores = [LogprobReader(path) if path else None for path in own_paths]
     for pivot in LogprobReader(pivot_path):
-        aligned = check_pair(
-            pivot, aligned_store.get(pivot.id) if pivot.id in aligned_store else None, aligned_path
-        )
-        own = source_store.get(pivot.id) if source_store is not None and pivot.id in source_store else aligned
-        ce = torch.tensor([[ce_per_byte(pivot), ce_per_byte(own)]], dtype=torch.float64)
+        aligned = [
+            check_pair(pivot, store.get(pivot.id) if pivot.id in store else None, path)
+            for store, path in zip(aligned_stores, aligned_paths, strict=True)
+        ]
+        own = [
+            own_store.get(pivot.id) if own_store is not None and pivot.id in own_store else projected
+            for own_store, projected in zip(own_stores, aligned, strict=True)
+        ]
+        ce = torch.tensor([[ce_per_byte(pivot), *(ce_per_byte(o) for o in own)]], dtype=torch.float64)
         weights = fuse_weights(ce)[0].numpy()
         ids, probs = fused_targets(pivot, aligned, weights)
         yield training_row(pivot, ids, probs, max_length) | {
@@ -140,18 +156,20 @@ def write_rows(generator: Any, gen_kwargs: dict[str, Any], path: Path) -> Any:
     return dataset
 
 
-def data_report(dataset: Any, sft_only: bool) -> dict[str, Any]:
+def data_report(dataset: Any, teachers: list[str] | None) -> dict[str, Any]:
+    """Samples and response tokens; with `teachers` (a fused arm's teacher names, the pivot first): each
+    teacher's mean CE per byte and mean weight, and how many sequences each one won."""
     report: dict[str, Any] = {
         "samples": len(dataset),
         "response_tokens": int(sum(sum(1 for x in r[1:] if x != -100) for r in dataset["labels"])),
     }
-    if not sft_only and len(dataset):
+    if teachers and len(dataset):
         ce = np.asarray(dataset["ce_per_byte"])
         weights = np.asarray(dataset["weights"])
-        winners = Counter(("pivot", "source")[int(i)] for i in weights.argmax(axis=1))
+        winners = Counter(teachers[int(i)] for i in weights.argmax(axis=1))
         report.update(
-            ce_per_byte={"pivot": float(ce[:, 0].mean()), "source": float(ce[:, 1].mean())},
-            mean_weight={"pivot": float(weights[:, 0].mean()), "source": float(weights[:, 1].mean())},
+            ce_per_byte={name: float(ce[:, i].mean()) for i, name in enumerate(teachers)},
+            mean_weight={name: float(weights[:, i].mean()) for i, name in enumerate(teachers)},
             sequences_won=dict(winners),
         )
     return report
@@ -166,13 +184,17 @@ def check_inputs(ctx: StageContext, arm: str) -> None:
         get_fusion(settings.fusion)
     except ValueError as error:
         raise DistillInputError(f"stages.distill.fusion: {error}") from None
-    roles = {"target": ("pivot_logprobs", "alignment"), "self_distill": ("pivot_logprobs",)}.get(arm, ())
+    roles = {
+        "target": ("pivot_logprobs", "alignment"),
+        "joint": ("pivot_logprobs", "alignment"),
+        "self_distill": ("pivot_logprobs",),
+    }.get(arm, ())
     for role in roles:
-        folder = ctx.input(role)
-        if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
-            raise DistillInputError(
-                f"{ctx.instance.name}: input {ctx.parent(role)} ({folder}) holds no log-prob store"
-            )
+        for label, folder in ctx.inputs_of(role).items():
+            if not any(folder.glob("shard-*")) and not (folder / "index.json").is_file():
+                raise DistillInputError(
+                    f"{ctx.instance.name}: input {label} ({folder}) holds no log-prob store"
+                )
     if arm == "oracle" and not Path(settings.oracle_teacher).is_file():
         raise DistillInputError(f"stages.distill.oracle_teacher: {settings.oracle_teacher} does not exist")
 
@@ -183,9 +205,12 @@ def own_extract(ctx: StageContext) -> str | None:
 
 
 def arm_of(ctx: StageContext) -> str:
-    """What this instance trains: a target (fused teachers), the SFT-only baseline or a control arm."""
+    """What this instance trains: a target (fused teachers), the joint target (the pivot and every source), the
+    SFT-only baseline or a control arm."""
     if ctx.instance.option("sft_only", False):
         return "sft_only"
+    if ctx.instance.option("joint", False):
+        return "joint"
     control = ctx.instance.option("control")
     return "sft_only" if control == "label_smoothing" else str(control or "target")
 
@@ -208,13 +233,25 @@ def rows_of(ctx: StageContext, arm: str) -> tuple[Any, dict[str, Any]]:
             "teacher_path": teacher,
             "max_length": settings.max_length,
         }
+    if arm == "joint":  # every source, in the recipe's order
+        aligned: str | list[str] = [str(p) for p in ctx.inputs_of("alignment").values()]
+        own: str | list[str] | None = [str(p) for p in ctx.inputs_of("source_logprobs").values()]
+    else:
+        aligned, own = str(ctx.input("alignment")), own_extract(ctx)
     return distill_rows, {
         "pivot_path": pivot,
-        "aligned_path": str(ctx.input("alignment")),
+        "aligned_path": aligned,
         "fusion": settings.fusion,
         "max_length": settings.max_length,
-        "source_path": own_extract(ctx) if settings.rate_by == "own" else None,
+        "source_path": own if settings.rate_by == "own" else None,
     }
+
+
+def teacher_names(ctx: StageContext, arm: str) -> list[str] | None:
+    """The fused arms' teachers in their weights' order (a pairwise target's: pivot and source)."""
+    if arm == "joint":
+        return ["pivot", *ctx.inputs_of("alignment")]
+    return ["pivot", "source"] if arm == "target" else None
 
 
 def training_data(ctx: StageContext, arm: str) -> tuple[Path, dict[str, Any]]:
@@ -226,7 +263,7 @@ def training_data(ctx: StageContext, arm: str) -> tuple[Path, dict[str, Any]]:
         dataset = write_rows(*rows_of(ctx, arm), path)
     if len(dataset) == 0:
         raise DistillInputError(f"{ctx.instance.name}: no training sample has a response token")
-    return path, data_report(dataset, arm != "target")
+    return path, data_report(dataset, teacher_names(ctx, arm))
 
 
 def validation_data(ctx: StageContext) -> Path | None:
@@ -274,7 +311,7 @@ def run(ctx: StageContext) -> None:
             if not ctx.instance.option("control")
             else f"control: {ctx.instance.option('control')}",
             "lambda": settings.lambda_,
-            "fusion": settings.fusion if arm == "target" else None,
+            "fusion": settings.fusion if arm in ("target", "joint") else None,
             "divergence": settings.divergence,
             "temperature": settings.temperature,
             "label_smoothing": settings.label_smoothing,

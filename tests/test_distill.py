@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -583,3 +584,100 @@ def test_the_trainer_takes_the_loss_from_hidden_states_and_it_equals_the_logits_
     torch.testing.assert_close(hidden_loss, logits_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(hidden_grads, logits_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- distill.joint
+
+
+def joint_sample(sample_id: str, rng: np.random.Generator, targets: list[float]) -> Any:
+    """A teacher's record of one fixed conversation: random top-3 rows over 12 ids, its own gold log-probs."""
+    from fuse.data.logprobs import ContentSpan, SampleLogprobs
+
+    k, rows = 3, 5
+    ids = np.stack([rng.choice(12, size=k, replace=False) for _ in range(rows)])
+    probs = rng.dirichlet(np.ones(k + 1), size=rows)[:, :k]  # a tail bucket keeps some mass
+    logp = np.log(np.sort(probs, axis=1)[:, ::-1]).astype(np.float32)
+    return SampleLogprobs(
+        id=sample_id,
+        text="Q: hi A: héllo<eot>",
+        spans=[ContentSpan("user", 3, 5), ContentSpan("assistant", 9, 14)],
+        input_ids=np.array([1, 2, 3, 4, 5, 6]),
+        offsets=np.array([[0, 3], [3, 5], [5, 9], [9, 11], [11, 14], [14, 19]]),
+        mask=np.array([False, False, False, True, True, True]),
+        topk_ids=ids,
+        topk_logprobs=logp,
+        target_logprobs=np.array([-9.0, -9.0, *targets], np.float32),
+    )
+
+
+@pytest.mark.parametrize("fusion", ["min_ce", "avg_ce"])
+def test_joint_rows_fuse_every_teacher_as_a_dense_mixture(tmp_path, fusion):
+    """distill.joint's rows against a dense computation by hand: per sequence the fusion function's weights over
+    the pivot and every source (each rated by its own CE per byte), and per position Σ_m w_m p_m over the ids."""
+    from fuse.data.logprobs import LogprobReader, write_shard
+    from fuse.data.response import ce_per_byte
+    from fuse.losses import get_fusion
+    from stages.distill import distill_rows
+
+    rng = np.random.default_rng(0)
+    # three conversations; each teacher's gold log-probs make a different one the best: s0 the pivot, s1 source
+    # a, s2 source b (the lowest CE per byte)
+    gold = {
+        "pivot": [[-0.5, -0.5, -1.0], [-3.0, -3.0, -1.0], [-3.0, -3.0, -1.0]],
+        "a": [[-2.0, -2.0, -1.0], [-0.2, -0.2, -1.0], [-2.5, -2.5, -1.0]],
+        "b": [[-2.5, -2.5, -1.0], [-2.0, -2.0, -1.0], [-0.1, -0.1, -1.0]],
+    }
+    paths = {}
+    for name, rows in gold.items():
+        samples = [joint_sample(f"s{i}", rng, targets) for i, targets in enumerate(rows)]
+        paths[name] = str(write_shard(tmp_path / name / "shard-00000", samples, top_k=3, vocab_size=12))
+    rows = list(distill_rows(paths["pivot"], [paths["a"], paths["b"]], fusion, 64, [paths["a"], paths["b"]]))
+    stores = {name: LogprobReader(path) for name, path in paths.items()}
+    for i, row in enumerate(rows):
+        teachers = [stores[name].get(f"s{i}") for name in ("pivot", "a", "b")]
+        ce = torch.tensor([[ce_per_byte(t) for t in teachers]], dtype=torch.float64)
+        weights = get_fusion(fusion).fn(ce)[0].numpy()
+        np.testing.assert_allclose(row["weights"], weights)
+        if fusion == "min_ce":
+            assert int(np.argmax(weights)) == i  # the teacher that knows this conversation
+        ids = np.asarray(row["target_ids"]).reshape(-1, row["target_width"])
+        probs = np.asarray(row["target_probs"]).reshape(-1, row["target_width"])
+        for t in range(1, len(row["input_ids"])):
+            dense = np.zeros(12)
+            np.add.at(dense, ids[t][ids[t] >= 0], probs[t][ids[t] >= 0])
+            want = np.zeros(12)
+            if teachers[0].mask[t]:  # row t-1 of each teacher predicts token t
+                for w, teacher in zip(weights, teachers, strict=True):
+                    np.add.at(want, teacher.topk_ids[t - 1], w * np.exp(teacher.topk_logprobs[t - 1]))
+            np.testing.assert_allclose(dense, want, rtol=1e-5, atol=1e-7)
+
+
+def test_joint_is_one_more_target_taught_by_every_source(tmp_path):
+    """stages.distill.joint adds distill.joint (the pivot's and every source's stores, labelled by source), which
+    evaluate reports as a fused model and merge leaves out; turning it on leaves every other instance as it was."""
+    from fuse.dag import build_dag
+    from fuse.plan import fingerprints
+    from fuse.recipe import parse_recipe
+
+    from recipes import toy_recipe
+
+    def dag_and_prints(**distill):
+        recipe = parse_recipe(toy_recipe(tmp_path, stages={"distill": {"sft_baseline": True, **distill}}))
+        dag = build_dag(recipe)
+        return dag, {name: fp for name, (fp, _) in fingerprints(recipe, dag).items()}
+
+    dag, prints = dag_and_prints(joint=True)
+    joint = dag["distill.joint"]
+    assert {(e.role, e.parent, e.label) for e in joint.edges if e.role != "data"} == {
+        ("pivot_logprobs", "extract.pivot", None),
+        ("source_logprobs", "extract.a", "a"),
+        ("source_logprobs", "extract.b", "b"),
+        ("alignment", "align.a", "a"),
+        ("alignment", "align.b", "b"),
+    }
+    assert "distill.joint" not in dag["merge"].parents
+    assert ("fused", "distill.joint") in {(e.role, e.parent) for e in dag["evaluate"].edges}
+    _, without = dag_and_prints()
+    assert {n: fp for n, fp in prints.items() if n in without and n not in ("evaluate", "publish")} == {
+        n: fp for n, fp in without.items() if n not in ("evaluate", "publish")
+    }

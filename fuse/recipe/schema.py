@@ -10,7 +10,7 @@ from fuse.recipe.executor_settings import ExecutorSpec
 from fuse.recipe.settings import Stages
 from fuse.recipe.specs import DataSpec, ModelSpec
 
-RESERVED_NAMES = ("pivot", "merged", "sft_baseline", "self_distill", "label_smoothing", "oracle")
+RESERVED_NAMES = ("pivot", "merged", "joint", "sft_baseline", "self_distill", "label_smoothing", "oracle")
 
 
 class Recipe(Frozen):

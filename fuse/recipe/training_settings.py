@@ -533,6 +533,12 @@ class DistillSettings(TrainSettings):
     sft_baseline: bool = Field(
         False, description="Also train the pivot with lambda=1 (the SFT-only baseline)."
     )
+    joint: bool = added(
+        False,
+        description="Also train distill.joint: one target taught by the pivot and every source at once, the fusion "
+        "function choosing per sequence among all of them (FuseLLM's many-teacher distillation, beside FuseChat's "
+        "one target per source). evaluate reports it with the fused models.",
+    )
     validation: bool = Field(
         False,
         description="Score the gold CE of the prepared held-out SFT split (data.heldout_fraction) at every "
@@ -572,7 +578,7 @@ class DistillSettings(TrainSettings):
     def for_arm(self) -> DistillSettings:
         """A target's settings without the keys that only shape the DAG (which arms exist): adding a control or
         the baseline does not make the targets stale."""
-        return self.model_copy(update=self._defaults("sft_baseline", "controls", "oracle_teacher"))
+        return self.model_copy(update=self._defaults("sft_baseline", "joint", "controls", "oracle_teacher"))
 
     def sft_only(self) -> DistillSettings:
         """The settings the SFT-only baseline trains with: λ = 1, and the teacher's knobs (which it never reads)
