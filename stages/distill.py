@@ -96,20 +96,20 @@ def training_row(
 
 def distill_rows(
     pivot_path: str,
-    aligned_path: str | list[str],
+    aligned_path: str | tuple[str, ...],
     fusion: str,
     max_length: int,
-    source_path: str | list[str] | None = None,
+    source_path: str | tuple[str, ...] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One training row per sample of the pivot's store (module-level and plain arguments: datasets hashes it).
 
-    `aligned_path`: one source's aligned store (a target), or a list of them (distill.joint: every source a
-    teacher beside the pivot, the fusion function choosing among all of them per sequence). A source's CE comes
-    from its own extract (its own tokenization, as FuseChat does) when `source_path` (a list, one per aligned
-    store, for joint) is given, else from the aligned store (the projected distribution's log-prob of the pivot's
-    tokens)."""
-    aligned_paths = aligned_path if isinstance(aligned_path, list) else [aligned_path]
-    own_paths = source_path if isinstance(source_path, list) else [source_path] * len(aligned_paths)
+    `aligned_path`: one source's aligned store (a target), or a tuple of them (distill.joint: every source a
+    teacher beside the pivot, the fusion function choosing among all of them per sequence; a tuple, since
+    `Dataset.from_generator` would split a list into shards, one generator call each). A source's CE comes from its
+    own extract (its own tokenization, as FuseChat does) when `source_path` (a tuple, one per aligned store, for
+    joint) is given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
+    aligned_paths = list(aligned_path) if isinstance(aligned_path, tuple) else [aligned_path]
+    own_paths = list(source_path) if isinstance(source_path, tuple) else [source_path] * len(aligned_paths)
     fuse_weights = get_fusion(fusion).fn
     aligned_stores = [LogprobReader(path) for path in aligned_paths]
     own_stores = [LogprobReader(path) if path else None for path in own_paths]
@@ -233,9 +233,9 @@ def rows_of(ctx: StageContext, arm: str) -> tuple[Any, dict[str, Any]]:
             "teacher_path": teacher,
             "max_length": settings.max_length,
         }
-    if arm == "joint":  # every source, in the recipe's order
-        aligned: str | list[str] = [str(p) for p in ctx.inputs_of("alignment").values()]
-        own: str | list[str] | None = [str(p) for p in ctx.inputs_of("source_logprobs").values()]
+    if arm == "joint":  # every source, in the recipe's order; tuples: datasets splits a list into shards
+        aligned: str | tuple[str, ...] = tuple(str(p) for p in ctx.inputs_of("alignment").values())
+        own: str | tuple[str, ...] | None = tuple(str(p) for p in ctx.inputs_of("source_logprobs").values())
     else:
         aligned, own = str(ctx.input("alignment")), own_extract(ctx)
     return distill_rows, {

@@ -614,10 +614,12 @@ def joint_sample(sample_id: str, rng: np.random.Generator, targets: list[float])
 def test_joint_rows_fuse_every_teacher_as_a_dense_mixture(tmp_path, fusion):
     """distill.joint's rows against a dense computation by hand: per sequence the fusion function's weights over
     the pivot and every source (each rated by its own CE per byte), and per position Σ_m w_m p_m over the ids."""
+    from types import SimpleNamespace
+
     from fuse.data.logprobs import LogprobReader, write_shard
     from fuse.data.response import ce_per_byte
     from fuse.losses import get_fusion
-    from stages.distill import distill_rows
+    from stages.distill import rows_of, write_rows
 
     rng = np.random.default_rng(0)
     # three conversations; each teacher's gold log-probs make a different one the best: s0 the pivot, s1 source
@@ -631,15 +633,24 @@ def test_joint_rows_fuse_every_teacher_as_a_dense_mixture(tmp_path, fusion):
     for name, rows in gold.items():
         samples = [joint_sample(f"s{i}", rng, targets) for i, targets in enumerate(rows)]
         paths[name] = str(write_shard(tmp_path / name / "shard-00000", samples, top_k=3, vocab_size=12))
-    rows = list(distill_rows(paths["pivot"], [paths["a"], paths["b"]], fusion, 64, [paths["a"], paths["b"]]))
+    # the stage's own arguments for distill.joint, through datasets as the stage writes them
+    inputs = {"pivot_logprobs": {"pivot": paths["pivot"]}, "source_logprobs": {}, "alignment": {}}
+    inputs["alignment"] = inputs["source_logprobs"] = {"a": paths["a"], "b": paths["b"]}
+    ctx = SimpleNamespace(
+        settings=DistillSettings(fusion=fusion, max_length=64),
+        input=lambda role: paths["pivot"],
+        inputs_of=lambda role: inputs[role],
+    )
+    rows = list(write_rows(*rows_of(ctx, "joint"), tmp_path / "rows"))
+    assert len(rows) == 3 and all(len(row["weights"]) == 3 for row in rows)
     stores = {name: LogprobReader(path) for name, path in paths.items()}
-    for i, row in enumerate(rows):
-        teachers = [stores[name].get(f"s{i}") for name in ("pivot", "a", "b")]
+    for row in rows:
+        teachers = [stores[name].get(row["id"]) for name in ("pivot", "a", "b")]
         ce = torch.tensor([[ce_per_byte(t) for t in teachers]], dtype=torch.float64)
         weights = get_fusion(fusion).fn(ce)[0].numpy()
         np.testing.assert_allclose(row["weights"], weights)
         if fusion == "min_ce":
-            assert int(np.argmax(weights)) == i  # the teacher that knows this conversation
+            assert int(np.argmax(weights)) == int(row["id"][1:])  # the teacher that knows this conversation
         ids = np.asarray(row["target_ids"]).reshape(-1, row["target_width"])
         probs = np.asarray(row["target_probs"]).reshape(-1, row["target_width"])
         for t in range(1, len(row["input_ids"])):
