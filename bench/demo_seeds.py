@@ -137,6 +137,9 @@ def summarize(units: list[dict[str, Any]]) -> dict[str, Any]:
             "per_domain": domains,
             "wins": sum(u[arm]["primary"] < 0 for u in units),
         }
+        if arm != "targets":  # paired with the targets on the same units: what one model keeps of their gains
+            paired = [u[arm]["primary"] - u["targets"]["primary"] for u in units]
+            out[arm]["minus_targets"] = seed_summary(paired).__dict__ | {"wins": sum(d < 0 for d in paired)}
     out["pivot_domain"] = {
         m: seed_summary([u["pivot_domain"][m] for u in units]).__dict__ for m in units[0]["pivot_domain"]
     }
@@ -167,6 +170,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {arm} | {fmt(s['primary'])} | {s['primary']['se']:.4f} | {s['wins']}/{n} | "
             f"{s['gap_closed']['mean']:+.1%} ± {s['gap_closed']['sd']:.1%} |"
         )
+    lines += [
+        "",
+        "Each arm paired with the targets on the same units (arm − targets, primary metric; a one-model arm near 0 "
+        "keeps the targets' gains in one model):",
+        "",
+    ]
+    lines += [
+        f"- {arm}: {fmt(s['minus_targets'])} ({s['minus_targets']['wins']}/{n} below the targets)"
+        for arm, s in summary.items()
+        if "minus_targets" in s
+    ]
     domains = list(summary["targets"]["per_domain"])
     lines += ["", "Per source domain (arm − SFT-only):", "", "| arm | " + " | ".join(domains) + " |"]
     lines.append("|---" * (len(domains) + 1) + "|")
@@ -213,20 +227,29 @@ def main() -> None:
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--name", default="", help="a variant's name: results in demo_seeds-NAME.*")
     parser.add_argument("--work", default=str(REPO / "runs" / "demo-seeds"))
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="build and run nothing: measure the finished run stores again (times from the last results file)",
+    )
     args = parser.parse_args()
     zoo_seeds = [int(s) for s in args.zoo_seeds.split(",")]
     train_seeds = [int(s) for s in args.train_seeds.split(",")]
     work = Path(args.work).resolve() / (args.name or "demo")
     work.mkdir(parents=True, exist_ok=True)
 
+    stem = "demo_seeds" + (f"-{args.name}" if args.name else "")
     started = time.monotonic()
     seconds: dict[str, Any] = {"zoo_builds": {}, "runs": {}}
-    for z in zoo_seeds:
+    if args.measure_only:
+        seconds = json.loads((RESULTS / f"{stem}.json").read_text())["seconds"]
+    for z in zoo_seeds if not args.measure_only else []:
         seconds["zoo_builds"][z] = build_zoo(z)
         print(f"zoo seed {z}: built in {seconds['zoo_builds'][z]:.0f} s", flush=True)
         seconds["runs"][z] = run_world(z, train_seeds, work, args.changes)
         print(f"zoo seed {z}: {len(train_seeds)} training seeds in {seconds['runs'][z]:.0f} s", flush=True)
-    seconds["total"] = time.monotonic() - started
+    if not args.measure_only:
+        seconds["total"] = time.monotonic() - started
     units = measure(work, zoo_seeds, train_seeds)
     numbers = [{k: v for k, v in u.items() if k not in ("zoo_seed", "train_seed")} for u in units]
     result = {
@@ -239,7 +262,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
     }
-    write_results("demo_seeds" + (f"-{args.name}" if args.name else ""), result, markdown(result))
+    write_results(stem, result, markdown(result))
 
 
 def write_results(stem: str, result: dict[str, Any], text: str) -> None:

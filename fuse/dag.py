@@ -170,9 +170,11 @@ def build_dag(recipe: Recipe) -> Dag:
         ("fpo", "score"),
         ("fpo", "distill"),
         ("merge", "distill"),
-        ("publish", "merge"),
+        ("publish", "merge" if s.publish.model == "merge" else "distill"),
     ]:
         _require(recipe, stage, needs)
+    if s.publish.enabled and s.publish.model == "joint" and not s.distill.joint:
+        raise RecipeError("stages.publish.model is joint but stages.distill.joint is off (nothing trains it)")
     if s.fpo.enabled and recipe.data.preference is None:
         raise RecipeError("stages.fpo is on but data.preference is not set (fpo needs preference pairs)")
     if s.fpo.enabled and s.fpo.placement == "after_merge" and not s.merge.enabled:
@@ -289,6 +291,8 @@ def build_dag(recipe: Recipe) -> Dag:
             elif instance.stage in ("distill", "fpo"):
                 made.append(Edge("targets", instance.name, instance.name))
         dag.add(Instance("evaluate", "evaluate", None, tuple(made), ("pivot", *sources)))
+    if s.publish.model == "joint":
+        final = "distill.joint"
     if s.publish.enabled and final:
         inputs = edges("model", final)
         if s.evaluate.enabled:

@@ -205,6 +205,8 @@ def card_data(
     bases, relation = base_models(recipe)
     datasets = [d for d in (hub_id(x.path) for x in (recipe.data.sft, recipe.data.preference) if x) if d]
     merge = recipe.stages.merge
+    merged = recipe.stages.publish.model == "merge"
+    how = {"merge": {"method": merge.method, "parameters": merge.parameters}} if merged else {"joint": True}
     extra: dict[str, Any] = {"base_model_relation": relation} if relation else {}
     return ModelCardData(
         model_name=recipe.name,
@@ -212,14 +214,19 @@ def card_data(
         datasets=datasets or None,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=["fuse", "model-fusion", "knowledge-fusion", f"merge-{merge.method}"],
+        tags=[
+            "fuse",
+            "model-fusion",
+            "knowledge-fusion",
+            f"merge-{merge.method}" if merged else "joint-distill",
+        ],
         eval_results=eval_results(metrics, fused, recipe) or None,
         **license_metadata(recipe.stages.publish),
         **extra,
         fuse={
             "models": models,
             "datasets": [public_name(x.path) for x in (recipe.data.sft, recipe.data.preference) if x],
-            "merge": {"method": merge.method, "parameters": merge.parameters},
+            **how,
         },
     )
 
@@ -360,6 +367,12 @@ def recipe_summary(recipe: Recipe) -> str:
             f"- **FPO** ({s.fpo.placement.replace('_', ' ')}): DPO against a {s.fpo.fusion} fusion of the sources' "
             f"sequence log-probs (normalized by {s.fpo.normalization}), β = {s.fpo.beta or 'default'}."
         )
+    if s.publish.model == "joint":
+        lines.append(
+            f"- **Published**: `distill.joint`, one target taught by the pivot and every source at once (the "
+            f"{s.distill.fusion} fusion choosing per sequence among all of them), not a merge of the targets."
+        )
+        return "\n".join(lines)
     parameters = json.dumps(s.merge.parameters, sort_keys=True)
     lines.append(f"- **Merge**: `{s.merge.method}` with parameters `{parameters}`.")
     return "\n".join(lines)
@@ -413,7 +426,11 @@ def model_card(
     models = model_rows(recipe)
     data = card_data(recipe, models, metrics, fused)
     licence = license_metadata(recipe.stages.publish)
-    steps = ["extract", "align", "distill"] + (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
+    joint = recipe.stages.publish.model == "joint"
+    steps = ["extract", "align", "distill"] + (
+        ["distill.joint"] if joint else (["fpo"] if recipe.stages.fpo.enabled else []) + ["merge"]
+    )
+    how = "all at once into one target" if joint else "one target per source, then merged"
     sources = ", ".join(f"`{public_name(s.path)}`" for s in recipe.sources)
     model_table = "\n".join(
         f"| {m['role']} | {m['name']} | `{m['model']}` | `{m['revision']}` |" for m in models
@@ -426,7 +443,7 @@ def model_card(
 # {recipe.name}
 
 {recipe.name} is a fused language model: the knowledge of {len(recipe.sources)} source model(s) of other
-architectures and vocabularies ({sources}) distilled into the pivot `{public_name(recipe.pivot.path)}`, then merged
+architectures and vocabularies ({sources}) distilled into the pivot `{public_name(recipe.pivot.path)}`, {how}
 ({" → ".join(steps)}), by fuse {version}. It keeps the pivot's architecture, tokenizer and chat template.
 
 ## Usage

@@ -449,3 +449,32 @@ def test_the_card_and_the_recipe_leave_out_the_executor_and_its_environment_line
     shipped = published_recipe(recipe)
     assert SECRET not in card + shipped and "env_setup" not in card + shipped
     assert "No evaluation was run." in model_card(recipe, [], "0.0").text
+
+
+def test_publish_model_joint_publishes_distill_joint_and_its_card_says_so(tmp_path):
+    """stages.publish.model: joint publishes FuseLLM's one target of every source (distill.joint), with a card
+    that names how it was made and no merge; without distill.joint the recipe is refused before any work."""
+    from fuse.dag import build_dag
+    from fuse.recipe import RecipeError, parse_recipe
+    from fuse.stages.publish import model_card
+
+    from recipes import toy_recipe
+
+    def recipe_with(**distill):
+        stages = {"distill": distill, "publish": {"model": "joint"}, "fpo": {"enabled": False}}
+        return parse_recipe(toy_recipe(tmp_path, stages=stages))
+
+    with pytest.raises(RecipeError, match="stages.publish.model is joint but stages.distill.joint is off"):
+        build_dag(recipe_with())
+    recipe = recipe_with(joint=True)
+    publish = build_dag(recipe)["publish"]
+    assert [e.parent for e in publish.edges if e.role == "model"] == ["distill.joint"]
+    card = model_card(recipe, [], "0.0", "distill.joint")
+    assert (
+        "all at once into one target" in card.text
+        and "extract → align → distill → distill.joint" in card.text
+    )
+    assert "**Merge**" not in card.text and "`distill.joint`, one target taught by the pivot" in card.text
+    metadata = card.data.to_dict()
+    assert "joint-distill" in metadata["tags"] and metadata["fuse"]["joint"] is True
+    assert "merge" not in metadata["fuse"]

@@ -192,6 +192,12 @@ class PublishSettings(StageSettings):
         description="With license other (the default): the licence's URL; default LICENSES.md, a file publish "
         "writes beside the card listing every model that went in.",
     )
+    model: Literal["merge", "joint"] = added(
+        "merge",
+        description="Which fused model is published: merge (FuseChat: the targets merged, or fpo.merged after it) "
+        "or joint (distill.joint, FuseLLM: one target taught by every source at once; needs "
+        "stages.distill.joint: true).",
+    )
     push: bool = False
     repo_id: str | None = None
     private: bool = True
