@@ -447,6 +447,10 @@ VARIANTS = {
     # fpo at distill's learning rate (10x the recipe's): its policy alone evaluated, against the recipe's own run
     # (session 34: declared before it ran, the one learning rate tried besides the recipe's)
     "fpo-lr1e-4": ["stages.fpo.learning_rate=1e-4", "stages.evaluate.include=[targets]"],
+    # session 36: λ 0.1 (the demo's other λ: there the joint target and the oracle gained, the per-source targets
+    # not significantly), against the recipe's λ 0.5 target and SFT-only evaluated beside it (targets-sft)
+    "targets-sft": ["stages.fpo.enabled=false", "stages.evaluate.include=[targets,sft_baseline]"],
+    "lambda01": ["stages.distill.lambda=0.1", *TARGET_ONLY],
     # memory with gradient checkpointing: four steps of each training stage, peaks and step times only
     "checkpointing": [
         "stages.align.within=true",
@@ -465,6 +469,7 @@ COMPARED_WITH = {
     "complete": "within",
     "within-topk": "nofpo",
     "first-piece": "nofpo",
+    "lambda01": "targets-sft",
 }  # whose target a variant's is paired with
 FPO_COMPARED_WITH = {
     "fpo-lr1e-4": None
