@@ -365,7 +365,7 @@ TINY_BUDGET = {
 
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory, pivot_dir):
-    distill = TINY_BUDGET | {"max_steps": 3, "sft_baseline": True}
+    distill = TINY_BUDGET | {"max_steps": 3, "sft_baseline": True, "joint": True}
     return stores_ready(tmp_path_factory.mktemp("distill-stage"), pivot_dir, distill, 0.0, 12)
 
 
@@ -404,6 +404,31 @@ def test_distill_stage_trains_from_the_stores(distill_run):
         assert ids[t + 1][finite].tolist() == sample.topk_ids[t][finite].tolist()
         np.testing.assert_allclose(probs[t + 1][finite], np.exp(sample.topk_logprobs[t][finite]), rtol=1e-5)
         assert (ids[0] == -1).all() and row["labels"][t + 1] == sample.input_ids[t + 1]
+
+
+@pytest.mark.slow
+def test_the_joint_stage_with_one_source_trains_on_the_pairwise_targets_rows(distill_run):
+    """distill.joint run as a stage: with a single source its rows are exactly distill.src's (the same teachers,
+    weights and targets), its report names the teachers by name, and it trains and saves a model."""
+    from datasets import load_from_disk
+
+    from fuse.executor import run_stage
+    from fuse.io import read_json
+    from fuse.store import RunStore
+
+    assert run_stage(distill_run, "distill.src") and run_stage(distill_run, "distill.joint")
+    store = RunStore(distill_run.workdir)
+    report = read_json(store.out("distill.joint") / "distill_report.json")
+    assert report["arm"] == "joint" and report["training"]["global_step"] == 3
+    assert set(report["data"]["ce_per_byte"]) == {"pivot", "src"}
+    assert sum(report["data"]["sequences_won"].values()) == report["data"]["samples"] > 0
+    assert (store.out("distill.joint") / "model" / "model.safetensors").is_file()
+    joint, pairwise = (
+        load_from_disk(str(store.dir(name) / "checkpoints" / "train_data"))
+        for name in ("distill.joint", "distill.src")
+    )
+    columns = ("id", "input_ids", "target_ids", "target_probs", "ce_per_byte", "weights")
+    assert joint.select_columns(list(columns)).to_list() == pairwise.select_columns(list(columns)).to_list()
 
 
 @pytest.mark.slow
