@@ -50,13 +50,12 @@ def sparse_rows(sample: SampleLogprobs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fused_targets(
-    pivot: SampleLogprobs, aligned: SampleLogprobs | list[SampleLogprobs], weights: np.ndarray
+    pivot: SampleLogprobs, aligned: list[SampleLogprobs], weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused sparse distribution per position, aligned with the tokens: position t+1 holds row t; position 0
-    and positions outside the response get no teacher (-1 / 0). `aligned`: one source's store on the pivot's
-    tokens, or several (distill.joint), weighted after the pivot in that order."""
-    teachers = [pivot, *(aligned if isinstance(aligned, list) else [aligned])]
-    candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in teachers]
+    and positions outside the response get no teacher (-1 / 0). `aligned`: the sources' records on the pivot's
+    tokens (one for a target, every source for distill.joint), weighted after the pivot in that order."""
+    candidates = [tuple(torch.from_numpy(a) for a in sparse_rows(s)) for s in (pivot, *aligned)]
     ids, probs = (t.numpy() for t in fuse_sparse(candidates, torch.from_numpy(weights)))
     train_rows = pivot.mask[1:]
     ids, probs = np.where(train_rows[:, None], ids, -1), np.where(train_rows[:, None], probs, 0.0)
@@ -96,20 +95,19 @@ def training_row(
 
 def distill_rows(
     pivot_path: str,
-    aligned_path: str | tuple[str, ...],
+    aligned_paths: tuple[str, ...],
     fusion: str,
     max_length: int,
-    source_path: str | tuple[str, ...] | None = None,
+    source_paths: tuple[str, ...] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One training row per sample of the pivot's store (module-level and plain arguments: datasets hashes it).
 
-    `aligned_path`: one source's aligned store (a target), or a tuple of them (distill.joint: every source a
-    teacher beside the pivot, the fusion function choosing among all of them per sequence; a tuple, since
-    `Dataset.from_generator` would split a list into shards, one generator call each). A source's CE comes from its
-    own extract (its own tokenization, as FuseChat does) when `source_path` (a tuple, one per aligned store, for
-    joint) is given, else from the aligned store (the projected distribution's log-prob of the pivot's tokens)."""
-    aligned_paths = list(aligned_path) if isinstance(aligned_path, tuple) else [aligned_path]
-    own_paths = list(source_path) if isinstance(source_path, tuple) else [source_path] * len(aligned_paths)
+    `aligned_paths`: the sources' aligned stores (one for a target; every source for distill.joint, the fusion
+    function choosing among all of them per sequence). Tuples, since `Dataset.from_generator` splits a list into
+    shards, one generator call each. A source's CE comes from its own extract (its own tokenization, as FuseChat
+    does) when `source_paths` (one per aligned store) is given, else from the aligned store (the projected
+    distribution's log-prob of the pivot's tokens)."""
+    own_paths = source_paths or (None,) * len(aligned_paths)
     fuse_weights = get_fusion(fusion).fn
     aligned_stores = [LogprobReader(path) for path in aligned_paths]
     own_stores = [LogprobReader(path) if path else None for path in own_paths]
@@ -138,7 +136,7 @@ def single_teacher_rows(pivot_path: str, teacher_path: str, max_length: int) -> 
     for pivot in LogprobReader(pivot_path):
         if pivot.id in teacher_store:
             teacher = check_pair(pivot, teacher_store.get(pivot.id), teacher_path)
-            ids, probs = fused_targets(teacher, teacher, np.array([1.0, 0.0]))  # one teacher, as it is
+            ids, probs = fused_targets(teacher, [], np.array([1.0]))  # one teacher, as it is
         else:
             ids, probs = np.full((len(pivot.input_ids), 1), -1), np.zeros((len(pivot.input_ids), 1))
         yield training_row(pivot, ids, probs, max_length)
@@ -199,11 +197,6 @@ def check_inputs(ctx: StageContext, arm: str) -> None:
         raise DistillInputError(f"stages.distill.oracle_teacher: {settings.oracle_teacher} does not exist")
 
 
-def own_extract(ctx: StageContext) -> str | None:
-    """The source's own extract, when the DAG makes it an input (for CE in the source's own tokenization)."""
-    return str(ctx.input("source_logprobs")) if ctx.has_input("source_logprobs") else None
-
-
 def arm_of(ctx: StageContext) -> str:
     """What this instance trains: a target (fused teachers), the joint target (the pivot and every source), the
     SFT-only baseline or a control arm."""
@@ -233,17 +226,15 @@ def rows_of(ctx: StageContext, arm: str) -> tuple[Any, dict[str, Any]]:
             "teacher_path": teacher,
             "max_length": settings.max_length,
         }
-    if arm == "joint":  # every source, in the recipe's order; tuples: datasets splits a list into shards
-        aligned: str | tuple[str, ...] = tuple(str(p) for p in ctx.inputs_of("alignment").values())
-        own: str | tuple[str, ...] | None = tuple(str(p) for p in ctx.inputs_of("source_logprobs").values())
-    else:
-        aligned, own = str(ctx.input("alignment")), own_extract(ctx)
+    # a target's one source, or distill.joint's every source in the recipe's order; each source's own extract for
+    # its CE in its own tokenization
+    own = tuple(str(p) for p in ctx.inputs_of("source_logprobs").values())
     return distill_rows, {
         "pivot_path": pivot,
-        "aligned_path": aligned,
+        "aligned_paths": tuple(str(p) for p in ctx.inputs_of("alignment").values()),
         "fusion": settings.fusion,
         "max_length": settings.max_length,
-        "source_path": own if settings.rate_by == "own" else None,
+        "source_paths": own if settings.rate_by == "own" and own else None,
     }
 
 

@@ -362,7 +362,9 @@ def recipe_summary(recipe: Recipe) -> str:
         f"{s.distill.learning_rate:g}, "
         + (f"{s.distill.max_steps} steps." if s.distill.max_steps > 0 else f"{s.distill.epochs:g} epoch(s)."),
     ]
-    if s.fpo.enabled:
+    if (
+        s.fpo.enabled and s.publish.model == "merge"
+    ):  # fpo runs on the targets or the merge, not distill.joint
         lines.append(
             f"- **FPO** ({s.fpo.placement.replace('_', ' ')}): DPO against a {s.fpo.fusion} fusion of the sources' "
             f"sequence log-probs (normalized by {s.fpo.normalization}), β = {s.fpo.beta or 'default'}."
